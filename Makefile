@@ -1,0 +1,28 @@
+# The two Quick start commands: `make demo` and `make test`. Both build the virtual
+# environment on first use and are safe to run again.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.geotrain-installed
+# torch is pinned so that setup takes the CPU build on our machines rather than a
+# multi-GB CUDA wheel; any torch >= 2.6 works once installed.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test bench clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/geotrain run --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache
