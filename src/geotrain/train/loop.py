@@ -1,0 +1,204 @@
+"""The training loop: one loop for every algorithm.
+
+Read top to bottom, it is an ordinary training loop. Distributed training adds three calls to the strategy
+(see ``geotrain.algorithms.base``): ``reduce_gradients()`` after backward, ``after_inner_step()`` after the
+optimizer step, and ``global_parameters()`` for evaluation. Everything about sites, links and codecs lives
+behind those calls.
+
+Timekeeping: ``compute`` is time spent in forward, backward, gradient averaging inside the site and the inner
+optimizer step; ``comm wait`` is time the loop was blocked on cross-site communication; evaluation pauses the
+clock, so utilization = compute / training wall time is not diluted by measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from geotrain.algorithms.base import Strategy
+from geotrain.comm.collectives import CrossSiteComm
+from geotrain.config import Config
+from geotrain.train.recorder import Recorder
+from geotrain.train.workload import Workload, inner_optimizer, lr_schedule
+
+__all__ = ["LoopResult", "train_loop", "params_sha256"]
+
+
+@dataclass(slots=True)
+class Clock:
+    start: float = field(default_factory=time.perf_counter)
+    compute: float = 0.0
+    paused: float = 0.0  # evaluation time, excluded from the training wall time
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+
+@dataclass(slots=True)
+class LoopResult:
+    steps: int
+    tokens: int
+    eval_loss: float | None
+    stopped_early: bool
+    params_sha256: str
+    figures: dict[str, Any]
+
+
+def params_sha256(tensors: list[torch.Tensor]) -> str:
+    """Hash of the global parameters in order, as fp32 bytes: equal hashes mean identical models."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def global_model(strategy: Strategy) -> Iterator[None]:
+    """Temporarily load the global parameters into the model (DiLoCo's local ones may have moved on)."""
+    params = strategy.ctx.params
+    global_params = strategy.global_parameters()
+    if all(g.data_ptr() == p.data_ptr() for g, p in zip(global_params, params)):
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, global_params):
+            p.copy_(g)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+@torch.no_grad()
+def evaluate(workload: Workload, strategy: Strategy, comm: CrossSiteComm, *, worker: int, world: int) -> float:
+    """Mean held-out loss of the global model. Workers split the fixed eval batches and add up the sums."""
+    model = workload.model
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    with global_model(strategy):
+        for i, batch in enumerate(workload.eval_batches):
+            if i % world == worker:
+                total += float(workload.loss(model, batch))
+                count += 1
+    model.train(was_training)
+    sums = torch.tensor([total, count], dtype=torch.float64)
+    strategy.ctx.site_pg.allreduce([sums]).wait()  # sum over the site's workers
+    total, count = comm.control_sum(sums.tolist())  # then over sites
+    return total / count if count else math.nan
+
+
+def train_loop(
+    config: Config,
+    workload: Workload,
+    *,
+    strategy: Strategy,
+    comm: CrossSiteComm,
+    recorder: Recorder,
+    site: int,
+    worker: int,
+) -> LoopResult:
+    model = workload.model
+    params = strategy.ctx.params
+    world = comm.sites * strategy.ctx.workers
+    steps = max(1, config.run.tokens // (workload.tokens_per_batch * world))
+    optimizer = workload.optimizer or inner_optimizer(params, config.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optim, steps))
+    eval_every = config.run.eval_every_tokens or max(1, steps * workload.tokens_per_batch * world // 10)
+    next_eval = eval_every
+    clip = config.optim.grad_clip
+    budget = config.run.wall_seconds
+
+    clock = Clock()
+    last_sync_wall = 0.0
+    eval_loss: float | None = None
+    eval_step = -1
+    stopped_early = False
+    step = -1
+    model.train()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batch = next(workload.batches)
+        loss = workload.loss(model, batch)
+        loss.backward()
+        clock.compute += time.perf_counter() - t0
+
+        wait_before = comm.stats.wait_seconds
+        t0 = time.perf_counter()
+        strategy.reduce_gradients()  # ddp: cross-site all-reduce; others: inside the site only
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.compute += time.perf_counter() - t0 - (comm.stats.wait_seconds - wait_before)
+
+        last = step == steps - 1
+        synced = strategy.after_inner_step(step, last=last)  # diloco: outer round every H steps
+
+        tokens_all = (step + 1) * workload.tokens_per_batch * world
+        if step % config.run.log_every == 0 or last:
+            recorder.step(step=step, tokens=tokens_all // comm.sites, loss=float(loss), lr=scheduler.get_last_lr()[0],
+                          clock=clock, comm=comm, outer_rounds=strategy.outer_rounds, site=site)
+        recorder.syncs(comm.stats.drain(), step=step, site=site, wall=clock.wall())
+        if not synced:
+            continue
+        if tokens_all >= next_eval or last:
+            t_eval = time.perf_counter()
+            eval_loss = evaluate(workload, strategy, comm, worker=worker, world=world)
+            clock.paused += time.perf_counter() - t_eval
+            eval_step = step
+            next_eval = (tokens_all // eval_every + 1) * eval_every
+            if site == 0:
+                recorder.eval(step=step, tokens=tokens_all, wall=clock.wall(), eval_loss=eval_loss,
+                              wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
+        if budget is not None and not last:
+            # Stop before a round that would overrun the budget; every site votes and any vote stops all.
+            round_wall = clock.wall() - last_sync_wall
+            vote = 1.0 if clock.wall() + round_wall > budget else 0.0
+            last_sync_wall = clock.wall()
+            if comm.control_sum([vote])[0] > 0:
+                stopped_early = True
+                break
+        if last:
+            break
+
+    strategy.close()
+    steps_done = step + 1
+    if eval_step != step:  # stopped by the time budget between evaluations
+        t_eval = time.perf_counter()
+        eval_loss = evaluate(workload, strategy, comm, worker=worker, world=world)
+        clock.paused += time.perf_counter() - t_eval
+    wall = clock.wall()
+    figures = {
+        "steps": steps_done,
+        "tokens": steps_done * workload.tokens_per_batch * strategy.ctx.workers,
+        "compute_seconds": clock.compute,
+        "comm_seconds": comm.stats.wait_seconds,
+        "link_seconds": comm.stats.link_seconds,
+        "wall_seconds": wall,
+        "eval_seconds": clock.paused,
+        "utilization": clock.compute / wall if wall > 0 else 0.0,
+        "wan_bytes": comm.stats.bytes_sent * strategy.ctx.workers,
+        "collectives": comm.stats.collectives,
+        "peak_bandwidth_bps": comm.stats.peak_bandwidth_bps,
+        "outer_rounds": strategy.outer_rounds,
+    }
+    return LoopResult(
+        steps=steps_done,
+        tokens=steps_done * workload.tokens_per_batch * world,
+        eval_loss=eval_loss,
+        stopped_early=stopped_early,
+        params_sha256=params_sha256(strategy.global_parameters()),
+        figures=figures,
+    )

@@ -1,0 +1,68 @@
+"""Per-site metrics records, one JSON object per line.
+
+Each site's first worker appends to ``OUT/sites/siteK.jsonl`` and flushes every record, so the launcher can
+show live progress and still build a partial summary when a run is interrupted or a site crashes.
+Record kinds: ``step``, ``eval`` (site 0 only), ``sync`` (one per cross-site transfer), ``done``, ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Recorder"]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a missing figure is null
+    return value
+
+
+class Recorder:
+    """Appends records to a JSONL file; a Recorder without a path drops them (workers other than the first)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if self._file is None:
+            return
+        record = {"kind": kind, "time": time.time(), **{k: _clean(v) for k, v in fields.items()}}
+        self._file.write(json.dumps(record) + "\n")
+
+    def step(self, *, step: int, tokens: int, loss: float, lr: float, clock: Any, comm: Any, outer_rounds: int, site: int) -> None:
+        wall = clock.wall()
+        self.write(
+            "step",
+            site=site,
+            step=step,
+            tokens=tokens,
+            loss=loss,
+            lr=lr,
+            wall_s=wall,
+            compute_s=clock.compute,
+            comm_s=comm.stats.wait_seconds,
+            wan_bytes=comm.stats.bytes_sent * comm.workers,
+            outer_rounds=outer_rounds,
+            utilization=clock.compute / wall if wall > 0 else 0.0,
+        )
+
+    def syncs(self, events: list[dict[str, Any]], *, step: int, site: int, wall: float) -> None:
+        for i, e in enumerate(events):
+            self.write("sync", site=site, step=step, round=i, wall_s=wall, **e)
+
+    def eval(self, **fields: Any) -> None:
+        self.write("eval", **{("wall_s" if k == "wall" else k): v for k, v in fields.items()})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,113 @@
+"""What is trained: a model, its loss, its data and its inner optimizer, for any ``nn.Module``.
+
+geotrain's loop and strategies never look inside the model. A :class:`Workload` bundles the pieces a user
+supplies; the demo GPT is one workload among others (``demo_workload``). Factories are called inside each
+site process, so a workload built by a top-level function works with every launcher (local processes, the
+Python API, torchrun).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from geotrain.config import Config, OptimConfig
+
+__all__ = ["Workload", "demo_workload", "inner_optimizer", "lr_schedule", "prepare_corpus"]
+
+Batch = Any
+
+
+@dataclass(kw_only=True)
+class Workload:
+    """The user's side of a run."""
+
+    model: nn.Module
+    """The model, initialised identically on every site (seed before building it)."""
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    """Mean loss of one batch."""
+    batches: Iterator[Batch]
+    """This worker's endless stream of training batches."""
+    tokens_per_batch: int
+    """Tokens (or examples) in one batch, for budgets and reports."""
+    eval_batches: Sequence[Batch] = ()
+    """The held-out batches; identical for every algorithm so eval losses compare."""
+    optimizer: torch.optim.Optimizer | None = None
+    """Inner optimizer; None builds the one the config describes."""
+    meta: dict[str, Any] | None = None
+    """Anything worth recording in summary.json (data source, model size)."""
+
+
+def inner_optimizer(params: Sequence[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
+    if config.name == "adamw":
+        decay = [p for p in params if p.dim() >= 2]  # no weight decay on gains and biases
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def lr_schedule(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a step: linear warm-up, then cosine or constant."""
+    import math
+
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _gpt_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return model(x, y)[1]
+
+
+def prepare_corpus(config: Config, directory: Path) -> Path:
+    """Read the configured corpus once and store it as memory-mappable files (raises ConfigError on bad data)."""
+    from geotrain.data.corpus import load_corpus, save_corpus
+
+    if not (directory / "corpus.json").is_file():
+        save_corpus(load_corpus(config.data.path, val_fraction=config.data.val_fraction), directory)
+    return directory
+
+
+def demo_workload(config: Config, *, worker: int, device: str = "cpu", data_dir: Path | None = None) -> Workload:
+    """The byte-level GPT on a prepared corpus. ``worker`` is the worker's index in the whole run."""
+    from geotrain.data.corpus import BatchSampler, eval_batches, open_corpus
+    from geotrain.models.gpt import GPTConfig, init_gpt
+
+    if data_dir is None:  # under torchrun each site prepares its own copy
+        data_dir = prepare_corpus(config, Path(config.run.out) / "data")
+
+    m = config.model
+    model = init_gpt(GPTConfig(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, seq_len=m.seq_len), seed=config.run.seed)
+    model.to(device)
+    corpus = open_corpus(data_dir)
+    sampler = BatchSampler(corpus.train, batch_size=config.data.batch_size, seq_len=m.seq_len, seed=config.run.seed * 1_000_003 + worker)
+
+    def stream() -> Iterator[Batch]:
+        while True:
+            x, y = sampler.next()
+            yield x.to(device), y.to(device)
+
+    evals = eval_batches(corpus.val, batch_size=config.data.batch_size, seq_len=m.seq_len, n_batches=config.run.eval_batches)
+    return Workload(
+        model=model,
+        loss=_gpt_loss,
+        batches=stream(),
+        tokens_per_batch=config.data.batch_size * m.seq_len,
+        eval_batches=[(x.to(device), y.to(device)) for x, y in evals],
+        meta={"data": corpus.source, "model_params": sum(p.numel() for p in model.parameters())},
+    )

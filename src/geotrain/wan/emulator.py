@@ -1,0 +1,65 @@
+"""WAN emulation as a wrapper around the cross-site transport.
+
+The wrapped collective runs for real (gloo on loopback); the wrapper then holds the caller for the time the
+emulated links would add for that collective's traffic pattern (see ``geotrain.wan.model``). Wall time is
+therefore the real time plus the links' time, and utilization measured under emulation is measured, not
+assumed. Transfers on one site's link are serialised: the transport is driven by one communication thread,
+so a second transfer starts only when the first has left the link.
+
+There is no netem on our machines, so delay is added in user space rather than by the kernel; the model is
+per-collective (latency-bound steps plus serialisation of each chunk on the slowest ring link).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from geotrain.comm.transport import Traffic, Transport
+from geotrain.topology import Topology
+from geotrain.wan.model import ring_all_gather, ring_all_reduce
+
+__all__ = ["EmulatedWan", "sleep_until"]
+
+
+def sleep_until(deadline: float) -> None:
+    """Sleep until ``time.perf_counter()`` reaches ``deadline``, accurate to well under a millisecond."""
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        # sleep most of the way, then spin briefly: time.sleep alone can overshoot by a scheduler tick
+        time.sleep(left - 0.0005 if left > 0.002 else 0)
+
+
+class EmulatedWan:
+    """A Transport that adds the emulated links' time to every accounted collective."""
+
+    def __init__(self, inner: Transport, *, topology: Topology, members: list[int], streams: int = 1) -> None:
+        self.inner = inner
+        self.rank = inner.rank
+        self.size = inner.size
+        self.links = topology.ring(members)
+        self.streams = streams
+
+    def _hold(self, traffic: Traffic, t0: float, seconds: float) -> Traffic:
+        traffic.emulated_seconds = seconds
+        # The real transfer already took real_seconds; the link adds its own time on top of it.
+        sleep_until(t0 + traffic.real_seconds + seconds)
+        return traffic
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> Traffic:
+        t0 = time.perf_counter()
+        traffic = self.inner.all_reduce_sum(tensor)
+        cost = ring_all_reduce(traffic.payload_bytes, self.links, streams=self.streams)
+        return self._hold(traffic, t0, cost.seconds)
+
+    def all_gather(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], Traffic]:
+        t0 = time.perf_counter()
+        out, traffic = self.inner.all_gather(payload)
+        cost = ring_all_gather(traffic.payload_bytes, self.links, streams=self.streams)
+        return out, self._hold(traffic, t0, cost.seconds)
+
+    def control_sum(self, tensor: torch.Tensor) -> None:
+        self.inner.control_sum(tensor)
