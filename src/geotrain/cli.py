@@ -16,26 +16,6 @@ from geotrain.errors import ConfigError
 
 __all__ = ["main"]
 
-# Convenience flags and the config fields they set.
-_FLAG_FIELDS = {
-    "sites": "run.sites",
-    "workers_per_site": "run.workers_per_site",
-    "algorithm": "run.algorithm",
-    "sync_every": "outer.sync_every",
-    "codec": "comm.codec",
-    "tokens": "run.tokens",
-    "wall_seconds": "run.wall_seconds",
-    "link": "wan.link",
-    "data": "data.path",
-    "seed": "run.seed",
-    "out": "run.out",
-    "device": "run.device",
-    "fragments": "streaming.fragments",
-    "overlap_steps": "streaming.overlap_steps",
-    "mix_alpha": "streaming.mix_alpha",
-}
-
-
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run configuration file (TOML); see configs/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -59,15 +39,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace, *, out: str | None = None) -> Any:
-    from geotrain.config import load_config
+    from geotrain.config import SHORT_KEYS, load_config
 
     values: dict[str, Any] = {}
-    for flag, key in _FLAG_FIELDS.items():
+    for flag, key in SHORT_KEYS.items():
         v = getattr(args, flag, None)
         if v is not None:
             values[key] = v
-    if getattr(args, "overlap", None):
-        values["comm.overlap"] = True
     if out is not None:
         values["run.out"] = out
     return load_config(args.config, overrides=args.set, values=values)
@@ -103,16 +81,14 @@ def _parse_variant(text: str) -> tuple[str, list[str]]:
     name = name.strip()
     if not name:
         raise ConfigError(f"variant {text!r} needs a name, e.g. 'diloco-h50:outer.sync_every=50'", field="--variant")
-    shorthands = {"algorithm": "run.algorithm", "H": "outer.sync_every", "sync_every": "outer.sync_every",
-                  "codec": "comm.codec", "overlap": "comm.overlap", "fragments": "streaming.fragments",
-                  "overlap_steps": "streaming.overlap_steps", "sites": "run.sites", "tokens": "run.tokens",
-                  "link": "wan.link"}
+    from geotrain.config import SHORT_KEYS
+
     sets = []
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"variant setting {item!r} must be key=value", field="--variant")
-        sets.append(f"{shorthands.get(key.strip(), key.strip())}={value.strip()}")
+        sets.append(f"{SHORT_KEYS.get(key.strip(), key.strip())}={value.strip()}")
     if not any(s.startswith("run.algorithm=") for s in sets):
         algo = name.split("-")[0]
         if algo in ("ddp", "diloco", "streaming"):

@@ -35,9 +35,31 @@ __all__ = [
     "StreamingConfig",
     "load_config",
     "parse_count",
+    "SHORT_KEYS",
 ]
 
 ALGORITHMS = ("ddp", "diloco", "streaming")
+
+# Short names accepted by the CLI flags, compare variants and the Python API, and the fields they set.
+SHORT_KEYS = {
+    "sites": "run.sites",
+    "workers_per_site": "run.workers_per_site",
+    "algorithm": "run.algorithm",
+    "tokens": "run.tokens",
+    "wall_seconds": "run.wall_seconds",
+    "seed": "run.seed",
+    "out": "run.out",
+    "device": "run.device",
+    "sync_every": "outer.sync_every",
+    "H": "outer.sync_every",
+    "codec": "comm.codec",
+    "overlap": "comm.overlap",
+    "link": "wan.link",
+    "data": "data.path",
+    "fragments": "streaming.fragments",
+    "overlap_steps": "streaming.overlap_steps",
+    "mix_alpha": "streaming.mix_alpha",
+}
 DEMO_LINK = "2mbit/50ms"
 
 

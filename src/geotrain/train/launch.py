@@ -65,6 +65,7 @@ def _worker_entry(task: SiteTask, env: dict[str, str], log_path: str) -> None:
     """Body of a worker process: own process group, output to its log file, then the site entry."""
     os.setpgrp()  # Ctrl+C in the terminal goes to the launcher only; it stops the workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -75,6 +76,21 @@ def _worker_entry(task: SiteTask, env: dict[str, str], log_path: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip interpreter teardown: a communication thread may still be parked in gloo
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker if the launcher dies without stopping it (e.g. SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher was already gone before prctl took effect
+            os._exit(1)
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _Tail:
@@ -169,6 +185,9 @@ def launch(
     records: dict[int, list[dict[str, Any]]] = {k: [] for k in range(sites)}
     tail = _Tail([out / "sites" / f"site{k}.jsonl" for k in range(sites)])
     live = _make_live(config, progress=progress, console=console)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # only possible from the main thread
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # a killed launcher still stops its workers
     try:
         for k in range(sites):
             master_port = _free_port()
@@ -225,6 +244,8 @@ def launch(
     finally:
         _stop(procs)
         store = None  # noqa: F841 - the coordinator's store closes with the run
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, previous_term)
     records = read_site_records(out, sites)
     summary = build_summary(config_dict, records, elapsed_seconds=time.monotonic() - t_start,
                             ok=exit_code == 0, interrupted=interrupted, error=error)

@@ -1,0 +1,382 @@
+"""The run report: one self-contained ``report.html`` per run directory.
+
+The file has no scripts and no external assets (figures are PNGs inlined as base64 data URIs, the CSS is
+inline), so it can be mailed, attached to an issue or opened from a cluster's scratch disk as it is.
+
+It shows a header (algorithm, sites, link, codec and an ok / partial / failed badge), the headline figures in
+human units, a per-site table, the four figures of :mod:`geotrain.report.plots`, and the resolved config and
+raw summary in collapsed ``<details>``. A run stopped by Ctrl+C or a crash still gets a report: figures the
+summary lacks are rebuilt from ``metrics.jsonl`` where the log supports them, and marked as such.
+
+Every string that comes from a run (names, error messages, config values) is passed through ``html.escape``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from geotrain.report.metrics import Run, derived_summary, merged_summary, read_run, run_status
+from geotrain.report.units import (
+    MISSING,
+    as_float,
+    fmt_bandwidth,
+    fmt_bytes,
+    fmt_float,
+    fmt_loss,
+    fmt_percent,
+    fmt_seconds,
+    fmt_tokens,
+)
+
+__all__ = ["REPORT_FILE", "esc", "png_data_uri", "render_report", "toml_ish", "write_atomic", "write_report"]
+
+REPORT_FILE = "report.html"
+
+
+def esc(value: Any) -> str:
+    """Any value as escaped HTML text (quotes too, so the result is also safe inside an attribute)."""
+    return html.escape(str(value), quote=True)
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a browser or a watcher never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        # mkstemp creates the file 0600; a report is meant to be shared like any other output file.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+CSS = """
+:root { --fg:#1a202c; --muted:#4a5568; --line:#e2e8f0; --bg-alt:#f7fafc;
+        --ok:#276749; --ok-bg:#c6f6d5; --partial:#975a16; --partial-bg:#fefcbf; --failed:#9b2c2c; --failed-bg:#fed7d7; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--fg); background: #fff;
+       font: 15px/1.5 -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 960px; margin: 0 auto; padding: 24px 20px 48px; }
+header { border-bottom: 2px solid var(--line); margin-bottom: 20px; padding-bottom: 12px; }
+h1 { font-size: 24px; margin: 0 0 6px; display: flex; align-items: center; gap: 12px; flex-wrap: wrap; }
+h2 { font-size: 18px; margin: 28px 0 10px; }
+.meta { color: var(--muted); margin: 0; }
+.meta span + span::before { content: " · "; color: #a0aec0; }
+.path { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px; color: var(--muted); }
+.badge { font-size: 13px; font-weight: 700; letter-spacing: .04em; text-transform: uppercase;
+         padding: 2px 10px; border-radius: 999px; }
+.badge.ok { color: var(--ok); background: var(--ok-bg); }
+.badge.partial { color: var(--partial); background: var(--partial-bg); }
+.badge.failed { color: var(--failed); background: var(--failed-bg); }
+.note { border-left: 4px solid; padding: 8px 12px; margin: 12px 0; border-radius: 4px; }
+.note.partial { border-color: #d69e2e; background: #fffff0; }
+.note.failed { border-color: #e53e3e; background: #fff5f5; }
+.note pre { margin: 6px 0 0; white-space: pre-wrap; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { padding: 6px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th { font-weight: 600; color: var(--muted); font-size: 13px; }
+td.num, th.num { text-align: right; }
+tbody tr:nth-child(even) { background: var(--bg-alt); }
+table.kv { width: auto; min-width: 60%; }
+table.kv th { width: 16em; }
+.derived { color: var(--partial); font-weight: 700; }
+.footnote { color: var(--muted); font-size: 13px; margin-top: 6px; }
+figure { margin: 18px 0 26px; }
+figure img { display: block; width: 100%; max-width: 900px; height: auto; border: 1px solid var(--line); border-radius: 6px; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 6px; }
+details { margin: 14px 0; border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
+summary { cursor: pointer; font-weight: 600; }
+pre { font: 12.5px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-x: auto; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px; }
+footer { margin-top: 36px; color: #a0aec0; font-size: 12px; }
+"""
+
+FIGURE_CAPTIONS = {
+    "loss_tokens": (
+        "Train loss per site (thin: EMA-smoothed; faint: raw) and held-out eval loss (bold markers) against tokens "
+        "trained over all sites. A site's point sits at the total tokens all sites had trained when it logged."
+    ),
+    "loss_wall": "The same losses against wall time, which includes time spent waiting on the WAN.",
+    "wan_bytes": "Cumulative payload bytes sent over cross-site links, per site and in total (decimal units: 1 MB = 10⁶ B).",
+    "utilization": (
+        "Where each site's wall time went: compute, waiting on cross-site communication, and the rest. "
+        "Utilization = compute / wall time."
+    ),
+}
+
+
+def _int_title(value: Any) -> str:
+    """The exact number, for a tooltip behind a rounded one."""
+    v = as_float(value)
+    if v is None:
+        return ""
+    return f"{int(v):,}" if v == int(v) else f"{v:,}"
+
+
+def _seconds_title(value: Any) -> str:
+    v = as_float(value)
+    return "" if v is None else f"{v:,.3f} s"
+
+
+def _plain(value: Any) -> str:
+    if value is None or value == "":
+        return MISSING
+    return str(value)
+
+
+# (label, summary key, formatter, tooltip) for the headline table, in display order.
+_Row = tuple[str, str, Callable[[Any], str], Callable[[Any], str] | None]
+SUMMARY_ROWS: list[_Row] = [
+    ("Algorithm", "algorithm", _plain, None),
+    ("Sites", "sites", _plain, None),
+    ("Workers per site", "workers_per_site", _plain, None),
+    ("Link", "link", _plain, None),
+    ("Codec", "codec", _plain, None),
+    ("Sync every (H inner steps)", "sync_every", _plain, None),
+    ("Tokens trained", "tokens", fmt_tokens, _int_title),
+    ("Eval loss (final)", "eval_loss", fmt_loss, lambda v: fmt_float(v, digits=8)),
+    ("Steps", "steps", _plain, None),
+    ("Outer rounds", "outer_rounds", _plain, None),
+    ("WAN bytes sent", "wan_bytes", fmt_bytes, _int_title),
+    ("Payload per sync", "payload_bytes_per_sync", fmt_bytes, _int_title),
+    ("Parameter bytes", "param_bytes", fmt_bytes, _int_title),
+    ("Peak WAN bandwidth", "peak_bandwidth_bps", fmt_bandwidth, _int_title),
+    ("Wall time", "wall_seconds", fmt_seconds, _seconds_title),
+    ("Utilization (mean over sites)", "utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
+    ("Parameters SHA-256", "params_sha256", _plain, None),
+]
+
+# (header, per_site key, formatter, tooltip) for the per-site table.
+SITE_COLUMNS: list[_Row] = [
+    ("Site", "site", _plain, None),
+    ("Tokens", "tokens", fmt_tokens, _int_title),
+    ("Steps", "steps", _plain, None),
+    ("Outer rounds", "outer_rounds", _plain, None),
+    ("WAN sent", "wan_bytes", fmt_bytes, _int_title),
+    ("Compute", "compute_seconds", fmt_seconds, _seconds_title),
+    ("Comm. wait", "comm_seconds", fmt_seconds, _seconds_title),
+    ("Wall", "wall_seconds", fmt_seconds, _seconds_title),
+    ("Utilization", "utilization", fmt_percent, None),
+]
+
+_NUMERIC_KEYS = {
+    "tokens", "eval_loss", "steps", "outer_rounds", "wan_bytes", "payload_bytes_per_sync", "param_bytes",
+    "peak_bandwidth_bps", "wall_seconds", "utilization", "compute_seconds", "comm_seconds",
+}
+
+
+def _cell(value: Any, fmt: Callable[[Any], str], tip: Callable[[Any], str] | None, *, derived: bool, tag: str = "td",
+          key: str = "") -> str:
+    text = fmt(value) if value is not None else MISSING
+    if text == MISSING and value is not None:
+        text = str(value)  # not a number where one was expected: show what was written rather than hide it
+    title = tip(value) if tip is not None and value is not None else ""
+    attrs = ' class="num"' if key in _NUMERIC_KEYS else ""
+    if title:
+        attrs += f' title="{esc(title)}"'
+    mark = '<span class="derived" title="rebuilt from metrics.jsonl">*</span>' if derived else ""
+    if key == "params_sha256" and value:
+        # A full hash is 64 characters; show enough to compare by eye and keep the rest in the tooltip.
+        text = str(value)[:16] + "…" if len(str(value)) > 16 else str(value)
+        return f'<{tag} title="{esc(value)}"><code>{esc(text)}</code>{mark}</{tag}>'
+    return f"<{tag}{attrs}>{esc(text)}{mark}</{tag}>"
+
+
+def toml_ish(config: Any, *, _prefix: str = "") -> str:
+    """A nested dict as TOML-like text: scalars first, then one ``[section]`` per nested dict.
+
+    Not a TOML writer (null has no TOML spelling; it is shown as a comment), only a readable rendering.
+    """
+    if not isinstance(config, dict):
+        return json.dumps(config, indent=2, default=str)
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in config.items():
+        name = str(key)
+        if isinstance(value, dict):
+            tables.append((f"{_prefix}{name}", value))
+        elif value is None:
+            lines.append(f"# {name} = (unset)")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    for name, table in tables:
+        body = toml_ish(table, _prefix=f"{name}.")
+        if lines:
+            lines.append("")
+        lines.append(f"[{name}]")
+        if body:
+            lines.append(body)
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _merge_per_site(run: Run) -> tuple[list[dict[str, Any]], set[tuple[int, str]]]:
+    """Per-site entries of the summary with gaps filled from the log: (entries, {(site, key) filled}).
+
+    A site the summary lacks entirely is marked once, on its ``site`` cell, rather than on every cell.
+    """
+    listed = run.summary.get("per_site")
+    listed = listed if isinstance(listed, list) else []
+    from_summary = {e["site"]: dict(e) for e in listed if isinstance(e, dict) and e.get("site") is not None}
+    from_log = {e["site"]: e for e in derived_summary(run).get("per_site", [])}
+    filled: set[tuple[int, str]] = set()
+    for site, entry in from_log.items():
+        if site not in from_summary:
+            from_summary[site] = dict(entry)
+            filled.add((site, "site"))
+            continue
+        target = from_summary[site]
+        for key, value in entry.items():
+            if target.get(key) is None:
+                target[key] = value
+                filled.add((site, key))
+    # Integer sites in numeric order; anything odd a hand-edited summary may hold goes last, as text.
+    ordered = sorted(
+        from_summary.values(),
+        key=lambda e: (0, e["site"], "") if isinstance(e.get("site"), int) else (1, 0, str(e.get("site"))),
+    )
+    return ordered, filled
+
+
+def _summary_table(merged: dict[str, Any], filled: set[str]) -> str:
+    rows = []
+    for label, key, fmt, tip in SUMMARY_ROWS:
+        value = merged.get(key)
+        if value is None and key in ("workers_per_site", "payload_bytes_per_sync", "param_bytes", "peak_bandwidth_bps", "steps"):
+            continue  # optional detail: leave the row out rather than show a dash
+        rows.append(f"<tr><th>{esc(label)}</th>{_cell(value, fmt, tip, derived=key in filled, key=key)}</tr>")
+    return f'<table class="kv"><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _site_table(entries: list[dict[str, Any]], filled: set[tuple[int, str]]) -> str:
+    if not entries:
+        return '<p class="footnote">No per-site figures were recorded.</p>'
+    columns = [c for c in SITE_COLUMNS if any(e.get(c[1]) is not None for e in entries)]
+    head = "".join(f'<th class="num">{esc(c[0])}</th>' if c[1] in _NUMERIC_KEYS else f"<th>{esc(c[0])}</th>" for c in columns)
+    body = []
+    for e in entries:
+        cells = "".join(_cell(e.get(key), fmt, tip, derived=(e.get("site"), key) in filled, key=key)
+                        for _label, key, fmt, tip in columns)
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _meta_items(merged: dict[str, Any]) -> Iterable[str]:
+    if merged.get("algorithm"):
+        yield f"<span><strong>{esc(merged['algorithm'])}</strong></span>"
+    sites = merged.get("sites")
+    if sites is not None:
+        workers = merged.get("workers_per_site")
+        per = f" × {esc(workers)} workers" if workers not in (None, 1) else ""
+        yield f"<span>{esc(sites)} sites{per}</span>"
+    if merged.get("link"):
+        yield f"<span>link {esc(merged['link'])}</span>"
+    if merged.get("codec"):
+        yield f"<span>codec {esc(merged['codec'])}</span>"
+    if merged.get("sync_every") is not None:
+        yield f"<span>H = {esc(merged['sync_every'])}</span>"
+
+
+def render_report(run: Run, *, figures: dict[str, bytes] | None = None) -> str:
+    """The report of ``run`` as an HTML string. ``figures`` defaults to :func:`plots.run_figures`."""
+    from geotrain.report.plots import PLOT_TITLES, run_figures
+
+    if figures is None:
+        figures = run_figures(run)
+    merged, filled = merged_summary(run)
+    status, reason = run_status(run.summary)
+    per_site, site_filled = _merge_per_site(run)
+
+    title = f"geotrain report: {merged.get('algorithm') or 'run'} · {run.path.name}"
+    parts: list[str] = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{CSS}</style></head><body><main>",
+        "<header>",
+        f'<h1>geotrain run report <span class="badge {status}" title="{esc(reason)}">{status}</span></h1>',
+        f'<p class="meta">{"".join(_meta_items(merged))}</p>',
+        f'<p class="path">{esc(run.path.resolve())}</p>',
+        "</header>",
+    ]
+
+    if status != "ok" or run.problems:
+        kind = "failed" if status == "failed" else "partial"
+        headline = {
+            "failed": "This run failed.",
+            "partial": "This run is incomplete" + (" (stopped before the end)." if reason == "interrupted" else "."),
+        }.get(status, "Notes on this run's files.")
+        items = "".join(f"<li>{esc(p)}</li>" for p in run.problems)
+        error = run.summary.get("error")
+        err_html = f"<pre>{esc(error)}</pre>" if error else ""
+        detail = (
+            "Figures marked <span class=\"derived\">*</span> were rebuilt from metrics.jsonl." if filled or site_filled else ""
+        )
+        parts.append(
+            f'<div class="note {kind}"><strong>{esc(headline)}</strong> {detail}{err_html}'
+            + (f"<ul>{items}</ul>" if items else "")
+            + "</div>"
+        )
+
+    parts += ["<h2>Summary</h2>", _summary_table(merged, filled)]
+    if filled:
+        parts.append('<p class="footnote"><span class="derived">*</span> not in summary.json; rebuilt from metrics.jsonl.</p>')
+    parts += ["<h2>Per site</h2>", _site_table(per_site, site_filled)]
+
+    parts.append("<h2>Plots</h2>")
+    for key, png in figures.items():
+        label = PLOT_TITLES.get(key, key)
+        caption = FIGURE_CAPTIONS.get(key, "")
+        parts.append(
+            f'<figure><img src="{png_data_uri(png)}" alt="{esc(label)}" width="1200">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
+        )
+
+    config = run.summary.get("config")
+    parts.append("<h2>Configuration</h2>")
+    if isinstance(config, dict) and config:
+        parts.append(f"<details><summary>Resolved configuration</summary><pre>{esc(toml_ish(config))}</pre></details>")
+    else:
+        parts.append('<p class="footnote">summary.json holds no resolved configuration.</p>')
+    if run.summary:
+        raw = json.dumps(run.summary, indent=2, ensure_ascii=False, default=str)
+        parts.append(f"<details><summary>summary.json</summary><pre>{esc(raw)}</pre></details>")
+
+    counts = ", ".join(f"{len(v)} {esc(k)}" for k, v in sorted(run.records.items())) or "no records"
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts.append(f"<footer>metrics.jsonl: {counts}. Generated by geotrain.report on {esc(stamp)}.</footer>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
+    """Read ``run_dir`` and write its report to ``out`` (default ``run_dir/report.html``); returns the path."""
+    run = read_run(run_dir)
+    path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    write_atomic(path, render_report(run))
+    return path
