@@ -1,0 +1,114 @@
+"""predict_run: the planner's prediction of geotrain's own emulated runs, on hand-made summaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from geotrain.errors import ConfigError
+from geotrain.planner.calibrate import measured_step_seconds, predict_run
+
+
+def summary(**kw) -> dict:
+    base = {
+        "algorithm": "diloco",
+        "sites": 2,
+        "workers_per_site": 1,
+        "sync_every": 10,
+        "fragments": 1,
+        "overlap_steps": 0,
+        "overlap": False,
+        "codec": "fp32",
+        "link": "8mbit/10ms",
+        "param_bytes": 4_000_000,
+        "payload_bytes_per_sync": 4_000_000,
+        "steps": 100,
+        "outer_rounds": 10,
+        "utilization": 0.5,
+        "per_site": [
+            {"compute_seconds": 10.0, "comm_seconds": 9.0, "wall_seconds": 20.0},
+            {"compute_seconds": 12.0, "comm_seconds": 9.0, "wall_seconds": 20.0},
+        ],
+    }
+    return base | kw
+
+
+# 2 sites over 8 Mbit/s, 10 ms: a ring all-reduce of S bytes is 2 steps of (0.01 + 8 * (S/2) / 8e6) s.
+def ring2(nbytes: float, streams: int = 1) -> float:
+    return 2 * (0.01 + 8 * nbytes / 2 * streams / 8e6)
+
+
+def test_diloco_by_hand():
+    out = predict_run(summary(), step_seconds=0.1)
+    t = ring2(4e6)  # 4.02 s
+    assert out["comm_seconds_per_sync"] == pytest.approx(t)
+    assert out["syncs"] == 10
+    assert out["compute_seconds"] == pytest.approx(10.0)
+    assert out["predicted_utilization"] == pytest.approx(10 / (10 + 10 * t))
+    assert out["measured_utilization"] == 0.5
+    assert out["difference_points"] == pytest.approx(100 * (10 / (10 + 10 * t) - 0.5))
+
+
+def test_ddp_all_reduces_the_parameters_every_step():
+    out = predict_run(summary(algorithm="ddp", payload_bytes_per_sync=1_000_000), step_seconds=0.1)
+    assert out["syncs"] == 100
+    assert out["comm_seconds_per_sync"] == pytest.approx(ring2(4e6))  # param_bytes, not the payload
+    assert out["predicted_utilization"] == pytest.approx(0.1 / (0.1 + ring2(4e6)))
+
+
+def test_streaming_syncs_each_fragment_every_h_steps():
+    s = summary(algorithm="streaming", fragments=4, overlap_steps=0, payload_bytes_per_sync=1_000_000)
+    out = predict_run(s, step_seconds=0.1)
+    t = ring2(1e6 / 4)
+    assert out["syncs"] == 100 * 4 // 10
+    assert out["comm_seconds_per_sync"] == pytest.approx(t)
+    assert out["predicted_utilization"] == pytest.approx(10 / (10 + 40 * t))
+    # With tau = 2 each fragment hides behind 0.2 s of compute.
+    tau = predict_run(s | {"overlap_steps": 2}, step_seconds=0.1)
+    assert tau["exposed_comm_seconds"] == pytest.approx(40 * max(0.0, t - 0.2))
+
+
+def test_workers_share_their_site_link():
+    one = predict_run(summary(), step_seconds=0.1)["comm_seconds_per_sync"]
+    four = predict_run(summary(workers_per_site=4), step_seconds=0.1)["comm_seconds_per_sync"]
+    assert one == pytest.approx(ring2(4e6))
+    assert four == pytest.approx(ring2(4e6, streams=4))
+
+
+def test_overlapped_diloco_hides_behind_the_next_round():
+    out = predict_run(summary(overlap=True, link="80mbit/10ms"), step_seconds=0.1)
+    # 0.42 s of all-reduce hides behind 1 s of inner steps.
+    assert out["predicted_utilization"] == pytest.approx(1.0)
+
+
+def test_unemulated_run_is_fully_utilized():
+    out = predict_run(summary(link="none"), step_seconds=0.1)
+    assert out["comm_seconds_per_sync"] == 0 and out["predicted_utilization"] == pytest.approx(1.0)
+
+
+def test_three_sites():
+    out = predict_run(summary(sites=3, link="12mbit/5ms"), step_seconds=0.2)
+    t = 4 * (0.005 + 8 * (4e6 / 3) / 12e6)
+    assert out["comm_seconds_per_sync"] == pytest.approx(t)
+    assert out["predicted_utilization"] == pytest.approx(20 / (20 + 10 * t))
+
+
+def test_measured_step_seconds_is_mean_compute_over_steps():
+    assert measured_step_seconds(summary()) == pytest.approx((10 + 12) / 2 / 100)
+
+
+def test_bad_summaries():
+    with pytest.raises(ConfigError, match="sites"):
+        predict_run({"algorithm": "diloco"}, step_seconds=0.1)
+    with pytest.raises(ConfigError):
+        predict_run(summary(link="fast"), step_seconds=0.1)
+    with pytest.raises(ConfigError):
+        predict_run(summary(), step_seconds=0)
+    with pytest.raises(ConfigError):
+        predict_run(summary(algorithm="allreduce"), step_seconds=0.1)
+
+
+def test_diloco_counts_the_outer_rounds_the_run_reports():
+    # 105 steps at H=10 and a final partial round that synced: 11 outer rounds.
+    out = predict_run(summary(steps=105, outer_rounds=11), step_seconds=0.1)
+    assert out["syncs"] == 11
+    assert predict_run(summary(steps=105, outer_rounds=None), step_seconds=0.1)["syncs"] == 10
