@@ -136,10 +136,13 @@ def _stop(procs: list[mp.Process]) -> None:
             p.join(timeout=2.0)
 
 
-def _error_of(out: Path, site: int, records: list[dict[str, Any]]) -> str:
-    for r in reversed(records):
-        if r.get("kind") == "error":
-            return f"site {site}: {r.get('message')}\n{r.get('traceback', '')}".rstrip()
+def _first_error(out: Path, records: dict[int, list[dict[str, Any]]], failed_sites: list[int]) -> str:
+    """The root cause: the earliest error any site recorded (peers of a crashed site fail after it)."""
+    errors = [r for rows in records.values() for r in rows if r.get("kind") == "error"]
+    if errors:
+        r = min(errors, key=lambda r: r.get("time", 0.0))
+        return f"site {r.get('site')}: {r.get('message')}\n{r.get('traceback', '')}".rstrip()
+    site = failed_sites[0]
     log = out / "logs" / f"site{site}.log"
     tail = log.read_text(encoding="utf-8", errors="replace")[-2000:] if log.is_file() else "(no log)"
     return f"site {site} exited without a record of its error; end of {log}:\n{tail}"
@@ -223,12 +226,8 @@ def launch(
                     live.update(new)
                 failed = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if failed:
-                    first = failed[0]
-                    time.sleep(POLL_SECONDS)  # let the failing site's last record land
-                    for r in tail.read():
-                        if isinstance(r.get("site"), int) and r["site"] in records:
-                            records[r["site"]].append(r)
-                    error = _error_of(out, worker_site[first], records[worker_site[first]])
+                    time.sleep(4 * POLL_SECONDS)  # let the failing sites' last records land
+                    error = _first_error(out, read_site_records(out, sites), [worker_site[i] for i in failed])
                     exit_code = 1
                     break
                 if all(p.exitcode == 0 for p in procs):

@@ -1,0 +1,35 @@
+"""Run K ranks of a gloo group as threads of this process (fast, no spawning), as torchft's tests do."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+
+def run_ranks(k: int, body: Callable[[int, Any], Any], *, timeout_s: float = 60.0) -> list[Any]:
+    """Call ``body(rank, pg)`` on K threads sharing one in-process store; returns their results by rank."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    results: list[Any] = [None] * k
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        try:
+            pg = dist.ProcessGroupGloo(dist.PrefixStore("t/", store), rank, k, datetime.timedelta(seconds=timeout_s))
+            results[rank] = body(rank, pg)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a rank did not finish in time"
+    return results

@@ -1,0 +1,73 @@
+"""Clean stops: a crashing site fails the run with its error and never hangs; Ctrl+C stops every site."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from _utils.runs import TINY, run_tiny
+from _utils.workloads import crashing_workload
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_crashing_site_fails_the_run_with_its_error(tmp_path):
+    t0 = time.monotonic()
+    outcome = run_tiny(tmp_path, workload_factory=crashing_workload, **{"run.sites": 3, "run.tokens": 3 * 4 * 32 * 40,
+                                                                           "outer.sync_every": 5})
+    assert outcome.exit_code == 1
+    assert "site 1" in outcome.summary["error"] and "injected failure" in outcome.summary["error"]
+    assert outcome.summary["ok"] is False
+    assert time.monotonic() - t0 < 60  # it did not sit out a collective timeout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] is False and summary["per_site"][1]["complete"] is False
+
+
+def test_ctrl_c_stops_every_site_and_leaves_a_partial_summary(tmp_path):
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items() if k != "wan.link"]
+    cmd = [sys.executable, "-m", "geotrain.cli", "run", "--quiet", "--out", str(tmp_path), "--sites", "3",
+           "--tokens", "50M", "--link", "50mbit/20ms", "--sync-every", "5", *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        files = [tmp_path / "sites" / f"site{k}.jsonl" for k in range(3)]
+        while time.monotonic() < deadline:  # wait until every site is training
+            if all(f.is_file() and '"kind": "step"' in f.read_text() for f in files):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        else:
+            raise AssertionError("training never started")
+        starts = [json.loads(line) for f in sorted((tmp_path / "sites").glob("*.jsonl"))
+                  for line in f.read_text().splitlines() if '"start"' in line]
+        pids = [r["pid"] for r in starts]
+        assert len(pids) == 3
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert stopped_in < 10
+    assert not any(_alive(p) for p in pids), "a site process outlived the run"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] is False and summary["interrupted"] is True
+    assert summary["tokens"] > 0 and "Ctrl+C" in summary["error"]
