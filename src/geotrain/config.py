@@ -61,6 +61,8 @@ SHORT_KEYS = {
     "mix_alpha": "streaming.mix_alpha",
 }
 DEMO_LINK = "2mbit/50ms"
+QUANTIZERS = ("fp32", "bf16", "int8", "int4", "fp4")
+CODECS = (*QUANTIZERS, "topk", *(f"topk+{q}" for q in QUANTIZERS if q != "fp32"))
 
 
 def parse_count(value: Any, *, field_name: str) -> int:
@@ -311,6 +313,8 @@ class CommConfig:
     """DiLoCo only: run round t's outer all-reduce while round t+1 computes (one-step-delayed update)."""
 
     def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ConfigError(_choice_message(self.codec, CODECS), field="comm.codec")
         if self.block_size < 0:
             raise ConfigError("must be 0 (codec default) or positive", field="comm.block_size")
         if not 0 < self.topk_fraction <= 1:
@@ -337,6 +341,12 @@ class Config:
                     raise ConfigError(
                         f"names site {s}, but the run has sites 0..{self.run.sites - 1}", field="wan.links.between"
                     )
+        if self.run.algorithm == "streaming" and self.streaming.overlap_steps >= self.outer.sync_every:
+            raise ConfigError(
+                f"tau={self.streaming.overlap_steps} must be smaller than H={self.outer.sync_every}: a fragment's "
+                "sync has to land before its next one starts",
+                field="streaming.overlap_steps",
+            )
         if self.run.algorithm == "ddp" and self.comm.overlap:
             raise ConfigError("overlap applies to diloco and streaming, not ddp", field="comm.overlap")
 

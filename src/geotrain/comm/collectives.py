@@ -41,7 +41,9 @@ class CommStats:
     link_seconds: float = 0.0
     """Real plus emulated time of all transfers (overlapped or not)."""
     peak_bandwidth_bps: float = 0.0
-    """Highest rate one transfer needed: its bits over its transfer time."""
+    """Highest rate one transfer reached: its bits over its transfer time (real plus emulated)."""
+    max_transfer_bytes: int = 0
+    """Largest payload one transfer put on the wire: what a link must carry at once."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """Completed transfers not yet written to metrics (drained by the loop)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -52,6 +54,7 @@ class CommStats:
             self.bytes_sent += traffic.bytes_sent
             self.collectives += 1
             self.link_seconds += seconds
+            self.max_transfer_bytes = max(self.max_transfer_bytes, traffic.bytes_sent)
             if seconds > 0:
                 self.peak_bandwidth_bps = max(self.peak_bandwidth_bps, 8.0 * traffic.bytes_sent / seconds)
             self.events.append(

@@ -192,6 +192,7 @@ def train_loop(
         "wan_bytes": comm.stats.bytes_sent * strategy.ctx.workers,
         "collectives": comm.stats.collectives,
         "peak_bandwidth_bps": comm.stats.peak_bandwidth_bps,
+        "max_transfer_bytes": comm.stats.max_transfer_bytes * strategy.ctx.workers,
         "outer_rounds": strategy.outer_rounds,
     }
     return LoopResult(

@@ -40,7 +40,8 @@ def _site_figures(k: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     done = _last(rows, "done")
     if done is not None:
         keys = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds", "link_seconds", "wall_seconds",
-                "eval_seconds", "utilization", "outer_rounds", "collectives", "peak_bandwidth_bps")
+                "eval_seconds", "utilization", "outer_rounds", "collectives", "peak_bandwidth_bps",
+                "max_transfer_bytes")
         return {"site": k, "complete": True, **{key: done.get(key) for key in keys}}
     step = _last(rows, "step")
     if step is None:
@@ -95,6 +96,7 @@ def build_summary(
         "elapsed_seconds": elapsed_seconds,
         "utilization": sum(utils) / len(utils) if utils else None,
         "peak_bandwidth_bps": max(peaks) if peaks else None,
+        "max_transfer_bytes": max((s.get("max_transfer_bytes") or 0) for s in per_site) if per_site else 0,
         "params_sha256": done0.get("params_sha256"),
         "stopped_early": bool(done0.get("stopped_early")),
         "steps": done0.get("steps") or (per_site[0].get("steps") if per_site else 0),
