@@ -24,7 +24,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers-per-site", type=int, help="data-parallel workers inside each site (default 1)")
     p.add_argument("--algorithm", help="ddp | diloco | streaming (default diloco)")
     p.add_argument("--sync-every", type=int, metavar="H", help="inner steps between outer rounds (default 50)")
-    p.add_argument("--codec", help="cross-site payload codec: fp32, bf16, int8, int4, fp4, topk+int8, ...")
+    p.add_argument("--codec", help="cross-site payload codec: fp32, bf16, int8, int4, topk, topk+int8, ...")
     p.add_argument("--overlap", action="store_true", default=None,
                    help="diloco: overlap each outer all-reduce with the next round's compute")
     p.add_argument("--fragments", type=int, help="streaming: number of fragments P")

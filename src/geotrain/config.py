@@ -61,7 +61,7 @@ SHORT_KEYS = {
     "mix_alpha": "streaming.mix_alpha",
 }
 DEMO_LINK = "2mbit/50ms"
-QUANTIZERS = ("fp32", "bf16", "int8", "int4", "fp4")
+QUANTIZERS = ("fp32", "bf16", "int8", "int4")  # fp4 (E3M0) is implemented but not yet as fast as int4
 CODECS = (*QUANTIZERS, "topk", *(f"topk+{q}" for q in QUANTIZERS if q != "fp32"))
 
 
@@ -232,8 +232,15 @@ class OuterConfig:
     """Outer SGD momentum."""
     nesterov: bool = True
     """Use Nesterov momentum in the outer SGD."""
+    warmup_steps: int = 100
+    """Outer rounds that end within this many inner steps plainly average the sites (no outer momentum).
+    From scratch the first rounds' pseudo-gradients are huge and point in directions that stop mattering
+    quickly; momentum would keep replaying them. The DiLoCo paper starts from a pre-trained model and needs
+    no warm-up: set 0 for its exact method."""
 
     def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError("must be zero or positive", field="outer.warmup_steps")
         if self.sync_every < 1:
             raise ConfigError(
                 f"H must be at least 1 inner step, got {self.sync_every}; try --sync-every 50",
@@ -304,7 +311,7 @@ class CommConfig:
     """How pseudo-gradients travel between sites."""
 
     codec: str = "fp32"
-    """Codec of cross-site payloads: fp32, bf16, int8, int4, fp4, topk, topk+int8, ..."""
+    """Codec of cross-site payloads: fp32, bf16, int8, int4, topk, topk+int8, ..."""
     block_size: int = 0
     """Block size of blockwise quantizers; 0 keeps the codec's default."""
     topk_fraction: float = 0.01

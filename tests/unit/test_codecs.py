@@ -106,7 +106,7 @@ def dense_bound(name: str, x: torch.Tensor, block: int) -> torch.Tensor:
     block=st.sampled_from([2, 16, 64, 256, 1024]),
 )
 def test_dense_round_trip_error_bound(name: str, n: int, kind: str, seed: int, block: int) -> None:
-    opts = {"block": block} if name in ("int8", "int4", "fp4") else {}
+    opts = {"block_size": block} if name in ("int8", "int4", "fp4") else {}
     codec = make(name, **opts)
     x = sample(kind, n, seed)
     payload = codec.encode(x)
@@ -132,7 +132,7 @@ def test_dense_round_trip_error_bound(name: str, n: int, kind: str, seed: int, b
 def test_dense_bound_on_arbitrary_finite_floats(name: str, values: list[float], block: int) -> None:
     """Hypothesis' floats: float32 max, subnormals, -0.0, mixtures of all scales in one block."""
     x = torch.tensor(values, dtype=torch.float32)
-    codec = make(name, **({"block": block} if name != "bf16" else {}))
+    codec = make(name, **({"block_size": block} if name != "bf16" else {}))
     y = codec.decode(codec.encode(x))
     assert bool(((x.double() - y.double()).abs() <= dense_bound(name, x, block)).all())
 
@@ -141,7 +141,7 @@ def test_dense_bound_on_arbitrary_finite_floats(name: str, values: list[float], 
 def test_bounds_are_attained_order_of_magnitude(name: str) -> None:
     """The stated bound is the right one: uniform data gets within a factor ~2 of it, not 100x below."""
     x = torch.linspace(-1, 1, 4096)
-    codec = make(name, block=256)
+    codec = make(name, block_size=256)
     err = (x - codec.decode(codec.encode(x))).abs().max().item()
     stated = {"int8": 1 / 254, "int4": 1 / 14, "fp4": 1 / 6}[name]  # fp4: x/3 at |x| = 0.5 -> 1/6
     assert stated / 2 < err <= stated * (1 + 1e-5)
@@ -158,14 +158,25 @@ def test_zeros_round_trip_exactly(name: str, n: int) -> None:
 def test_zero_block_next_to_large_block_stays_zero() -> None:
     x = torch.cat([torch.zeros(256), torch.full((256,), 1e30), torch.zeros(3)])
     for name in ("int8", "int4", "fp4"):
-        y = make(name, block=256).decode(make(name, block=256).encode(x))
+        y = make(name, block_size=256).decode(make(name, block_size=256).encode(x))
         assert torch.equal(y[:256], torch.zeros(256)) and torch.equal(y[512:], torch.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "bf16", "topk+int8", "topk+int4"])
+def test_float32_max_does_not_decode_to_inf(name: str) -> None:
+    """Regression: fl(FLT_MAX / 127) * 127 rounds up to Inf unless the scale is capped."""
+    big = float(torch.finfo(torch.float32).max)
+    x = torch.tensor([big, -big, big / 2, 1.0] * 64)
+    opts = {"fraction": 0.5, "chunk": 4} if name.startswith("topk") else {}
+    y = make(name, **opts).decode(make(name, **opts).encode(x))
+    assert torch.isfinite(y).all()
+    assert y[0].item() == pytest.approx(big, rel=2**-7) and y[1].item() == pytest.approx(-big, rel=2**-7)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "fp4"])
 def test_extreme_scales_in_separate_blocks(name: str) -> None:
     """1e30, 1e-30 and 3.4e38 blocks each keep their own relative precision."""
-    codec = make(name, block=4)
+    codec = make(name, block_size=4)
     x = torch.tensor([1e30, -5e29, 2.5e29, 1e29, 1e-30, -3e-31, 7e-31, 0.0, 3.4e38, -3.4e38, 1.0, 2.0])
     y = codec.decode(codec.encode(x))
     assert bool(((x.double() - y.double()).abs() <= dense_bound(name, x, 4)).all())
@@ -215,7 +226,7 @@ def test_topk_keeps_the_largest_exactly(n: int, chunk: int, fraction: float, kin
 )
 def test_topk_quantized_values_bound(values: str, n: int, chunk: int, fraction: float, seed: int) -> None:
     """Kept entries have the value codec's error; dropped ones are at most the smallest kept magnitude."""
-    codec = get_codec(f"topk+{values}", fraction=fraction, chunk=chunk, **({"block": 32} if values != "bf16" else {}))
+    codec = get_codec(f"topk+{values}", fraction=fraction, chunk=chunk, **({"block_size": 32} if values != "bf16" else {}))
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed))  # continuous: no ties in magnitude
     y = codec.decode(codec.encode(x))
     # Reference top-k, chunk by chunk, and the kept values in payload order (chunk order).
@@ -271,7 +282,7 @@ def test_topk_index_above_32767_survives_uint16_storage() -> None:
 def test_encoded_size_is_exact_and_data_independent(name: str, n: int, block: int, chunk: int, fraction: float) -> None:
     opts: dict = {}
     if name in ("int8", "int4", "topk+int8", "topk+int4"):
-        opts["block"] = block
+        opts["block_size"] = block
     if name.startswith("topk"):
         opts |= {"chunk": chunk, "fraction": fraction}
     codec = get_codec(name, **opts)
@@ -376,7 +387,7 @@ def test_registry_names_and_options() -> None:
         assert get_codec(name).name == name
     assert get_codec("topk+fp32").name == "topk"
     assert get_codec(" INT8 ").name == "int8"
-    assert get_codec("int8", block=1024).block == 1024
+    assert get_codec("int8", block_size=1024).block_size == 1024
     assert get_codec("topk+int8", fraction=0.01).k == 41
     assert get_codec("fp32").lossless and not get_codec("int8").lossless
 
@@ -385,11 +396,12 @@ def test_registry_names_and_options() -> None:
     ("name", "opts", "match"),
     [
         ("int9", {}, "unknown codec 'int9'; choose one of fp32"),
-        ("fp4", {}, "unknown codec"),
+        ("fp4", {}, "'fp4' is not enabled: the E3M0 4-bit float is implemented"),
+        ("topk+fp4", {}, "is not enabled"),
         ("topk+int16", {}, "unknown codec"),
-        ("int8", {"fraction": 0.1}, "has no option fraction"),
-        ("int8", {"block": 3}, "block must be an even number"),
-        ("int8", {"block": 0}, "block must be an even number"),
+        ("int8", {"fraction": 0.1}, r"has no option fraction \(its options: block_size\)"),
+        ("int8", {"block_size": 3}, "block_size must be an even number"),
+        ("int8", {"block_size": 0}, "block_size must be an even number"),
         ("topk", {"fraction": 0.0}, r"fraction must be in \(0, 1\]"),
         ("topk", {"fraction": 1.5}, r"fraction must be in \(0, 1\]"),
         ("topk", {"chunk": 0}, "chunk must be"),

@@ -52,7 +52,7 @@ def test_quantizer_sum_error_is_one_round_of_error(name: str) -> None:
     seed=st.integers(0, 2**31 - 1),
 )
 def test_topk_sum_error_is_bounded_and_does_not_grow(name: str, fraction: float, chunk: int, seed: int) -> None:
-    opts = {"fraction": fraction, "chunk": chunk} | ({"block": 32} if name in ("topk+int8", "topk+int4") else {})
+    opts = {"fraction": fraction, "chunk": chunk} | ({"block_size": 32} if name in ("topk+int8", "topk+int4") else {})
     gaps, biggest, _ = run_rounds(name, rounds=240, n=1000, seed=seed, **opts)
     # Top-k keeps k of d = chunk values: ||v - topk(v)||^2 <= (1 - k/d) ||v||^2 per chunk (a contraction), so
     # the residual of error feedback is bounded by q/(1-q) * max ||x_chunk|| with q = sqrt(1 - k/d) < 1,

@@ -89,10 +89,10 @@ def test_wrong_magic_version_codec_and_options() -> None:
         get_codec("int8").decode(bad)
     with pytest.raises(CodecError, match="encoded with codec 'int8'; this codec is 'int4'"):
         get_codec("int4").decode(good)
-    with pytest.raises(CodecError, match="block=256; this codec has block=1024"):
-        get_codec("int8", block=1024).decode(good)
+    with pytest.raises(CodecError, match="block_size=256; this codec has block_size=1024"):
+        get_codec("int8", block_size=1024).decode(good)
     topk = get_codec("topk+int8", fraction=0.01).encode(torch.randn(5000))
-    with pytest.raises(CodecError, match="values=int8, block=256, chunk=4096, k=41; this codec has values=int8, block=256, chunk=4096, k=82"):
+    with pytest.raises(CodecError, match="values=int8, block_size=256, chunk=4096, k=41; this codec has values=int8, block_size=256, chunk=4096, k=82"):
         get_codec("topk+int8", fraction=0.02).decode(topk)
     with pytest.raises(CodecError, match="values=int8.*this codec has values=bf16"):
         get_codec("topk+bf16", fraction=0.01).decode(topk)

@@ -29,30 +29,32 @@ class DiLoCo(Strategy):
     def __init__(self, ctx: StrategyContext, *, outer: OuterConfig, overlap: bool = False) -> None:
         super().__init__(ctx)
         self.sync_every = outer.sync_every
+        self.warmup_steps = outer.warmup_steps
         self.overlap = overlap
         self.outer = OuterOptimizer(flatten(ctx.params), outer)
         self.start = self.outer.params.detach().clone()  # where this site's current round began
         self._pending: Pending | None = None
+        self._pending_plain = False
 
     def after_inner_step(self, step: int, *, last: bool) -> bool:
         if (step + 1) % self.sync_every and not last:
             return False
-        self._end_round(last=last)
+        self._end_round(last=last, plain=step < self.warmup_steps)
         return True
 
     @torch.no_grad()
-    def _end_round(self, *, last: bool) -> None:
+    def _end_round(self, *, last: bool, plain: bool) -> None:
         params = self.ctx.params
         delta = self.start - flatten(params)  # this site's pseudo-gradient for the round, (numel,)
         pending = self.ctx.comm.all_reduce_mean(delta, key="outer")
         if self._pending is not None:  # overlap: the previous round's average has been travelling meanwhile
-            self.outer.step(self._pending.wait())
+            self.outer.step(self._pending.wait(), plain=self._pending_plain)
             self._pending = None
         if self.overlap and not last:
-            self._pending = pending
+            self._pending, self._pending_plain = pending, plain
             self.start = self.outer.params.detach() - delta  # newest global plus this site's own progress
         else:
-            self.outer.step(pending.wait())
+            self.outer.step(pending.wait(), plain=plain)
             self.start = self.outer.params.detach().clone()
         unflatten_into(self.start, params)
         self.outer_rounds += 1

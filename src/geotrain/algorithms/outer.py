@@ -24,8 +24,14 @@ class OuterOptimizer:
         )
 
     @torch.no_grad()
-    def step(self, pseudo_grad: torch.Tensor) -> None:
-        """θ_global ← OuterSGD(θ_global, Δ), where Δ = θ_global_before_round − θ_local_after_round (averaged)."""
+    def step(self, pseudo_grad: torch.Tensor, *, plain: bool = False) -> None:
+        """θ_global ← OuterSGD(θ_global, Δ), where Δ = θ_global_before_round − θ_local_after_round (averaged).
+
+        ``plain`` applies Δ as it is (plain averaging of the sites) and leaves the momentum untouched.
+        """
+        if plain:
+            self.params.sub_(pseudo_grad)  # plain averaging of the sites' models; momentum starts afterwards
+            return
         self.params.grad = pseudo_grad
         self.opt.step()
         self.params.grad = None

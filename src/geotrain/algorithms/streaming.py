@@ -56,6 +56,8 @@ class _Fragment:
     offset: int
     """Steps after each multiple of H at which this fragment's sync starts."""
     pending: Pending | None = None
+    plain: bool = False
+    """The pending sync started within the outer warm-up: apply it as plain averaging."""
     due: int = -1
     """Inner step after which the pending all-reduce is merged."""
 
@@ -67,6 +69,7 @@ class StreamingDiLoCo(Strategy):
         super().__init__(ctx)
         self.sync_every = outer.sync_every
         self.tau = streaming.overlap_steps
+        self.warmup_steps = outer.warmup_steps
         self.alpha = streaming.mix_alpha
         named = [(n, p) for n, p in ctx.model.named_parameters() if p.requires_grad]
         groups = split_fragments([n for n, _ in named], streaming.fragments)
@@ -105,13 +108,14 @@ class StreamingDiLoCo(Strategy):
         delta = f.outer.params.detach() - flatten(f.params)  # this site's pseudo-gradient for fragment f
         f.pending = self.ctx.comm.all_reduce_mean(delta, key=f"fragment{f.index}")
         f.due = step + self.tau
+        f.plain = step < self.warmup_steps
         if self.tau == 0:
             self._merge(f)
 
     @torch.no_grad()
     def _merge(self, f: _Fragment) -> None:
         assert f.pending is not None
-        f.outer.step(f.pending.wait())
+        f.outer.step(f.pending.wait(), plain=f.plain)
         f.pending = None
         self._rounds += 1
         global_flat = f.outer.params.detach()
