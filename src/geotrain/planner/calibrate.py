@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from geotrain.errors import ConfigError
 from geotrain.planner.model import AlgorithmSpec, sync_period
 from geotrain.topology import Topology, parse_link
-from geotrain.wan.model import ring_all_reduce
+from geotrain.wan.model import ring_all_gather, ring_all_reduce
 
 __all__ = ["SUMMARY_KEYS", "measured_step_seconds", "predict_run"]
 
@@ -89,7 +89,11 @@ def predict_run(summary: Mapping, *, step_seconds: float) -> dict:
     else:
         payload = float(_get(summary, "payload_bytes_per_sync")) / fragments
     ring = Topology(sites=sites, default=link).ring()
-    comm = ring_all_reduce(int(round(payload)), ring, streams=streams).seconds
+    # geotrain's collective: a ring all-reduce for lossless fp32 payloads, an all-gather of the encoded
+    # payloads for a lossy codec (each quantized once); the emulator charges exactly these patterns.
+    lossless = str(summary.get("codec", "fp32")) == "fp32"
+    pattern = ring_all_reduce if lossless else ring_all_gather
+    comm = pattern(int(round(payload)), ring, streams=streams).seconds
 
     # Sync periods in the run: every step (ddp), every H steps (diloco), every H/P steps (streaming).
     if sites < 2:
