@@ -15,5 +15,5 @@ The records of ``metrics.jsonl`` that the report reads (one JSON object a line; 
 - ``{"kind": "step", "site", "step", "tokens" (the site's, cumulative), "loss", "lr", "wall_s", "compute_s",
   "comm_s", "wan_bytes" (sent by the site, cumulative), "outer_rounds", "utilization"}``
 - ``{"kind": "eval", "step", "tokens" (all sites), "wall_s", "eval_loss", "wan_bytes" (all sites), "outer_rounds"}``
-- ``{"kind": "sync", "site", "round", "step", "bytes" (this collective), "seconds", "wall_s"}``
+- ``{"kind": "sync", "site", "transfer", "step", "bytes" (this collective), "seconds", "wall_s"}``
 """

@@ -2,7 +2,8 @@
 
 Each site's first worker appends to ``OUT/sites/siteK.jsonl`` and flushes every record, so the launcher can
 show live progress and still build a partial summary when a run is interrupted or a site crashes.
-Record kinds: ``step``, ``eval`` (site 0 only), ``sync`` (one per cross-site transfer), ``done``, ``error``.
+Record kinds: ``start``, ``step``, ``eval`` (site 0 only), ``sync`` (one per cross-site transfer, numbered
+in ``transfer``), ``done``, ``error`` and ``interrupted``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Recorder:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._file = None
+        self._transfers = 0
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8", buffering=1)
@@ -56,8 +58,9 @@ class Recorder:
         )
 
     def syncs(self, events: list[dict[str, Any]], *, step: int, site: int, wall: float) -> None:
-        for i, e in enumerate(events):
-            self.write("sync", site=site, step=step, round=i, wall_s=wall, **e)
+        for e in events:
+            self.write("sync", site=site, step=step, transfer=self._transfers, wall_s=wall, **e)
+            self._transfers += 1
 
     def eval(self, **fields: Any) -> None:
         self.write("eval", **{("wall_s" if k == "wall" else k): v for k, v in fields.items()})
