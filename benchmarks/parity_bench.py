@@ -24,6 +24,8 @@ SPINE = {
     "diloco-H100": {"run.algorithm": "diloco", "outer.sync_every": 100},
 }
 CODECS = {
+    "diloco-H50-outer0.5m0.8": {"run.algorithm": "diloco", "outer.sync_every": 50, "outer.lr": 0.5,
+                                "outer.momentum": 0.8},
     "diloco-H50-int8": {"run.algorithm": "diloco", "outer.sync_every": 50, "comm.codec": "int8"},
     "diloco-H50-int4": {"run.algorithm": "diloco", "outer.sync_every": 50, "comm.codec": "int4"},
     "streaming-H50-int4": {"run.algorithm": "streaming", "outer.sync_every": 50, "comm.codec": "int4",
@@ -52,7 +54,7 @@ def main() -> None:
     if args.suite in ("spine", "all"):
         variants |= SPINE
     if args.suite in ("codecs", "all"):
-        variants |= {"diloco-H50": SPINE["diloco-H50"], **CODECS}
+        variants |= {"ddp": SPINE["ddp"], "diloco-H50": SPINE["diloco-H50"], **CODECS}
     if args.only:
         variants = {k: v for k, v in {**SPINE, **CODECS}.items() if k in args.only.split(",")}
     out = Path(args.out)

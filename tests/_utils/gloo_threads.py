@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import datetime
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
 
 
+_STORE: list[Any] = []
+
+
+def _store() -> Any:
+    """One store per process, shared by every call under fresh prefixes (a second store server in the same
+    process was seen to leave the next group's rendezvous waiting)."""
+    if not _STORE:
+        _STORE.append(dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=600)))
+    return _STORE[0]
+
+
 def run_ranks(k: int, body: Callable[[int, Any], Any], *, timeout_s: float = 60.0) -> list[Any]:
     """Call ``body(rank, pg)`` on K threads sharing one in-process store; returns their results by rank."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
+    store = _store()
+    prefix = f"t{uuid.uuid4().hex}/"  # never meet a previous call's keys, even on a reused port
     results: list[Any] = [None] * k
     errors: list[BaseException] = []
 
     def worker(rank: int) -> None:
         try:
-            pg = dist.ProcessGroupGloo(dist.PrefixStore("t/", store), rank, k, datetime.timedelta(seconds=timeout_s))
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, k, datetime.timedelta(seconds=timeout_s))
             results[rank] = body(rank, pg)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
             errors.append(e)
