@@ -32,7 +32,10 @@ def run_ranks(k: int, body: Callable[[int, Any], Any], *, timeout_s: float = 60.
 
     def worker(rank: int) -> None:
         try:
-            pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, k, datetime.timedelta(seconds=timeout_s))
+            # each rank its own client connection: one store client is not safe to share between threads
+            client = dist.TCPStore("127.0.0.1", store.port, is_master=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, client), rank, k, datetime.timedelta(seconds=timeout_s))
             results[rank] = body(rank, pg)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
             errors.append(e)
