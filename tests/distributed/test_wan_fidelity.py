@@ -38,7 +38,7 @@ def test_all_reduce_wall_time_matches_analytic(k, nbytes, link):
 
     for wall, traffic in run_ranks(k, body):
         assert traffic.bytes_sent == round(2 * (k - 1) / k * nbytes)
-        assert traffic.emulated_seconds == pytest.approx(expected)
+        assert traffic.real_seconds + traffic.emulated_seconds == pytest.approx(expected, rel=0.05)
         assert wall == pytest.approx(expected, rel=0.25)  # generous: shared CI machines
 
 

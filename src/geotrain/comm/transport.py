@@ -32,7 +32,7 @@ class Traffic:
     real_seconds: float
     """Time the real transport took."""
     emulated_seconds: float = 0.0
-    """Time added by the emulated links (0 without emulation)."""
+    """Time the emulated links added beyond the real transfer (0 without emulation)."""
 
 
 class Transport(Protocol):

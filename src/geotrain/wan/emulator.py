@@ -1,9 +1,10 @@
 """WAN emulation as a wrapper around the cross-site transport.
 
-The wrapped collective runs for real (gloo on loopback); the wrapper then holds the caller for the time the
-emulated links would add for that collective's traffic pattern (see ``geotrain.wan.model``). Wall time is
-therefore the real time plus the links' time, and utilization measured under emulation is measured, not
-assumed. Transfers on one site's link are serialised: the transport is driven by one communication thread,
+The wrapped collective runs for real (gloo on loopback); the wrapper then holds the caller until the
+collective has taken as long as the emulated links need for its traffic pattern (see ``geotrain.wan.model``):
+the link adds whatever the real transfer did not already take. Moving the bytes over loopback stands for the
+same bytes crossing the link, so it is not charged twice. Utilization measured under emulation is therefore
+measured, not assumed. Transfers on one site's link are serialised: the transport is driven by one communication thread,
 so a second transfer starts only when the first has left the link.
 
 There is no netem on our machines, so delay is added in user space rather than by the kernel; the model is
@@ -44,9 +45,9 @@ class EmulatedWan:
         self.streams = streams
 
     def _hold(self, traffic: Traffic, t0: float, seconds: float) -> Traffic:
-        traffic.emulated_seconds = seconds
-        # The real transfer already took real_seconds; the link adds its own time on top of it.
-        sleep_until(t0 + traffic.real_seconds + seconds)
+        # The real transfer already took real_seconds of the link's time; the link adds the rest.
+        traffic.emulated_seconds = max(0.0, seconds - traffic.real_seconds)
+        sleep_until(t0 + max(seconds, traffic.real_seconds))
         return traffic
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> Traffic:
