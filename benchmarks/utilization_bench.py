@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _common import RESULTS, command_line, run_variant, write_result
 
-BANDWIDTHS = ["2mbit", "10mbit", "50mbit", "250mbit", "10gbit"]
+BANDWIDTHS = ["2mbit", "10mbit", "50mbit", "250mbit", "10gbit"]  # from "ddp is unusable" to "ample"
 ALGORITHMS = {
     "ddp": {"run.algorithm": "ddp"},
     "diloco": {"run.algorithm": "diloco", "outer.sync_every": 25},
