@@ -67,4 +67,4 @@ class Strategy:
         return self.ctx.comm.payload_bytes(numel)
 
     def close(self) -> None:
-        """Finish any in-flight communication."""
+        """Finish any in-flight communication and apply it, so the global parameters include it."""

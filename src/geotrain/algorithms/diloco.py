@@ -67,7 +67,10 @@ class DiLoCo(Strategy):
             offset += p.numel()
         return out
 
+    @torch.no_grad()
     def close(self) -> None:
+        """A run stopped early (time budget) with a round in flight: apply it, so the global model has it."""
         if self._pending is not None:
-            self._pending.wait()
+            self.outer.step(self._pending.wait(), plain=self._pending_plain)
             self._pending = None
+            unflatten_into(self.outer.params.detach(), self.ctx.params)

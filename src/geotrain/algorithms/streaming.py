@@ -140,7 +140,7 @@ class StreamingDiLoCo(Strategy):
         return sum(self.ctx.comm.payload_bytes(sum(p.numel() for p in f.params)) for f in self.fragments)
 
     def close(self) -> None:
+        """A run stopped early (time budget): apply the fragments still in flight to the global model."""
         for f in self.fragments:
             if f.pending is not None:
-                f.pending.wait()
-                f.pending = None
+                self._merge(f)
