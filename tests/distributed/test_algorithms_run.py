@@ -23,7 +23,7 @@ def test_two_workers_per_site_equal_four_single_worker_sites_under_ddp(tmp_path)
     assert a.summary["steps"] == b.summary["steps"] == 5
     pa, pb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     for name in pa:
-        torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-5)  # summation order differs
 
 
 def test_codecs_and_streaming_train_and_send_fewer_bytes(tmp_path):
