@@ -108,6 +108,9 @@ def predict_run(summary: Mapping, *, step_seconds: float) -> dict:
     period_compute = alg.period_steps * step_seconds
     exposed_per_sync = float(sync_period(alg, step_seconds=step_seconds, comm_seconds=comm)) - period_compute
     exposed = syncs * exposed_per_sync
+    if name == "diloco" and overlap and syncs > 0:
+        # A run ends on a synchronised model: its last round's transfer has nothing left to hide behind.
+        exposed += comm - exposed_per_sync
     wall = compute + exposed
     out = {
         "algorithm": name,
