@@ -141,8 +141,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from geotrain.config import load_config
-    from geotrain.models.gpt import GPTConfig, GPT
+    from geotrain.models.gpt import GPT, GPTConfig
 
     run_dir = Path(args.dir)
     weights, cfg_path = run_dir / "model.safetensors", run_dir / "config.json"
@@ -153,9 +152,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     m = tree["model"]
     model = GPT(GPTConfig(n_layer=m["n_layer"], n_head=m["n_head"], d_model=m["d_model"], seq_len=m["seq_len"]))
     state = load_file(str(weights))
-    missing = model.load_state_dict(state, strict=False)
-    if missing.missing_keys and any(not k.endswith("lm_head.weight") for k in missing.missing_keys):
-        raise ConfigError(f"model.safetensors does not match the run's config ({missing.missing_keys[:3]})", field="DIR")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"model.safetensors does not match the run's config.json ({str(e)[:200]})", field="DIR") from None
     model.eval()
     prompt = args.prompt.encode("utf-8")
     if not prompt:
@@ -165,7 +165,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = model.generate(idx, args.max_bytes, temperature=args.temperature, generator=gen)
     text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
     print(text)
-    del load_config  # imported to fail fast if the config module is broken
     return 0
 
 
