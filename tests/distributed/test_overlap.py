@@ -15,8 +15,9 @@ MODEL = {"model.n_layer": 2, "model.d_model": 128, "model.n_head": 4, "model.seq
 
 
 def test_overlapped_rounds_hide_the_transfer(tmp_path):
-    common = {**MODEL, "run.sites": 2, "run.algorithm": "diloco", "outer.sync_every": 3, "wan.link": LINK,
-              "run.tokens": 2 * 8 * 64 * 18, "run.eval_every_tokens": 10**9}
+    # H=10 steps of ~0.05 s (idle machine) to ~0.15 s (loaded) of compute per round against T = 0.3 s
+    common = {**MODEL, "run.sites": 2, "run.algorithm": "diloco", "outer.sync_every": 10, "wan.link": LINK,
+              "run.tokens": 2 * 8 * 64 * 60, "run.eval_every_tokens": 10**9}
     sync = run_tiny(tmp_path / "sync", **common)
     over = run_tiny(tmp_path / "overlap", **common, **{"comm.overlap": True})
     assert sync.exit_code == 0 and over.exit_code == 0
@@ -30,6 +31,8 @@ def test_overlapped_rounds_hide_the_transfer(tmp_path):
     assert per_site(s, "comm_seconds") >= 6 * t_round * 0.9
     # With overlap only the last round's transfer is exposed (the run must end on a synchronised model).
     assert per_site(o, "comm_seconds") <= 2 * t_round + 0.35 * (6 * t_round)
-    saved = per_site(s, "wall_seconds") - per_site(o, "wall_seconds")
-    assert saved >= 0.5 * 5 * t_round, (s["wall_seconds"], o["wall_seconds"], t_round)
+    # Time not spent computing shrinks by most of the 5 hidden transfers (compared per run: less noisy than
+    # comparing two runs' total wall time on a shared machine).
+    idle = lambda summ: max(x["wall_seconds"] - x["compute_seconds"] for x in summ["per_site"])  # noqa: E731
+    assert idle(s) - idle(o) >= 3 * t_round, (idle(s), idle(o), t_round)
     assert o["utilization"] > s["utilization"]
