@@ -369,11 +369,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def steps(self) -> int:
-        """Inner steps per worker implied by the token budget (at least one)."""
-        per_step = self.run.sites * self.run.workers_per_site * self.data.batch_size * self.model.seq_len
-        return max(1, self.run.tokens // per_step)
-
 
 # -- loading --------------------------------------------------------------------------------------------------
 
