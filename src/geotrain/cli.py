@@ -150,7 +150,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           "give the --out directory of a finished 'geotrain run'", field="DIR")
     tree = json.loads(cfg_path.read_text(encoding="utf-8"))
     m = tree["model"]
-    model = GPT(GPTConfig(n_layer=m["n_layer"], n_head=m["n_head"], d_model=m["d_model"], seq_len=m["seq_len"]))
+    model = GPT(GPTConfig(**m))  # the run's [model] section, as config.json recorded it
     state = load_file(str(weights))
     try:
         model.load_state_dict(state)

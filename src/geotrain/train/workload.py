@@ -8,6 +8,7 @@ Python API, torchrun).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,8 @@ def demo_workload(config: Config, *, worker: int, device: str = "cpu", data_dir:
         data_dir = prepare_corpus(config, Path(config.run.out) / "data")
 
     m = config.model
-    model = init_gpt(GPTConfig(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, seq_len=m.seq_len), seed=config.run.seed)
+    # ModelConfig (torch-free) names the same fields as GPTConfig; one mapping serves the run and `geotrain sample`
+    model = init_gpt(GPTConfig(**dataclasses.asdict(m)), seed=config.run.seed)
     model.to(device)
     corpus = open_corpus(data_dir)
     sampler = BatchSampler(corpus.train, batch_size=config.data.batch_size, seq_len=m.seq_len, seed=config.run.seed * 1_000_003 + worker)
