@@ -63,6 +63,7 @@ SHORT_KEYS = {
 DEMO_LINK = "2mbit/50ms"
 QUANTIZERS = ("fp32", "bf16", "int8", "int4")  # fp4 (E3M0) is implemented but not yet as fast as int4
 CODECS = (*QUANTIZERS, "topk", *(f"topk+{q}" for q in QUANTIZERS if q != "fp32"))
+COMM_PATTERNS = ("auto", "reduce_scatter", "all_gather")
 
 
 def parse_count(value: Any, *, field_name: str) -> int:
@@ -318,10 +319,17 @@ class CommConfig:
     """Share of each chunk that top-k codecs keep."""
     overlap: bool = False
     """DiLoCo only: run round t's outer all-reduce while round t+1 computes (one-step-delayed update)."""
+    pattern: str = "auto"
+    """Collective of a lossy codec: "reduce_scatter" (encoded chunks to their owners, then an all-gather of the
+    re-encoded means: a ring all-reduce's bytes), "all_gather" (every site's whole payload to every site: one
+    quantization, (K-1)x the bytes), or "auto" (reduce_scatter for dense codecs among 3+ sites, else
+    all_gather). See docs/codecs.md."""
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise ConfigError(_choice_message(self.codec, CODECS), field="comm.codec")
+        if self.pattern not in COMM_PATTERNS:
+            raise ConfigError(_choice_message(self.pattern, COMM_PATTERNS), field="comm.pattern")
         if self.block_size < 0:
             raise ConfigError("must be 0 (codec default) or positive", field="comm.block_size")
         if not 0 < self.topk_fraction <= 1:

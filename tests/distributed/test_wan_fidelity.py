@@ -11,7 +11,7 @@ from _utils.gloo_threads import run_ranks
 from geotrain.comm.transport import GlooTransport
 from geotrain.topology import Topology, parse_link
 from geotrain.wan.emulator import EmulatedWan
-from geotrain.wan.model import ring_all_gather, ring_all_reduce
+from geotrain.wan.model import ring_all_gather, ring_all_reduce, ring_reduce_scatter
 
 POINTS = [  # (sites, payload bytes, link)
     (3, 1_000_000, "50mbit/20ms"),
@@ -60,4 +60,26 @@ def test_all_gather_wall_time_matches_analytic():
 
     for wall, traffic in run_ranks(k, body):
         assert traffic.bytes_sent == (k - 1) * nbytes
+        assert wall == pytest.approx(expected, rel=0.25)
+
+
+def test_all_to_all_wall_time_matches_analytic_reduce_scatter():
+    k, nbytes = 3, 600_000  # one 200 kB chunk per site
+    topo = Topology(k, default=parse_link("20mbit/30ms"))
+    expected = ring_reduce_scatter(nbytes, topo.ring()).seconds
+
+    def body(rank, pg):
+        wan = EmulatedWan(GlooTransport(pg, rank=rank, size=k), topology=topo, members=list(range(k)))
+        payload = torch.arange(k, dtype=torch.uint8).repeat_interleave(nbytes // k) + 10 * rank
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out, traffic = wan.all_to_all(payload)
+            walls.append(time.perf_counter() - t0)
+            # slot i holds site i's chunk for this rank
+            assert [int(out[i * (nbytes // k)]) for i in range(k)] == [10 * i + rank for i in range(k)]
+        return min(walls), traffic
+
+    for wall, traffic in run_ranks(k, body):
+        assert traffic.bytes_sent == (k - 1) * nbytes // k
         assert wall == pytest.approx(expected, rel=0.25)

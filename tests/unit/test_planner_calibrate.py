@@ -113,3 +113,14 @@ def test_diloco_counts_the_outer_rounds_the_run_reports():
     out = predict_run(summary(steps=105, outer_rounds=11), step_seconds=0.1)
     assert out["syncs"] == 11
     assert predict_run(summary(steps=105, outer_rounds=None), step_seconds=0.1)["syncs"] == 10
+
+
+def test_lossy_collectives_are_charged_as_the_run_sent_them():
+    # 3 sites over 12 Mbit/s, 5 ms, an int8 payload of 1.2 MB (three 0.4 MB chunks).
+    base = summary(sites=3, link="12mbit/5ms", codec="int8", payload_bytes_per_sync=1_200_000)
+    rs = predict_run(base | {"collective": "reduce_scatter"}, step_seconds=0.2)
+    assert rs["comm_seconds_per_sync"] == pytest.approx(4 * (0.005 + 8 * 0.4e6 / 12e6))  # = ring all-reduce
+    ag = predict_run(base | {"collective": "all_gather"}, step_seconds=0.2)
+    assert ag["comm_seconds_per_sync"] == pytest.approx(2 * (0.005 + 8 * 1.2e6 / 12e6))
+    # a summary without the field predates the reduce-scatter: lossy codecs then all-gathered
+    assert predict_run(base, step_seconds=0.2)["comm_seconds_per_sync"] == ag["comm_seconds_per_sync"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from geotrain.topology import Link, Topology, parse_bandwidth, parse_latency, parse_link
-from geotrain.wan.model import ring_all_gather, ring_all_reduce
+from geotrain.wan.model import ring_all_gather, ring_all_reduce, ring_reduce_scatter
 
 
 def test_ring_all_reduce_by_hand():
@@ -32,6 +32,17 @@ def test_all_gather_and_streams():
     assert cost.bytes_sent == 2_000_000 and cost.seconds == pytest.approx(2.0)
     # two workers of a site share its link: each stream gets half the bandwidth
     assert ring_all_gather(500_000, links, streams=2).seconds == pytest.approx(2.0)
+
+
+def test_reduce_scatter_then_all_gather_of_a_chunk_is_a_ring_all_reduce():
+    # 4 sites, 8 MB cut into 2 MB chunks: 3 steps of 50 ms + 0.16 s, sending 6 MB
+    links = [Link(bandwidth_bps=100e6, latency_s=0.05)] * 4
+    rs = ring_reduce_scatter(8_000_000, links)
+    assert rs.steps == 3 and rs.bytes_sent == 6_000_000 and rs.seconds == pytest.approx(3 * 0.21)
+    ag = ring_all_gather(2_000_000, links)
+    ar = ring_all_reduce(8_000_000, links)
+    assert rs.seconds + ag.seconds == pytest.approx(ar.seconds)
+    assert rs.bytes_sent + ag.bytes_sent == ar.bytes_sent
 
 
 def test_one_site_and_no_emulation_cost_nothing():

@@ -9,9 +9,19 @@ With ``W`` workers per site, worker ``l`` carries shard ``l`` of the payload ove
 the reduced shards are then all-gathered inside the site over the fast fabric (on the training thread, so
 the order of site-group collectives is the same on every worker).
 
-Codecs: the lossless ``fp32`` path uses the transport's ring all-reduce. A lossy codec encodes on the
-sender (with error feedback kept per payload key), all-gathers the encoded payloads, and decodes and sums
-them in fp32 on every site, so each payload is quantized exactly once (see docs/codecs.md).
+Codecs: the lossless ``fp32`` path uses the transport's ring all-reduce. A lossy codec takes one of two
+patterns (docs/codecs.md compares their bytes and error):
+
+* ``reduce_scatter`` (the default for dense codecs among 3 or more sites): the payload is cut into one chunk
+  per site; each site encodes chunk j and sends it to site j (all-to-all); site j decodes and sums the chunks
+  in fp32 (its own unencoded), encodes the mean chunk once and an all-gather delivers it to every site. Bytes
+  per site are a ring all-reduce's, 2(K-1)/K of the encoded payload, and the error is two quantizations
+  whatever K is.
+* ``all_gather`` (the default for top-k codecs and for 2 sites): each site encodes its whole payload once and
+  every site decodes and sums all K payloads. (K-1) times the encoded payload per site, one quantization.
+
+Every encoder keeps error feedback (per payload key, per destination chunk, and for the owned mean), and
+every site decodes the same payloads, so all sites end with bit-identical means.
 """
 
 from __future__ import annotations
@@ -26,8 +36,22 @@ from typing import Any
 import torch
 
 from geotrain.comm.transport import Traffic, Transport
+from geotrain.config import COMM_PATTERNS
 
-__all__ = ["CommStats", "CrossSiteComm", "Pending"]
+__all__ = ["CommStats", "CrossSiteComm", "Pending", "resolve_pattern"]
+
+
+def resolve_pattern(pattern: str, *, codec: Any, sites: int) -> str:
+    """The collective a run uses: "all_reduce" for a lossless payload, else the lossy pattern asked for, with
+    "auto" picking "reduce_scatter" for dense codecs among 3 or more sites and "all_gather" otherwise."""
+    if pattern not in COMM_PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(COMM_PATTERNS)}")
+    if codec is None or getattr(codec, "lossless", False):
+        return "all_reduce"
+    if pattern != "auto":
+        return pattern
+    sparse = getattr(codec, "name", "").startswith("topk")
+    return "all_gather" if sparse or sites < 3 else "reduce_scatter"
 
 
 @dataclass(slots=True)
@@ -100,6 +124,7 @@ class CrossSiteComm:
         workers: int,
         codec: Any = None,
         error_feedback: bool = True,
+        pattern: str = "auto",
     ) -> None:
         self.transport = transport
         self.site_pg = site_pg
@@ -107,8 +132,10 @@ class CrossSiteComm:
         self.workers = workers
         self.codec = None if codec is None or getattr(codec, "lossless", False) else codec
         self.error_feedback = error_feedback
+        self.pattern = resolve_pattern(pattern, codec=self.codec, sites=transport.size)
         self.stats = CommStats()
         self._feedback: dict[str, Any] = {}
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotrain-comm")
 
     @property
@@ -118,7 +145,11 @@ class CrossSiteComm:
     def payload_bytes(self, numel: int) -> int:
         """Bytes one worker contributes to one all-reduce of ``numel`` fp32 values."""
         shard = -(-numel // self.workers)
-        return shard * 4 if self.codec is None else self.codec.encoded_size(shard)
+        if self.codec is None:
+            return shard * 4
+        if self.pattern == "reduce_scatter":
+            return self.sites * self.codec.encoded_size(-(-shard // self.sites))
+        return self.codec.encoded_size(shard)
 
     # -- the collective ----------------------------------------------------------------------------------
     def all_reduce_mean(self, flat: torch.Tensor, *, key: str = "all") -> Pending:
@@ -142,22 +173,63 @@ class CrossSiteComm:
     def _reduce_shard(self, shard: torch.Tensor, key: str) -> torch.Tensor:
         if self.codec is None:
             traffic = self.transport.all_reduce_sum(shard)
-            total = shard
-        else:
-            if self.error_feedback:
-                if key not in self._feedback:
-                    from geotrain.comm.codecs import ErrorFeedback
-
-                    self._feedback[key] = ErrorFeedback(self.codec)
-                payload = self._feedback[key].encode(shard)
-            else:
-                payload = self.codec.encode(shard)
-            payloads, traffic = self.transport.all_gather(payload)
-            total = torch.zeros_like(shard)
+            mean = shard.div_(self.sites)
+        elif self.pattern == "all_gather":
+            payloads, traffic = self.transport.all_gather(self._encode(shard, key))
+            mean = torch.zeros_like(shard)
             for p in payloads:  # decode and accumulate in fp32
-                total += self.codec.decode(p)
+                mean += self.codec.decode(p)
+            mean.div_(self.sites)
+        else:
+            mean, traffic = self._reduce_scatter_gather(shard, key)
         self.stats.record(traffic, key=key)
-        return total.div_(self.sites)
+        return mean
+
+    def _encode(self, x: torch.Tensor, key: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``x`` with the error feedback kept under ``key`` (one residual per key)."""
+        if not self.error_feedback:
+            return self.codec.encode(x, out=out)
+        if key not in self._feedback:
+            from geotrain.comm.codecs import ErrorFeedback
+
+            self._feedback[key] = ErrorFeedback(self.codec)
+        return self._feedback[key].encode(x, out=out)
+
+    def _buffer(self, key: str, numel: int, dtype: torch.dtype, slot: int) -> torch.Tensor:
+        """A buffer reused round after round (fresh large tensors cost more in page faults than the codec)."""
+        buf = self._buffers.get((key, slot))
+        if buf is None or buf.numel() != numel or buf.dtype != dtype:
+            buf = self._buffers[(key, slot)] = torch.zeros(numel, dtype=dtype)
+        return buf
+
+    def _reduce_scatter_gather(self, shard: torch.Tensor, key: str) -> tuple[torch.Tensor, Traffic]:
+        k, me, n = self.sites, self.transport.rank, shard.numel()
+        c = -(-n // k)  # values per chunk; the last chunk is zero padded so that every payload has one size
+        x = shard if c * k == n else torch.cat([shard, shard.new_zeros(c * k - n)])
+        e = self.codec.encoded_size(c)  # a multiple of 8 bytes, so every slice of the buffers stays aligned
+        send = self._buffer(key, k * e, torch.uint8, 0)
+        for j in range(k):
+            if j != me:  # slot ``me`` stays home: this site's own chunk is summed unencoded
+                self._encode(x[j * c : (j + 1) * c], f"{key}/to{j}", out=send[j * e : (j + 1) * e])
+        recv, scatter = self.transport.all_to_all(send)
+        own = x[me * c : (me + 1) * c].clone()
+        part = self._buffer(key, c, torch.float32, 1)
+        for j in range(k):
+            if j != me:
+                own += self.codec.decode(recv[j * e : (j + 1) * e], numel=c, out=part)
+        own.div_(k)
+        payloads, gather = self.transport.all_gather(self._encode(own, f"{key}/mean"))
+        mean = torch.empty(c * k)
+        for j, p in enumerate(payloads):  # this site's own chunk too: every site must hold the same mean
+            self.codec.decode(p, numel=c, out=mean[j * c : (j + 1) * c])
+        traffic = Traffic(
+            "reduce_scatter+all_gather",
+            scatter.payload_bytes,
+            scatter.bytes_sent + gather.bytes_sent,
+            scatter.real_seconds + gather.real_seconds,
+            scatter.emulated_seconds + gather.emulated_seconds,
+        )
+        return mean[:n], traffic
 
     def control_sum(self, values: list[float]) -> list[float]:
         """Sum a few floats across sites (stop votes, eval losses), in order with the data collectives."""

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
-from geotrain.wan.model import ring_all_gather, ring_all_reduce
+from geotrain.wan.model import ring_all_gather, ring_all_reduce, ring_reduce_scatter
 
 __all__ = ["Traffic", "Transport", "GlooTransport"]
 
@@ -24,7 +25,8 @@ class Traffic:
     """What one collective cost this site."""
 
     pattern: str
-    """"all_reduce" (ring) or "all_gather" (ring)."""
+    """"all_reduce" (ring), "all_gather" (ring), "reduce_scatter" (all-to-all of one chunk per site), or
+    "reduce_scatter+all_gather" (the two, as one compressed all-reduce)."""
     payload_bytes: int
     """Bytes this site contributed (one encoded payload)."""
     bytes_sent: int
@@ -42,6 +44,8 @@ class Transport(Protocol):
     def all_reduce_sum(self, tensor: torch.Tensor) -> Traffic: ...
 
     def all_gather(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], Traffic]: ...
+
+    def all_to_all(self, payload: torch.Tensor) -> tuple[torch.Tensor, Traffic]: ...
 
     def control_sum(self, tensor: torch.Tensor) -> None: ...
 
@@ -72,6 +76,21 @@ class GlooTransport:
         nbytes = payload.numel() * payload.element_size()
         cost = ring_all_gather(nbytes, [None] * self.size)
         return out, Traffic("all_gather", nbytes, cost.bytes_sent, time.perf_counter() - t0)
+
+    def all_to_all(self, payload: torch.Tensor) -> tuple[torch.Tensor, Traffic]:
+        """Send slice j of ``payload`` (K equal slices) to site j; returns slice i of every site's payload, in
+        site order (slot ``rank`` is this site's own slice, which never crosses the link)."""
+        if payload.numel() % self.size:
+            raise ValueError(f"all_to_all payload of {payload.numel()} elements does not split into {self.size} slices")
+        t0 = time.perf_counter()
+        if self.size > 1:
+            out = torch.empty_like(payload)
+            self.pg.alltoall_base(out, payload, [], [], dist.AllToAllOptions()).wait()
+        else:
+            out = payload
+        nbytes = payload.numel() * payload.element_size()
+        cost = ring_reduce_scatter(nbytes, [None] * self.size)
+        return out, Traffic("reduce_scatter", nbytes, cost.bytes_sent, time.perf_counter() - t0)
 
     def control_sum(self, tensor: torch.Tensor) -> None:
         """A tiny unaccounted all-reduce for run control (stop votes, eval losses), never emulated."""

@@ -89,10 +89,13 @@ def predict_run(summary: Mapping, *, step_seconds: float) -> dict:
     else:
         payload = float(_get(summary, "payload_bytes_per_sync")) / fragments
     ring = Topology(sites=sites, default=link).ring()
-    # geotrain's collective: a ring all-reduce for lossless fp32 payloads, an all-gather of the encoded
-    # payloads for a lossy codec (each quantized once); the emulator charges exactly these patterns.
-    lossless = str(summary.get("codec", "fp32")) == "fp32"
-    pattern = ring_all_reduce if lossless else ring_all_gather
+    # The run's collective, as the emulator charged it: a ring all-reduce for fp32, and for a lossy codec
+    # either an all-gather of whole encoded payloads or a reduce-scatter of encoded chunks followed by an
+    # all-gather of one chunk, which costs exactly a ring all-reduce of the encoded payload. Summaries
+    # written before the "collective" field existed used the all-gather for every lossy codec.
+    collective = summary.get("collective") or ("all_reduce" if str(summary.get("codec", "fp32")) == "fp32"
+                                               else "all_gather")
+    pattern = ring_all_gather if collective == "all_gather" else ring_all_reduce
     comm = pattern(int(round(payload)), ring, streams=streams).seconds
 
     # Sync periods in the run: every step (ddp), every H steps (diloco), every H/P steps (streaming).

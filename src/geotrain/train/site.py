@@ -83,12 +83,13 @@ def site_main(task: SiteTask) -> int:
             if config.comm.codec.startswith("topk"):
                 opts["fraction"] = config.comm.topk_fraction
             codec = get_codec(config.comm.codec, **opts)
-        comm = CrossSiteComm(transport, site_pg=groups.site_pg, local_rank=env.local_rank, workers=env.workers, codec=codec)
+        comm = CrossSiteComm(transport, site_pg=groups.site_pg, local_rank=env.local_rank, workers=env.workers, codec=codec,
+                              pattern=config.comm.pattern)
         ctx = StrategyContext(model=workload.model, comm=comm, site_pg=groups.site_pg, workers=env.workers)
         strategy = build_strategy(config, ctx)
         recorder.write("start", site=env.site_rank, worker=env.local_rank, pid=os.getpid(), steps_planned=max(1, config.run.tokens // (workload.tokens_per_batch * env.workers * env.sites)),
                        param_bytes=4 * sum(p.numel() for p in ctx.params),
-                       payload_bytes_per_sync=strategy.sync_bytes_per_round(), meta=workload.meta or {})
+                       payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern, meta=workload.meta or {})
 
         result = train_loop(config, workload, strategy=strategy, comm=comm, recorder=recorder,
                             site=env.site_rank, worker=worker)

@@ -105,6 +105,7 @@ def build_summary(
         "overlap_steps": config["streaming"]["overlap_steps"] if run["algorithm"] == "streaming" else 0,
         "overlap": bool(config["comm"]["overlap"]),
         "codec": config["comm"]["codec"],
+        "collective": start.get("collective"),
         "link": config["wan"]["link"],
         "param_bytes": start.get("param_bytes"),
         "payload_bytes_per_sync": start.get("payload_bytes_per_sync"),

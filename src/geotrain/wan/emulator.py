@@ -19,7 +19,7 @@ import torch
 
 from geotrain.comm.transport import Traffic, Transport
 from geotrain.topology import Topology
-from geotrain.wan.model import ring_all_gather, ring_all_reduce
+from geotrain.wan.model import ring_all_gather, ring_all_reduce, ring_reduce_scatter
 
 __all__ = ["EmulatedWan", "sleep_until"]
 
@@ -60,6 +60,12 @@ class EmulatedWan:
         t0 = time.perf_counter()
         out, traffic = self.inner.all_gather(payload)
         cost = ring_all_gather(traffic.payload_bytes, self.links, streams=self.streams)
+        return out, self._hold(traffic, t0, cost.seconds)
+
+    def all_to_all(self, payload: torch.Tensor) -> tuple[torch.Tensor, Traffic]:
+        t0 = time.perf_counter()
+        out, traffic = self.inner.all_to_all(payload)
+        cost = ring_reduce_scatter(traffic.payload_bytes, self.links, streams=self.streams)
         return out, self._hold(traffic, t0, cost.seconds)
 
     def control_sum(self, tensor: torch.Tensor) -> None:

@@ -9,6 +9,10 @@ Traffic patterns (K sites, payload S bytes per site):
   S/K bytes to its ring neighbour. Each site sends 2(K-1)/K * S bytes. A step lasts as long as the slowest
   link of the ring takes to carry one chunk: latency + chunk / bandwidth.
 * ring all-gather of one payload per site: K-1 steps of one payload each; each site sends (K-1) * S bytes.
+* reduce-scatter of a payload cut into K equal chunks (chunk j goes to site j): K-1 steps of one chunk each,
+  as the first half of the ring all-reduce; each site sends (K-1)/K * S bytes. geotrain's compressed
+  all-reduce is this followed by an all-gather of one reduced chunk per site, so it costs exactly what a ring
+  all-reduce of the encoded payload costs.
 
 ``streams`` is the number of parallel workers of one site that share that site's link (workers per site):
 each stream gets ``bandwidth / streams``.
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 from geotrain.topology import Link
 
-__all__ = ["CollectiveCost", "ring_all_reduce", "ring_all_gather"]
+__all__ = ["CollectiveCost", "ring_all_reduce", "ring_all_gather", "ring_reduce_scatter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +67,13 @@ def ring_all_gather(nbytes: int, links: Sequence[Link | None], *, streams: int =
         return CollectiveCost(0.0, 0, 0)
     steps = k - 1
     return CollectiveCost(steps * _step_seconds(links, nbytes, streams), steps * nbytes, steps)
+
+
+def ring_reduce_scatter(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
+    """Reduce-scatter of ``nbytes`` per site, cut into one chunk per site: K-1 steps of one chunk each."""
+    k = len(links)
+    if k < 2 or nbytes == 0:
+        return CollectiveCost(0.0, 0, 0)
+    chunk = nbytes / k
+    steps = k - 1
+    return CollectiveCost(steps * _step_seconds(links, chunk, streams), int(round(steps * chunk)), steps)
