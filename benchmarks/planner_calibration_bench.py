@@ -48,7 +48,8 @@ def main() -> None:
         s = json.loads(summary_path.read_text())
         if not s.get("ok") or s.get("link") == "none":
             continue
-        pred = predict_run(s, step_seconds=measured_step_seconds(s))
+        pred = predict_run(s, step_seconds=measured_step_seconds(s),
+                           slowest_step_seconds=measured_step_seconds(s, slowest=True))
         rows.append((summary_path.parent.name, s, pred))
     if not rows:
         raise SystemExit(f"no finished emulated runs under {root}; run utilization_bench.py or pass --run-missing")
@@ -56,17 +57,18 @@ def main() -> None:
         "# Planner calibration: predicted vs measured utilization",
         "",
         f"Command: `{command_line()}` over the runs in `{root}`.  ",
-        "Prediction input: the run's configuration and its measured compute seconds per inner step.",
+        "Prediction input: the run's configuration and its measured compute seconds per inner step (mean over",
+        "sites, and the slowest site's, which gates every synchronous point).",
         "",
-        "| run | algorithm | codec | link | steps | step s | predicted | measured | difference (points) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | algorithm | codec | sites | link | steps | step s (mean / slowest) | predicted | measured | difference (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
     for name, s, pred in rows:
         d = pred["difference_points"]
         worst = max(worst, abs(d))
-        lines.append(f"| {name} | {s['algorithm']} | {s['codec']} | {s['link']} | {s['steps']} | "
-                     f"{pred['step_seconds']:.3f} | {100 * pred['predicted_utilization']:.1f}% | "
+        lines.append(f"| {name} | {s['algorithm']} | {s['codec']} | {s['sites']} | {s['link']} | {s['steps']} | "
+                     f"{pred['step_seconds']:.3f} / {pred['slowest_step_seconds']:.3f} | {100 * pred['predicted_utilization']:.1f}% | "
                      f"{100 * pred['measured_utilization']:.1f}% | {d:+.1f} |")
     within = sum(abs(r[2]["difference_points"]) <= 5 for r in rows)
     lines += ["", f"{within} of {len(rows)} runs within 5 points; largest difference {worst:.1f} points.", ""]

@@ -61,10 +61,15 @@ def test_streaming_syncs_each_fragment_every_h_steps():
     t = ring2(1e6 / 4)
     assert out["syncs"] == 100 * 4 // 10
     assert out["comm_seconds_per_sync"] == pytest.approx(t)
-    assert out["predicted_utilization"] == pytest.approx(10 / (10 + 40 * t))
+    # 40 fragment syncs, then the last step syncs all 4 fragments in a row
+    assert out["predicted_utilization"] == pytest.approx(10 / (10 + 40 * t + 4 * t))
     # With tau = 2 each fragment hides behind 0.2 s of compute.
     tau = predict_run(s | {"overlap_steps": 2}, step_seconds=0.1)
-    assert tau["exposed_comm_seconds"] == pytest.approx(40 * max(0.0, t - 0.2))
+    hidden = max(0.0, t - 0.2)
+    assert tau["exposed_comm_seconds"] == pytest.approx(40 * hidden + 4 * t)
+    # Stopped by a time budget at a sync point: only the fragment just sent is still on the link.
+    stop = predict_run(s | {"overlap_steps": 2, "stopped_early": True}, step_seconds=0.1)
+    assert stop["exposed_comm_seconds"] == pytest.approx(39 * hidden + t)
 
 
 def test_workers_share_their_site_link():
@@ -124,3 +129,13 @@ def test_lossy_collectives_are_charged_as_the_run_sent_them():
     assert ag["comm_seconds_per_sync"] == pytest.approx(2 * (0.005 + 8 * 1.2e6 / 12e6))
     # a summary without the field predates the reduce-scatter: lossy codecs then all-gathered
     assert predict_run(base, step_seconds=0.2)["comm_seconds_per_sync"] == ag["comm_seconds_per_sync"]
+
+
+def test_the_slowest_site_gates_the_wall_time():
+    out = predict_run(summary(), step_seconds=0.1, slowest_step_seconds=0.12)
+    t = ring2(4e6)
+    # the mean site computes 10 s; the wall holds the slowest site's 12 s plus 10 syncs
+    assert out["predicted_utilization"] == pytest.approx(10 / (12 + 10 * t))
+    assert measured_step_seconds(summary(), slowest=True) == pytest.approx(12 / 100)
+    with pytest.raises(ConfigError):
+        predict_run(summary(), step_seconds=0.1, slowest_step_seconds=-1)

@@ -3,7 +3,8 @@
 Douillard et al., "Streaming DiLoCo with overlapping communication", arXiv 2501.18512.
 
 * The parameters are split into P fragments. Layers are dealt out strided (layer i to fragment i mod P), so
-  every fragment spans the depth of the network; parameters outside numbered layers are dealt out too.
+  every fragment spans the depth of the network; parameters outside numbered layers go to the lightest
+  fragment (and a model with fewer layers than fragments is split tensor by tensor, balancing sizes).
 * Fragment p is synchronised every H steps, offset by p*H/P steps, so at most one fragment's payload is
   on the link at a time: the peak bandwidth is about P times lower than DiLoCo's for the same H.
 * A fragment's all-reduce overlaps tau inner steps. When it lands, the fragment's own outer optimizer steps
@@ -29,22 +30,35 @@ __all__ = ["StreamingDiLoCo", "split_fragments"]
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def split_fragments(names: list[str], fragments: int) -> list[list[int]]:
-    """Indices of the parameters in each fragment: numbered layers strided, the rest dealt out after them."""
+def split_fragments(names: list[str], fragments: int, sizes: list[int] | None = None) -> list[list[int]]:
+    """Indices of the parameters in each fragment.
+
+    With at least P numbered layers, layer i goes to fragment i mod P (strided, as in the paper, so every
+    fragment spans the depth of the network) and the remaining tensors (embeddings, final norm) go, largest
+    first, to the lightest fragment. With fewer layers than fragments, single tensors are dealt out that way.
+    Balanced fragments matter: the largest one sets the peak bandwidth and the time a sync must hide in.
+    """
+    sizes = sizes if sizes is not None else [1] * len(names)
+    if len(names) < fragments:
+        raise ValueError(f"the model has {len(names)} parameter tensors, fewer than {fragments} fragments; "
+                         "lower streaming.fragments")
     layers: dict[int, list[int]] = {}
     others: list[int] = []
     for i, name in enumerate(names):
         m = _LAYER.search(name)
         (layers.setdefault(int(m.group(1)), []) if m else others).append(i)
-    units = [layers[k] for k in sorted(layers)] + [[i] for i in others]
-    if len(units) < fragments:  # fewer layers than fragments: deal out single tensors instead
-        units = [[i] for i in range(len(names))]
-    if len(units) < fragments:
-        raise ValueError(f"the model has {len(names)} parameter tensors, fewer than {fragments} fragments; "
-                         "lower streaming.fragments")
     out: list[list[int]] = [[] for _ in range(fragments)]
-    for j, unit in enumerate(units):
-        out[j % fragments].extend(unit)
+    load = [0] * fragments
+    if len(layers) >= fragments:
+        for j, key in enumerate(sorted(layers)):
+            out[j % fragments].extend(layers[key])
+            load[j % fragments] += sum(sizes[i] for i in layers[key])
+    else:
+        others = list(range(len(names)))
+    for i in sorted(others, key=lambda i: (-sizes[i], i)):
+        k = min(range(fragments), key=lambda k: (load[k], k))
+        out[k].append(i)
+        load[k] += sizes[i]
     return [sorted(f) for f in out]
 
 
@@ -72,7 +86,7 @@ class StreamingDiLoCo(Strategy):
         self.warmup_steps = outer.warmup_steps
         self.alpha = streaming.mix_alpha
         named = [(n, p) for n, p in ctx.model.named_parameters() if p.requires_grad]
-        groups = split_fragments([n for n, _ in named], streaming.fragments)
+        groups = split_fragments([n for n, _ in named], streaming.fragments, [p.numel() for _, p in named])
         self.fragments = [
             _Fragment(index=k, params=[named[i][1] for i in idx], outer=OuterOptimizer(flatten([named[i][1] for i in idx]), outer),
                       offset=(k * self.sync_every) // streaming.fragments)

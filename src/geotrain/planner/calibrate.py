@@ -10,8 +10,10 @@ timing rules it uses for datacenters (``geotrain.planner.model.sync_period``):
 * streaming (arXiv 2501.18512): one all-reduce of ``payload_bytes_per_sync / fragments`` per fragment,
   each fragment once every H inner steps.
 
-Predicted utilization = compute / (compute + exposed communication). The small overhead of the real transport
-under the emulation (gloo on loopback) is left out, so predictions are slightly optimistic for tiny steps.
+Predicted utilization = mean site compute / (slowest site compute + exposed communication), with the end of
+the run included: an overlapped transfer still on the link when the run stops is exposed, and Streaming
+DiLoCo's last step syncs every fragment at once. The overhead of the real transport under the emulation (gloo
+on loopback, codec time) is left out, so predictions are slightly optimistic for tiny steps.
 """
 
 from __future__ import annotations
@@ -51,25 +53,33 @@ def _get(summary: Mapping, key: str, default=None):
     return default
 
 
-def measured_step_seconds(summary: Mapping) -> float:
-    """Mean compute seconds per inner step over the run's sites (``per_site[*].compute_seconds / steps``)."""
+def measured_step_seconds(summary: Mapping, *, slowest: bool = False) -> float:
+    """Compute seconds per inner step (``per_site[*].compute_seconds / steps``): the mean over the run's
+    sites, or with ``slowest=True`` the slowest site's, which gates every synchronous point."""
     per_site = _get(summary, "per_site")
     steps = int(_get(summary, "steps"))
     if not per_site or steps < 1:
         raise ConfigError("the run summary has no per-site compute times or no steps", field="per_site")
-    return sum(float(s["compute_seconds"]) for s in per_site) / len(per_site) / steps
+    computes = [float(s["compute_seconds"]) for s in per_site]
+    return (max(computes) if slowest else sum(computes) / len(computes)) / steps
 
 
-def predict_run(summary: Mapping, *, step_seconds: float) -> dict:
+def predict_run(summary: Mapping, *, step_seconds: float, slowest_step_seconds: float | None = None) -> dict:
     """Predict the utilization of the emulated run described by ``summary`` at ``step_seconds`` per inner step.
 
-    Returns the prediction and its parts: ``predicted_utilization``, ``compute_seconds`` (per site),
+    ``slowest_step_seconds`` (default ``step_seconds``) is the slowest site's step time: every synchronous
+    point waits for that site, so it sets the wall time, and the mean site computes ``step_seconds`` of it,
+    as the planner's heterogeneous sites do. Returns the prediction and its parts: ``predicted_utilization``, ``compute_seconds`` (per site),
     ``comm_seconds_per_sync``, ``syncs``, ``exposed_comm_seconds``, ``predicted_wall_seconds``, and, when the
     summary holds a measured ``utilization``, ``measured_utilization`` and ``difference_points``
     (predicted minus measured, in percentage points).
     """
-    if not (isinstance(step_seconds, (int, float)) and step_seconds > 0 and math.isfinite(step_seconds)):
-        raise ConfigError(f"must be a positive number of seconds, got {step_seconds!r}", field="step_seconds")
+    for field_name, value in (("step_seconds", step_seconds), ("slowest_step_seconds", slowest_step_seconds)):
+        if value is None and field_name == "slowest_step_seconds":
+            continue
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ConfigError(f"must be a positive number of seconds, got {value!r}", field=field_name)
+    gate = max(step_seconds, slowest_step_seconds or step_seconds)
     name = str(_get(summary, "algorithm")).lower()
     sites = int(_get(summary, "sites"))
     streams = int(_get(summary, "workers_per_site", 1))
@@ -108,22 +118,27 @@ def predict_run(summary: Mapping, *, step_seconds: float) -> dict:
     else:
         syncs = steps * fragments // h
     compute = steps * step_seconds
-    period_compute = alg.period_steps * step_seconds
-    exposed_per_sync = float(sync_period(alg, step_seconds=step_seconds, comm_seconds=comm)) - period_compute
+    period_compute = alg.period_steps * gate
+    exposed_per_sync = float(sync_period(alg, step_seconds=gate, comm_seconds=comm)) - period_compute
     exposed = syncs * exposed_per_sync
-    if name == "diloco" and overlap and syncs > 0:
-        # A run ends on a synchronised model: its last round's transfer has nothing left to hide behind.
+    if syncs > 0 and ((name == "diloco" and overlap) or (name == "streaming" and summary.get("stopped_early"))):
+        # A run ends on a synchronised model: the transfer started at its last sync point has nothing left
+        # to hide behind (DiLoCo's overlapped round; the fragment a time-budget stop finds on the link).
         exposed += comm - exposed_per_sync
-    wall = compute + exposed
+    elif syncs > 0 and name == "streaming":
+        # At the last step every fragment is synchronised at once, one after another, to end on one model.
+        exposed += fragments * comm
+    wall = steps * gate + exposed
     out = {
         "algorithm": name,
         "step_seconds": step_seconds,
+        "slowest_step_seconds": gate,
         "compute_seconds": compute,
         "comm_seconds_per_sync": comm,
         "syncs": syncs,
         "exposed_comm_seconds": exposed,
         "predicted_wall_seconds": wall,
-        "predicted_utilization": compute / wall if wall > 0 else 1.0,
+        "predicted_utilization": min(1.0, compute / wall) if wall > 0 else 1.0,
     }
     measured = summary.get("utilization")
     if measured is not None:

@@ -158,6 +158,7 @@ SUMMARY_ROWS: list[_Row] = [
     ("Peak WAN bandwidth", "peak_bandwidth_bps", fmt_bandwidth, _int_title),
     ("Wall time", "wall_seconds", fmt_seconds, _seconds_title),
     ("Utilization (mean over sites)", "utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
+    ("Planner's predicted utilization", "predicted_utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
     ("Parameters SHA-256", "params_sha256", _plain, None),
 ]
 
@@ -176,7 +177,7 @@ SITE_COLUMNS: list[_Row] = [
 
 _NUMERIC_KEYS = {
     "tokens", "eval_loss", "steps", "outer_rounds", "wan_bytes", "payload_bytes_per_sync", "param_bytes",
-    "peak_bandwidth_bps", "wall_seconds", "utilization", "compute_seconds", "comm_seconds",
+    "peak_bandwidth_bps", "wall_seconds", "utilization", "predicted_utilization", "compute_seconds", "comm_seconds",
 }
 
 

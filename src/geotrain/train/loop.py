@@ -94,7 +94,7 @@ def evaluate(workload: Workload, strategy: Strategy, comm: CrossSiteComm, *, wor
     model.train(was_training)
     sums = torch.tensor([total, count], dtype=torch.float64)
     strategy.ctx.site_pg.allreduce([sums]).wait()  # sum over the site's workers
-    total, count = comm.control_sum(sums.tolist())  # then over sites
+    total, count = comm.control_sum(sums.tolist(), count_wait=False)  # then over sites (eval time is paused)
     return total / count if count else math.nan
 
 

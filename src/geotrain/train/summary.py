@@ -80,7 +80,7 @@ def build_summary(
     walls = [s["wall_seconds"] for s in per_site if s.get("wall_seconds") is not None]
     peaks = [s["peak_bandwidth_bps"] for s in per_site if s.get("peak_bandwidth_bps") is not None]
     eval_loss = done0.get("eval_loss") if done0 else (last_eval or {}).get("eval_loss")
-    return {
+    summary = {
         "ok": ok,
         "interrupted": interrupted,
         "error": error,
@@ -115,6 +115,25 @@ def build_summary(
         "per_site": per_site,
         "config": config,
     }
+    summary["predicted_utilization"] = _planner_prediction(summary)
+    return summary
+
+
+def _planner_prediction(summary: dict[str, Any]) -> float | None:
+    """What the planner predicts for this run from its configuration and measured step times, so that every
+    emulated run checks the planner (None without an emulated link or a finished measurement)."""
+    if summary["link"] == "none" or summary["sites"] < 2 or not summary.get("steps"):
+        return None
+    if any(s.get("compute_seconds") is None for s in summary["per_site"]):
+        return None
+    from geotrain.errors import ConfigError
+    from geotrain.planner.calibrate import measured_step_seconds, predict_run
+
+    try:
+        return predict_run(summary, step_seconds=measured_step_seconds(summary),
+                           slowest_step_seconds=measured_step_seconds(summary, slowest=True))["predicted_utilization"]
+    except ConfigError:
+        return None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
