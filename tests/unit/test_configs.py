@@ -56,3 +56,10 @@ def test_link_override_outside_the_sites_is_refused():
 def test_tau_must_be_below_h_for_streaming():
     with pytest.raises(ConfigError, match="streaming.overlap_steps"):
         load_config(values={"run.algorithm": "streaming", "outer.sync_every": 4, "streaming.overlap_steps": 4})
+
+
+def test_comm_pattern_is_one_of_the_known_ones():
+    assert load_config(values={"comm.codec": "int8", "comm.pattern": "all_gather"}).comm.pattern == "all_gather"
+    with pytest.raises(ConfigError, match="comm.pattern") as e:
+        load_config(values={"comm.pattern": "ring"})
+    assert "reduce_scatter" in str(e.value)  # the message lists the choices
