@@ -4,7 +4,7 @@
 the link; bytes are counted from the payloads either way). The single-site baseline gets one site's share of
 the tokens: averaging across sites must beat it. Codec and streaming variants extend the same table.
 
-    .venv/bin/python benchmarks/parity_bench.py                 # the spine's variants, 4M tokens
+    .venv/bin/python benchmarks/parity_bench.py                 # the spine's variants, 4,096,000 tokens
     .venv/bin/python benchmarks/parity_bench.py --suite codecs  # + int8/int4/streaming/topk
 """
 
@@ -47,7 +47,8 @@ def reference_name(values: dict) -> str | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="4M")
+    # 4,096,000 tokens = 500 inner steps of the demo's 8,192-token global batch: whole rounds at H = 10, 50, 100
+    p.add_argument("--tokens", default="4096000")
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--suite", choices=["spine", "codecs", "all"], default="spine")
     p.add_argument("--only", help="comma-separated variant names")
