@@ -20,8 +20,8 @@ without fast-math. A kernel that meets a non-finite value returns at once and th
 count (``base.raise_nonfinite``). No kernel uses fast-math: it would let LLVM drop the NaN/Inf handling and
 change rounding.
 
-Loops run over ``range(len)`` of slices, so that numba knows the index is not negative, skips its
-negative-index wraparound, and LLVM vectorises the loop. Helpers are inlined into the kernels.
+Loops index with unsigned integers, for which numba skips its negative-index wraparound, so that LLVM
+vectorises them. Helpers are inlined into the kernels.
 
 Kernels are compiled on first use and cached on disk (``cache=True``): in the package's ``__pycache__`` when it
 is writable, else in numba's user-wide cache directory (``$NUMBA_CACHE_DIR`` when set, else
@@ -179,14 +179,20 @@ def encode_bf16(x, body, segment):
 
 
 # -- blockwise quantizers --------------------------------------------------------------------------------
+#
+# Block b covers x[lo:hi] with lo = b * block, hi = min(lo + block, n). The loops below index with unsigned
+# integers (range(_U(lo), _U(hi))), for which numba skips its negative-index wraparound, so that LLVM
+# vectorises them; per-block slices would do the same but cost reference counting on every block.
+
+_U = np.uint64
 
 
 @_helper
-def _block_scale(xb, levels, scale_max):
-    """The scale of block ``xb``, or -1 when it holds NaN or Inf."""
+def _block_scale(x, lo, hi, levels, scale_max):
+    """The scale of x[lo:hi], or -1 when it holds NaN or Inf."""
     m = np.int32(0)
-    for i in range(xb.size):
-        m = max(m, np.int32(_bits(xb[i]) & _ABS))  # np.int32: numba widens int32 & int32 to int64
+    for i in range(_U(lo), _U(hi)):
+        m = max(m, np.int32(_bits(x[i]) & _ABS))  # np.int32: numba widens int32 & int32 to int64
     if m >= _INF_BITS:
         return np.float32(-1.0)
     s = _float(np.int32(m)) / np.float32(levels)  # a float32 division, as torch.div did
@@ -194,35 +200,10 @@ def _block_scale(xb, levels, scale_max):
 
 
 @_helper
-def _codes_int8(xb, inv, cb):
-    for i in range(xb.size):
-        cb[i] = np.int8(np.rint(xb[i] * inv))
-
-
-@_helper
-def _pack(t, cb, flip):
-    """cb[j] = t[2j] & 15 | (t[2j+1] & 15) << 4, each nibble XOR ``flip``; an odd last value gets the high
-    nibble 8, the code of the zero padding in int4 and fp4.
-
-    ``t`` (int8) is read as uint16 pairs (little-endian: value 2j in the low byte) so that the loop is
-    contiguous and vectorises; strided even/odd access does not.
-    """
-    pairs = t.size >> 1
-    t16 = t[: 2 * pairs].view(np.uint16)
-    for j in range(pairs):
-        w = np.int32(t16[j])
-        cb[j] = np.uint8(((w & 0x0F) | ((w >> 4) & 0xF0)) ^ (flip * 0x11))
-    if t.size & 1:
-        cb[pairs] = np.uint8(((np.int32(t[t.size - 1]) & 15) ^ flip) | 0x80)
-
-
-@_helper
-def _unpack(cb, t):
-    """t[2j] = cb[j] & 15, t[2j+1] = cb[j] >> 4, written as uint16 pairs (see _pack); t holds 2 * cb.size."""
-    t16 = t[: 2 * cb.size].view(np.uint16)
-    for j in range(cb.size):
-        c = np.int32(cb[j])
-        t16[j] = np.uint16((c & 0x0F) | ((c & 0xF0) << 4))
+def _round(x, lo, hi, inv, q, q0):
+    """q[q0 + i] = rint(x[lo + i] * inv) as int8, for i < hi - lo (round half to even)."""
+    for i in range(_U(0), _U(hi - lo)):
+        q[_U(q0) + i] = np.int8(np.rint(x[_U(lo) + i] * inv))
 
 
 @_helper
@@ -234,15 +215,38 @@ def _fp4_nibble(y):
 
 
 @_helper
-def _codes_fp4(xb, inv, t):
-    for i in range(xb.size):
-        t[i] = np.int8(_fp4_nibble(xb[i] * inv))
+def _round_fp4(x, lo, hi, inv, t):
+    for i in range(_U(0), _U(hi - lo)):
+        t[i] = np.int8(_fp4_nibble(x[_U(lo) + i] * inv))
 
 
 @_helper
-def _layout(n, body, block, step, ncode):
-    """Views of a quantizer's body (float32 scales | codes, each zero padded to 8 bytes; ``step`` code bytes
-    per full block, ``ncode`` in all), the body as uint64 words, and the offset of the codes."""
+def _pack(t, t16, m, codes, c0, flip):
+    """codes[c0 + j] = t[2j] & 15 | (t[2j+1] & 15) << 4 for the m values in t, each nibble XOR ``flip``; an odd
+    last value gets the high nibble 8, the code of the zero padding in int4 and fp4.
+
+    ``t16`` is ``t`` (int8) read as uint16 pairs (little-endian: value 2j in the low byte), so that the loop is
+    contiguous and vectorises; strided even/odd access does not.
+    """
+    for j in range(_U(0), _U(m >> 1)):
+        w = np.int32(t16[j])
+        codes[_U(c0) + j] = np.uint8(((w & 0x0F) | ((w >> 4) & 0xF0)) ^ (flip * 0x11))
+    if m & 1:
+        codes[c0 + (m >> 1)] = np.uint8(((np.int32(t[m - 1]) & 15) ^ flip) | 0x80)
+
+
+@_helper
+def _unpack(codes, c0, nbytes, t16):
+    """t[2j] = codes[c0 + j] & 15, t[2j+1] = codes[c0 + j] >> 4 for j < nbytes, written as uint16 pairs."""
+    for j in range(_U(0), _U(nbytes)):
+        c = np.int32(codes[_U(c0) + j])
+        t16[j] = np.uint16((c & 0x0F) | ((c & 0xF0) << 4))
+
+
+@_helper
+def _layout(n, body, block, ncode):
+    """Views of a quantizer's body (float32 scales | ``ncode`` code bytes, each zero padded to 8 bytes), the
+    body as uint64 words, and the offset of the codes."""
     nb = (n + block - 1) // block
     off = (4 * nb + 7) & ~7
     return body[: 4 * nb].view(np.float32), body[off : off + ncode], body.view(np.uint64), off
@@ -284,17 +288,19 @@ def _finish(words, first, done, segment, s1, s2):
 def quantize_int8(x, body, block, levels, scale_max, segment):
     """int8 codes rint(x / s) in [-127, 127], one byte per value."""
     n = x.size
-    scales, codes, words, off = _layout(n, body, block, block, n)
+    scales, codes, words, off = _layout(n, body, block, n)
     done = first = _start(body, scales, n, off, segment)
+    q = codes.view(np.int8)
     s1 = s2 = np.uint64(0)
     for b in range(scales.size):
-        xb = x[b * block : min(b * block + block, n)]
-        s = _block_scale(xb, levels, scale_max)
+        lo = b * block
+        hi = min(lo + block, n)
+        s = _block_scale(x, lo, hi, levels, scale_max)
         if s < 0:
             return b, np.uint64(0), np.uint64(0)
         scales[b] = s
-        _codes_int8(xb, _ONE / s, codes[b * block : b * block + xb.size].view(np.int8))
-        done, s1, s2 = _progress(words, off + b * block + xb.size, done, segment, s1, s2)
+        _round(x, lo, hi, _ONE / s, q, lo)
+        done, s1, s2 = _progress(words, off + hi, done, segment, s1, s2)
     s1, s2 = _finish(words, first, done, segment, s1, s2)
     return -1, s1, s2
 
@@ -303,21 +309,21 @@ def quantize_int8(x, body, block, levels, scale_max, segment):
 def quantize_int4(x, body, block, levels, scale_max, segment):
     """int4 nibbles q + 8 (1..15) of q = rint(x / s) in [-7, 7], two values per byte."""
     n = x.size
-    step = block >> 1
-    scales, codes, words, off = _layout(n, body, block, step, (n + 1) >> 1)
+    scales, codes, words, off = _layout(n, body, block, (n + 1) >> 1)
     done = first = _start(body, scales, codes.size, off, segment)
     t = np.empty(block, np.int8)  # one block's codes before packing
+    t16 = t.view(np.uint16)  # block is even
     s1 = s2 = np.uint64(0)
     for b in range(scales.size):
-        xb = x[b * block : min(b * block + block, n)]
-        s = _block_scale(xb, levels, scale_max)
+        lo = b * block
+        hi = min(lo + block, n)
+        s = _block_scale(x, lo, hi, levels, scale_max)
         if s < 0:
             return b, np.uint64(0), np.uint64(0)
         scales[b] = s
-        cb = codes[b * step : min(b * step + step, codes.size)]
-        _codes_int8(xb, _ONE / s, t)  # the nibble q + 8 is (q & 15) ^ 8
-        _pack(t[: xb.size], cb, 8)
-        done, s1, s2 = _progress(words, off + b * step + cb.size, done, segment, s1, s2)
+        _round(x, lo, hi, _ONE / s, t, 0)
+        _pack(t, t16, hi - lo, codes, lo >> 1, 8)  # the nibble q + 8 is (q & 15) ^ 8
+        done, s1, s2 = _progress(words, off + ((hi + 1) >> 1), done, segment, s1, s2)
     s1, s2 = _finish(words, first, done, segment, s1, s2)
     return -1, s1, s2
 
@@ -326,21 +332,21 @@ def quantize_int4(x, body, block, levels, scale_max, segment):
 def quantize_fp4(x, body, block, levels, scale_max, segment):
     """E3M0 nibbles, laid out as int4's."""
     n = x.size
-    step = block >> 1
-    scales, codes, words, off = _layout(n, body, block, step, (n + 1) >> 1)
+    scales, codes, words, off = _layout(n, body, block, (n + 1) >> 1)
     done = first = _start(body, scales, codes.size, off, segment)
     t = np.empty(block, np.int8)
+    t16 = t.view(np.uint16)
     s1 = s2 = np.uint64(0)
     for b in range(scales.size):
-        xb = x[b * block : min(b * block + block, n)]
-        s = _block_scale(xb, levels, scale_max)
+        lo = b * block
+        hi = min(lo + block, n)
+        s = _block_scale(x, lo, hi, levels, scale_max)
         if s < 0:
             return b, np.uint64(0), np.uint64(0)
         scales[b] = s
-        cb = codes[b * step : min(b * step + step, codes.size)]
-        _codes_fp4(xb, _ONE / s, t)
-        _pack(t[: xb.size], cb, 0)
-        done, s1, s2 = _progress(words, off + b * step + cb.size, done, segment, s1, s2)
+        _round_fp4(x, lo, hi, _ONE / s, t)
+        _pack(t, t16, hi - lo, codes, lo >> 1, 0)
+        done, s1, s2 = _progress(words, off + ((hi + 1) >> 1), done, segment, s1, s2)
     s1, s2 = _finish(words, first, done, segment, s1, s2)
     return -1, s1, s2
 
@@ -369,49 +375,49 @@ def _scales_valid(scales):
 @_jit
 def dequantize_int8(body, out, block):
     n = out.size
-    scales, codes, _, _ = _layout(n, body, block, block, n)
+    scales, codes, _, _ = _layout(n, body, block, n)
     if not _scales_valid(scales):
         return False
-    c8 = codes.view(np.int8)
+    q = codes.view(np.int8)
     for b in range(scales.size):
         s = scales[b]
-        ob = out[b * block : min(b * block + block, n)]
-        cb = c8[b * block : b * block + ob.size]
-        for i in range(ob.size):
-            ob[i] = np.float32(cb[i]) * s
+        for i in range(_U(b * block), _U(min(b * block + block, n))):
+            out[i] = np.float32(q[i]) * s
     return True
 
 
 @_jit
 def dequantize_int4(body, out, block):
     n = out.size
-    step = block >> 1
-    scales, codes, _, _ = _layout(n, body, block, step, (n + 1) >> 1)
+    scales, codes, _, _ = _layout(n, body, block, (n + 1) >> 1)
     if not _scales_valid(scales):
         return False
     t = np.empty(block, np.int8)  # one block's nibbles
+    t16 = t.view(np.uint16)
     for b in range(scales.size):
         s = scales[b]
-        ob = out[b * block : min(b * block + block, n)]
-        _unpack(codes[b * step : min(b * step + step, codes.size)], t)
-        for i in range(ob.size):
-            ob[i] = np.float32(np.int32(t[i]) - 8) * s
+        lo = b * block
+        hi = min(lo + block, n)
+        _unpack(codes, lo >> 1, (hi - lo + 1) >> 1, t16)
+        for i in range(_U(0), _U(hi - lo)):
+            out[_U(lo) + i] = np.float32(np.int32(t[i]) - 8) * s
     return True
 
 
 @_jit
 def dequantize_fp4(body, out, block):
     n = out.size
-    step = block >> 1
-    scales, codes, _, _ = _layout(n, body, block, step, (n + 1) >> 1)
+    scales, codes, _, _ = _layout(n, body, block, (n + 1) >> 1)
     if not _scales_valid(scales):
         return False
     t = np.empty(block, np.int8)
+    t16 = t.view(np.uint16)
     for b in range(scales.size):
         s = scales[b]
-        ob = out[b * block : min(b * block + block, n)]
-        _unpack(codes[b * step : min(b * step + step, codes.size)], t)
+        lo = b * block
+        hi = min(lo + block, n)
+        _unpack(codes, lo >> 1, (hi - lo + 1) >> 1, t16)
         # +-2^(m-7) * s: one rounding of the exact product, as the eager float16 route gave.
-        for i in range(ob.size):
-            ob[i] = _fp4_value(np.int32(t[i])) * s
+        for i in range(_U(0), _U(hi - lo)):
+            out[_U(lo) + i] = _fp4_value(np.int32(t[i])) * s
     return True

@@ -75,10 +75,16 @@ def pad8(nbytes: int) -> int:
     return (nbytes + 7) & ~7
 
 
+_kernels = None
+
+
 def kernels():
     """The numba kernel module ``_kernels``, imported (and numba with it) on the first encode or decode."""
-    from geotrain.comm.codecs import _kernels
+    global _kernels
+    if _kernels is None:
+        from geotrain.comm.codecs import _kernels as module
 
+        _kernels = module
     return _kernels
 
 
@@ -232,7 +238,7 @@ class Codec(ABC):
         value_id, a, b, c = self._header_options()
         header = bytearray(_HEADER.pack(MAGIC, VERSION, self.codec_id, value_id, 0, numel, a, b, c, 0, s1, s2))
         struct.pack_into("<I", header, _CRC_OFFSET, zlib.crc32(header))
-        payload[:HEADER_SIZE].copy_(torch.frombuffer(header, dtype=torch.uint8))
+        payload.numpy()[:HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
         return payload
 
     def decode(
