@@ -16,7 +16,8 @@ Codecs (docs/codecs.md has formats, error bounds and measured speed):
   arXiv 2508.15706) with the kept values stored as fp32/bf16/int8/int4; use with ErrorFeedback.
 
 The E3M0 4-bit float of Streaming DiLoCo (arXiv 2501.18512) is implemented (``dense.Fp4Codec``) but not
-registered: it takes ~1.5x the time of int4, and issue 3 wants fp4 only at about int4's speed.
+registered: issue 3 wants fp4 only at about int4's speed, and it takes 1.1-1.2x the time of int4
+(docs/codecs.md).
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def get_codec(name: str, **options: Any) -> Codec:
         key = "topk"
     elif key == "fp4" or values == "fp4":
         raise CodecConfigError(
-            f"codec {name!r} is not enabled: the E3M0 4-bit float is implemented (dense.Fp4Codec) but takes ~1.5x "
-            "the time of int4 (docs/codecs.md); use int4, or topk+int4",
+            f"codec {name!r} is not enabled: the E3M0 4-bit float is implemented (dense.Fp4Codec) but not "
+            "registered; it takes 1.1-1.2x the time of int4 (docs/codecs.md); use int4, or topk+int4",
             field="codec",
         )
     else:

@@ -258,9 +258,9 @@ class Fp4Codec(_Nibbles):
     for y < 0) and m = clamp(E - 120, 0, 7), the low nibble of clamp(E, 120, 127) + clamp(E, -136, -128) is
     p << 3 | m: for y >= 0 the sum is m - 8, for y < 0 it is m - 16, with no branch and no separate sign op.
 
-    Not registered in get_codec(): issue 3 wants fp4 only if it is about as fast as int4, and in eager
-    torch it takes about 1.5x int4's encode+decode time (docs/codecs.md). It is kept, tested, so that it
-    can be registered with one line if 4-bit floating point's accuracy on heavy tails is worth the time.
+    Not registered in get_codec(): issue 3 wants fp4 only if it is about as fast as int4; with the numba kernels
+    it takes 1.1-1.2x int4's encode+decode time (docs/codecs.md). It is kept, tested, so that it can be
+    registered with one line if 4-bit floating point's accuracy on heavy tails is worth the time.
     """
 
     block_size: int = DEFAULT_BLOCK
