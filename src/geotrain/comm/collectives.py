@@ -232,14 +232,14 @@ class CrossSiteComm:
         return mean[:n], traffic
 
     def control_sum(self, values: list[float], *, count_wait: bool = True) -> list[float]:
-        """Sum a few floats across sites (stop votes, eval losses), in order with the data collectives.
+        """Sum a few floats across sites (stop votes, eval losses) on the calling thread.
 
-        It queues behind any transfer in flight and waits for the slowest site, so by default the time it
-        blocks counts as communication wait (pass ``count_wait=False`` for time already excluded, as in
-        evaluation)."""
+        The transport runs it on the control group, beside (not behind) any payload in flight; it still waits
+        for the slowest site, so by default the time it blocks counts as communication wait (pass
+        ``count_wait=False`` for time already excluded, as in evaluation)."""
         t = torch.tensor(values, dtype=torch.float64)
         t0 = time.perf_counter()
-        self._pool.submit(self.transport.control_sum, t).result()
+        self.transport.control_sum(t)
         if count_wait:
             self.stats.wait_seconds += time.perf_counter() - t0
         return t.tolist()

@@ -2,7 +2,9 @@
 
 A site is a set of ``W`` workers joined by fast fabric (gloo on CPU, NCCL on GPU). Sites are joined by slow
 links. Worker ``l`` of every site belongs to cross-site group ``l``, so each site's cross-site traffic is
-split over its ``W`` workers (each carries a 1/W shard of every payload).
+split over its ``W`` workers (each carries a 1/W shard of every payload). Each cross-site group has a twin,
+the control group, for the few floats of run control (stop votes, eval losses): on its own group a vote never
+queues behind a payload still crossing the link.
 
 The same environment contract serves the local launcher and ``torchrun`` on real clusters:
 
@@ -66,6 +68,8 @@ class SiteGroups:
     """This site's workers (the fast fabric)."""
     cross_pg: Any
     """Worker ``local_rank`` of every site (the slow links)."""
+    control_pg: Any
+    """The same workers, for run control only (stop votes, eval losses)."""
     store: Any
     """The coordinator's store; cross-site groups are rebuilt on fresh prefixes of it."""
     generation: int = 0
@@ -101,9 +105,10 @@ def connect_store(address: str, *, is_server: bool = False, timeout_s: float = 6
     )
 
 
-def new_cross_site_group(store: Any, env: SiteEnv, *, generation: int, timeout_s: float) -> Any:
-    """A gloo group of worker ``env.local_rank`` of each site, on a fresh prefix of the store."""
-    prefix = dist.PrefixStore(f"cross/{env.local_rank}/gen{generation}/", store)
+def new_cross_site_group(store: Any, env: SiteEnv, *, generation: int, timeout_s: float, channel: str = "cross") -> Any:
+    """A gloo group of worker ``env.local_rank`` of each site, on a fresh prefix of the store (``channel``
+    "cross" for payloads, "control" for run control)."""
+    prefix = dist.PrefixStore(f"{channel}/{env.local_rank}/gen{generation}/", store)
     return dist.ProcessGroupGloo(prefix, env.site_rank, env.sites, datetime.timedelta(seconds=timeout_s))
 
 
@@ -116,4 +121,5 @@ def init_groups(env: SiteEnv, *, device: str, timeout_s: float) -> SiteGroups:
     site_pg = dist.group.WORLD
     store = connect_store(env.coordinator, timeout_s=timeout_s)
     cross_pg = new_cross_site_group(store, env, generation=0, timeout_s=timeout_s)
-    return SiteGroups(env=env, site_pg=site_pg, cross_pg=cross_pg, store=store)
+    control_pg = new_cross_site_group(store, env, generation=0, timeout_s=timeout_s, channel="control")
+    return SiteGroups(env=env, site_pg=site_pg, cross_pg=cross_pg, control_pg=control_pg, store=store)

@@ -53,8 +53,9 @@ class Transport(Protocol):
 class GlooTransport:
     """Cross-site collectives on a gloo process group (CPU tensors)."""
 
-    def __init__(self, pg: Any, *, rank: int, size: int) -> None:
+    def __init__(self, pg: Any, *, rank: int, size: int, control_pg: Any = None) -> None:
         self.pg = pg
+        self.control_pg = pg if control_pg is None else control_pg
         self.rank = rank
         self.size = size
 
@@ -93,6 +94,7 @@ class GlooTransport:
         return out, Traffic("reduce_scatter", nbytes, cost.bytes_sent, time.perf_counter() - t0)
 
     def control_sum(self, tensor: torch.Tensor) -> None:
-        """A tiny unaccounted all-reduce for run control (stop votes, eval losses), never emulated."""
+        """A tiny unaccounted all-reduce for run control (stop votes, eval losses), never emulated. It runs on
+        the control group when there is one, so it does not wait for a payload in flight on the data group."""
         if self.size > 1:
-            self.pg.allreduce([tensor]).wait()
+            self.control_pg.allreduce([tensor]).wait()

@@ -69,7 +69,7 @@ def site_main(task: SiteTask) -> int:
         worker = env.site_rank * env.workers + env.local_rank
         workload = task.workload_factory(config, worker=worker, device=device, **task.factory_kwargs)
 
-        transport: Any = GlooTransport(groups.cross_pg, rank=env.site_rank, size=env.sites)
+        transport: Any = GlooTransport(groups.cross_pg, rank=env.site_rank, size=env.sites, control_pg=groups.control_pg)
         topology = config.topology()
         if topology.emulated:
             transport = EmulatedWan(transport, topology=topology, members=list(range(env.sites)), streams=env.workers)
