@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--latency", default="10ms")
     p.add_argument("--bandwidths", default=",".join(BANDWIDTHS))
     p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs already in the runs directory; run only the missing ones")
     p.add_argument("--out", default=None, help="runs directory (default runs/utilization, or runs/utilization-Ksites)")
     args = p.parse_args()
     bandwidths = args.bandwidths.split(",")
@@ -49,8 +51,14 @@ def main() -> None:
     for bw in bandwidths:
         for name, values in ALGORITHMS.items():
             link = f"{bw}/{args.latency}"
-            s = run_variant(f"{name}-{bw}", out, {"run.sites": args.sites, "run.tokens": 10**9, "run.wall_seconds": args.wall_seconds,
-                                                  "wan.link": link, "run.eval_every_tokens": 10**9, **values})
+            done = out / f"{name}-{bw}" / "summary.json"
+            if args.resume and done.is_file() and json.loads(done.read_text()).get("ok"):
+                s = json.loads(done.read_text())
+                print(f"-- {name}-{bw}: reused {done}", flush=True)
+            else:
+                s = run_variant(f"{name}-{bw}", out, {"run.sites": args.sites, "run.tokens": 10**9,
+                                                      "run.wall_seconds": args.wall_seconds, "wan.link": link,
+                                                      "run.eval_every_tokens": 10**9, **values})
             table.setdefault(name, {})[bw] = {k: s.get(k) for k in ("utilization", "predicted_utilization", "eval_loss",
                                                                      "wan_bytes", "tokens", "wall_seconds", "outer_rounds",
                                                                      "max_transfer_bytes")}

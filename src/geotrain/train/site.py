@@ -83,6 +83,9 @@ def site_main(task: SiteTask) -> int:
             if config.comm.codec.startswith("topk"):
                 opts["fraction"] = config.comm.topk_fraction
             codec = get_codec(config.comm.codec, **opts)
+            # Compile (or load from cache) the codec's kernels now, during setup: a first encode inside the
+            # training loop would charge seconds of JIT compilation to the first sync.
+            codec.decode(codec.encode(torch.ones(4096)))
         comm = CrossSiteComm(transport, site_pg=groups.site_pg, local_rank=env.local_rank, workers=env.workers, codec=codec,
                               pattern=config.comm.pattern)
         ctx = StrategyContext(model=workload.model, comm=comm, site_pg=groups.site_pg, workers=env.workers)
