@@ -137,6 +137,9 @@ class CrossSiteComm:
         self._feedback: dict[str, Any] = {}
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotrain-comm")
+        # Run control gets its own thread too: the training thread then waits in Python, where a SIGTERM or
+        # Ctrl+C can still interrupt it, never inside a blocking gloo call.
+        self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotrain-control")
 
     @property
     def sites(self) -> int:
@@ -232,17 +235,18 @@ class CrossSiteComm:
         return mean[:n], traffic
 
     def control_sum(self, values: list[float], *, count_wait: bool = True) -> list[float]:
-        """Sum a few floats across sites (stop votes, eval losses) on the calling thread.
+        """Sum a few floats across sites (stop votes, eval losses).
 
         The transport runs it on the control group, beside (not behind) any payload in flight; it still waits
         for the slowest site, so by default the time it blocks counts as communication wait (pass
         ``count_wait=False`` for time already excluded, as in evaluation)."""
         t = torch.tensor(values, dtype=torch.float64)
         t0 = time.perf_counter()
-        self.transport.control_sum(t)
+        self._control.submit(self.transport.control_sum, t).result()
         if count_wait:
             self.stats.wait_seconds += time.perf_counter() - t0
         return t.tolist()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._control.shutdown(wait=False, cancel_futures=True)
