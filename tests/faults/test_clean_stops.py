@@ -42,7 +42,10 @@ def test_ctrl_c_stops_every_site_and_leaves_a_partial_summary(tmp_path):
     sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items() if k != "wan.link"]
     cmd = [sys.executable, "-m", "geotrain.cli", "run", "--quiet", "--out", str(tmp_path), "--sites", "3",
            "--tokens", "50M", "--link", "50mbit/20ms", "--sync-every", "5", *sets]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A child inherits an ignored SIGINT (the shell ignores it for background jobs, so `make test &` would run
+    # the launcher deaf to Ctrl+C); give it the default disposition, as in a terminal.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 90
         files = [tmp_path / "sites" / f"site{k}.jsonl" for k in range(3)]
