@@ -41,11 +41,9 @@ __all__ = [
     "encode_fp32",
     "encode_bf16",
     "quantize_int8",
-    "quantize_int4",
-    "quantize_fp4",
+    "quantize_nibbles",
     "dequantize_int8",
-    "dequantize_int4",
-    "dequantize_fp4",
+    "dequantize_nibbles",
 ]
 
 _OPTIONS = {"nogil": True, "error_model": "numpy", "boundscheck": False}
@@ -306,8 +304,9 @@ def quantize_int8(x, body, block, levels, scale_max, segment):
 
 
 @_jit
-def quantize_int4(x, body, block, levels, scale_max, segment):
-    """int4 nibbles q + 8 (1..15) of q = rint(x / s) in [-7, 7], two values per byte."""
+def quantize_nibbles(x, body, block, levels, scale_max, segment, fp4):
+    """4-bit codes, two values per byte: int4's nibble q + 8 (1..15) of q = rint(x / s) in [-7, 7], or with
+    ``fp4`` the E3M0 nibble (the choice is made once per block, outside the per-value loops)."""
     n = x.size
     scales, codes, words, off = _layout(n, body, block, (n + 1) >> 1)
     done = first = _start(body, scales, codes.size, off, segment)
@@ -321,31 +320,12 @@ def quantize_int4(x, body, block, levels, scale_max, segment):
         if s < 0:
             return b, np.uint64(0), np.uint64(0)
         scales[b] = s
-        _round(x, lo, hi, _ONE / s, t, 0)
-        _pack(t, t16, hi - lo, codes, lo >> 1, 8)  # the nibble q + 8 is (q & 15) ^ 8
-        done, s1, s2 = _progress(words, off + ((hi + 1) >> 1), done, segment, s1, s2)
-    s1, s2 = _finish(words, first, done, segment, s1, s2)
-    return -1, s1, s2
-
-
-@_jit
-def quantize_fp4(x, body, block, levels, scale_max, segment):
-    """E3M0 nibbles, laid out as int4's."""
-    n = x.size
-    scales, codes, words, off = _layout(n, body, block, (n + 1) >> 1)
-    done = first = _start(body, scales, codes.size, off, segment)
-    t = np.empty(block, np.int8)
-    t16 = t.view(np.uint16)
-    s1 = s2 = np.uint64(0)
-    for b in range(scales.size):
-        lo = b * block
-        hi = min(lo + block, n)
-        s = _block_scale(x, lo, hi, levels, scale_max)
-        if s < 0:
-            return b, np.uint64(0), np.uint64(0)
-        scales[b] = s
-        _round_fp4(x, lo, hi, _ONE / s, t)
-        _pack(t, t16, hi - lo, codes, lo >> 1, 0)
+        if fp4:
+            _round_fp4(x, lo, hi, _ONE / s, t)
+            _pack(t, t16, hi - lo, codes, lo >> 1, 0)
+        else:
+            _round(x, lo, hi, _ONE / s, t, 0)
+            _pack(t, t16, hi - lo, codes, lo >> 1, 8)  # the nibble q + 8 is (q & 15) ^ 8
         done, s1, s2 = _progress(words, off + ((hi + 1) >> 1), done, segment, s1, s2)
     s1, s2 = _finish(words, first, done, segment, s1, s2)
     return -1, s1, s2
@@ -387,7 +367,7 @@ def dequantize_int8(body, out, block):
 
 
 @_jit
-def dequantize_int4(body, out, block):
+def dequantize_nibbles(body, out, block, fp4):
     n = out.size
     scales, codes, _, _ = _layout(n, body, block, (n + 1) >> 1)
     if not _scales_valid(scales):
@@ -399,25 +379,11 @@ def dequantize_int4(body, out, block):
         lo = b * block
         hi = min(lo + block, n)
         _unpack(codes, lo >> 1, (hi - lo + 1) >> 1, t16)
-        for i in range(_U(0), _U(hi - lo)):
-            out[_U(lo) + i] = np.float32(np.int32(t[i]) - 8) * s
-    return True
-
-
-@_jit
-def dequantize_fp4(body, out, block):
-    n = out.size
-    scales, codes, _, _ = _layout(n, body, block, (n + 1) >> 1)
-    if not _scales_valid(scales):
-        return False
-    t = np.empty(block, np.int8)
-    t16 = t.view(np.uint16)
-    for b in range(scales.size):
-        s = scales[b]
-        lo = b * block
-        hi = min(lo + block, n)
-        _unpack(codes, lo >> 1, (hi - lo + 1) >> 1, t16)
-        # +-2^(m-7) * s: one rounding of the exact product, as the eager float16 route gave.
-        for i in range(_U(0), _U(hi - lo)):
-            out[_U(lo) + i] = _fp4_value(np.int32(t[i])) * s
+        if fp4:
+            # +-2^(m-7) * s: one rounding of the exact product, as the eager float16 route gave.
+            for i in range(_U(0), _U(hi - lo)):
+                out[_U(lo) + i] = _fp4_value(np.int32(t[i])) * s
+        else:
+            for i in range(_U(0), _U(hi - lo)):
+                out[_U(lo) + i] = np.float32(np.int32(t[i]) - 8) * s
     return True

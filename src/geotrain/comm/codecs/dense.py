@@ -136,7 +136,8 @@ class _BlockQuantizer(Codec):
     """Blockwise quantizers. Body: float32 scales [nblocks] | codes, each section zero padded to 8 bytes.
 
     A subclass defines ``_levels`` (scale = absmax / levels), the code bytes per value and ``_kernel``, the
-    name of its kernel pair ``quantize_<kernel>`` / ``dequantize_<kernel>`` in ``_kernels``.
+    name of its kernel pair ``quantize_<kernel>`` / ``dequantize_<kernel>`` in ``_kernels``, called with the
+    extra arguments ``_kernel_args``.
     """
 
     __slots__ = ()
@@ -146,6 +147,7 @@ class _BlockQuantizer(Codec):
     _code_bytes_num: ClassVar[int]  # code bytes per value = num / den
     _code_bytes_den: ClassVar[int]
     _kernel: ClassVar[str]
+    _kernel_args: ClassVar[tuple] = ()
 
     def _check_block(self) -> None:
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool):
@@ -171,7 +173,7 @@ class _BlockQuantizer(Codec):
     def _encode_body(self, x: torch.Tensor, body: torch.Tensor) -> tuple[int, int]:
         quantize = getattr(kernels(), f"quantize_{self._kernel}")
         # bad is the first block whose absmax is NaN/Inf, which happens exactly when the block holds NaN/Inf.
-        args = (self.block_size, self._levels, self._scale_max, SEGMENT_WORDS)
+        args = (self.block_size, self._levels, self._scale_max, SEGMENT_WORDS, *self._kernel_args)
         bad, s1, s2 = quantize(_array(x), _array(body), *args)
         if bad >= 0:
             _reject_nonfinite(x)
@@ -181,7 +183,7 @@ class _BlockQuantizer(Codec):
         dequantize = getattr(kernels(), f"dequantize_{self._kernel}")
         # Only an encoder bug or a forged payload with a valid checksum has bad scales; the kernel then writes
         # nothing and returns False.
-        if not dequantize(_array(body), _array(out), self.block_size):
+        if not dequantize(_array(body), _array(out), self.block_size, *self._kernel_args):
             raise CodecError("payload holds an invalid block scale (negative, zero, NaN or Inf)")
 
 
@@ -232,7 +234,8 @@ class Int4Codec(_Nibbles):
     codec_id: ClassVar[int] = CODEC_IDS["int4"]
     _levels: ClassVar[float] = 7.0
     _scale_max: ClassVar[float] = _largest_scale(7.0)
-    _kernel: ClassVar[str] = "int4"
+    _kernel: ClassVar[str] = "nibbles"
+    _kernel_args: ClassVar[tuple] = (False,)
 
     def __post_init__(self) -> None:
         self._check_block()
@@ -269,7 +272,8 @@ class Fp4Codec(_Nibbles):
     codec_id: ClassVar[int] = CODEC_IDS["fp4"]
     _levels: ClassVar[float] = 1.0
     _scale_max: ClassVar[float] = _largest_scale(1.0)
-    _kernel: ClassVar[str] = "fp4"
+    _kernel: ClassVar[str] = "nibbles"
+    _kernel_args: ClassVar[tuple] = (True,)
 
     def __post_init__(self) -> None:
         self._check_block()
