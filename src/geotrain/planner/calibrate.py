@@ -74,12 +74,13 @@ def predict_run(summary: Mapping, *, step_seconds: float, slowest_step_seconds: 
     summary holds a measured ``utilization``, ``measured_utilization`` and ``difference_points``
     (predicted minus measured, in percentage points).
     """
-    for field_name, value in (("step_seconds", step_seconds), ("slowest_step_seconds", slowest_step_seconds)):
-        if value is None and field_name == "slowest_step_seconds":
-            continue
+    times = {"step_seconds": step_seconds}
+    if slowest_step_seconds is not None:
+        times["slowest_step_seconds"] = slowest_step_seconds
+    for field_name, value in times.items():
         if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
             raise ConfigError(f"must be a positive number of seconds, got {value!r}", field=field_name)
-    gate = max(step_seconds, slowest_step_seconds or step_seconds)
+    gate = max(times.values())
     name = str(_get(summary, "algorithm")).lower()
     sites = int(_get(summary, "sites"))
     streams = int(_get(summary, "workers_per_site", 1))
