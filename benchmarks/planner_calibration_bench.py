@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--wall-seconds", type=float, default=30.0)
     args = p.parse_args()
 
-    from geotrain.planner.calibrate import measured_step_seconds, predict_run
+    from geotrain.planner.calibrate import measured_jitter, measured_step_seconds, predict_run
 
     root = Path(args.runs)
     if args.run_missing:
@@ -48,8 +48,7 @@ def main() -> None:
         s = json.loads(summary_path.read_text())
         if not s.get("ok") or s.get("link") == "none":
             continue
-        pred = predict_run(s, step_seconds=measured_step_seconds(s),
-                           slowest_step_seconds=measured_step_seconds(s, slowest=True))
+        pred = predict_run(s, step_seconds=measured_step_seconds(s, per_site=True), jitter=measured_jitter(s))
         rows.append((summary_path.parent.name, s, pred))
     if not rows:
         raise SystemExit(f"no finished emulated runs under {root}; run utilization_bench.py or pass --run-missing")
@@ -57,18 +56,21 @@ def main() -> None:
         "# Planner calibration: predicted vs measured utilization",
         "",
         f"Command: `{command_line()}` over the runs in `{root}`.  ",
-        "Prediction input: the run's configuration and its measured compute seconds per inner step (mean over",
-        "sites, and the slowest site's, which gates every synchronous point).",
+        "Prediction input: the run's configuration, each site's measured compute seconds per inner step (the",
+        "slowest gates every synchronous point) and the spread of compute time between sync points (jitter: standard",
+        "deviation over mean, mean over sites), which blocking syncs pay for. Runs written before summaries carried",
+        "`round_compute_cv` are predicted without jitter.",
         "",
-        "| run | algorithm | codec | sites | link | steps | step s (mean / slowest) | predicted | measured | difference (points) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | algorithm | codec | sites | link | steps | step s (mean / slowest) | jitter | predicted | measured | difference (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
     for name, s, pred in rows:
         d = pred["difference_points"]
         worst = max(worst, abs(d))
         lines.append(f"| {name} | {s['algorithm']} | {s['codec']} | {s['sites']} | {s['link']} | {s['steps']} | "
-                     f"{pred['step_seconds']:.3f} / {pred['slowest_step_seconds']:.3f} | {100 * pred['predicted_utilization']:.1f}% | "
+                     f"{pred['step_seconds']:.3f} / {pred['slowest_step_seconds']:.3f} | {pred['jitter']:.3f} | "
+                     f"{100 * pred['predicted_utilization']:.1f}% | "
                      f"{100 * pred['measured_utilization']:.1f}% | {d:+.1f} |")
     within = sum(abs(r[2]["difference_points"]) <= 5 for r in rows)
     lines += ["", f"{within} of {len(rows)} runs within 5 points; largest difference {worst:.1f} points.", ""]

@@ -52,3 +52,15 @@ def test_custom_model_example_trains(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["ok"] and s["sites"] == 2 and s["algorithm"] == "diloco" and s["outer_rounds"] == 20
     assert s["eval_loss"] < 0.2  # the teacher's output variance is about 0.6: the student learned it
+
+
+def test_a_wall_time_budget_stops_every_site_and_worker_at_the_same_step(tmp_path):
+    """2 sites of 2 workers each, overlapped DiLoCo, a 2 s budget on a token budget that would take minutes."""
+    res = run_tiny(tmp_path / "budget", **{"run.sites": 2, "run.workers_per_site": 2, "run.algorithm": "diloco",
+                                           "outer.sync_every": 4, "comm.overlap": True, "run.tokens": 10**8,
+                                           "run.wall_seconds": 2.0})
+    assert res.exit_code == 0, res.summary.get("error")
+    s = res.summary
+    assert s["stopped_early"] is True
+    assert len({p["steps"] for p in s["per_site"]}) == 1 and s["per_site"][0]["steps"] % 4 == 0
+    assert s["wall_seconds"] <= 2.0 + 1.0  # stops before the round that would overrun (one round's slack)

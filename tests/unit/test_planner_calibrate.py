@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 from geotrain.errors import ConfigError
-from geotrain.planner.calibrate import measured_step_seconds, predict_run
+from geotrain.planner.calibrate import expected_slowest, measured_jitter, measured_step_seconds, predict_run
 
 
 def summary(**kw) -> dict:
@@ -132,10 +135,61 @@ def test_lossy_collectives_are_charged_as_the_run_sent_them():
 
 
 def test_the_slowest_site_gates_the_wall_time():
-    out = predict_run(summary(), step_seconds=0.1, slowest_step_seconds=0.12)
+    out = predict_run(summary(), step_seconds=[0.08, 0.12])
     t = ring2(4e6)
     # the mean site computes 10 s; the wall holds the slowest site's 12 s plus 10 syncs
+    assert out["step_seconds"] == pytest.approx(0.1) and out["slowest_step_seconds"] == pytest.approx(0.12)
     assert out["predicted_utilization"] == pytest.approx(10 / (12 + 10 * t))
-    assert measured_step_seconds(summary(), slowest=True) == pytest.approx(12 / 100)
+    assert measured_step_seconds(summary(), per_site=True) == pytest.approx([10 / 100, 12 / 100])
     with pytest.raises(ConfigError):
-        predict_run(summary(), step_seconds=0.1, slowest_step_seconds=-1)
+        predict_run(summary(), step_seconds=[0.1, -1])
+    with pytest.raises(ConfigError):
+        predict_run(summary(), step_seconds=[])
+
+
+def _lognormal_max(means, cv, n=1_000_000, seed=1):
+    rng = np.random.default_rng(seed)
+    s2 = math.log1p(cv * cv)
+    return np.stack([rng.lognormal(math.log(m) - s2 / 2, math.sqrt(s2), n) for m in means]).max(axis=0).mean()
+
+
+@pytest.mark.parametrize("means,cv", [([1.0, 1.0], 0.1), ([1.0, 1.05], 0.08), ([1.0] * 4, 0.2), ([2.0, 1.0], 0.5)])
+def test_expected_slowest_matches_sampling(means, cv):
+    assert expected_slowest(means, cv) == pytest.approx(_lognormal_max(means, cv), rel=2e-3)
+
+
+def test_expected_slowest_edges():
+    assert expected_slowest([1.0, 1.3], 0.0) == 1.3
+    assert expected_slowest([0.7], 0.4) == 0.7
+    # two equal sites with a small spread: E[max] - mean is about sigma / sqrt(pi), the normal figure
+    assert expected_slowest([1.0, 1.0], 0.02) - 1.0 == pytest.approx(0.02 / math.sqrt(math.pi), rel=0.02)
+
+
+def test_blocking_syncs_pay_for_the_spread_of_round_times_and_overlapped_ones_do_not():
+    s = summary(link="80mbit/10ms")
+    plain = predict_run(s, step_seconds=0.1)
+    spread = predict_run(s, step_seconds=0.1, jitter=0.1)
+    # 10 rounds of 1 s on each of 2 sites: each waits E[max of 2] - 1 s for the slower of that round
+    assert spread["straggler_seconds"] == pytest.approx(10 * (expected_slowest([1.0, 1.0], 0.1) - 1.0))
+    assert spread["predicted_wall_seconds"] == pytest.approx(plain["predicted_wall_seconds"] + spread["straggler_seconds"])
+    ddp = predict_run(s | {"algorithm": "ddp"}, step_seconds=0.1, jitter=0.1)
+    assert ddp["straggler_seconds"] == pytest.approx(100 * (expected_slowest([0.1, 0.1], 0.1) - 0.1))
+    assert predict_run(s | {"overlap": True}, step_seconds=0.1, jitter=0.1)["straggler_seconds"] == 0.0
+    tau = s | {"algorithm": "streaming", "fragments": 4, "overlap_steps": 2}
+    assert predict_run(tau, step_seconds=0.1, jitter=0.1)["straggler_seconds"] == 0.0
+    # streaming with tau = 0 blocks at every fragment: 40 syncs of 2.5 steps, spread sqrt(4) times the H-step one
+    blocking = predict_run(tau | {"overlap_steps": 0}, step_seconds=0.1, jitter=0.1)
+    assert blocking["straggler_seconds"] == pytest.approx(40 * (expected_slowest([0.25, 0.25], 0.2) - 0.25))
+    # per-site means: the faster site only sometimes finishes last
+    uneven = predict_run(s, step_seconds=[0.09, 0.11], jitter=0.1)
+    assert uneven["straggler_seconds"] == pytest.approx(10 * (expected_slowest([0.9, 1.1], 0.1) - 1.1))
+    with pytest.raises(ConfigError):
+        predict_run(s, step_seconds=0.1, jitter=-0.1)
+
+
+def test_measured_jitter_is_the_mean_of_the_sites_spread():
+    s = summary()
+    assert measured_jitter(s) == 0.0  # summaries from before the field
+    s["per_site"][0]["round_compute_cv"] = 0.05
+    s["per_site"][1]["round_compute_cv"] = 0.15
+    assert measured_jitter(s) == pytest.approx(0.1)

@@ -38,7 +38,7 @@ import torch
 from geotrain.comm.transport import Traffic, Transport
 from geotrain.config import COMM_PATTERNS
 
-__all__ = ["CommStats", "CrossSiteComm", "Pending", "resolve_pattern"]
+__all__ = ["CommStats", "ControlPending", "CrossSiteComm", "Pending", "resolve_pattern"]
 
 
 def resolve_pattern(pattern: str, *, codec: Any, sites: int) -> str:
@@ -110,6 +110,23 @@ class Pending:
             self._result = self._finish(shard)
             self._stats.wait_seconds += time.perf_counter() - t0
         return self._result
+
+
+class ControlPending:
+    """An in-flight run-control sum. ``wait()`` returns the summed values."""
+
+    def __init__(self, future: Future, values: torch.Tensor, stats: CommStats) -> None:
+        self._future = future
+        self._values = values
+        self._stats = stats
+
+    def wait(self, *, count_wait: bool = True) -> list[float]:
+        """Block until every site has contributed; ``count_wait=False`` for time already excluded (evaluation)."""
+        t0 = time.perf_counter()
+        self._future.result()
+        if count_wait:
+            self._stats.wait_seconds += time.perf_counter() - t0
+        return self._values.tolist()
 
 
 class CrossSiteComm:
@@ -235,17 +252,18 @@ class CrossSiteComm:
         return mean[:n], traffic
 
     def control_sum(self, values: list[float], *, count_wait: bool = True) -> list[float]:
-        """Sum a few floats across sites (stop votes, eval losses).
+        """Sum a few floats across sites (eval losses) and wait for the result; see :meth:`start_control_sum`."""
+        return self.start_control_sum(values).wait(count_wait=count_wait)
 
-        The transport runs it on the control group, beside (not behind) any payload in flight; it still waits
-        for the slowest site, so by default the time it blocks counts as communication wait (pass
-        ``count_wait=False`` for time already excluded, as in evaluation)."""
+    def start_control_sum(self, values: list[float]) -> ControlPending:
+        """Start summing a few floats across sites (stop votes, eval losses); returns at once.
+
+        The transport runs it on the control group, beside (not behind) any payload in flight. It completes
+        only when every site has started it, so the time ``wait()`` blocks is time spent waiting for the
+        slowest site, and by default it counts as communication wait. Every site must start the same control
+        sums in the same order (one control thread runs them in turn)."""
         t = torch.tensor(values, dtype=torch.float64)
-        t0 = time.perf_counter()
-        self._control.submit(self.transport.control_sum, t).result()
-        if count_wait:
-            self.stats.wait_seconds += time.perf_counter() - t0
-        return t.tolist()
+        return ControlPending(self._control.submit(self.transport.control_sum, t), t, self.stats)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -10,23 +10,33 @@ timing rules it uses for datacenters (``geotrain.planner.model.sync_period``):
 * streaming (arXiv 2501.18512): one all-reduce of ``payload_bytes_per_sync / fragments`` per fragment,
   each fragment once every H inner steps.
 
-Predicted utilization = mean site compute / (slowest site compute + exposed communication), with the end of
-the run included: an overlapped transfer still on the link when the run stops is exposed, and Streaming
-DiLoCo's last step syncs every fragment at once. The overhead of the real transport under the emulation (gloo
-on loopback, codec time) is left out, so predictions are slightly optimistic for tiny steps.
+Predicted utilization = mean site compute / (slowest site compute + exposed communication + straggler
+waits), with the end of the run included: an overlapped transfer still on the link when the run stops is
+exposed, and Streaming DiLoCo's last step syncs every fragment at once.
+
+Straggler waits: at a blocking sync (every ddp step, every DiLoCo round without overlap, every Streaming
+DiLoCo fragment with tau = 0) every site waits for the slowest *in that round*, and a site's compute time
+varies from round to round even when its average matches the others'. With each site's round time lognormal
+around its mean with the run's measured spread (``round_compute_cv``, the planner simulation's ``jitter``),
+a blocking round costs E[max over sites] rather than the largest mean. Overlapped syncs absorb that spread
+(a site that is ahead runs on within the overlap window), so they are charged the largest mean only. The
+overhead of the real transport under the emulation (gloo on loopback, codec time) is left out, so
+predictions are slightly optimistic for tiny steps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from geotrain.errors import ConfigError
 from geotrain.planner.model import AlgorithmSpec, sync_period
 from geotrain.topology import Topology, parse_link
 from geotrain.wan.model import ring_all_gather, ring_all_reduce
 
-__all__ = ["SUMMARY_KEYS", "measured_step_seconds", "predict_run"]
+__all__ = ["SUMMARY_KEYS", "expected_slowest", "measured_jitter", "measured_step_seconds", "predict_run"]
 
 SUMMARY_KEYS = (
     "algorithm",
@@ -53,34 +63,71 @@ def _get(summary: Mapping, key: str, default=None):
     return default
 
 
-def measured_step_seconds(summary: Mapping, *, slowest: bool = False) -> float:
+def measured_step_seconds(summary: Mapping, *, per_site: bool = False) -> float | list[float]:
     """Compute seconds per inner step (``per_site[*].compute_seconds / steps``): the mean over the run's
-    sites, or with ``slowest=True`` the slowest site's, which gates every synchronous point."""
-    per_site = _get(summary, "per_site")
+    sites, or with ``per_site=True`` one figure per site."""
+    sites = _get(summary, "per_site")
     steps = int(_get(summary, "steps"))
-    if not per_site or steps < 1:
+    if not sites or steps < 1:
         raise ConfigError("the run summary has no per-site compute times or no steps", field="per_site")
-    computes = [float(s["compute_seconds"]) for s in per_site]
-    return (max(computes) if slowest else sum(computes) / len(computes)) / steps
+    times = [float(s["compute_seconds"]) / steps for s in sites]
+    return times if per_site else sum(times) / len(times)
 
 
-def predict_run(summary: Mapping, *, step_seconds: float, slowest_step_seconds: float | None = None) -> dict:
-    """Predict the utilization of the emulated run described by ``summary`` at ``step_seconds`` per inner step.
+def measured_jitter(summary: Mapping) -> float:
+    """The run's spread of compute time between sync points: the mean over sites of
+    ``per_site[*].round_compute_cv`` (0 when no site measured one)."""
+    cvs = [float(s["round_compute_cv"]) for s in summary.get("per_site") or [] if s.get("round_compute_cv") is not None]
+    return sum(cvs) / len(cvs) if cvs else 0.0
 
-    ``slowest_step_seconds`` (default ``step_seconds``) is the slowest site's step time: every synchronous
-    point waits for that site, so it sets the wall time, and the mean site computes ``step_seconds`` of it,
-    as the planner's heterogeneous sites do. Returns the prediction and its parts: ``predicted_utilization``, ``compute_seconds`` (per site),
-    ``comm_seconds_per_sync``, ``syncs``, ``exposed_comm_seconds``, ``predicted_wall_seconds``, and, when the
-    summary holds a measured ``utilization``, ``measured_utilization`` and ``difference_points``
-    (predicted minus measured, in percentage points).
+
+def expected_slowest(means: Sequence[float], cv: float) -> float:
+    """E[max_k X_k] for independent lognormal X_k with means ``means`` and one coefficient of variation ``cv``:
+    the expected wall time of a round that waits for the slowest of several sites.
+
+    Computed as the integral over x >= 0 of 1 - prod_k F_k(x) on a fine grid (exact to about 1e-5 of the
+    mean); ``cv = 0`` gives ``max(means)``."""
+    top = max(means)
+    if cv <= 0 or len(means) < 2 or top <= 0:
+        return float(top)
+    s2 = math.log1p(cv * cv)
+    s = math.sqrt(s2)
+    x = np.linspace(0.0, top * math.exp(s2 / 2 + 9 * s), 20_001)[1:]
+    cdf = np.ones_like(x)
+    for m in means:
+        z = (np.log(x) - (math.log(m) - s2 / 2)) / (s * math.sqrt(2.0))
+        cdf *= 0.5 * (1.0 + _erf(z))
+    dx = x[1] - x[0]
+    tail = 1.0 - cdf
+    return float(dx * (tail.sum() - 0.5 * tail[-1] + 0.5))  # trapezoids, the first from x = 0 (tail 1)
+
+
+def _erf(z: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[float])(z)
+
+
+def predict_run(summary: Mapping, *, step_seconds: float | Sequence[float], jitter: float = 0.0) -> dict:
+    """Predict the utilization of the emulated run described by ``summary`` from its compute time per step.
+
+    ``step_seconds`` is one figure for every site, or one per site (``measured_step_seconds(summary,
+    per_site=True)``): the mean site computes the mean of them, and the slowest sets the pace of every
+    synchronous point, as the planner's heterogeneous sites do. ``jitter`` is the coefficient of variation of a
+    site's compute time between sync points (``measured_jitter(summary)``); blocking syncs pay for it. Returns
+    the prediction and its parts: ``predicted_utilization``, ``step_seconds`` (mean), ``slowest_step_seconds``,
+    ``compute_seconds`` (per site), ``comm_seconds_per_sync``, ``syncs``, ``exposed_comm_seconds``,
+    ``straggler_seconds``, ``predicted_wall_seconds``, and, when the summary holds a measured ``utilization``,
+    ``measured_utilization`` and ``difference_points`` (predicted minus measured, in percentage points).
     """
-    times = {"step_seconds": step_seconds}
-    if slowest_step_seconds is not None:
-        times["slowest_step_seconds"] = slowest_step_seconds
-    for field_name, value in times.items():
-        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-            raise ConfigError(f"must be a positive number of seconds, got {value!r}", field=field_name)
-    gate = max(times.values())
+    per_site = [step_seconds] if isinstance(step_seconds, (int, float)) else list(step_seconds)
+    if not per_site:
+        raise ConfigError("needs at least one step time", field="step_seconds")
+    for value in per_site:
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ConfigError(f"must be a positive number of seconds, got {value!r}", field="step_seconds")
+    if isinstance(jitter, bool) or not (isinstance(jitter, (int, float)) and jitter >= 0 and math.isfinite(jitter)):
+        raise ConfigError(f"must be zero or positive, got {jitter!r}", field="jitter")
+    mean_step = sum(per_site) / len(per_site)
+    gate = max(per_site)
     name = str(_get(summary, "algorithm")).lower()
     sites = int(_get(summary, "sites"))
     streams = int(_get(summary, "workers_per_site", 1))
@@ -118,10 +165,19 @@ def predict_run(summary: Mapping, *, step_seconds: float, slowest_step_seconds: 
         syncs = int(summary["outer_rounds"])  # what the run did, final partial round included if it synced
     else:
         syncs = steps * fragments // h
-    compute = steps * step_seconds
+    compute = steps * mean_step
     period_compute = alg.period_steps * gate
     exposed_per_sync = float(sync_period(alg, step_seconds=gate, comm_seconds=comm)) - period_compute
     exposed = syncs * exposed_per_sync
+    # A blocking sync waits for the slowest site of that round; its spread, not only its mean, costs time.
+    blocking = name == "ddp" or (name == "diloco" and not overlap) or (name == "streaming" and tau == 0)
+    straggler = 0.0
+    if blocking and syncs > 0 and jitter > 0:
+        # The spread is measured between the loop's sync points (H steps for streaming); a fragment's period
+        # is H/P steps, whose spread is sqrt(P) times larger if steps vary independently.
+        cv = jitter * math.sqrt(fragments) if name == "streaming" else jitter
+        means = [alg.period_steps * t for t in per_site] if len(per_site) == sites else [period_compute] * sites
+        straggler = syncs * (expected_slowest(means, cv) - period_compute)
     if syncs > 0 and ((name == "diloco" and overlap) or (name == "streaming" and summary.get("stopped_early"))):
         # A run ends on a synchronised model: the transfer started at its last sync point has nothing left
         # to hide behind (DiLoCo's overlapped round; the fragment a time-budget stop finds on the link).
@@ -129,15 +185,17 @@ def predict_run(summary: Mapping, *, step_seconds: float, slowest_step_seconds: 
     elif syncs > 0 and name == "streaming":
         # At the last step every fragment is synchronised at once, one after another, to end on one model.
         exposed += fragments * comm
-    wall = steps * gate + exposed
+    wall = steps * gate + exposed + straggler
     out = {
         "algorithm": name,
-        "step_seconds": step_seconds,
+        "step_seconds": mean_step,
         "slowest_step_seconds": gate,
+        "jitter": float(jitter),
         "compute_seconds": compute,
         "comm_seconds_per_sync": comm,
         "syncs": syncs,
         "exposed_comm_seconds": exposed,
+        "straggler_seconds": straggler,
         "predicted_wall_seconds": wall,
         "predicted_utilization": min(1.0, compute / wall) if wall > 0 else 1.0,
     }

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from geotrain.algorithms.base import Strategy
-from geotrain.comm.collectives import CrossSiteComm
+from geotrain.comm.collectives import ControlPending, CrossSiteComm
 from geotrain.config import Config
 from geotrain.train.recorder import Recorder
 from geotrain.train.workload import Workload, inner_optimizer, lr_schedule
@@ -36,9 +36,34 @@ class Clock:
     start: float = field(default_factory=time.perf_counter)
     compute: float = 0.0
     paused: float = 0.0  # evaluation time, excluded from the training wall time
+    # Compute time between consecutive sync points (Welford's running mean and sum of squared deviations):
+    # its spread is what makes a synchronous site wait for the others even when all are equally fast. The
+    # first round is left out: its first step (allocation, warm-up) is slow on every site at once.
+    first_round_done: bool = False
+    rounds: int = 0
+    round_mean: float = 0.0
+    round_m2: float = 0.0
+    _round_start: float = 0.0
 
     def wall(self) -> float:
         return time.perf_counter() - self.start - self.paused
+
+    def end_round(self) -> None:
+        x = self.compute - self._round_start
+        self._round_start = self.compute
+        if not self.first_round_done:
+            self.first_round_done = True
+            return
+        self.rounds += 1
+        d = x - self.round_mean
+        self.round_mean += d / self.rounds
+        self.round_m2 += d * (x - self.round_mean)
+
+    def round_cv(self) -> float | None:
+        """Coefficient of variation of the compute time between sync points (None before two rounds)."""
+        if self.rounds < 2 or self.round_mean <= 0:
+            return None
+        return math.sqrt(self.round_m2 / (self.rounds - 1)) / self.round_mean
 
 
 @dataclass(slots=True)
@@ -57,6 +82,44 @@ def params_sha256(tensors: list[torch.Tensor]) -> str:
     for t in tensors:
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+class BudgetVote:
+    """The stop vote of a wall-time budget, read one sync point late so that no site ever waits on it.
+
+    At each sync point every site votes whether the round after next would end past the budget, and the sum
+    travels while the next round computes. At the next sync point each site reads it: any vote stops every
+    site there, at the same step. A blocking vote would make the site that is ahead wait for the slowest at
+    every sync point, even when the algorithm itself (overlapped DiLoCo, Streaming DiLoCo) lets it run on.
+    """
+
+    def __init__(self, budget: float, comm: CrossSiteComm, *, site_pg: Any, workers: int) -> None:
+        self.budget = budget
+        self.comm = comm
+        self.site_pg = site_pg
+        self.workers = workers
+        self.last_sync_wall = 0.0
+        self.pending: ControlPending | None = None
+
+    def stop_now(self, wall: float) -> bool:
+        """Call at every sync point but the last, with the training wall time; True means stop here."""
+        round_wall = wall - self.last_sync_wall
+        self.last_sync_wall = wall
+        if self.pending is not None:
+            total = torch.tensor(self.pending.wait(), dtype=torch.float64)
+            self.pending = None
+            if self.workers > 1:  # a site's workers vote over different cross-site groups: agree inside the site
+                self.site_pg.allreduce([total]).wait()
+            if float(total[0]) > 0:
+                return True
+        self.pending = self.comm.start_control_sum([1.0 if wall + 2 * round_wall > self.budget else 0.0])
+        return False
+
+    def finish(self) -> None:
+        """Wait for a vote still in flight (every site started it, so it completes)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
 
 
 @contextlib.contextmanager
@@ -117,10 +180,10 @@ def train_loop(
     eval_every = config.run.eval_every_tokens or max(1, steps * workload.tokens_per_batch * world // 10)
     next_eval = eval_every
     clip = config.optim.grad_clip
-    budget = config.run.wall_seconds
+    budget = None if config.run.wall_seconds is None else BudgetVote(
+        config.run.wall_seconds, comm, site_pg=strategy.ctx.site_pg, workers=strategy.ctx.workers)
 
     clock = Clock()
-    last_sync_wall = 0.0
     eval_loss: float | None = None
     eval_step = -1
     stopped_early = False
@@ -153,6 +216,7 @@ def train_loop(
         recorder.syncs(comm.stats.drain(), step=step, site=site, wall=clock.wall())
         if not synced:
             continue
+        clock.end_round()
         if tokens_all >= next_eval or last:
             t_eval = time.perf_counter()
             eval_loss = evaluate(workload, strategy, comm, worker=worker, world=world)
@@ -162,17 +226,14 @@ def train_loop(
             if site == 0:
                 recorder.eval(step=step, tokens=tokens_all, wall=clock.wall(), eval_loss=eval_loss,
                               wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
-        if budget is not None and not last:
-            # Stop before a round that would overrun the budget; every site votes and any vote stops all.
-            round_wall = clock.wall() - last_sync_wall
-            vote = 1.0 if clock.wall() + round_wall > budget else 0.0
-            last_sync_wall = clock.wall()
-            if comm.control_sum([vote])[0] > 0:
-                stopped_early = True
-                break
+        if budget is not None and not last and budget.stop_now(clock.wall()):
+            stopped_early = True  # before a round that would overrun the wall-time budget
+            break
         if last:
             break
 
+    if budget is not None:
+        budget.finish()
     strategy.close()
     steps_done = step + 1
     if eval_step != step:  # stopped by the time budget between evaluations
@@ -194,6 +255,7 @@ def train_loop(
         "peak_bandwidth_bps": comm.stats.peak_bandwidth_bps,
         "max_transfer_bytes": comm.stats.max_transfer_bytes * strategy.ctx.workers,
         "outer_rounds": strategy.outer_rounds,
+        "round_compute_cv": clock.round_cv(),
     }
     return LoopResult(
         steps=steps_done,

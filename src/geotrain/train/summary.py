@@ -41,7 +41,7 @@ def _site_figures(k: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     if done is not None:
         keys = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds", "link_seconds", "wall_seconds",
                 "eval_seconds", "utilization", "outer_rounds", "collectives", "peak_bandwidth_bps",
-                "max_transfer_bytes")
+                "max_transfer_bytes", "round_compute_cv")
         return {"site": k, "complete": True, **{key: done.get(key) for key in keys}}
     step = _last(rows, "step")
     if step is None:
@@ -127,11 +127,11 @@ def _planner_prediction(summary: dict[str, Any]) -> float | None:
     if any(s.get("compute_seconds") is None for s in summary["per_site"]):
         return None
     from geotrain.errors import ConfigError
-    from geotrain.planner.calibrate import measured_step_seconds, predict_run
+    from geotrain.planner.calibrate import measured_jitter, measured_step_seconds, predict_run
 
     try:
-        return predict_run(summary, step_seconds=measured_step_seconds(summary),
-                           slowest_step_seconds=measured_step_seconds(summary, slowest=True))["predicted_utilization"]
+        return predict_run(summary, step_seconds=measured_step_seconds(summary, per_site=True),
+                           jitter=measured_jitter(summary))["predicted_utilization"]
     except ConfigError:
         return None
 
