@@ -49,6 +49,14 @@ def test_the_vote_looks_two_rounds_ahead_and_stops_one_sync_point_later():
     assert [v for kind, v in comm.log if kind == "start"] == [0.0, 0.0, 1.0]
 
 
+def test_a_sync_still_in_flight_at_the_stop_counts_against_the_budget():
+    # Same rounds, but a stopped run must still land an overlapped transfer of 6 s: at 20 s, stopping at 30 s
+    # ends at 36 s while going on to 40 s would end at 46 s, so this site votes to stop at 20 s already.
+    comm = _Comm([0.0] * 5)
+    vote = BudgetVote(45.0, comm, site_pg=None, workers=1)
+    assert [vote.stop_now(t, drain=6.0) for t in (10.0, 20.0, 30.0)] == [False, False, True]
+
+
 def test_any_site_s_vote_stops_every_site():
     comm = _Comm([0.0, 1.0, 0.0])  # the other site votes to stop at its second sync point
     vote = BudgetVote(1000.0, comm, site_pg=None, workers=1)

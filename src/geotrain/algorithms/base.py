@@ -66,5 +66,9 @@ class Strategy:
         numel = sum(p.numel() for p in self.ctx.params)
         return self.ctx.comm.payload_bytes(numel)
 
+    def in_flight(self) -> bool:
+        """Whether a cross-site sync is still travelling (``close()`` would wait for it)."""
+        return False
+
     def close(self) -> None:
         """Finish any in-flight communication and apply it, so the global parameters include it."""

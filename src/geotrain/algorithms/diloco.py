@@ -67,6 +67,9 @@ class DiLoCo(Strategy):
             offset += p.numel()
         return out
 
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
     @torch.no_grad()
     def close(self) -> None:
         """A run stopped early (time budget) with a round in flight: apply it, so the global model has it."""

@@ -153,6 +153,9 @@ class StreamingDiLoCo(Strategy):
         """Bytes one worker sends per H steps: every fragment once (the whole model)."""
         return sum(self.ctx.comm.payload_bytes(sum(p.numel() for p in f.params)) for f in self.fragments)
 
+    def in_flight(self) -> bool:
+        return any(f.pending is not None for f in self.fragments)
+
     def close(self) -> None:
         """A run stopped early (time budget): apply the fragments still in flight to the global model."""
         for f in self.fragments:

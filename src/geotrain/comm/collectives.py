@@ -68,6 +68,8 @@ class CommStats:
     """Highest rate one transfer reached: its bits over its transfer time (real plus emulated)."""
     max_transfer_bytes: int = 0
     """Largest payload one transfer put on the wire: what a link must carry at once."""
+    last_transfer_seconds: float = 0.0
+    """Real plus emulated time of the latest transfer: about what one still in flight may take."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """Completed transfers not yet written to metrics (drained by the loop)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -78,6 +80,7 @@ class CommStats:
             self.bytes_sent += traffic.bytes_sent
             self.collectives += 1
             self.link_seconds += seconds
+            self.last_transfer_seconds = seconds
             self.max_transfer_bytes = max(self.max_transfer_bytes, traffic.bytes_sent)
             if seconds > 0:
                 self.peak_bandwidth_bps = max(self.peak_bandwidth_bps, 8.0 * traffic.bytes_sent / seconds)

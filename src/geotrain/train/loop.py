@@ -87,8 +87,8 @@ def params_sha256(tensors: list[torch.Tensor]) -> str:
 class BudgetVote:
     """The stop vote of a wall-time budget, read one sync point late so that no site ever waits on it.
 
-    At each sync point every site votes whether the round after next would end past the budget, and the sum
-    travels while the next round computes. At the next sync point each site reads it: any vote stops every
+    At each sync point every site votes whether the round after next, plus the time to land a sync still in
+    flight when the run stops, would end past the budget, and the sum travels while the next round computes. At the next sync point each site reads it: any vote stops every
     site there, at the same step. A blocking vote would make the site that is ahead wait for the slowest at
     every sync point, even when the algorithm itself (overlapped DiLoCo, Streaming DiLoCo) lets it run on.
     """
@@ -101,8 +101,9 @@ class BudgetVote:
         self.last_sync_wall = 0.0
         self.pending: ControlPending | None = None
 
-    def stop_now(self, wall: float) -> bool:
-        """Call at every sync point but the last, with the training wall time; True means stop here."""
+    def stop_now(self, wall: float, *, drain: float = 0.0) -> bool:
+        """Call at every sync point but the last, with the training wall time and the time a sync in flight
+        would still take to land (``drain``); True means stop here."""
         round_wall = wall - self.last_sync_wall
         self.last_sync_wall = wall
         if self.pending is not None:
@@ -112,7 +113,7 @@ class BudgetVote:
                 self.site_pg.allreduce([total]).wait()
             if float(total[0]) > 0:
                 return True
-        self.pending = self.comm.start_control_sum([1.0 if wall + 2 * round_wall > self.budget else 0.0])
+        self.pending = self.comm.start_control_sum([1.0 if wall + 2 * round_wall + drain > self.budget else 0.0])
         return False
 
     def finish(self) -> None:
@@ -226,9 +227,11 @@ def train_loop(
             if site == 0:
                 recorder.eval(step=step, tokens=tokens_all, wall=clock.wall(), eval_loss=eval_loss,
                               wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
-        if budget is not None and not last and budget.stop_now(clock.wall()):
-            stopped_early = True  # before a round that would overrun the wall-time budget
-            break
+        if budget is not None and not last:
+            drain = comm.stats.last_transfer_seconds if strategy.in_flight() else 0.0
+            if budget.stop_now(clock.wall(), drain=drain):
+                stopped_early = True  # before a round that would overrun the wall-time budget
+                break
         if last:
             break
 
