@@ -5,7 +5,11 @@ fixed). Every figure comes from the runs' summary.json: utilization is measured 
 with the emulated link time inside the wall time; the planner's prediction for each run (summary.json's
 predicted_utilization) is tabled beside it. Writes a table and a plot.
 
-    .venv/bin/python benchmarks/utilization_bench.py [--wall-seconds 30] [--sites 2]
+    .venv/bin/python benchmarks/utilization_bench.py [--wall-seconds 30] [--sites 2] [--repeats 3]
+
+With --repeats N every point runs N times and the tables show the median, with the range beside it: on a
+shared machine one site's passing slowdown makes the other wait at the next sync point, and a single run
+can land on either side of a threshold.
 
 Each site is one process with one thread: with more sites than cores, the sites time-share the cores, and
 the waits that causes at every synchronous point add to the WAN's. `--sites 2` on a 2-core machine gives
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -38,31 +43,52 @@ def main() -> None:
     p.add_argument("--latency", default="10ms")
     p.add_argument("--bandwidths", default=",".join(BANDWIDTHS))
     p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1, help="runs per point; tables show the median and the range")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of " + ", ".join(ALGORITHMS))
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished runs already in the runs directory; run only the missing ones")
     p.add_argument("--out", default=None, help="runs directory (default runs/utilization, or runs/utilization-Ksites)")
     args = p.parse_args()
     bandwidths = args.bandwidths.split(",")
+    algorithms = args.algorithms.split(",")
+    unknown = sorted(set(algorithms) - set(ALGORITHMS))
+    if unknown or args.repeats < 1:
+        p.error(f"unknown algorithms {unknown}" if unknown else "--repeats must be at least 1")
     tag = "utilization" if args.sites == 4 else f"utilization-{args.sites}sites"
+    if args.repeats > 1:
+        tag += f"-x{args.repeats}"
     out = Path(args.out or f"runs/{tag}")
     load = os.getloadavg()[0]
-    table: dict[str, dict[str, dict]] = {}
+    keys = ("utilization", "predicted_utilization", "eval_loss", "wan_bytes", "tokens", "wall_seconds", "outer_rounds",
+            "max_transfer_bytes")
+    runs: dict[str, dict[str, list[dict]]] = {}
     t0 = time.time()
-    for bw in bandwidths:
-        for name, values in ALGORITHMS.items():
-            link = f"{bw}/{args.latency}"
-            done = out / f"{name}-{bw}" / "summary.json"
-            if args.resume and done.is_file() and json.loads(done.read_text()).get("ok"):
-                s = json.loads(done.read_text())
-                print(f"-- {name}-{bw}: reused {done}", flush=True)
-            else:
-                s = run_variant(f"{name}-{bw}", out, {"run.sites": args.sites, "run.tokens": 10**9,
-                                                      "run.wall_seconds": args.wall_seconds, "wan.link": link,
-                                                      "run.eval_every_tokens": 10**9, **values})
-            table.setdefault(name, {})[bw] = {k: s.get(k) for k in ("utilization", "predicted_utilization", "eval_loss",
-                                                                     "wan_bytes", "tokens", "wall_seconds", "outer_rounds",
-                                                                     "max_transfer_bytes")}
-    (out / "utilization.json").write_text(json.dumps(table, indent=2))
+    for repeat in range(args.repeats):
+        for bw in bandwidths:
+            for name in algorithms:
+                run_name = f"{name}-{bw}" + (f"-r{repeat + 1}" if args.repeats > 1 else "")
+                done = out / run_name / "summary.json"
+                if args.resume and done.is_file() and json.loads(done.read_text()).get("ok"):
+                    s = json.loads(done.read_text())
+                    print(f"-- {run_name}: reused {done}", flush=True)
+                else:
+                    s = run_variant(run_name, out, {"run.sites": args.sites, "run.tokens": 10**9,
+                                                    "run.wall_seconds": args.wall_seconds,
+                                                    "wan.link": f"{bw}/{args.latency}",
+                                                    "run.eval_every_tokens": 10**9, **ALGORITHMS[name]})
+                runs.setdefault(name, {}).setdefault(bw, []).append({k: s.get(k) for k in keys})
+    (out / "utilization.json").write_text(json.dumps(runs, indent=2))
+    # the median run of each point (by utilization) gives its row; the range shows the spread
+    table = {name: {bw: sorted(rs, key=lambda r: r["utilization"])[(len(rs) - 1) // 2] for bw, rs in row.items()}
+             for name, row in runs.items()}
+
+    def cell(name: str, bw: str, key: str) -> str:
+        values = [r[key] for r in runs[name][bw]]
+        if any(v is None for v in values):
+            return "—"
+        if len(values) == 1:
+            return f"{100 * values[0]:.1f}%"
+        return f"{100 * statistics.median(values):.1f}% ({100 * min(values):.1f}-{100 * max(values):.1f})"
 
     import matplotlib
 
@@ -74,8 +100,11 @@ def main() -> None:
     fig = Figure(figsize=(8, 4.5), dpi=120)
     ax = fig.add_subplot()
     xs = [parse_bandwidth(b) for b in bandwidths]
-    for name, row in table.items():
-        ax.plot(xs, [100 * row[b]["utilization"] for b in bandwidths], marker="o", label=name)
+    for name, row in runs.items():
+        us = [[100 * r["utilization"] for r in row[b]] for b in bandwidths]
+        mid = [statistics.median(u) for u in us]
+        ax.errorbar(xs, mid, yerr=[[m - min(u) for m, u in zip(mid, us)], [max(u) - m for m, u in zip(mid, us)]],
+                    marker="o", capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel(f"emulated link bandwidth (bit/s), latency {args.latency}")
     ax.set_ylabel("measured utilization (%)")
@@ -96,20 +125,20 @@ def main() -> None:
         f"Latency {args.latency} one way; {args.wall_seconds:.0f} s of training per point; total {time.time() - t0:.0f} s; "
         f"load average {load:.2f} at the start on {os.cpu_count()} CPUs.",
         "Utilization = compute time / training wall time, mean over sites, from each run's summary.json. "
-        "The streaming variant uses P=4 fragments, tau=5 and the int4 codec; diloco variants fp32, H=25.",
+        "The streaming variant uses P=4 fragments, tau=5 and the int4 codec; diloco variants fp32, H=25."
+        + (f" Each point ran {args.repeats} times: median (min-max)." if args.repeats > 1 else ""),
         "",
         head,
         "|" + "---|" * (len(bandwidths) + 1),
     ]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[b]['utilization']:.1f}%" for b in bandwidths) + " |")
+    for name in table:
+        lines.append(f"| {name} | " + " | ".join(cell(name, b, "utilization") for b in bandwidths) + " |")
     lines += ["", "The planner's prediction for the same runs (`predicted_utilization`, from each run's configuration and "
               "measured step times):", "", head, "|" + "---|" * (len(bandwidths) + 1)]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(
-            "—" if row[b]["predicted_utilization"] is None else f"{100 * row[b]['predicted_utilization']:.1f}%"
-            for b in bandwidths) + " |")
-    lines += ["", "Eval loss reached in the same wall time:", "", head, "|" + "---|" * (len(bandwidths) + 1)]
+    for name in table:
+        lines.append(f"| {name} | " + " | ".join(cell(name, b, "predicted_utilization") for b in bandwidths) + " |")
+    lines += ["", "Eval loss reached in the same wall time" + (" (the median run's)" if args.repeats > 1 else "") + ":",
+              "", head, "|" + "---|" * (len(bandwidths) + 1)]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[b]['eval_loss']:.3f}" for b in bandwidths) + " |")
     lines += ["", f"![utilization]({png.name})", ""]
