@@ -31,7 +31,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap-steps", type=int, metavar="TAU", help="streaming: inner steps a fragment's sync overlaps")
     p.add_argument("--mix-alpha", type=float, help="streaming: merge weight of the local fragment")
     p.add_argument("--tokens", help="training-token budget over all sites, e.g. 2M")
-    p.add_argument("--wall-seconds", type=float, help="stop at the first sync point that would overrun this training time")
+    p.add_argument("--wall-seconds", type=float, help="stop at a sync point, before a round that would overrun this training time")
     p.add_argument("--link", metavar="BANDWIDTH/LATENCY", help="emulated link between sites, e.g. 10mbit/50ms, or none")
     p.add_argument("--data", metavar="PATH", help="text file or directory of text files (default: Python's stdlib)")
     p.add_argument("--seed", type=int, help="seed of initialisation and sampling (default 0)")

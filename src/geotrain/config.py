@@ -102,7 +102,7 @@ class RunConfig:
     tokens: int = 1_600_000
     """Training-token budget over all sites together."""
     wall_seconds: float | None = None
-    """Optional training wall-time budget: stop at the first sync point that would overrun it."""
+    """Optional training wall-time budget: stop at a sync point, before a round that would overrun it."""
     seed: int = 0
     """Seed of model initialisation and data sampling; the same seed gives the same run."""
     out: str = "runs/latest"

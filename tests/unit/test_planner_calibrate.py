@@ -158,11 +158,22 @@ def test_expected_slowest_matches_sampling(means, cv):
     assert expected_slowest(means, cv) == pytest.approx(_lognormal_max(means, cv), rel=2e-3)
 
 
+@pytest.mark.parametrize("cv", [1e-6, 1e-3, 0.1, 1.0, 1.6, 2.0, 5.0])
+def test_expected_slowest_of_two_equal_sites_is_exact(cv):
+    # For two iid lognormals of mean 1 and log-sd s, E[max] = 1 + erf(s / 2) in closed form.
+    s = math.sqrt(math.log1p(cv * cv))
+    got = expected_slowest([1.0, 1.0], cv)
+    assert got - 1.0 == pytest.approx(math.erf(s / 2), rel=1e-6)
+    assert got >= 1.0
+
+
 def test_expected_slowest_edges():
     assert expected_slowest([1.0, 1.3], 0.0) == 1.3
     assert expected_slowest([0.7], 0.4) == 0.7
-    # two equal sites with a small spread: E[max] - mean is about sigma / sqrt(pi), the normal figure
-    assert expected_slowest([1.0, 1.0], 0.02) - 1.0 == pytest.approx(0.02 / math.sqrt(math.pi), rel=0.02)
+    assert expected_slowest([1.0, 1e-9], 1e-4) == pytest.approx(1.0)  # a far faster site never finishes last
+    # many sites: the expected maximum grows slowly with their number, and never below the largest mean
+    few, many = expected_slowest([1.0] * 4, 0.2), expected_slowest([1.0] * 64, 0.2)
+    assert 1.0 < few < many < 1.0 + 4 * 0.2
 
 
 def test_blocking_syncs_pay_for_the_spread_of_round_times_and_overlapped_ones_do_not():
@@ -185,6 +196,14 @@ def test_blocking_syncs_pay_for_the_spread_of_round_times_and_overlapped_ones_do
     assert uneven["straggler_seconds"] == pytest.approx(10 * (expected_slowest([0.9, 1.1], 0.1) - 1.1))
     with pytest.raises(ConfigError):
         predict_run(s, step_seconds=0.1, jitter=-0.1)
+    with pytest.raises(ConfigError):
+        predict_run(s, step_seconds=0.1, jitter=True)
+    # numpy scalars are numbers too
+    assert predict_run(s, step_seconds=np.float32(0.1), jitter=np.float64(0.1))["straggler_seconds"] == pytest.approx(
+        spread["straggler_seconds"], rel=1e-6)
+    # a short last DiLoCo round (105 steps at H=10, 11 syncs) pays no straggler wait
+    short = predict_run(s | {"steps": 105, "outer_rounds": 11}, step_seconds=0.1, jitter=0.1)
+    assert short["straggler_seconds"] == pytest.approx(spread["straggler_seconds"])
 
 
 def test_measured_jitter_is_the_mean_of_the_sites_spread():

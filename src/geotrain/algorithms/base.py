@@ -66,9 +66,10 @@ class Strategy:
         numel = sum(p.numel() for p in self.ctx.params)
         return self.ctx.comm.payload_bytes(numel)
 
-    def in_flight(self) -> bool:
-        """Whether a cross-site sync is still travelling (``close()`` would wait for it)."""
-        return False
+    def syncs_in_flight(self) -> int:
+        """Cross-site syncs still travelling, which ``close()`` would wait for (one after another: a worker's
+        transfers share one communication thread)."""
+        return 0
 
     def close(self) -> None:
         """Finish any in-flight communication and apply it, so the global parameters include it."""

@@ -67,8 +67,8 @@ class DiLoCo(Strategy):
             offset += p.numel()
         return out
 
-    def in_flight(self) -> bool:
-        return self._pending is not None
+    def syncs_in_flight(self) -> int:
+        return int(self._pending is not None)
 
     @torch.no_grad()
     def close(self) -> None:

@@ -153,8 +153,8 @@ class StreamingDiLoCo(Strategy):
         """Bytes one worker sends per H steps: every fragment once (the whole model)."""
         return sum(self.ctx.comm.payload_bytes(sum(p.numel() for p in f.params)) for f in self.fragments)
 
-    def in_flight(self) -> bool:
-        return any(f.pending is not None for f in self.fragments)
+    def syncs_in_flight(self) -> int:
+        return sum(f.pending is not None for f in self.fragments)
 
     def close(self) -> None:
         """A run stopped early (time budget): apply the fragments still in flight to the global model."""

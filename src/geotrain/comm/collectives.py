@@ -122,14 +122,17 @@ class ControlPending:
         self._future = future
         self._values = values
         self._stats = stats
+        self._result: list[float] | None = None
 
     def wait(self, *, count_wait: bool = True) -> list[float]:
         """Block until every site has contributed; ``count_wait=False`` for time already excluded (evaluation)."""
-        t0 = time.perf_counter()
-        self._future.result()
-        if count_wait:
-            self._stats.wait_seconds += time.perf_counter() - t0
-        return self._values.tolist()
+        if self._result is None:
+            t0 = time.perf_counter()
+            self._future.result()
+            if count_wait:
+                self._stats.wait_seconds += time.perf_counter() - t0
+            self._result = self._values.tolist()
+        return self._result
 
 
 class CrossSiteComm:

@@ -7,7 +7,7 @@ numpy: importing the planner imports no torch (nor rich or matplotlib, which onl
     from geotrain.planner import PlanSpec, ModelSpec, SiteSpec, AlgorithmSpec, plan
 """
 
-from geotrain.planner.calibrate import measured_step_seconds, predict_run
+from geotrain.planner.calibrate import expected_slowest, measured_jitter, measured_step_seconds, predict_run
 from geotrain.planner.model import (
     AlgorithmSpec,
     ModelSpec,
@@ -47,6 +47,8 @@ __all__ = [
     "SiteSpec",
     "bandwidth_needed",
     "compare_variants",
+    "expected_slowest",
+    "measured_jitter",
     "measured_step_seconds",
     "mildest_codec",
     "plan",

@@ -339,6 +339,12 @@ def sync_comm(spec: PlanSpec, *, members: list[int] | None = None) -> Collective
     return collective(int(round(payload)), ring, streams=1)
 
 
+def lognormal_sigma(cv: float) -> float:
+    """The sigma of a lognormal factor with mean 1 and coefficient of variation ``cv`` (its mu is -sigma^2/2):
+    how the simulation and the calibration model a site's round time around its mean."""
+    return math.sqrt(math.log1p(cv * cv))
+
+
 def sync_period(alg: AlgorithmSpec, *, step_seconds, comm_seconds):
     """Wall seconds of one sync period (``alg.period_steps`` inner steps) given the gating step time.
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from geotrain.errors import ConfigError
-from geotrain.planner.model import PlanSpec, site_step_seconds, sync_comm, sync_period
+from geotrain.planner.model import PlanSpec, lognormal_sigma, site_step_seconds, sync_comm, sync_period
 
 __all__ = ["SimulationResult", "SimulationSpec", "simulate"]
 
@@ -156,7 +156,7 @@ def simulate(spec: PlanSpec, sim: SimulationSpec | None = None) -> SimulationRes
     mtbf = sim.mtbf_seconds(k)
     restart_s = sim.restart_hours * 3600.0
     checkpoint_s = sim.checkpoint_every_hours * 3600.0
-    sigma = math.sqrt(math.log1p(sim.jitter**2))  # lognormal with mean 1 and the given CV
+    sigma = lognormal_sigma(sim.jitter)
 
     def draw_failure(now: float, i: int) -> float:
         return now + rng.exponential(mtbf[i]) if math.isfinite(mtbf[i]) else math.inf

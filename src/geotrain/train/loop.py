@@ -37,22 +37,30 @@ class Clock:
     compute: float = 0.0
     paused: float = 0.0  # evaluation time, excluded from the training wall time
     # Compute time between consecutive sync points (Welford's running mean and sum of squared deviations):
-    # its spread is what makes a synchronous site wait for the others even when all are equally fast. The
-    # first round is left out: its first step (allocation, warm-up) is slow on every site at once.
-    first_round_done: bool = False
+    # its spread is what makes a synchronous site wait for the others even when all are equally fast. Left
+    # out: the first round, whose first step (allocation, warm-up) is slow on every site at once, and any
+    # round of another length than the second (a short last round).
     rounds: int = 0
     round_mean: float = 0.0
     round_m2: float = 0.0
     _round_start: float = 0.0
+    _round_start_step: int = 0
+    _round_steps: int = -1  # -1 until the first round ends, then 0 until the second sets the length
 
     def wall(self) -> float:
         return time.perf_counter() - self.start - self.paused
 
-    def end_round(self) -> None:
+    def end_round(self, steps_done: int) -> None:
+        """A sync point after ``steps_done`` inner steps in all."""
         x = self.compute - self._round_start
-        self._round_start = self.compute
-        if not self.first_round_done:
-            self.first_round_done = True
+        length = steps_done - self._round_start_step
+        self._round_start, self._round_start_step = self.compute, steps_done
+        if self._round_steps < 0:
+            self._round_steps = 0
+            return
+        if self._round_steps == 0:
+            self._round_steps = length
+        if length != self._round_steps:
             return
         self.rounds += 1
         d = x - self.round_mean
@@ -217,7 +225,7 @@ def train_loop(
         recorder.syncs(comm.stats.drain(), step=step, site=site, wall=clock.wall())
         if not synced:
             continue
-        clock.end_round()
+        clock.end_round(step + 1)
         if tokens_all >= next_eval or last:
             t_eval = time.perf_counter()
             eval_loss = evaluate(workload, strategy, comm, worker=worker, world=world)
@@ -228,7 +236,8 @@ def train_loop(
                 recorder.eval(step=step, tokens=tokens_all, wall=clock.wall(), eval_loss=eval_loss,
                               wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
         if budget is not None and not last:
-            drain = comm.stats.last_transfer_seconds if strategy.in_flight() else 0.0
+            # landing the syncs still in flight, estimated from the latest transfer (none before the first lands)
+            drain = comm.stats.last_transfer_seconds * strategy.syncs_in_flight()
             if budget.stop_now(clock.wall(), drain=drain):
                 stopped_early = True  # before a round that would overrun the wall-time budget
                 break
