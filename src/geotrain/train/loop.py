@@ -93,12 +93,14 @@ def params_sha256(tensors: list[torch.Tensor]) -> str:
 
 
 class BudgetVote:
-    """The stop vote of a wall-time budget, read one sync point late so that no site ever waits on it.
+    """The stop vote of a wall-time budget, read one sync point late so that a site less than a round ahead
+    never waits on it.
 
-    At each sync point every site votes whether the round after next, plus the time to land a sync still in
-    flight when the run stops, would end past the budget, and the sum travels while the next round computes. At the next sync point each site reads it: any vote stops every
-    site there, at the same step. A blocking vote would make the site that is ahead wait for the slowest at
-    every sync point, even when the algorithm itself (overlapped DiLoCo, Streaming DiLoCo) lets it run on.
+    At each sync point every site votes whether the round after next, plus the time to land the syncs still
+    in flight when the run stops, would end past the budget, and the sum travels while the next round
+    computes. At the next sync point each site reads it: any vote stops every site there, at the same step.
+    A blocking vote would make the site that is ahead wait for the slowest at every sync point, even when the
+    algorithm itself (overlapped DiLoCo, Streaming DiLoCo) lets it run on.
     """
 
     def __init__(self, budget: float, comm: CrossSiteComm, *, site_pg: Any, workers: int) -> None:
