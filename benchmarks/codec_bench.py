@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from geotrain.comm.codecs import Codec, ErrorFeedback, get_codec
-from geotrain.comm.codecs.base import HEADER_SIZE, body_checksum
+from geotrain.comm.codecs.base import HEADER_SIZE, SEGMENT_WORDS, body_checksum
 from geotrain.comm.codecs.dense import Fp4Codec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,11 +173,11 @@ def compile_times(names: list[str]) -> list[str]:
 def numpy_body_checksum(body: torch.Tensor) -> tuple[int, int]:
     """The same two-level checksum in numpy (the implementation before the numba kernels), for comparison."""
     words = body.numpy().view(np.uint64)
-    nfull, rest = divmod(words.size, 4096)
+    nfull, rest = divmod(words.size, SEGMENT_WORDS)
     sums = np.empty(nfull + (1 if rest else 0), dtype=np.uint64)
-    np.add.reduce(words[: nfull * 4096].reshape(nfull, 4096), axis=1, out=sums[:nfull])
+    np.add.reduce(words[: nfull * SEGMENT_WORDS].reshape(nfull, SEGMENT_WORDS), axis=1, out=sums[:nfull])
     if rest:
-        sums[nfull] = np.add.reduce(words[nfull * 4096 :], dtype=np.uint64)
+        sums[nfull] = np.add.reduce(words[nfull * SEGMENT_WORDS :], dtype=np.uint64)
     s2 = np.add.reduce(sums * np.arange(1, sums.size + 1, dtype=np.uint64), dtype=np.uint64)
     return int(np.add.reduce(sums, dtype=np.uint64)), int(s2)
 
