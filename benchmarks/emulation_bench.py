@@ -26,7 +26,7 @@ from _utils.gloo_threads import run_ranks  # noqa: E402
 from geotrain.comm.transport import GlooTransport  # noqa: E402
 from geotrain.topology import Topology, parse_link  # noqa: E402
 from geotrain.wan.emulator import EmulatedWan  # noqa: E402
-from geotrain.wan.model import ring_all_reduce  # noqa: E402
+from geotrain.topology import ring_all_reduce  # noqa: E402
 
 POINTS = [
     (4, 1_783_808, "2mbit/50ms"),  # the demo model over the demo link

@@ -17,29 +17,44 @@ from geotrain.errors import ConfigError
 __all__ = ["main"]
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from geotrain.algorithms import algorithm_names
+    from geotrain.comm.codecs.registry import codec_names
+    from geotrain.config import defaults
+
+    d = defaults()
     p.add_argument("--config", help="run configuration file (TOML); see configs/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--sites", type=int, help="number of sites (default 4)")
-    p.add_argument("--workers-per-site", type=int, help="data-parallel workers inside each site (default 1)")
-    p.add_argument("--algorithm", help="ddp | diloco | streaming (default diloco)")
-    p.add_argument("--sync-every", type=int, metavar="H", help="inner steps between outer rounds (default 50)")
-    p.add_argument("--codec", help="cross-site payload codec: fp32, bf16, int8, int4, topk, topk+int8, ...")
-    p.add_argument("--overlap", action="store_true", default=None,
-                   help="diloco: overlap each outer all-reduce with the next round's compute")
-    p.add_argument("--fragments", type=int, help="streaming: number of fragments P")
-    p.add_argument("--overlap-steps", type=int, metavar="TAU", help="streaming: inner steps a fragment's sync overlaps")
-    p.add_argument("--mix-alpha", type=float, help="streaming: merge weight of the local fragment")
-    p.add_argument("--tokens", help="training-token budget over all sites, e.g. 2M")
-    p.add_argument("--wall-seconds", type=float, help="stop at a sync point, before a round that would overrun this training time")
-    p.add_argument("--link", metavar="BANDWIDTH/LATENCY", help="emulated link between sites, e.g. 10mbit/50ms, or none")
+    p.add_argument("--sites", type=int, help=f"number of sites (default {d.run.sites})")
+    p.add_argument("--workers-per-site", type=int,
+                   help=f"data-parallel workers inside each site (default {d.run.workers_per_site})")
+    p.add_argument("--algorithm", help=f"{' | '.join(algorithm_names())} (default {d.run.algorithm})")
+    p.add_argument("--sync-every", type=int, metavar="H",
+                   help=f"inner steps between outer rounds (default {d.outer.sync_every})")
+    p.add_argument("--codec", help=f"cross-site payload codec: {', '.join(codec_names())} (default {d.comm.codec})")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="diloco: overlap each outer all-reduce with the next round's compute (default: on when a "
+                   "blocking sync would stall more than 2%% of a round; the run says what it chose)")
+    p.add_argument("--fragments", type=int, help=f"streaming: number of fragments P (default {d.streaming.fragments})")
+    p.add_argument("--overlap-steps", type=int, metavar="TAU",
+                   help="streaming: inner steps a fragment's sync overlaps (default: the fewest its predicted "
+                   "transfer hides behind; the run says what it chose)")
+    p.add_argument("--mix-alpha", type=float,
+                   help=f"streaming: merge weight of the local fragment (default {d.streaming.mix_alpha})")
+    p.add_argument("--tokens", help=f"training-token budget over all sites, e.g. 2M (default {d.run.tokens:,})")
+    p.add_argument("--wall-seconds", type=float,
+                   help="stop at a sync point, before a round that would overrun this training time (default: none)")
+    p.add_argument("--link", metavar="BANDWIDTH/LATENCY",
+                   help=f"emulated link between sites, e.g. 10mbit/50ms, a preset, or none (default {d.wan.link})")
     p.add_argument("--data", metavar="PATH", help="text file or directory of text files (default: Python's stdlib)")
-    p.add_argument("--seed", type=int, help="seed of initialisation and sampling (default 0)")
-    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--seed", type=int, help=f"seed of initialisation and sampling (default {d.run.seed})")
+    p.add_argument("--device", help=f"cpu or cuda (default {d.run.device})")
 
 
-def _config_from_args(args: argparse.Namespace, *, out: str | None = None) -> Any:
-    from geotrain.config import SHORT_KEYS, load_config
+def _config_from_args(args: argparse.Namespace, *, out: str | None = None, variant: list[str] = ()) -> Any:
+    """The run's config: the file, then ``--set``, then the flags, then a compare variant's own settings
+    (a variant's settings win over the flags every variant shares)."""
+    from geotrain.config import SHORT_KEYS, _parse_value, load_config
 
     values: dict[str, Any] = {}
     for flag, key in SHORT_KEYS.items():
@@ -48,6 +63,9 @@ def _config_from_args(args: argparse.Namespace, *, out: str | None = None) -> An
             values[key] = v
     if out is not None:
         values["run.out"] = out
+    for item in variant:
+        key, _, text = item.partition("=")
+        values[key] = _parse_value(text)
     return load_config(args.config, overrides=args.set, values=values)
 
 
@@ -76,11 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _parse_variant(text: str) -> tuple[str, list[str]]:
-    """``NAME`` or ``NAME:key=value,key=value`` (keys dotted, or one of the run flags' short names)."""
+    """``NAME`` or ``NAME:key=value,key=value`` (keys dotted, or one of the run flags' short names). A name
+    that starts with an algorithm's name (``diloco-int4``) runs that algorithm unless it sets one."""
     name, _, rest = text.partition(":")
     name = name.strip()
     if not name:
         raise ConfigError(f"variant {text!r} needs a name, e.g. 'diloco-h50:outer.sync_every=50'", field="--variant")
+    from geotrain.algorithms import algorithm_names
     from geotrain.config import SHORT_KEYS
 
     sets = []
@@ -91,7 +111,7 @@ def _parse_variant(text: str) -> tuple[str, list[str]]:
         sets.append(f"{SHORT_KEYS.get(key.strip(), key.strip())}={value.strip()}")
     if not any(s.startswith("run.algorithm=") for s in sets):
         algo = name.split("-")[0]
-        if algo in ("ddp", "diloco", "streaming"):
+        if algo in algorithm_names():
             sets.insert(0, f"run.algorithm={algo}")
     return name, sets  # values are read as TOML where they parse (50, true) and as strings otherwise (int8)
 
@@ -110,14 +130,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     configs = []
     for name, sets in variants:
         args_v = argparse.Namespace(**vars(args))
-        args_v.set = list(args.set) + sets
-        args_v.algorithm = None
-        configs.append((name, _config_from_args(args_v, out=str(out / name))))  # validate all before running any
+        args_v.algorithm = None  # --algorithms names the variants; each variant says its own
+        configs.append((name, _config_from_args(args_v, out=str(out / name), variant=sets)))  # validate all first
     runs = []
     worst = 0
     for name, config in configs:
-        print(f"== {name}: {config.run.algorithm}, codec {config.comm.codec}, H={config.outer.sync_every}, "
-              f"link {config.wan.link}", flush=True)
+        print(f"== {name}: {config.algorithm().label(config)}, codec {config.comm.codec}, link {config.wan.link}",
+              flush=True)
         outcome = launch(config, progress=not args.quiet)
         worst = max(worst, outcome.exit_code)
         runs.append((name, outcome.out))
@@ -141,7 +160,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from geotrain.models.gpt import GPT, GPTConfig
+    from geotrain.config import ModelConfig
+    from geotrain.models.gpt import GPT
 
     run_dir = Path(args.dir)
     weights, cfg_path = run_dir / "model.safetensors", run_dir / "config.json"
@@ -150,7 +170,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           "give the --out directory of a finished 'geotrain run'", field="DIR")
     tree = json.loads(cfg_path.read_text(encoding="utf-8"))
     m = tree["model"]
-    model = GPT(GPTConfig(**m))  # the run's [model] section, as config.json recorded it
+    model = GPT(ModelConfig(**{k: v for k, v in m.items() if k != "params"}))  # the run's [model], from config.json
     state = load_file(str(weights))
     try:
         model.load_state_dict(state)

@@ -1,8 +1,18 @@
-"""Typed, validated run configuration: TOML files plus dotted ``--set key=value`` overrides.
+"""The one configuration vocabulary of ``geotrain run`` and ``geotrain plan``: TOML files plus dotted
+``--set key=value`` overrides.
+
+A run file and a plan file are the same kind of document. ``[run]``, ``[model]``, ``[data]``, ``[optim]``,
+``[outer]``, ``[streaming]``, ``[wan]`` and ``[comm]`` describe a training run; ``[sites]``/``[[site]]``
+(accelerators, power), ``[accelerators.NAME]``, ``[plan]`` (the questions and the planning scale) and
+``[simulate]`` add what the planner needs, and a run ignores them. So ``geotrain plan --config RUN.toml``
+plans exactly the run that file describes, and flags such as ``--model-params 10b`` move it to another scale.
 
 Every section is a ``@dataclass(kw_only=True, slots=True)`` with a docstring under each field. Values are
-checked in ``__post_init__``; a user's mistake raises :class:`geotrain.errors.ConfigError` naming the field
-and the fix, which the CLI turns into exit code 2. Unknown keys are refused with the closest valid name.
+checked in ``__post_init__``, every number against a range; a user's mistake raises
+:class:`geotrain.errors.ConfigError` naming the field and the fix, which the CLI turns into exit code 2.
+Unknown keys are refused with the closest valid name, and keys of the planner's former vocabulary with
+their new name. Algorithms and codecs are checked against their registries (``geotrain.algorithms``,
+``geotrain.comm.codecs``), so a name the planner accepts is one a run accepts.
 
 This module imports no torch, so validating a config (and the planner) stays cheap.
 """
@@ -11,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import tomllib
@@ -21,24 +32,32 @@ from pathlib import Path
 from typing import Any
 
 from geotrain.errors import ConfigError
-from geotrain.topology import Link, Topology, parse_link
+from geotrain.topology import LINK_PRESETS, Link, Topology, parse_link
 
 __all__ = [
+    "AcceleratorConfig",
+    "CommConfig",
     "Config",
-    "RunConfig",
-    "ModelConfig",
     "DataConfig",
+    "DEMO_LINK",
+    "LinkOverride",
+    "ModelConfig",
     "OptimConfig",
     "OuterConfig",
-    "WanConfig",
-    "CommConfig",
+    "PlanConfig",
+    "RunConfig",
+    "SHORT_KEYS",
+    "SimulateConfig",
+    "SiteConfig",
+    "SitesConfig",
     "StreamingConfig",
+    "WanConfig",
+    "config_from_tree",
+    "defaults",
     "load_config",
     "parse_count",
-    "SHORT_KEYS",
+    "read_toml",
 ]
-
-ALGORITHMS = ("ddp", "diloco", "streaming")
 
 # Short names accepted by the CLI flags, compare variants and the Python API, and the fields they set.
 SHORT_KEYS = {
@@ -58,47 +77,100 @@ SHORT_KEYS = {
     "data": "data.path",
     "fragments": "streaming.fragments",
     "overlap_steps": "streaming.overlap_steps",
+    "tau": "streaming.overlap_steps",
     "mix_alpha": "streaming.mix_alpha",
 }
 DEMO_LINK = "2mbit/50ms"
-QUANTIZERS = ("fp32", "bf16", "int8", "int4")  # fp4 (E3M0) is implemented but not yet as fast as int4
-CODECS = (*QUANTIZERS, "topk", *(f"topk+{q}" for q in QUANTIZERS if q != "fp32"))
-COMM_PATTERNS = ("auto", "reduce_scatter", "all_gather")
+MAX_SITES = 1000
+"""Most sites a configuration may name (a plan of that many is seconds; a run on one machine is capped lower
+by the launcher)."""
+
+# Keys of the planner's former file format, and where they live now.
+_MOVED = {
+    "algorithm": "[run] algorithm, [outer] sync_every, [streaming] fragments and overlap_steps, [comm] codec "
+                 "and overlap, [sites] balance",
+    "algorithm.name": "run.algorithm",
+    "algorithm.sync_every": "outer.sync_every",
+    "algorithm.fragments": "streaming.fragments",
+    "algorithm.overlap_steps": "streaming.overlap_steps",
+    "algorithm.overlap": "comm.overlap",
+    "algorithm.codec": "comm.codec",
+    "algorithm.balance": "sites.balance",
+    "link": "[wan] link",
+    "link.link": "wan.link",
+    "links": "[[wan.links]]",
+    "link_presets": "[wan.presets]",
+    "question": "[plan]",
+    "model.tokens": "run.tokens",
+    "model.batch_tokens": "plan.batch_tokens",
+    "sites.count": "run.sites",
+}
+
+_COUNT = re.compile(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([kmgbtp]?)")
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12, "p": 10**15}
 
 
 def parse_count(value: Any, *, field_name: str) -> int:
-    """Accept 4000000, 4e6, "4M", "1.5k", "2g" for counts such as token budgets."""
+    """A whole count: 4000000, 4e6, "4M", "1.5k", "70b", "15t", "1_000", "16,000"."""
+    message = f"expected a count such as 4000000 or '4M' (suffixes k, m, b or g, t, p), got {value!r}"
     if isinstance(value, bool):
-        raise ConfigError(f"expected a count such as 4000000 or '4M', got {value!r}", field=field_name)
+        raise ConfigError(message, field=field_name)
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ConfigError(message, field=field_name)
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGbBtT]?)\s*", value)
+        m = _COUNT.fullmatch(value.strip().lower().replace("_", "").replace(",", ""))
         if m:
-            scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}[m.group(2).lower()]
-            number = float(m.group(1)) * scale
+            number = float(m.group(1)) * _SCALE[m.group(2)]
             if math.isfinite(number) and number == int(number):
                 return int(number)
-    raise ConfigError(f"expected a count such as 4000000 or '4M', got {value!r}", field=field_name)
+    raise ConfigError(message, field=field_name)
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"must be positive, got {value!r}", field=name)
+# -- range checks ---------------------------------------------------------------------------------------------
+
+
+def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, what: str = "") -> None:
+    """``value`` must be a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > lo if lo_open else value >= lo) and value <= hi)
+    if not ok:
+        low = f"({lo:g}" if lo_open else f"[{lo:g}"
+        raise ConfigError(f"must lie in {low}, {hi:g}]{what}, got {value!r}", field=name)
+
+
+def _integer(name: str, value: Any, lo: int, hi: int, *, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"must be an integer from {lo:,} to {hi:,}{what}, got {value!r}", field=name)
+
+
+def _choice_message(value: Any, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown value {value!r}; choose one of {', '.join(choices)}{hint}"
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(_choice_message(value, choices), field=name)
+
+
+# -- a run ------------------------------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     """What is trained, by how many sites, for how long."""
 
-    sites: int = 4
-    """Number of sites (datacenters); each runs as its own process group."""
+    sites: int | None = None
+    """Number of sites (datacenters); each runs as its own process group. Default 4, or one per [[site]]."""
     workers_per_site: int = 1
     """Data-parallel workers inside each site (gloo on CPU, NCCL with device = "cuda")."""
     algorithm: str = "diloco"
-    """Training method: "ddp" (all-reduce every step), "diloco" or "streaming"."""
+    """Training method: one of the registered algorithms (ddp, diloco, streaming)."""
     tokens: int = 1_600_000
     """Training-token budget over all sites together."""
     wall_seconds: float | None = None
@@ -119,24 +191,28 @@ class RunConfig:
     """Seconds a cross-site collective may block before the run fails instead of hanging."""
 
     def __post_init__(self) -> None:
+        from geotrain.algorithms import get_algorithm
+
         self.tokens = parse_count(self.tokens, field_name="run.tokens")
         self.eval_every_tokens = parse_count(self.eval_every_tokens, field_name="run.eval_every_tokens")
-        if self.sites < 1:
-            raise ConfigError(f"needs at least 1 site, got {self.sites}; try --sites 4", field="run.sites")
-        if self.workers_per_site < 1:
+        if self.sites is not None:
+            if isinstance(self.sites, int) and not isinstance(self.sites, bool) and self.sites < 1:
+                raise ConfigError(f"needs at least 1 site, got {self.sites}; try --sites 4", field="run.sites")
+            _integer("run.sites", self.sites, 1, MAX_SITES)
+        if isinstance(self.workers_per_site, int) and self.workers_per_site < 1:
             raise ConfigError(f"needs at least 1 worker, got {self.workers_per_site}", field="run.workers_per_site")
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(_choice_message(self.algorithm, ALGORITHMS), field="run.algorithm")
-        _positive("run.tokens", self.tokens)
+        _integer("run.workers_per_site", self.workers_per_site, 1, 4096)
+        self.algorithm = get_algorithm(self.algorithm).name
+        _integer("run.tokens", self.tokens, 1, 10**18, what=" (a positive token budget such as 4M)")
         if self.wall_seconds is not None:
-            _positive("run.wall_seconds", self.wall_seconds)
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(_choice_message(self.device, ("cpu", "cuda")), field="run.device")
-        _positive("run.log_every", self.log_every)
-        _positive("run.eval_batches", self.eval_batches)
-        if self.eval_every_tokens < 0:
-            raise ConfigError("must be 0 (ten evaluations per run) or positive", field="run.eval_every_tokens")
-        _positive("run.collective_timeout_s", self.collective_timeout_s)
+            _number("run.wall_seconds", self.wall_seconds, 0, 10**8, lo_open=True)
+        _integer("run.seed", self.seed, 0, 2**63 - 1)
+        _choice("run.device", self.device, ("cpu", "cuda"))
+        _integer("run.log_every", self.log_every, 1, 10**9)
+        _integer("run.eval_every_tokens", self.eval_every_tokens, 0, 10**18, what=" (0: ten evaluations per run)")
+        _integer("run.eval_batches", self.eval_batches, 1, 100_000)
+        _number("run.collective_timeout_s", self.collective_timeout_s, 0, 7 * 86400, lo_open=True,
+                what=" seconds")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -151,16 +227,43 @@ class ModelConfig:
     """Width of the residual stream."""
     seq_len: int = 128
     """Context length in bytes."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention and residual branches, in [0, 1). 0 for small-data demos."""
+    params: int | None = None
+    """Planning only: the model's parameter count (70b); unset, it is the demo GPT's count from its shape.
+    A run's size always comes from n_layer, n_head, d_model and seq_len."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "d_model", "seq_len"):
-            _positive(f"model.{name}", getattr(self, name))
+        _integer("model.n_layer", self.n_layer, 1, 1024)
+        _integer("model.n_head", self.n_head, 1, 4096)
+        _integer("model.d_model", self.d_model, 1, 1 << 17)
+        _integer("model.seq_len", self.seq_len, 1, 1 << 20)
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}; pick n_head among "
                 f"{[h for h in range(1, 17) if self.d_model % h == 0]}",
                 field="model.n_head",
             )
+        if not (isinstance(self.dropout, float | int) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1):
+            raise ConfigError(f"must lie in [0, 1), got {self.dropout!r}", field="model.dropout")
+        if self.params is not None:
+            self.params = parse_count(self.params, field_name="model.params")
+            _integer("model.params", self.params, 1, 10**16)
+
+    def layout(self) -> list[tuple[str, int]]:
+        """(name, numel) of every parameter of the demo GPT (``geotrain.models.gpt``), in its order: the
+        tied byte embedding, the position embedding, per block ln_1, attention (qkv and output projection),
+        ln_2 and the MLP (4x wide), then the final LayerNorm."""
+        c, out = self.d_model, [("wte.weight", 256 * self.d_model), ("wpe.weight", self.seq_len * self.d_model)]
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            out += [(b + "ln_1.weight", c), (b + "ln_1.bias", c),
+                    (b + "attn.c_attn.weight", 3 * c * c), (b + "attn.c_attn.bias", 3 * c),
+                    (b + "attn.c_proj.weight", c * c), (b + "attn.c_proj.bias", c),
+                    (b + "ln_2.weight", c), (b + "ln_2.bias", c),
+                    (b + "mlp.c_fc.weight", 4 * c * c), (b + "mlp.c_fc.bias", 4 * c),
+                    (b + "mlp.c_proj.weight", 4 * c * c), (b + "mlp.c_proj.bias", c)]
+        return out + [("ln_f.weight", c), ("ln_f.bias", c)]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -175,8 +278,8 @@ class DataConfig:
     """Share of files (or bytes, for one file) held out for evaluation."""
 
     def __post_init__(self) -> None:
-        _positive("data.batch_size", self.batch_size)
-        if not 0 < self.val_fraction < 0.5:
+        _integer("data.batch_size", self.batch_size, 1, 1 << 20)
+        if not (isinstance(self.val_fraction, float | int) and 0 < self.val_fraction < 0.5):
             raise ConfigError(f"must lie in (0, 0.5), got {self.val_fraction!r}", field="data.val_fraction")
 
 
@@ -191,11 +294,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
     beta1: float = 0.9
-    """AdamW first-moment decay."""
+    """AdamW first-moment decay, in [0, 1)."""
     beta2: float = 0.95
-    """AdamW second-moment decay."""
+    """AdamW second-moment decay, in [0, 1)."""
     momentum: float = 0.0
-    """SGD momentum."""
+    """SGD momentum, in [0, 1)."""
     warmup_steps: int = 20
     """Linear warm-up steps at the start."""
     schedule: str = "cosine"
@@ -206,19 +309,17 @@ class OptimConfig:
     """Clip the gradient norm to this; 0 turns clipping off."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("adamw", "sgd"):
-            raise ConfigError(_choice_message(self.name, ("adamw", "sgd")), field="optim.name")
-        _positive("optim.lr", self.lr)
-        if self.weight_decay < 0:
-            raise ConfigError("must be zero or positive", field="optim.weight_decay")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(_choice_message(self.schedule, ("cosine", "constant")), field="optim.schedule")
-        if self.warmup_steps < 0:
-            raise ConfigError("must be zero or positive", field="optim.warmup_steps")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("must lie in [0, 1]", field="optim.min_lr_ratio")
-        if self.grad_clip < 0:
-            raise ConfigError("must be zero (off) or positive", field="optim.grad_clip")
+        _choice("optim.name", self.name, ("adamw", "sgd"))
+        _number("optim.lr", self.lr, 0, 10, lo_open=True)
+        _number("optim.weight_decay", self.weight_decay, 0, 10)
+        for key in ("beta1", "beta2", "momentum"):
+            value = getattr(self, key)
+            if not (isinstance(value, float | int) and not isinstance(value, bool) and 0 <= value < 1):
+                raise ConfigError(f"must lie in [0, 1), got {value!r}", field=f"optim.{key}")
+        _integer("optim.warmup_steps", self.warmup_steps, 0, 10**9)
+        _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        _number("optim.grad_clip", self.grad_clip, 0, 1e6, what=" (0 turns clipping off)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -240,15 +341,14 @@ class OuterConfig:
     no warm-up: set 0 for its exact method."""
 
     def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ConfigError("must be zero or positive", field="outer.warmup_steps")
-        if self.sync_every < 1:
-            raise ConfigError(
-                f"H must be at least 1 inner step, got {self.sync_every}; try --sync-every 50",
-                field="outer.sync_every",
-            )
-        _positive("outer.lr", self.lr)
-        if not 0 <= self.momentum < 1:
+        _integer("outer.warmup_steps", self.warmup_steps, 0, 10**9)
+        if isinstance(self.sync_every, int) and not isinstance(self.sync_every, bool) and self.sync_every < 1:
+            raise ConfigError(f"H must be at least 1 inner step, got {self.sync_every}; try --sync-every 50",
+                              field="outer.sync_every")
+        _integer("outer.sync_every", self.sync_every, 1, 10**9)
+        _number("outer.lr", self.lr, 0, 10, lo_open=True)
+        if not (isinstance(self.momentum, float | int) and not isinstance(self.momentum, bool)
+                and 0 <= self.momentum < 1):
             raise ConfigError(f"must lie in [0, 1), got {self.momentum!r}", field="outer.momentum")
         if self.nesterov and self.momentum == 0:
             self.nesterov = False  # Nesterov without momentum is plain SGD; torch refuses the combination
@@ -260,51 +360,65 @@ class StreamingConfig:
 
     fragments: int = 4
     """P: number of parameter fragments, each synchronised every H steps on a staggered schedule."""
-    overlap_steps: int = 1
-    """tau: inner steps a fragment's communication overlaps before it is merged."""
+    overlap_steps: int | None = None
+    """tau: inner steps a fragment's communication overlaps before it is merged. Unset, the run picks the
+    fewest steps its predicted transfer hides behind, and says so."""
     mix_alpha: float = 0.5
     """Merge weight: fragment = alpha * local + (1 - alpha) * global."""
 
     def __post_init__(self) -> None:
-        _positive("streaming.fragments", self.fragments)
-        if self.overlap_steps < 0:
-            raise ConfigError("must be zero or positive", field="streaming.overlap_steps")
-        if not 0 <= self.mix_alpha <= 1:
-            raise ConfigError(f"must lie in [0, 1], got {self.mix_alpha!r}", field="streaming.mix_alpha")
+        _integer("streaming.fragments", self.fragments, 1, 4096)
+        if self.overlap_steps is not None:
+            _integer("streaming.overlap_steps", self.overlap_steps, 0, 10**9)
+        _number("streaming.mix_alpha", self.mix_alpha, 0, 1)
 
 
 @dataclass(kw_only=True, slots=True)
 class LinkOverride:
     """One per-pair link, for sites joined by something other than the default link."""
 
-    between: list[int]
-    """The two site indices this link joins."""
+    between: list[int | str]
+    """The two sites this link joins: indices, or names from [sites] names / [[site]] name."""
     link: str
-    """BANDWIDTH/LATENCY, for example "100mbit/20ms"."""
+    """BANDWIDTH/LATENCY, for example "100mbit/20ms", or a link preset."""
 
     def __post_init__(self) -> None:
         if len(self.between) != 2:
-            raise ConfigError(f"needs exactly two site indices, got {self.between!r}", field="wan.links.between")
-        try:
-            parse_link(self.link)
-        except ValueError as e:
-            raise ConfigError(str(e), field="wan.links.link") from None
+            raise ConfigError(f"needs exactly two sites, got {self.between!r}", field="wan.links.between")
 
 
 @dataclass(kw_only=True, slots=True)
 class WanConfig:
-    """Wide-area link emulation applied to every cross-site collective."""
+    """The wide-area links between sites (emulated by a run, priced by the planner)."""
 
     link: str = DEMO_LINK
-    """Default link between any two sites, BANDWIDTH/LATENCY (e.g. "10mbit/50ms"), or "none" for no emulation."""
+    """Default link between any two sites: BANDWIDTH/LATENCY (e.g. "10mbit/50ms"), a preset (metro,
+    cross-country, intercontinental, internet), or "none" for no emulation."""
     links: list[LinkOverride] = field(default_factory=list)
     """Per-pair overrides: [[wan.links]] between = [0, 1], link = "1gbit/10ms"."""
+    presets: dict[str, str] = field(default_factory=dict)
+    """Link presets to add or override: [wan.presets] metro = "800gbit/1ms"."""
 
     def __post_init__(self) -> None:
+        for name, text in self.presets.items():
+            try:
+                if parse_link(text) is None:
+                    raise ValueError("a preset needs a real link, not 'none'")
+            except ValueError as e:
+                raise ConfigError(str(e), field=f"wan.presets.{name}") from None
         try:
-            parse_link(self.link)
+            parse_link(self.link, presets=self.all_presets())
         except ValueError as e:
             raise ConfigError(f"{e}", field="wan.link") from None
+        for o in self.links:
+            try:
+                if parse_link(o.link, presets=self.all_presets()) is None:
+                    raise ValueError("a per-pair link needs a real link, not 'none'")
+            except ValueError as e:
+                raise ConfigError(str(e), field="wan.links.link") from None
+
+    def all_presets(self) -> dict[str, str]:
+        return {**LINK_PRESETS, **{k.lower(): v for k, v in self.presets.items()}}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -312,13 +426,14 @@ class CommConfig:
     """How pseudo-gradients travel between sites."""
 
     codec: str = "fp32"
-    """Codec of cross-site payloads: fp32, bf16, int8, int4, topk, topk+int8, ..."""
+    """Codec of cross-site payloads: one of the registered codecs (fp32, bf16, int8, int4, topk, topk+int8, ...)."""
     block_size: int = 0
     """Block size of blockwise quantizers; 0 keeps the codec's default."""
     topk_fraction: float = 0.01
     """Share of each chunk that top-k codecs keep."""
-    overlap: bool = False
-    """DiLoCo only: run round t's outer all-reduce while round t+1 computes (one-step-delayed update)."""
+    overlap: bool | None = None
+    """DiLoCo: run round t's outer all-reduce while round t+1 computes (one-step-delayed update). Unset, the
+    run turns it on when a blocking transfer would stall more than 2% of a round, and says so."""
     pattern: str = "auto"
     """Collective of a lossy codec: "reduce_scatter" (encoded chunks to their owners, then an all-gather of the
     re-encoded means: a ring all-reduce's bytes), "all_gather" (every site's whole payload to every site: one
@@ -326,19 +441,181 @@ class CommConfig:
     all_gather). See docs/codecs.md."""
 
     def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ConfigError(_choice_message(self.codec, CODECS), field="comm.codec")
-        if self.pattern not in COMM_PATTERNS:
-            raise ConfigError(_choice_message(self.pattern, COMM_PATTERNS), field="comm.pattern")
-        if self.block_size < 0:
-            raise ConfigError("must be 0 (codec default) or positive", field="comm.block_size")
-        if not 0 < self.topk_fraction <= 1:
-            raise ConfigError(f"must lie in (0, 1], got {self.topk_fraction!r}", field="comm.topk_fraction")
+        from geotrain.comm.codecs.registry import codec_choice
+        from geotrain.comm.pattern import PATTERNS
+
+        _choice("comm.pattern", self.pattern, PATTERNS)
+        _integer("comm.block_size", self.block_size, 0, 1 << 24, what=" (0: the codec's default)")
+        _number("comm.topk_fraction", self.topk_fraction, 0, 1, lo_open=True)
+        self.codec = codec_choice(self).name  # checks the name and the options it takes
+
+    def choice(self) -> Any:
+        """The codec with its options resolved (``geotrain.comm.codecs.CodecChoice``)."""
+        from geotrain.comm.codecs.registry import codec_choice
+
+        return codec_choice(self)
+
+
+# -- what the planner adds ------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class SiteConfig:
+    """One site's hardware and power; unset values come from [sites]."""
+
+    name: str | None = None
+    """Human name of the site."""
+    accelerator: str | None = None
+    """Accelerator type: a preset (A100, H100, H200, B200) or one defined under [accelerators.NAME]."""
+    accelerators: int | None = None
+    """Accelerators the site uses; unset: all that power_cap_mw feeds, else one per worker."""
+    mfu: float | None = None
+    """Model FLOP utilization the site achieves while computing, in (0, 1]."""
+    power_cap_mw: float | None = None
+    """Grid limit of the site in MW (facility power, so PUE counts against it)."""
+    pue: float | None = None
+    """Power usage effectiveness: facility power over IT power, at least 1."""
+    watts: float | None = None
+    """Power per accelerator in watts; unset: the accelerator's board power."""
+    peak_flops: float | None = None
+    """Peak dense FLOP/s per accelerator; unset: the accelerator preset's figure."""
+    step_seconds: float | None = None
+    """Measured compute per inner step at this site; when set, it replaces the FLOP model (6 N tokens)."""
+
+    def __post_init__(self) -> None:
+        where = "site" if self.name is None else f"site {self.name!r}"
+        if self.accelerators is not None:
+            self.accelerators = parse_count(self.accelerators, field_name=f"{where}: accelerators")
+            _integer(f"{where}: accelerators", self.accelerators, 1, 10**8)
+        if self.mfu is not None:
+            _number(f"{where}: mfu", self.mfu, 0, 1, lo_open=True, what=" (a fraction of peak, 0.4 is typical)")
+        if self.power_cap_mw is not None:
+            _number(f"{where}: power_cap_mw", self.power_cap_mw, 0, 1e5, lo_open=True)
+        if self.pue is not None:
+            _number(f"{where}: pue", self.pue, 1, 10, what=" (1.1-1.5 is typical)")
+        if self.watts is not None:
+            _number(f"{where}: watts", self.watts, 0, 1e6, lo_open=True)
+        if self.peak_flops is not None:
+            _number(f"{where}: peak_flops", self.peak_flops, 0, 1e20, lo_open=True)
+        if self.step_seconds is not None:
+            _number(f"{where}: step_seconds", self.step_seconds, 0, 1e6, lo_open=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class SitesConfig(SiteConfig):
+    """Defaults for every site's hardware and power, and how the global batch is shared."""
+
+    accelerator: str | None = "H100"
+    mfu: float | None = 0.4
+    pue: float | None = 1.2
+    names: list[str] = field(default_factory=list)
+    """Site names, one per site (default site0, site1, ...)."""
+    balance: str = "equal"
+    """"equal": every site takes 1/K of the global batch (the slowest gates each sync); "throughput": shares
+    proportional to each site's FLOP/s, so sites finish inner steps together."""
+
+    def __post_init__(self) -> None:
+        SiteConfig.__post_init__(self)
+        _choice("sites.balance", self.balance, ("equal", "throughput"))
+
+
+@dataclass(kw_only=True, slots=True)
+class AcceleratorConfig:
+    """An accelerator type to define, or a preset's figures to override."""
+
+    peak_flops: float | None = None
+    """Peak dense (bf16) FLOP/s."""
+    watts: float | None = None
+    """Power per accelerator in watts."""
+
+    def __post_init__(self) -> None:
+        for key in ("peak_flops", "watts"):
+            value = getattr(self, key)
+            if value is not None:
+                _number(f"accelerators: {key}", value, 0, 1e20, lo_open=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class PlanConfig:
+    """What ``geotrain plan`` is asked, and the scale it plans at."""
+
+    batch_tokens: int | None = None
+    """Global batch per inner step in tokens, all sites together; unset, the run's own batch
+    (data.batch_size x model.seq_len x workers)."""
+    target_utilization: float | None = None
+    """Utilization to reach: asks for the bandwidth, H and codec it needs."""
+    sweep: str | list[str] | None = None
+    """Bandwidths to sweep: "1gbit,10gbit" or "START:STOP:POINTS" (log-spaced)."""
+    plot: str | None = None
+    """Where to draw the sweep (.png, .svg or .pdf)."""
+    compare: bool = False
+    """Show ddp, diloco, diloco+overlap and streaming side by side."""
+    sync_every_candidates: list[int] = field(default_factory=lambda: [1, 5, 10, 25, 50, 100, 250, 500, 1000])
+    """H values tried by the smallest-H question."""
+    codec_candidates: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8", "int4"])
+    """Codecs tried by the mildest-codec question."""
+
+    def __post_init__(self) -> None:
+        from geotrain.comm.codecs.registry import get_codec_spec
+
+        if self.batch_tokens is not None:
+            self.batch_tokens = parse_count(self.batch_tokens, field_name="plan.batch_tokens")
+            _integer("plan.batch_tokens", self.batch_tokens, 1, 10**15)
+        if self.target_utilization is not None:
+            _number("plan.target_utilization", self.target_utilization, 0, 1, lo_open=True, what=" (e.g. 0.95)")
+        if self.plot is not None and Path(self.plot).suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise ConfigError(f"{self.plot!r} must end in .png, .svg or .pdf", field="plan.plot")
+        for h in self.sync_every_candidates:
+            _integer("plan.sync_every_candidates", h, 1, 10**9)
+        for name in self.codec_candidates:
+            get_codec_spec(name, field="plan.codec_candidates")
+
+
+@dataclass(kw_only=True, slots=True)
+class SimulateConfig:
+    """``geotrain plan --simulate``: the run played round by round with noise, power caps and failures."""
+
+    enabled: bool = False
+    """Simulate as well as plan (set by any failure setting given on the command line)."""
+    seed: int = 0
+    """Seed of the one random generator the simulation uses."""
+    mtbf_hours: float | list[float] | None = None
+    """Mean time between failures of each site in hours: one number, one per site (0: never fails), or unset."""
+    restart_hours: float = 0.5
+    """Time a failed site (elastic) or the whole job (restart) needs to come back."""
+    recovery: str = "restart"
+    """"restart": every site rolls back to the last checkpoint (checkpoint_every_hours); "elastic": the others
+    go on and the failed site rejoins, as geotrain's fault-tolerance work will do (training today stops on a
+    failure and writes no checkpoint)."""
+    checkpoint_every_hours: float = 1.0
+    """Checkpoint interval of the restart model."""
+    rebuild_seconds: float = 30.0
+    """Stall of the survivors when the cross-site group is rebuilt after a failure or a rejoin (elastic)."""
+    jitter: float = 0.0
+    """Coefficient of variation of a site's compute time per round (lognormal noise); 0 for none."""
+
+    def __post_init__(self) -> None:
+        _integer("simulate.seed", self.seed, 0, 2**63 - 1)
+        values = self.mtbf_hours if isinstance(self.mtbf_hours, list) else [self.mtbf_hours]
+        for v in values:
+            if v is not None:
+                _number("simulate.mtbf_hours", v, 0, 1e9, what=" hours (0 in a per-site list: never fails)")
+                if v == 0 and not isinstance(self.mtbf_hours, list):
+                    raise ConfigError("must be a positive number of hours (leave it unset for no failures)",
+                                      field="simulate.mtbf_hours")
+        _number("simulate.restart_hours", self.restart_hours, 0, 1e6)
+        _choice("simulate.recovery", self.recovery, ("restart", "elastic"))
+        _number("simulate.checkpoint_every_hours", self.checkpoint_every_hours, 0, 1e6, lo_open=True)
+        _number("simulate.rebuild_seconds", self.rebuild_seconds, 0, 1e6)
+        _number("simulate.jitter", self.jitter, 0, 10)
+
+
+# -- the whole document -----------------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True, slots=True)
 class Config:
-    """A whole run."""
+    """A whole run, and what the planner needs to plan it at any scale."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -348,43 +625,89 @@ class Config:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     wan: WanConfig = field(default_factory=WanConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    sites: SitesConfig = field(default_factory=SitesConfig)
+    site: list[SiteConfig] = field(default_factory=list)
+    accelerators: dict[str, AcceleratorConfig] = field(default_factory=dict)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
     def __post_init__(self) -> None:
-        for o in self.wan.links:
-            for s in o.between:
-                if not 0 <= s < self.run.sites:
-                    raise ConfigError(
-                        f"names site {s}, but the run has sites 0..{self.run.sites - 1}", field="wan.links.between"
-                    )
-        if self.run.algorithm == "streaming" and self.streaming.overlap_steps >= self.outer.sync_every:
-            raise ConfigError(
-                f"tau={self.streaming.overlap_steps} must be smaller than H={self.outer.sync_every}: a fragment's "
-                "sync has to land before its next one starts",
-                field="streaming.overlap_steps",
-            )
-        if self.run.algorithm == "ddp" and self.comm.overlap:
-            raise ConfigError("overlap applies to diloco and streaming, not ddp", field="comm.overlap")
+        if self.run.sites is None:
+            self.run.sites = len(self.site) or 4
+        elif self.site and len(self.site) != self.run.sites:
+            raise ConfigError(f"{self.run.sites} sites asked for but {len(self.site)} [[site]] tables given; drop "
+                              "one or the other", field="run.sites")
+        if self.sites.names and len(self.sites.names) != self.run.sites:
+            raise ConfigError(f"must list {self.run.sites} names, one per site, got {len(self.sites.names)}",
+                              field="sites.names")
+        names = self.site_names()
+        if len(set(names)) != len(names):
+            raise ConfigError(f"site names must be unique, got {names}", field="sites.names")
+        self.topology()  # checks the per-pair links name real sites
+        self.algorithm().check(self)
 
     # -- derived views -------------------------------------------------------------------------------------
+    def algorithm(self) -> Any:
+        """The algorithm's definition (``geotrain.algorithms.Algorithm``)."""
+        from geotrain.algorithms import get_algorithm
+
+        return get_algorithm(self.run.algorithm)
+
+    def codec(self) -> Any:
+        """The codec with its options (``geotrain.comm.codecs.CodecChoice``)."""
+        return self.comm.choice()
+
+    def layout(self) -> Any:
+        """The parameters a run synchronises (``geotrain.algorithms.ModelLayout``): the demo GPT's tensors,
+        or a bare count when ``model.params`` sets the planning size."""
+        from geotrain.algorithms import ModelLayout
+
+        if self.model.params is not None:
+            return ModelLayout(params=self.model.params)
+        return ModelLayout.of(self.model.layout())
+
+    def site_names(self) -> list[str]:
+        if self.sites.names:
+            return list(self.sites.names)
+        return [s.name or f"site{i}" for i, s in enumerate(self.site)] or [f"site{i}" for i in range(self.run.sites)]
+
     def topology(self) -> Topology:
+        presets = self.wan.all_presets()
+        names = self.site_names()
         overrides: dict[tuple[int, int], Link] = {}
-        for o in self.wan.links:
-            link = parse_link(o.link)
-            if link is not None:
-                overrides[(o.between[0], o.between[1])] = link
-        return Topology(self.run.sites, default=parse_link(self.wan.link), overrides=overrides)
+        for i, o in enumerate(self.wan.links):
+            where = f"wan.links[{i}].between"
+            idx = []
+            for b in o.between:
+                if isinstance(b, int) and not isinstance(b, bool):
+                    if not 0 <= b < self.run.sites:
+                        raise ConfigError(f"names site {b}, but the run has sites 0..{self.run.sites - 1}",
+                                          field="wan.links.between")
+                    idx.append(b)
+                elif isinstance(b, str) and b in names:
+                    idx.append(names.index(b))
+                else:
+                    raise ConfigError(f"{b!r} is not a site; sites: {', '.join(names)}", field=where)
+            if idx[0] == idx[1]:
+                raise ConfigError("a link joins two different sites", field=where)
+            link = parse_link(o.link, presets=presets)
+            assert link is not None
+            overrides[(idx[0], idx[1])] = link
+        default = parse_link(self.wan.link, presets=presets)
+        return Topology(self.run.sites, default=default, overrides=overrides, names=names)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def updated(self, values: dict[str, Any]) -> Config:
+        """A new, validated Config with dotted ``values`` written over this one's."""
+        tree = self.to_dict()
+        for key, value in values.items():
+            _set_dotted(tree, key, value, top=True)
+        return _build(Config, tree, "")
+
 
 # -- loading --------------------------------------------------------------------------------------------------
-
-
-def _choice_message(value: Any, choices: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown value {value!r}; choose one of {', '.join(choices)}{hint}"
 
 
 def _type_name(tp: Any) -> str:
@@ -392,19 +715,34 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, X | None, list[...], dataclass)."""
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, unions, list[...], dict[str, ...],
+    dataclass)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        # A list goes to the list member; anything else to the first member that takes it.
+        if isinstance(value, list) and any(typing.get_origin(a) is list for a in inner):
+            return _coerce(value, next(a for a in inner if typing.get_origin(a) is list), name)
+        errors = []
+        for member in (a for a in inner if typing.get_origin(a) is not list):
+            try:
+                return _coerce(value, member, name)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"expected a list, got {value!r}", field=name)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"expected a list, got {value!r}", field=name)
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a table of settings, got {value!r}", field=name)
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(v, item, f"{name}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"expected a table of settings, got {value!r}", field=name)
@@ -441,9 +779,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else key
+            moved = _MOVED.get(dotted)
+            if moved:
+                raise ConfigError(f"this key of the planner's former vocabulary is now {moved} (run and plan "
+                                  "files share one vocabulary; see docs/planner.md)", field=dotted)
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean '{prefix}.{close[0]}'?" if close else f"valid keys are {', '.join(names)}"
-            raise ConfigError(f"unknown setting; {hint}", field=f"{prefix}.{key}" if prefix else key)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else f"valid keys are {', '.join(names)}"
+            raise ConfigError(f"unknown setting; {hint}", field=dotted)
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -461,9 +804,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, *, top: bool = False) -> None:
+    """Write ``value`` at dotted ``key``; ``top`` also allows a whole top-level entry (``site``)."""
     parts = key.split(".")
-    if len(parts) < 2 or not all(parts):
+    if len(parts) < (1 if top else 2) or not all(parts):
         raise ConfigError(f"override {key!r} must be SECTION.KEY=VALUE, for example run.sites=4", field=key)
     node = tree
     for p in parts[:-1]:
@@ -472,6 +816,27 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"{p!r} is a value, not a section", field=key)
         node = child
     node[parts[-1]] = value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict, or ConfigError naming the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; check the path", field="--config")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML ({e}); fix the line it names", field="--config") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not UTF-8 text", field="--config") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {p} ({e.strerror or e})", field="--config") from None
+
+
+@functools.cache
+def defaults() -> Config:
+    """The configuration with nothing set: what help texts quote as defaults."""
+    return load_config()
 
 
 def load_config(
@@ -484,22 +849,22 @@ def load_config(
 
     Later sources win: file < overrides < values. ``values`` maps dotted keys (``"run.sites"``) to Python values.
     """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; check the path", field="--config")
-        try:
-            tree = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p} is not valid TOML ({e}); fix the line it names", field="--config") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p} is not UTF-8 text", field="--config") from None
+    return config_from_tree(read_toml(path) if path is not None else {}, overrides=overrides, values=values)
+
+
+def config_from_tree(
+    tree: dict[str, Any],
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Build a Config from a parsed TOML document (a dict, changed in place), ``--set`` style overrides and
+    typed dotted ``values``, in that order."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} needs the form key=value, for example run.sites=4", field="--set")
         _set_dotted(tree, key.strip(), _parse_value(text.strip()))
     for key, value in (values or {}).items():
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, value, top=True)
     return _build(Config, tree, "")

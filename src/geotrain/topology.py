@@ -1,20 +1,39 @@
-"""The world a run lives in: sites and the wide-area links between them.
+"""The world a run lives in: sites, the wide-area links between them, and what a collective costs over them.
 
 A *link* is a bandwidth (bits per second) and a one-way latency (seconds). Links are written the way
 network engineers write them for ``tc``: ``10mbit/50ms``, ``1gbit/30ms``, ``2.5gbit/0.08s``. The string
 ``none`` means "no emulated link": collectives run at the speed of the real transport.
 
-This module is pure Python so that the planner, the WAN emulation and the configuration share one parser
-and one notion of a link without importing torch.
+Ring collectives over those links (K sites, payload S bytes per site):
+
+* ring all-reduce (reduce-scatter then all-gather): 2(K-1) steps; in each step every site sends one chunk of
+  S/K bytes to its ring neighbour. Each site sends 2(K-1)/K * S bytes. A step lasts as long as the slowest
+  link of the ring takes to carry one chunk: latency + chunk / bandwidth.
+* ring all-gather of one payload per site: K-1 steps of one payload each; each site sends (K-1) * S bytes.
+* reduce-scatter of a payload cut into K equal chunks (chunk j goes to site j): K-1 steps of one chunk each,
+  as the first half of the ring all-reduce; each site sends (K-1)/K * S bytes. geotrain's compressed
+  all-reduce is this followed by an all-gather of one reduced chunk per site, so it costs exactly what a ring
+  all-reduce of the encoded payload costs.
+
+``streams`` is the number of parallel workers of one site that share that site's link (workers per site):
+each stream gets ``bandwidth / streams``.
+
+This module is pure Python so that the planner, the WAN emulation, the transport's byte accounting and the
+configuration share one parser, one notion of a link and one cost model without importing torch: emulation
+and prediction cannot drift apart.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CollectiveCost",
+    "LINK_PRESETS",
     "Link",
     "Topology",
     "format_bandwidth",
@@ -22,6 +41,9 @@ __all__ = [
     "parse_bandwidth",
     "parse_latency",
     "parse_link",
+    "ring_all_gather",
+    "ring_all_reduce",
+    "ring_reduce_scatter",
 ]
 
 # Multipliers to bits per second. Only bit-based units: "bps" is ambiguous (tc reads it as bytes/s,
@@ -40,9 +62,22 @@ _BW_RE = re.compile(_NUMBER + r"\s*([a-zA-Z]+)$")
 _LAT_RE = re.compile(_NUMBER + r"\s*([a-zA-Z]*)$")
 
 
-def parse_bandwidth(text: str) -> float:
-    """Parse ``10mbit``/``1gbit``/``500kbit`` into bits per second. Raises ValueError with the fix."""
+def parse_bandwidth(text: str | float) -> float:
+    """Parse ``10mbit``/``1gbit``/``500kbit`` (a trailing ``/s`` is allowed) or a bare number of bits per second.
+    Raises ValueError with the fix."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not (math.isfinite(text) and text > 0):
+            raise ValueError(f"bandwidth {text!r} must be a positive number of bits per second")
+        return float(text)
     s = str(text).strip().lower()
+    if s.endswith("/s"):
+        s = s[:-2]
+    try:
+        bare = float(s)
+    except ValueError:
+        bare = None
+    if bare is not None:
+        return parse_bandwidth(bare)
     if s.startswith("-"):
         raise ValueError(f"bandwidth {text!r} is negative; give a positive rate such as '100mbit'")
     m = _BW_RE.match(s)
@@ -102,14 +137,38 @@ class Link:
         return f"{format_bandwidth(self.bandwidth_bps)}/{format_latency(self.latency_s)}"
 
 
-def parse_link(text: str) -> Link | None:
-    """Parse ``BANDWIDTH/LATENCY`` (``10mbit/50ms``) into a Link, or ``none`` into None (no emulation)."""
+# One link between two sites: usable bandwidth of the pair and one-way latency. Each is a round figure for a
+# link you can buy, chosen so the presets span the 1-400 Gbit/s and 1-75 ms range of links between datacenters.
+LINK_PRESETS: dict[str, str] = {
+    # Two datacenters in one metro area (< 100 km of fibre, ~5 us/km): a leased DWDM 400G wavelength.
+    # 1 ms one-way covers the fibre and the optical/switching equipment.
+    "metro": "400gbit/1ms",
+    # Coast to coast in one country (~4,500 km of routed fibre): a leased 100G wave; ~30 ms one-way is the
+    # usual half of a 60 ms round trip.
+    "cross-country": "100gbit/30ms",
+    # Across an ocean: a 10G wavelength or transit share on a submarine cable; ~75 ms one-way is half a
+    # transatlantic-to-transpacific round trip.
+    "intercontinental": "10gbit/75ms",
+    # Public internet between two sites that buy commodity transit: a 1G port, ~50 ms one-way between regions.
+    "internet": "1gbit/50ms",
+}
+
+
+def parse_link(text: str, *, presets: dict[str, str] | None = None) -> Link | None:
+    """Parse ``BANDWIDTH/LATENCY`` (``10mbit/50ms``) or a preset name (``metro``, see ``LINK_PRESETS``) into a
+    Link, or ``none`` into None (no emulation)."""
+    presets = LINK_PRESETS if presets is None else presets
     s = str(text).strip()
     if s.lower() in ("none", "off", ""):
         return None
+    if s.lower() in presets:
+        return parse_link(presets[s.lower()], presets={})
     if "/" not in s:
+        close = difflib.get_close_matches(s.lower(), list(presets), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"cannot parse link {text!r}; write BANDWIDTH/LATENCY such as '10mbit/50ms', or 'none' to turn emulation off"
+            f"cannot parse link {text!r}{hint}; write BANDWIDTH/LATENCY such as '10mbit/50ms', a preset "
+            f"({', '.join(presets)}), or 'none' to turn emulation off"
         )
     bw, _, lat = s.partition("/")
     return Link(bandwidth_bps=parse_bandwidth(bw), latency_s=parse_latency(lat))
@@ -175,3 +234,57 @@ class Topology:
         if len(order) < 2:
             return []
         return [self.link(order[i], order[(i + 1) % len(order)]) for i in range(len(order))]
+
+
+# -- what a collective costs over the ring's links -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveCost:
+    """What one collective costs a site: emulated seconds and payload bytes sent."""
+
+    seconds: float
+    """Emulated wall time of the collective over the links (0 when not emulated)."""
+    bytes_sent: int
+    """Bytes this site puts on the wire."""
+    steps: int
+    """Latency-bound steps of the pattern."""
+
+
+def _step_seconds(links: Sequence[Link | None], chunk_bytes: float, streams: int) -> float:
+    worst = 0.0
+    for link in links:
+        if link is None:
+            continue
+        worst = max(worst, link.latency_s + 8.0 * chunk_bytes * streams / link.bandwidth_bps)
+    return worst
+
+
+def ring_all_reduce(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
+    """Ring all-reduce of ``nbytes`` per site over the ring ``links`` (one link per ring hop)."""
+    k = len(links)
+    if k < 2 or nbytes == 0:
+        return CollectiveCost(0.0, 0, 0)
+    chunk = nbytes / k
+    steps = 2 * (k - 1)
+    sent = int(round(steps * chunk))
+    return CollectiveCost(steps * _step_seconds(links, chunk, streams), sent, steps)
+
+
+def ring_all_gather(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
+    """Ring all-gather where every site contributes a payload of ``nbytes``."""
+    k = len(links)
+    if k < 2 or nbytes == 0:
+        return CollectiveCost(0.0, 0, 0)
+    steps = k - 1
+    return CollectiveCost(steps * _step_seconds(links, nbytes, streams), steps * nbytes, steps)
+
+
+def ring_reduce_scatter(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
+    """Reduce-scatter of ``nbytes`` per site, cut into one chunk per site: K-1 steps of one chunk each."""
+    k = len(links)
+    if k < 2 or nbytes == 0:
+        return CollectiveCost(0.0, 0, 0)
+    chunk = nbytes / k
+    steps = k - 1
+    return CollectiveCost(steps * _step_seconds(links, chunk, streams), int(round(steps * chunk)), steps)

@@ -63,12 +63,15 @@ def test_sample_continues_the_prompt(run_dir):
 
 
 def test_same_seed_same_model(run_dir, tmp_path):
+    first = json.loads((run_dir / "summary.json").read_text())
+    overlap = "--overlap" if first["overlap"] else "--no-overlap"  # as the first run chose it for its link
     proc = geotrain("run", "--quiet", "--sites", "2", "--tokens", "8192", "--sync-every", "4", "--link", "none",
-                    "--out", str(tmp_path), *tiny_sets())
+                    overlap, "--out", str(tmp_path), *tiny_sets())
     assert proc.returncode == 0, proc.stderr
-    a = json.loads((run_dir / "summary.json").read_text())["params_sha256"]
-    b = json.loads((tmp_path / "summary.json").read_text())["params_sha256"]
-    assert a == b  # the emulated link changes timing, never the arithmetic
+    second = json.loads((tmp_path / "summary.json").read_text())
+    assert second["overlap"] == first["overlap"] and second["auto_settings"] == []
+    # with the same settings, the emulated link changes timing, never the arithmetic
+    assert first["params_sha256"] == second["params_sha256"]
 
 
 def test_compare_writes_a_table(tmp_path):

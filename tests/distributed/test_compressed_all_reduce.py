@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from _utils.gloo_threads import run_ranks
-from geotrain.comm.codecs import get_codec
-from geotrain.comm.collectives import CrossSiteComm, resolve_pattern
+from geotrain.comm.codecs import choose_codec, get_codec
+from geotrain.comm.collectives import CrossSiteComm
+from geotrain.comm.pattern import resolve_pattern
 from geotrain.comm.transport import GlooTransport
 
 
 def _comm(rank, pg, k, codec, pattern="auto", **kw):
     return CrossSiteComm(GlooTransport(pg, rank=rank, size=k), site_pg=None, local_rank=0, workers=1,
-                         codec=get_codec(codec), pattern=pattern, **kw)
+                         codec=choose_codec(codec), pattern=pattern, **kw)
 
 
 def _reference(xs, codec):
@@ -35,9 +36,9 @@ def _reference(xs, codec):
 
 
 def test_auto_pattern():
-    int8, topk = get_codec("int8"), get_codec("topk")
+    int8, topk = choose_codec("int8"), choose_codec("topk")
     assert resolve_pattern("auto", codec=None, sites=4) == "all_reduce"
-    assert resolve_pattern("auto", codec=get_codec("fp32"), sites=4) == "all_reduce"
+    assert resolve_pattern("auto", codec=choose_codec("fp32"), sites=4) == "all_reduce"
     assert resolve_pattern("auto", codec=int8, sites=4) == "reduce_scatter"
     assert resolve_pattern("auto", codec=int8, sites=2) == "all_gather"  # same bytes at K=2, one quantization
     assert resolve_pattern("auto", codec=topk, sites=4) == "all_gather"  # no re-sparsification of the sum

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geotrain.train.loop import BudgetVote
+from geotrain.train.budget import BudgetVote
 
 
 class _Pending:

@@ -18,7 +18,7 @@ from geotrain.comm.codecs import (
     Codec,
     CodecConfigError,
     CodecError,
-    available_codecs,
+    codec_names,
     get_codec,
 )
 from geotrain.comm.codecs.dense import Fp4Codec
@@ -273,7 +273,7 @@ def test_topk_index_above_32767_survives_uint16_storage() -> None:
 
 @PROPS
 @given(
-    name=st.sampled_from(available_codecs()),
+    name=st.sampled_from(codec_names()),
     n=st.integers(0, 5000),
     block=st.sampled_from([2, 64, 256, 4096]),
     chunk=st.sampled_from([1, 100, 4096]),
@@ -328,7 +328,7 @@ def test_non_float_input_is_rejected(dtype: torch.dtype) -> None:
         get_codec("int8").encode([1.0, 2.0])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", available_codecs() + ["fp4"])
+@pytest.mark.parametrize("name", codec_names() + ["fp4"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_input_is_rejected_with_count_and_first_index(name: str, bad: float) -> None:
     x = torch.randn(3000)
@@ -352,14 +352,14 @@ def test_bf16_clamps_finite_values_beyond_its_range() -> None:
 
 
 def test_empty_tensor_round_trips() -> None:
-    for name in available_codecs():
+    for name in codec_names():
         codec = get_codec(name)
         assert codec.decode(codec.encode(torch.zeros(0))).shape == (0,)
 
 
 def test_encoding_is_deterministic() -> None:
     x = torch.randn(10_000)
-    for name in available_codecs():
+    for name in codec_names():
         codec = get_codec(name)
         assert torch.equal(codec.encode(x), codec.encode(x.clone()))
 
@@ -382,8 +382,8 @@ def test_out_buffers() -> None:
 
 
 def test_registry_names_and_options() -> None:
-    assert available_codecs() == ["fp32", "bf16", "int8", "int4", "topk", "topk+bf16", "topk+int8", "topk+int4"]
-    for name in available_codecs():
+    assert codec_names() == ["fp32", "bf16", "int8", "int4", "topk", "topk+bf16", "topk+int8", "topk+int4"]
+    for name in codec_names():
         assert get_codec(name).name == name
     assert get_codec("topk+fp32").name == "topk"
     assert get_codec(" INT8 ").name == "int8"

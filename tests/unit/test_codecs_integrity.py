@@ -7,11 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geotrain.comm.codecs import HEADER_SIZE, CodecError, available_codecs, get_codec
+from geotrain.comm.codecs import HEADER_SIZE, CodecError, codec_names, get_codec
 from geotrain.comm.codecs.dense import Fp4Codec
 
 PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-NAMES = available_codecs()
+NAMES = codec_names()
 
 
 def payload_of(name: str, n: int = 3001, seed: int = 0) -> torch.Tensor:

@@ -1,25 +1,58 @@
-"""Training methods as strategies of the one training loop (see ``algorithms.base``)."""
+"""Training methods: one definition per algorithm, registered by name.
+
+A definition (``base.Algorithm``, torch-free) holds an algorithm's settings, how it is built for a run and
+its communication per sync period; training, validation, the summary and the planner all read it. The
+training code of each is a strategy of the one training loop (``strategies/``). Adding an algorithm is one
+module (a definition and its strategy) plus one ``register_algorithm`` line.
+"""
 
 from __future__ import annotations
 
-from geotrain.algorithms.base import Strategy, StrategyContext
-from geotrain.config import Config
+import difflib
 
-__all__ = ["Strategy", "StrategyContext", "build_strategy"]
+from geotrain.algorithms.base import Algorithm, AutoSetting, ModelLayout, SyncPattern
+from geotrain.algorithms.ddp import DDP
+from geotrain.algorithms.diloco import DiLoCo
+from geotrain.algorithms.streaming import StreamingDiLoCo
+from geotrain.errors import ConfigError
+
+__all__ = [
+    "Algorithm",
+    "AutoSetting",
+    "ModelLayout",
+    "SyncPattern",
+    "algorithm_names",
+    "get_algorithm",
+    "register_algorithm",
+]
+
+_REGISTRY: dict[str, Algorithm] = {}
 
 
-def build_strategy(config: Config, ctx: StrategyContext) -> Strategy:
-    name = config.run.algorithm
-    if name == "ddp":
-        from geotrain.algorithms.ddp import DDP
+def register_algorithm(algorithm: Algorithm) -> Algorithm:
+    """Make ``algorithm`` known to runs, validation and the planner by its name (replacing one of that name)."""
+    if not algorithm.name or algorithm.name != algorithm.name.strip().lower():
+        raise ValueError(f"an algorithm needs a lower-case name without spaces, got {algorithm.name!r}")
+    _REGISTRY[algorithm.name] = algorithm
+    return algorithm
 
-        return DDP(ctx)
-    if name == "diloco":
-        from geotrain.algorithms.diloco import DiLoCo
 
-        return DiLoCo(ctx, outer=config.outer, overlap=config.comm.overlap)
-    if name == "streaming":
-        from geotrain.algorithms.streaming import StreamingDiLoCo
+register_algorithm(DDP())
+register_algorithm(DiLoCo())
+register_algorithm(StreamingDiLoCo())
 
-        return StreamingDiLoCo(ctx, outer=config.outer, streaming=config.streaming)
-    raise AssertionError(f"unvalidated algorithm {name!r}")
+
+def algorithm_names() -> list[str]:
+    """Names of the registered algorithms, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_algorithm(name: object, *, field: str = "run.algorithm") -> Algorithm:
+    """The algorithm registered as ``name``, or a ConfigError naming the choices."""
+    key = str(name).strip().lower()
+    found = _REGISTRY.get(key)
+    if found is None:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown value {name!r}; choose one of {', '.join(_REGISTRY)}{hint}", field=field)
+    return found

@@ -1,75 +1,153 @@
-"""The strategy interface: the one place where training methods differ.
+"""What an algorithm is, for every part of geotrain: one definition object per training method.
 
-The training loop (``geotrain.train.loop``) calls a strategy at three visible points of every inner step:
+An :class:`Algorithm` holds everything that is said about a method outside its training code:
 
-1. ``reduce_gradients()`` after ``backward()``: DDP averages gradients across sites here; DiLoCo only
-   inside the site.
-2. ``after_inner_step(step, last=...)`` after the inner optimizer has stepped: DiLoCo runs an outer round
-   every H steps here. It returns True when every site now holds the same global parameters (a sync
-   point), which is where the loop may evaluate, checkpoint or stop.
-3. ``global_parameters()``: the tensors that define the global model (for evaluation and hashing).
+* which settings it reads and how they must relate (``check``), and what it reports about them
+  (``describe``, ``label``);
+* its communication per sync period (``pattern``: how often, how many values, what hides behind compute)
+  and over a whole run (``sync_counts``, ``sync_periods``, ``end_exposed``): the planner, a run's predicted
+  utilization and a run's automatic overlap settings all read these;
+* the settings it chooses itself when the user leaves them unset (``auto_settings``);
+* how it is built for a run (``build``, which imports the torch strategy only then).
 
-Strategies get their process groups and the cross-site collective explicitly; none touches a default group.
+This module imports no torch, so the configuration and the planner can read every algorithm cheaply. A
+new algorithm is a subclass (with its strategy, ``geotrain.algorithms.strategies.base.Strategy``) plus one
+``register_algorithm`` line in ``geotrain.algorithms``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from geotrain.algorithms.strategies.base import Strategy, StrategyContext
+    from geotrain.config import Config
 
-from geotrain.comm.collectives import CrossSiteComm
-
-__all__ = ["Strategy", "StrategyContext"]
+__all__ = ["Algorithm", "AutoSetting", "ModelLayout", "SyncPattern"]
 
 
-@dataclass(slots=True)
-class StrategyContext:
-    """Everything a strategy may use: the model, the cross-site collective and the site group."""
+@dataclass(frozen=True, slots=True)
+class ModelLayout:
+    """The trainable tensors a run synchronises, by name and number of values, in parameter order. A model
+    known only by its size (a plan at 70B) has ``tensors`` empty."""
 
-    model: nn.Module
-    comm: CrossSiteComm
-    site_pg: Any
-    workers: int
+    params: int
+    """Trainable values in all."""
+    tensors: tuple[tuple[str, int], ...] = ()
+    """(name, numel) of each trainable tensor, when known."""
+
+    @classmethod
+    def of(cls, tensors: Sequence[tuple[str, int]]) -> ModelLayout:
+        return cls(params=sum(n for _, n in tensors), tensors=tuple((str(a), int(n)) for a, n in tensors))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SyncPattern:
+    """An algorithm's traffic on one site's link, as the timing model reads it (``algorithms/timing.py``)."""
+
+    round_steps: int
+    """Inner steps between the loop's sync points, where every site holds the same global model (H; 1 for
+    ddp). Spreads of compute time are measured over these."""
+    period_steps: float
+    """Inner steps between two consecutive syncs on a site's link (H, or H/P for fragments)."""
+    hide_steps: float
+    """Inner steps of compute one sync overlaps before the loop needs its result; 0 means it blocks."""
+    payloads: tuple[int, ...]
+    """Values in each distinct sync, in turn (one entry for a whole-model sync, one per fragment)."""
 
     @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def blocking(self) -> bool:
+        return self.hide_steps == 0
+
+    @property
+    def window_steps(self) -> float:
+        """Inner steps of compute a sync may span without stalling, at least one: sets the peak bandwidth."""
+        return max(1.0, float(self.hide_steps))
+
+    @property
+    def mean_payload(self) -> int:
+        return round(sum(self.payloads) / len(self.payloads)) if self.payloads else 0
 
 
-class Strategy:
-    """Base class. Subclasses override the hooks they need."""
+@dataclass(frozen=True, slots=True)
+class AutoSetting:
+    """A setting the run chose because the user left it unset, and why."""
 
-    name = "base"
+    key: str
+    """Dotted config key, e.g. ``streaming.overlap_steps``."""
+    value: Any
+    reason: str
 
-    def __init__(self, ctx: StrategyContext) -> None:
-        self.ctx = ctx
-        self.outer_rounds = 0
-        """Cross-site synchronisations of the model (or, for ddp, of the gradients) so far."""
 
-    def reduce_gradients(self) -> None:
-        from geotrain.comm.flat import average_in_site
+class Algorithm:
+    """Base class of the algorithm definitions. Subclasses set the class attributes and the hooks."""
 
-        grads = [p.grad for p in self.ctx.params if p.grad is not None]
-        average_in_site(grads, self.ctx.site_pg, self.ctx.workers)
+    name: ClassVar[str] = ""
+    """What ``run.algorithm`` says."""
+    summary: ClassVar[str] = ""
+    """One line for help texts."""
+    settings: ClassVar[tuple[str, ...]] = ()
+    """Dotted config keys the method reads, beyond the common ones."""
 
-    def after_inner_step(self, step: int, *, last: bool) -> bool:
+    # -- settings ------------------------------------------------------------------------------------------
+    def check(self, config: Config) -> None:
+        """Raise ConfigError (naming the field) for settings that cannot work together."""
+
+    def describe(self, config: Config) -> dict[str, Any]:
+        """The settings as ``summary.json`` reports them: ``sync_every``, ``fragments``, ``overlap_steps``,
+        ``overlap``."""
+        return {"sync_every": 1, "fragments": 1, "overlap_steps": 0, "overlap": False}
+
+    def label(self, config: Config) -> str:
+        """A short name of the method with its settings, e.g. ``diloco H=50+overlap``."""
+        return self.name
+
+    def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:
+        """The forms of this method ``geotrain plan --compare`` shows beside the planned run: a label for each
+        and the dotted settings it changes (the rest is the plan's own configuration)."""
+        return {self.name: {}}
+
+    def unset(self, config: Config) -> list[str]:
+        """Settings left for the run to choose (``auto_settings``)."""
+        return []
+
+    def auto_settings(self, config: Config, layout: ModelLayout, *, step_seconds: float,
+                      sync_seconds: Any) -> list[AutoSetting]:
+        """Values for the settings the user left unset, so that the predicted transfer hides behind compute.
+
+        ``layout`` is the model the run synchronises, ``step_seconds`` the compute per inner step it expects,
+        ``sync_seconds(config, numel)`` the time of one sync of ``numel`` values over the run's links. Settings
+        the user gave are never changed.
+        """
+        return []
+
+    # -- communication ---------------------------------------------------------------------------------------
+    def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
         raise NotImplementedError
 
-    def global_parameters(self) -> list[torch.Tensor]:
-        return [p.detach() for p in self.ctx.params]
+    def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *,
+                    stopped_early: bool = False) -> list[int]:
+        """How many times each payload of ``pattern`` crosses the links in a run of ``steps`` inner steps (that
+        ended at its last step, or at a sync point when ``stopped_early``)."""
+        raise NotImplementedError
 
-    def sync_bytes_per_round(self) -> int:
-        """Bytes one worker contributes per cross-site synchronisation."""
-        numel = sum(p.numel() for p in self.ctx.params)
-        return self.ctx.comm.payload_bytes(numel)
+    def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
+        """Sync periods in a run of ``steps`` inner steps, for the timing model: the syncs on the algorithm's
+        regular schedule (a last sync of everything at the end of the run is ``end_exposed``'s)."""
+        raise NotImplementedError
 
-    def syncs_in_flight(self) -> int:
-        """Cross-site syncs still travelling, which ``close()`` would wait for (one after another: a worker's
-        transfers share one communication thread)."""
-        return 0
+    def end_exposed(self, config: Config, *, comm_seconds: float, exposed_per_sync: float,
+                    stopped_early: bool) -> float:
+        """Exposed communication the end of a run adds beyond ``exposed_per_sync`` per period: the run ends
+        on one synchronised model, so a transfer that would have hidden behind the next round cannot."""
+        return 0.0
 
-    def close(self) -> None:
-        """Finish any in-flight communication and apply it, so the global parameters include it."""
+    # -- training ----------------------------------------------------------------------------------------------
+    def build(self, config: Config, ctx: StrategyContext) -> Strategy:
+        """The strategy the training loop calls (imports torch)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<algorithm {self.name}>"

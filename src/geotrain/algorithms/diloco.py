@@ -1,79 +1,83 @@
 """DiLoCo: H local steps per site, then one outer step on the averaged pseudo-gradient.
 
 Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models", arXiv 2311.08105.
-Each site runs H steps of its inner optimizer (AdamW by default) from the global parameters θ. Its
-pseudo-gradient Δ_k = θ − θ_k is averaged across sites, and an outer SGD step with Nesterov momentum moves θ.
-
-With ``overlap=True`` the average of round t travels while round t+1 computes and is applied one round late
-(the delayed outer update of Kale et al. 2025, "Eager updates for overlapped communication and computation in
-DiLoCo"): each site starts round t+1 from the newest global θ plus its own progress of round t, so no site
-ever waits for the link unless a transfer takes longer than a whole round.
+Settings: ``outer.*`` (H, the outer optimizer, its warm-up) and ``comm.overlap``: round t's average travels
+while round t+1 computes and lands one round late (Kale et al. 2025, "Eager updates for overlapped
+communication and computation in DiLoCo"). Left unset, the run turns overlap on when the predicted transfer
+would otherwise stall a noticeable part of each round. Its strategy is
+``geotrain.algorithms.strategies.diloco``.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from typing import TYPE_CHECKING, Any
 
-from geotrain.algorithms.base import Strategy, StrategyContext
-from geotrain.algorithms.outer import OuterOptimizer
-from geotrain.comm.collectives import Pending
-from geotrain.comm.flat import flatten, unflatten_into
-from geotrain.config import OuterConfig
+from geotrain.algorithms.base import Algorithm, AutoSetting, ModelLayout, SyncPattern
 
-__all__ = ["DiLoCo"]
+if TYPE_CHECKING:
+    from geotrain.algorithms.strategies.base import Strategy, StrategyContext
+    from geotrain.config import Config
+
+__all__ = ["DiLoCo", "OVERLAP_THRESHOLD"]
+
+OVERLAP_THRESHOLD = 0.02
+"""Left unset, overlap is turned on when a blocking transfer would stall more than this share of a round's
+compute: below it the one-round delay of the update is not worth the time it saves."""
 
 
-class DiLoCo(Strategy):
+class DiLoCo(Algorithm):
     name = "diloco"
+    summary = "H inner steps per site, then an outer step on the averaged pseudo-gradient"
+    settings = ("outer.sync_every", "outer.lr", "outer.momentum", "outer.nesterov", "outer.warmup_steps",
+                "comm.overlap")
 
-    def __init__(self, ctx: StrategyContext, *, outer: OuterConfig, overlap: bool = False) -> None:
-        super().__init__(ctx)
-        self.sync_every = outer.sync_every
-        self.warmup_steps = outer.warmup_steps
-        self.overlap = overlap
-        self.outer = OuterOptimizer(flatten(ctx.params), outer)
-        self.start = self.outer.params.detach().clone()  # where this site's current round began
-        self._pending: Pending | None = None
-        self._pending_plain = False
+    def describe(self, config: Config) -> dict[str, Any]:
+        return {"sync_every": config.outer.sync_every, "fragments": 1, "overlap_steps": 0,
+                "overlap": bool(config.comm.overlap)}
 
-    def after_inner_step(self, step: int, *, last: bool) -> bool:
-        if (step + 1) % self.sync_every and not last:
-            return False
-        self._end_round(last=last, plain=step < self.warmup_steps)
-        return True
+    def label(self, config: Config) -> str:
+        overlap = {True: "+overlap", False: "", None: "+overlap?"}[config.comm.overlap]
+        return f"diloco H={config.outer.sync_every}{overlap}"
 
-    @torch.no_grad()
-    def _end_round(self, *, last: bool, plain: bool) -> None:
-        params = self.ctx.params
-        delta = self.start - flatten(params)  # this site's pseudo-gradient for the round, (numel,)
-        pending = self.ctx.comm.all_reduce_mean(delta, key="outer")
-        if self._pending is not None:  # overlap: the previous round's average has been travelling meanwhile
-            self.outer.step(self._pending.wait(), plain=self._pending_plain)
-            self._pending = None
-        if self.overlap and not last:
-            self._pending, self._pending_plain = pending, plain
-            self.start = self.outer.params.detach() - delta  # newest global plus this site's own progress
-        else:
-            self.outer.step(pending.wait(), plain=plain)
-            self.start = self.outer.params.detach().clone()
-        unflatten_into(self.start, params)
-        self.outer_rounds += 1
+    def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:
+        return {self.name: {"comm.overlap": False}, f"{self.name}+overlap": {"comm.overlap": True}}
 
-    def global_parameters(self) -> list[torch.Tensor]:
-        flat = self.outer.params.detach()
-        out, offset = [], 0
-        for p in self.ctx.params:
-            out.append(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return out
+    def unset(self, config: Config) -> list[str]:
+        return ["comm.overlap"] if config.comm.overlap is None else []
 
-    def syncs_in_flight(self) -> int:
-        return int(self._pending is not None)
+    def auto_settings(self, config: Config, layout: ModelLayout, *, step_seconds: float,
+                      sync_seconds: Any) -> list[AutoSetting]:
+        if config.comm.overlap is not None:
+            return []
+        h = config.outer.sync_every
+        t = sync_seconds(config, layout.params)
+        round_compute = h * step_seconds
+        on = t > OVERLAP_THRESHOLD * round_compute
+        share = t / round_compute if round_compute > 0 else math.inf
+        why = (f"one sync takes {t:.3g} s over the link against {round_compute:.3g} s of compute per round "
+               f"({h} steps of {step_seconds:.3g} s): a blocking sync would stall {100 * share:.3g}% of it")
+        why += (", so round t's average travels during round t+1" if on
+                else f"; under {100 * OVERLAP_THRESHOLD:g}%, the update is not delayed")
+        return [AutoSetting("comm.overlap", on, why)]
 
-    @torch.no_grad()
-    def close(self) -> None:
-        """A run stopped early (time budget) with a round in flight: apply it, so the global model has it."""
-        if self._pending is not None:
-            self.outer.step(self._pending.wait(), plain=self._pending_plain)
-            self._pending = None
-            unflatten_into(self.outer.params.detach(), self.ctx.params)
+    def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
+        h = config.outer.sync_every
+        return SyncPattern(round_steps=h, period_steps=float(h), hide_steps=float(h) if config.comm.overlap else 0.0,
+                           payloads=(layout.params,))
+
+    def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *, stopped_early: bool = False) -> list[int]:
+        return [self.sync_periods(config, steps)]
+
+    def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
+        return -(-steps // config.outer.sync_every)  # the last, partial round syncs too
+
+    def end_exposed(self, config: Config, *, comm_seconds: float, exposed_per_sync: float,
+                    stopped_early: bool) -> float:
+        # Overlapped: the last round's transfer has no next round to hide behind.
+        return comm_seconds - exposed_per_sync if config.comm.overlap else 0.0
+
+    def build(self, config: Config, ctx: StrategyContext) -> Strategy:
+        from geotrain.algorithms.strategies.diloco import DiLoCoStrategy
+
+        return DiLoCoStrategy(ctx, outer=config.outer, overlap=bool(config.comm.overlap))

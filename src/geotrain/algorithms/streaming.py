@@ -2,30 +2,38 @@
 
 Douillard et al., "Streaming DiLoCo with overlapping communication", arXiv 2501.18512.
 
-* The parameters are split into P fragments. Layers are dealt out strided (layer i to fragment i mod P), so
-  every fragment spans the depth of the network; parameters outside numbered layers go to the lightest
-  fragment (and a model with fewer layers than fragments is split tensor by tensor, balancing sizes).
+* The parameters are split into P fragments (``split_fragments``). Layers are dealt out strided (layer i to
+  fragment i mod P), so every fragment spans the depth of the network; parameters outside numbered layers go
+  to the lightest fragment (and a model with fewer layers than fragments is split tensor by tensor, balancing
+  sizes).
 * Fragment p is synchronised every H steps, offset by p*H/P steps, so at most one fragment's payload is
   on the link at a time: the peak bandwidth is about P times lower than DiLoCo's for the same H.
-* A fragment's all-reduce overlaps tau inner steps. When it lands, the fragment's own outer optimizer steps
-  the global fragment, and the local fragment is merged as alpha * local + (1 - alpha) * global, keeping
-  the local progress made meanwhile (with tau = 0 the global fragment simply replaces the local one).
+* A fragment's all-reduce overlaps tau inner steps (``streaming.overlap_steps``). When it lands, the
+  fragment's own outer optimizer steps the global fragment, and the local fragment is merged as
+  alpha * local + (1 - alpha) * global, keeping the local progress made meanwhile.
+* Left unset, tau is the fewest inner steps that the predicted transfer of one fragment hides behind.
+
+Its strategy is ``geotrain.algorithms.strategies.streaming``.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+from geotrain.algorithms.base import Algorithm, AutoSetting, ModelLayout, SyncPattern
+from geotrain.errors import ConfigError
 
-from geotrain.algorithms.base import Strategy, StrategyContext
-from geotrain.algorithms.outer import OuterOptimizer
-from geotrain.comm.collectives import Pending
-from geotrain.comm.flat import flatten, unflatten_into
-from geotrain.config import OuterConfig, StreamingConfig
+if TYPE_CHECKING:
+    from geotrain.algorithms.strategies.base import Strategy, StrategyContext
+    from geotrain.config import Config
 
-__all__ = ["StreamingDiLoCo", "split_fragments"]
+__all__ = ["HIDE_MARGIN", "StreamingDiLoCo", "fragment_offsets", "split_fragments"]
+
+HIDE_MARGIN = 1.25
+"""Left unset, tau covers this many times the predicted transfer of one fragment: compute time varies from
+step to step, and a transfer that just fits would stall on every slower step."""
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -62,102 +70,104 @@ def split_fragments(names: list[str], fragments: int, sizes: list[int] | None = 
     return [sorted(f) for f in out]
 
 
-@dataclass(slots=True)
-class _Fragment:
-    index: int
-    params: list[torch.nn.Parameter]
-    outer: OuterOptimizer
-    offset: int
-    """Steps after each multiple of H at which this fragment's sync starts."""
-    pending: Pending | None = None
-    plain: bool = False
-    """The pending sync started within the outer warm-up: apply it as plain averaging."""
-    due: int = -1
-    """Inner step after which the pending all-reduce is merged."""
+def fragment_offsets(sync_every: int, fragments: int) -> list[int]:
+    """Inner steps after each multiple of H at which fragment p's sync starts: p*H//P."""
+    return [(p * sync_every) // fragments for p in range(fragments)]
 
 
-class StreamingDiLoCo(Strategy):
+def fragment_sizes(layout: ModelLayout, fragments: int) -> list[int]:
+    """Values in each fragment: from the tensors when they are known, else an even split of the count."""
+    if layout.tensors:
+        names = [n for n, _ in layout.tensors]
+        sizes = [s for _, s in layout.tensors]
+        return [sum(sizes[i] for i in idx) for idx in split_fragments(names, fragments, sizes)]
+    base, extra = divmod(layout.params, fragments)
+    return [base + (1 if p < extra else 0) for p in range(fragments)]
+
+
+class StreamingDiLoCo(Algorithm):
     name = "streaming"
+    summary = "DiLoCo with P fragments synchronised in turn, each overlapping tau inner steps"
+    settings = ("outer.sync_every", "outer.lr", "outer.momentum", "outer.nesterov", "outer.warmup_steps",
+                "streaming.fragments", "streaming.overlap_steps", "streaming.mix_alpha")
 
-    def __init__(self, ctx: StrategyContext, *, outer: OuterConfig, streaming: StreamingConfig) -> None:
-        super().__init__(ctx)
-        self.sync_every = outer.sync_every
-        self.tau = streaming.overlap_steps
-        self.warmup_steps = outer.warmup_steps
-        self.alpha = streaming.mix_alpha
-        named = [(n, p) for n, p in ctx.model.named_parameters() if p.requires_grad]
-        groups = split_fragments([n for n, _ in named], streaming.fragments, [p.numel() for _, p in named])
-        self.fragments = [
-            _Fragment(index=k, params=[named[i][1] for i in idx], outer=OuterOptimizer(flatten([named[i][1] for i in idx]), outer),
-                      offset=(k * self.sync_every) // streaming.fragments)
-            for k, idx in enumerate(groups)
-        ]
-        # global_parameters() must follow the model's parameter order
-        order = {id(p): n for n, (_, p) in enumerate(named)}
-        self._views: list[tuple[int, torch.Tensor]] = []
-        for f in self.fragments:
-            offset = 0
-            for p in f.params:
-                self._views.append((order[id(p)], f.outer.params.detach()[offset : offset + p.numel()].view_as(p)))
-                offset += p.numel()
-        self._views.sort(key=lambda t: t[0])
-        self._rounds = 0
+    def check(self, config: Config) -> None:
+        h, p, tau = config.outer.sync_every, config.streaming.fragments, config.streaming.overlap_steps
+        if p > h:
+            raise ConfigError(f"{p} fragments cannot each sync once every H={h} steps on a staggered schedule; "
+                              "use fragments <= outer.sync_every", field="streaming.fragments")
+        if tau is not None and tau >= h:
+            raise ConfigError(f"tau={tau} must be smaller than H={h}: a fragment's sync has to land before its "
+                              "next one starts", field="streaming.overlap_steps")
+        if config.comm.overlap:
+            raise ConfigError("streaming overlaps each fragment's sync through streaming.overlap_steps (tau); "
+                              "comm.overlap is for diloco", field="comm.overlap")
 
-    def after_inner_step(self, step: int, *, last: bool) -> bool:
-        for f in self.fragments:
-            if f.pending is not None and (step >= f.due or last):
-                self._merge(f)
-            if last:
-                self._sync_now(f)
-            elif (step + 1 - f.offset) % self.sync_every == 0 and step + 1 >= f.offset:
-                self._start(f, step)
-        if last:
-            self.outer_rounds = self._rounds // len(self.fragments)
-            return True
-        self.outer_rounds = self._rounds // len(self.fragments)
-        return (step + 1) % self.sync_every == 0
+    def describe(self, config: Config) -> dict[str, Any]:
+        tau = config.streaming.overlap_steps
+        return {"sync_every": config.outer.sync_every, "fragments": config.streaming.fragments,
+                "overlap_steps": tau, "overlap": bool(tau)}
 
-    @torch.no_grad()
-    def _start(self, f: _Fragment, step: int) -> None:
-        delta = f.outer.params.detach() - flatten(f.params)  # this site's pseudo-gradient for fragment f
-        f.pending = self.ctx.comm.all_reduce_mean(delta, key=f"fragment{f.index}")
-        f.due = step + self.tau
-        f.plain = step < self.warmup_steps
-        if self.tau == 0:
-            self._merge(f)
+    def label(self, config: Config) -> str:
+        tau = config.streaming.overlap_steps
+        return (f"streaming H={config.outer.sync_every} P={config.streaming.fragments} "
+                f"tau={'auto' if tau is None else tau}")
 
-    @torch.no_grad()
-    def _merge(self, f: _Fragment) -> None:
-        assert f.pending is not None
-        f.outer.step(f.pending.wait(), plain=f.plain)
-        f.pending = None
-        self._rounds += 1
-        global_flat = f.outer.params.detach()
-        if self.tau == 0:
-            unflatten_into(global_flat, f.params)
-        else:  # keep the local progress of the tau overlapped steps
-            unflatten_into(self.alpha * flatten(f.params) + (1 - self.alpha) * global_flat, f.params)
+    def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:
+        return {self.name: {"comm.overlap": None}}  # tau as configured, or chosen so a fragment hides
 
-    @torch.no_grad()
-    def _sync_now(self, f: _Fragment) -> None:
-        """End of training: one last synchronous sync so every site holds the same final model."""
-        delta = f.outer.params.detach() - flatten(f.params)
-        f.outer.step(self.ctx.comm.all_reduce_mean(delta, key=f"fragment{f.index}").wait())
-        self._rounds += 1
-        unflatten_into(f.outer.params.detach(), f.params)
+    def unset(self, config: Config) -> list[str]:
+        return ["streaming.overlap_steps"] if config.streaming.overlap_steps is None else []
 
-    def global_parameters(self) -> list[torch.Tensor]:
-        return [v for _, v in self._views]
+    def auto_settings(self, config: Config, layout: ModelLayout, *, step_seconds: float,
+                      sync_seconds: Any) -> list[AutoSetting]:
+        if config.streaming.overlap_steps is not None:
+            return []
+        h, p = config.outer.sync_every, config.streaming.fragments
+        t = sync_seconds(config, max(fragment_sizes(layout, p)))  # the largest fragment must hide
+        need = HIDE_MARGIN * t / step_seconds if step_seconds > 0 else math.inf
+        tau = int(min(h - 1, max(1, math.ceil(need)))) if h > 1 else 0
+        why = (f"one fragment's sync takes {t:.3g} s over the link and an inner step {step_seconds:.3g} s of "
+               f"compute: tau={tau} steps cover {HIDE_MARGIN:g}x the transfer")
+        if need > h - 1:
+            why = (f"one fragment's sync takes {t:.3g} s, more than the {h - 1} inner steps of "
+                   f"{step_seconds:.3g} s it may overlap (tau < H): tau={tau}, and part of each sync will "
+                   "stall; raise outer.sync_every or use a smaller codec")
+        elif t > (h / p) * step_seconds:
+            why += (f"; the link still carries one fragment per {h / p:g} steps at most, so fragments queue "
+                    "behind each other")
+        return [AutoSetting("streaming.overlap_steps", tau, why)]
 
-    def sync_bytes_per_round(self) -> int:
-        """Bytes one worker sends per H steps: every fragment once (the whole model)."""
-        return sum(self.ctx.comm.payload_bytes(sum(p.numel() for p in f.params)) for f in self.fragments)
+    def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
+        h, p = config.outer.sync_every, config.streaming.fragments
+        return SyncPattern(round_steps=h, period_steps=h / p, hide_steps=float(config.streaming.overlap_steps or 0),
+                           payloads=tuple(fragment_sizes(layout, p)))
 
-    def syncs_in_flight(self) -> int:
-        return sum(f.pending is not None for f in self.fragments)
+    def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *, stopped_early: bool = False) -> list[int]:
+        # Fragment p starts a sync after inner steps off + j*H (j >= 0, never after 0 steps). At the last step
+        # every fragment syncs once more, at once; a run stopped early at a sync point does not.
+        h = config.outer.sync_every
+        last_start = steps if stopped_early else steps - 1
+        counts = []
+        for off in fragment_offsets(h, config.streaming.fragments):
+            first = off if off > 0 else h
+            started = 0 if last_start < first else (last_start - first) // h + 1
+            counts.append(started + (0 if stopped_early else 1))
+        return counts
 
-    def close(self) -> None:
-        """A run stopped early (time budget): apply the fragments still in flight to the global model."""
-        for f in self.fragments:
-            if f.pending is not None:
-                self._merge(f)
+    def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
+        # the fragment syncs on the staggered schedule; the sync of every fragment at the end is end_exposed's
+        counts = self.sync_counts(config, config.layout(), steps, stopped_early=stopped_early)
+        return sum(counts) - (0 if stopped_early else config.streaming.fragments)
+
+    def end_exposed(self, config: Config, *, comm_seconds: float, exposed_per_sync: float,
+                    stopped_early: bool) -> float:
+        if stopped_early:  # the fragment a time-budget stop finds on the link is landed at once
+            return comm_seconds - exposed_per_sync
+        # At the last step every fragment is synchronised at once, one after another, to end on one model.
+        return config.streaming.fragments * comm_seconds
+
+    def build(self, config: Config, ctx: StrategyContext) -> Strategy:
+        from geotrain.algorithms.strategies.streaming import StreamingStrategy
+
+        return StreamingStrategy(ctx, outer=config.outer, streaming=config.streaming)

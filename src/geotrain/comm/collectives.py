@@ -9,25 +9,20 @@ With ``W`` workers per site, worker ``l`` carries shard ``l`` of the payload ove
 the reduced shards are then all-gathered inside the site over the fast fabric (on the training thread, so
 the order of site-group collectives is the same on every worker).
 
-Codecs: the lossless ``fp32`` path uses the transport's ring all-reduce. A lossy codec takes one of two
-patterns (docs/codecs.md compares their bytes and error):
+Codecs: the lossless ``fp32`` path uses the transport's ring all-reduce. A lossy codec takes the
+``reduce_scatter`` or the ``all_gather`` pattern (``geotrain.comm.pattern`` defines them and their bytes;
+docs/codecs.md compares their error). Every encoder keeps error feedback (per payload key, per destination
+chunk, and for the owned mean), and every site decodes the same payloads, so all sites end with
+bit-identical means.
 
-* ``reduce_scatter`` (the default for dense codecs among 3 or more sites): the payload is cut into one chunk
-  per site; each site encodes chunk j and sends it to site j (all-to-all); site j decodes and sums the chunks
-  in fp32 (its own unencoded), encodes the mean chunk once and an all-gather delivers it to every site. Bytes
-  per site are a ring all-reduce's, 2(K-1)/K of the encoded payload, and the error is two quantizations
-  whatever K is.
-* ``all_gather`` (the default for top-k codecs and for 2 sites): each site encodes its whole payload once and
-  every site decodes and sums all K payloads. (K-1) times the encoded payload per site, one quantization.
-
-Every encoder keeps error feedback (per payload key, per destination chunk, and for the owned mean), and
-every site decodes the same payloads, so all sites end with bit-identical means.
+Time is read from a :class:`geotrain.clock.Clock`. A transfer runs on the communication thread from the
+moment it was started (``sleep_until`` the start, a no-op on the real clock) and resolves at the time it
+finished, so on a virtual clock overlapped communication costs exactly ``max(compute, transfer)``.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,23 +30,12 @@ from typing import Any
 
 import torch
 
+from geotrain.clock import REAL_CLOCK, Clock
+from geotrain.comm.codecs.registry import CodecChoice
+from geotrain.comm.pattern import payload_bytes, resolve_pattern, shard_numel
 from geotrain.comm.transport import Traffic, Transport
-from geotrain.config import COMM_PATTERNS
 
-__all__ = ["CommStats", "ControlPending", "CrossSiteComm", "Pending", "resolve_pattern"]
-
-
-def resolve_pattern(pattern: str, *, codec: Any, sites: int) -> str:
-    """The collective a run uses: "all_reduce" for a lossless payload, else the lossy pattern asked for, with
-    "auto" picking "reduce_scatter" for dense codecs among 3 or more sites and "all_gather" otherwise."""
-    if pattern not in COMM_PATTERNS:
-        raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(COMM_PATTERNS)}")
-    if codec is None or getattr(codec, "lossless", False):
-        return "all_reduce"
-    if pattern != "auto":
-        return pattern
-    sparse = getattr(codec, "name", "").startswith("topk")
-    return "all_gather" if sparse or sites < 3 else "reduce_scatter"
+__all__ = ["CommStats", "ControlPending", "CrossSiteComm", "Pending"]
 
 
 @dataclass(slots=True)
@@ -95,12 +79,18 @@ class CommStats:
 
 
 class Pending:
-    """An in-flight cross-site all-reduce. ``wait()`` returns the mean, full length, on every worker."""
+    """An in-flight cross-site all-reduce. ``wait()`` returns the mean, full length, on every worker.
 
-    def __init__(self, future: Future, finish: Callable[[torch.Tensor], torch.Tensor], stats: CommStats) -> None:
+    The future yields ``(reduced shard, time the transfer finished)``; waiting moves the caller's clock to
+    that time, and the time blocked counts as communication wait.
+    """
+
+    def __init__(self, future: Future, finish: Callable[[torch.Tensor], torch.Tensor], stats: CommStats,
+                 clock: Clock) -> None:
         self._future = future
         self._finish = finish
         self._stats = stats
+        self._clock = clock
         self._result: torch.Tensor | None = None
 
     def done(self) -> bool:
@@ -108,29 +98,31 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
-            t0 = time.perf_counter()
-            shard = self._future.result()
+            t0 = self._clock.now()
+            shard, finished = self._future.result()
+            self._clock.sleep_until(finished)
             self._result = self._finish(shard)
-            self._stats.wait_seconds += time.perf_counter() - t0
+            self._stats.wait_seconds += self._clock.now() - t0
         return self._result
 
 
 class ControlPending:
     """An in-flight run-control sum. ``wait()`` returns the summed values."""
 
-    def __init__(self, future: Future, values: torch.Tensor, stats: CommStats) -> None:
+    def __init__(self, future: Future, values: torch.Tensor, stats: CommStats, clock: Clock) -> None:
         self._future = future
         self._values = values
         self._stats = stats
+        self._clock = clock
         self._result: list[float] | None = None
 
     def wait(self, *, count_wait: bool = True) -> list[float]:
         """Block until every site has contributed; ``count_wait=False`` for time already excluded (evaluation)."""
         if self._result is None:
-            t0 = time.perf_counter()
+            t0 = self._clock.now()
             self._future.result()
             if count_wait:
-                self._stats.wait_seconds += time.perf_counter() - t0
+                self._stats.wait_seconds += self._clock.now() - t0
             self._result = self._values.tolist()
         return self._result
 
@@ -145,17 +137,21 @@ class CrossSiteComm:
         site_pg: Any,
         local_rank: int,
         workers: int,
-        codec: Any = None,
+        codec: CodecChoice | None = None,
         error_feedback: bool = True,
         pattern: str = "auto",
+        clock: Clock = REAL_CLOCK,
     ) -> None:
         self.transport = transport
         self.site_pg = site_pg
         self.local_rank = local_rank
         self.workers = workers
-        self.codec = None if codec is None or getattr(codec, "lossless", False) else codec
+        self.choice = None if codec is None or codec.lossless else codec
+        self.codec = None if self.choice is None else self.choice.build()
+        """The torch codec of lossy payloads (None: raw fp32)."""
         self.error_feedback = error_feedback
-        self.pattern = resolve_pattern(pattern, codec=self.codec, sites=transport.size)
+        self.pattern = resolve_pattern(pattern, codec=self.choice, sites=transport.size)
+        self.clock = clock
         self.stats = CommStats()
         self._feedback: dict[str, Any] = {}
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
@@ -170,22 +166,17 @@ class CrossSiteComm:
 
     def payload_bytes(self, numel: int) -> int:
         """Bytes one worker contributes to one all-reduce of ``numel`` fp32 values."""
-        shard = -(-numel // self.workers)
-        if self.codec is None:
-            return shard * 4
-        if self.pattern == "reduce_scatter":
-            return self.sites * self.codec.encoded_size(-(-shard // self.sites))
-        return self.codec.encoded_size(shard)
+        return payload_bytes(numel, codec=self.choice, pattern=self.pattern, sites=self.sites, workers=self.workers)
 
     # -- the collective ----------------------------------------------------------------------------------
     def all_reduce_mean(self, flat: torch.Tensor, *, key: str = "all") -> Pending:
         """Start averaging ``flat`` (1-D float32 CPU) across sites; returns at once."""
         assert flat.dim() == 1 and flat.dtype == torch.float32, "cross-site payloads are flat fp32"
         n = flat.numel()
-        shard_len = -(-n // self.workers)
+        shard_len = shard_numel(n, self.workers)
         padded = flat if shard_len * self.workers == n else torch.cat([flat, flat.new_zeros(shard_len * self.workers - n)])
         shard = padded[self.local_rank * shard_len : (self.local_rank + 1) * shard_len].clone()
-        future = self._pool.submit(self._reduce_shard, shard, key)
+        future = self._pool.submit(self._reduce_shard, shard, key, self.clock.now())
 
         def finish(reduced: torch.Tensor) -> torch.Tensor:
             if self.workers == 1:
@@ -194,9 +185,10 @@ class CrossSiteComm:
             self.site_pg.allgather([parts], [reduced]).wait()
             return torch.cat(parts)[:n]
 
-        return Pending(future, finish, self.stats)
+        return Pending(future, finish, self.stats, self.clock)
 
-    def _reduce_shard(self, shard: torch.Tensor, key: str) -> torch.Tensor:
+    def _reduce_shard(self, shard: torch.Tensor, key: str, started: float) -> tuple[torch.Tensor, float]:
+        self.clock.sleep_until(started)  # this thread's link was free since its last transfer ended
         if self.codec is None:
             traffic = self.transport.all_reduce_sum(shard)
             mean = shard.div_(self.sites)
@@ -209,7 +201,7 @@ class CrossSiteComm:
         else:
             mean, traffic = self._reduce_scatter_gather(shard, key)
         self.stats.record(traffic, key=key)
-        return mean
+        return mean, self.clock.now()
 
     def _encode(self, x: torch.Tensor, key: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``x`` with the error feedback kept under ``key`` (one residual per key)."""
@@ -269,7 +261,7 @@ class CrossSiteComm:
         slowest site, and by default it counts as communication wait. Every site must start the same control
         sums in the same order (one control thread runs them in turn)."""
         t = torch.tensor(values, dtype=torch.float64)
-        return ControlPending(self._control.submit(self.transport.control_sum, t), t, self.stats)
+        return ControlPending(self._control.submit(self.transport.control_sum, t), t, self.stats, self.clock)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

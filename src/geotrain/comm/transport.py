@@ -8,14 +8,14 @@ time the emulated links would take; the algorithm cannot tell the two apart.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from geotrain.wan.model import ring_all_gather, ring_all_reduce, ring_reduce_scatter
+from geotrain.clock import REAL_CLOCK, Clock
+from geotrain.topology import ring_all_gather, ring_all_reduce, ring_reduce_scatter
 
 __all__ = ["Traffic", "Transport", "GlooTransport"]
 
@@ -53,22 +53,23 @@ class Transport(Protocol):
 class GlooTransport:
     """Cross-site collectives on a gloo process group (CPU tensors)."""
 
-    def __init__(self, pg: Any, *, rank: int, size: int, control_pg: Any = None) -> None:
+    def __init__(self, pg: Any, *, rank: int, size: int, control_pg: Any = None, clock: Clock = REAL_CLOCK) -> None:
         self.pg = pg
         self.control_pg = pg if control_pg is None else control_pg
         self.rank = rank
         self.size = size
+        self.clock = clock
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> Traffic:
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         if self.size > 1:
             self.pg.allreduce([tensor]).wait()
         nbytes = tensor.numel() * tensor.element_size()
         cost = ring_all_reduce(nbytes, [None] * self.size)
-        return Traffic("all_reduce", nbytes, cost.bytes_sent, time.perf_counter() - t0)
+        return Traffic("all_reduce", nbytes, cost.bytes_sent, self.clock.now() - t0)
 
     def all_gather(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], Traffic]:
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         if self.size > 1:
             out = [torch.empty_like(payload) for _ in range(self.size)]
             self.pg.allgather([out], [payload]).wait()
@@ -76,14 +77,14 @@ class GlooTransport:
             out = [payload]
         nbytes = payload.numel() * payload.element_size()
         cost = ring_all_gather(nbytes, [None] * self.size)
-        return out, Traffic("all_gather", nbytes, cost.bytes_sent, time.perf_counter() - t0)
+        return out, Traffic("all_gather", nbytes, cost.bytes_sent, self.clock.now() - t0)
 
     def all_to_all(self, payload: torch.Tensor) -> tuple[torch.Tensor, Traffic]:
         """Send slice j of ``payload`` (K equal slices) to site j; returns slice i of every site's payload, in
         site order (slot ``rank`` is this site's own slice, which never crosses the link)."""
         if payload.numel() % self.size:
             raise ValueError(f"all_to_all payload of {payload.numel()} elements does not split into {self.size} slices")
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         if self.size > 1:
             out = torch.empty_like(payload)
             self.pg.alltoall_base(out, payload, [], [], dist.AllToAllOptions()).wait()
@@ -91,7 +92,7 @@ class GlooTransport:
             out = payload
         nbytes = payload.numel() * payload.element_size()
         cost = ring_reduce_scatter(nbytes, [None] * self.size)
-        return out, Traffic("reduce_scatter", nbytes, cost.bytes_sent, time.perf_counter() - t0)
+        return out, Traffic("reduce_scatter", nbytes, cost.bytes_sent, self.clock.now() - t0)
 
     def control_sum(self, tensor: torch.Tensor) -> None:
         """A tiny unaccounted all-reduce for run control (stop votes, eval losses), never emulated. It runs on

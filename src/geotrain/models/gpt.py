@@ -15,11 +15,12 @@ Shapes: B batch, T time (<= seq_len), C d_model, H n_head, D = C / H head size, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from geotrain.config import ModelConfig
 
 __all__ = ["VOCAB_SIZE", "GPTConfig", "GPT", "init_gpt"]
 
@@ -27,37 +28,10 @@ VOCAB_SIZE = 256
 """One token per byte value."""
 
 
-@dataclass(kw_only=True, slots=True)
-class GPTConfig:
-    """Size of the demo GPT. The defaults give about 0.45M parameters."""
-
-    n_layer: int = 2
-    """Number of transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; must divide ``d_model``."""
-    d_model: int = 128
-    """Width of the residual stream (embedding size)."""
-    seq_len: int = 128
-    """Longest context in bytes; also the number of learned position embeddings."""
-    dropout: float = 0.0
-    """Dropout probability on embeddings, attention and residual branches, in [0, 1). 0 for small-data demos."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "d_model", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}); "
-                f"for example n_head={_largest_divisor_at_most(self.d_model, self.n_head)}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
-
-
-def _largest_divisor_at_most(n: int, k: int) -> int:
-    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+GPTConfig = ModelConfig
+"""The model's size is the configuration's ``[model]`` section (``geotrain.config.ModelConfig``): one
+definition, validated once, read by the run, ``geotrain sample`` and the planner (which also counts the
+parameters from it, ``ModelConfig.layout``)."""
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,26 +1,29 @@
 """geotrain's planner: predict utilization, time to train, WAN bytes and energy of a multi-site run.
 
-The cost model follows DiLoCo (arXiv 2311.08105) and Streaming DiLoCo (arXiv 2501.18512) and charges
-communication with ``geotrain.wan.model``, the functions the WAN emulation charges real runs. Pure Python and
-numpy: importing the planner imports no torch (nor rich or matplotlib, which only the CLI and the plot load).
+A plan reads the same configuration as a run (``geotrain.config``) and prices it with the same definitions:
+the algorithm's communication pattern and timing model (``geotrain.algorithms``), the codec's exact sizes
+(``geotrain.comm.codecs``) and the ring costs the WAN emulation charges (``geotrain.topology``). Pure Python
+and numpy: importing the planner imports no torch (nor rich or matplotlib, which only the CLI and the plot
+load).
 
-    from geotrain.planner import PlanSpec, ModelSpec, SiteSpec, AlgorithmSpec, plan
+    from geotrain.config import load_config
+    from geotrain.planner import plan, plan_spec
+    result = plan(plan_spec(load_config("configs/plan-three-datacenters.toml")))
 """
 
-from geotrain.planner.calibrate import expected_slowest, measured_jitter, measured_step_seconds, predict_run
+from geotrain.hardware import ACCELERATORS, Accelerator
+from geotrain.planner.config import PlanInputs, plan_inputs
 from geotrain.planner.model import (
-    AlgorithmSpec,
     ModelSpec,
     PlanResult,
     PlanSpec,
     SiteResult,
     SiteSpec,
     plan,
+    plan_spec,
+    site_step_seconds,
     sync_comm,
-    sync_period,
-    uniform_topology,
 )
-from geotrain.planner.presets import ACCELERATORS, CODECS, LINK_PRESETS, Accelerator, Codec
 from geotrain.planner.questions import (
     bandwidth_needed,
     compare_variants,
@@ -29,35 +32,30 @@ from geotrain.planner.questions import (
     sweep,
     with_bandwidth,
 )
-from geotrain.planner.simulate import SimulationResult, SimulationSpec, simulate
+from geotrain.planner.simulate import SimulationResult, simulate
+from geotrain.topology import LINK_PRESETS
 
 __all__ = [
     "ACCELERATORS",
-    "CODECS",
-    "LINK_PRESETS",
     "Accelerator",
-    "AlgorithmSpec",
-    "Codec",
+    "LINK_PRESETS",
     "ModelSpec",
+    "PlanInputs",
     "PlanResult",
     "PlanSpec",
     "SimulationResult",
-    "SimulationSpec",
     "SiteResult",
     "SiteSpec",
     "bandwidth_needed",
     "compare_variants",
-    "expected_slowest",
-    "measured_jitter",
-    "measured_step_seconds",
     "mildest_codec",
     "plan",
-    "predict_run",
+    "plan_inputs",
+    "plan_spec",
     "simulate",
+    "site_step_seconds",
     "smallest_sync_every",
     "sweep",
     "sync_comm",
-    "sync_period",
-    "uniform_topology",
     "with_bandwidth",
 ]

@@ -13,20 +13,20 @@ streaming with overlapped fragment syncs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from geotrain.comm.codecs.registry import choose_codec
+from geotrain.config import RunConfig
 from geotrain.errors import ConfigError
-from geotrain.planner.model import AlgorithmSpec, PlanSpec, plan
-from geotrain.planner.presets import CODECS, Codec, parse_bandwidth_text, parse_codec
-from geotrain.topology import Link, Topology
+from geotrain.planner.model import PlanSpec, plan
+from geotrain.topology import Link, Topology, parse_bandwidth
 
 __all__ = [
-    "DEFAULT_CODEC_CANDIDATES",
-    "DEFAULT_SYNC_EVERY_CANDIDATES",
     "Sweep",
     "bandwidth_needed",
     "compare_variants",
@@ -37,8 +37,7 @@ __all__ = [
     "with_bandwidth",
 ]
 
-DEFAULT_SYNC_EVERY_CANDIDATES = (1, 5, 10, 25, 50, 100, 250, 500, 1000)
-DEFAULT_CODEC_CANDIDATES = ("fp32", "bf16", "int8", "int4")
+_DEFAULT_ALGORITHM = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "algorithm")
 
 # Search range of the bisection: 1 kbit/s to 1 Pbit/s covers everything from a modem to a fibre bundle.
 _BW_LO, _BW_HI = 1e3, 1e15
@@ -66,7 +65,7 @@ def bandwidth_needed(spec: PlanSpec, *, target: float, rel_tol: float = 1e-4) ->
     None when even 1 Pbit/s falls short: then latency or a slow site, not bandwidth, is the limit.
     """
     if not (0 < target <= 1):
-        raise ConfigError(f"must be in (0, 1], got {target!r}", field="target_utilization")
+        raise ConfigError(f"must be in (0, 1], got {target!r}", field="plan.target_utilization")
     if len(spec.sites) < 2:
         return 0.0 if plan(spec).utilization >= target else None
 
@@ -88,61 +87,53 @@ def bandwidth_needed(spec: PlanSpec, *, target: float, rel_tol: float = 1e-4) ->
     return math.exp(hi)
 
 
-def smallest_sync_every(
-    spec: PlanSpec, *, target: float, candidates: Iterable[int] = DEFAULT_SYNC_EVERY_CANDIDATES
-) -> int | None:
-    """Smallest H among ``candidates`` at which the plan reaches ``target`` at its own links.
+def smallest_sync_every(spec: PlanSpec, *, target: float, candidates: Iterable[int] | None = None) -> int | None:
+    """Smallest H among ``candidates`` (``plan.sync_every_candidates``) at which the plan reaches ``target``
+    at its own links.
 
-    A ddp plan is asked as diloco (H has no meaning for ddp); a streaming plan keeps its fragments and skips
-    candidates smaller than them.
+    A plan whose algorithm has no H (ddp) is asked with the default algorithm; a streaming plan keeps its
+    fragments and skips candidates it cannot use (fewer steps than fragments, or not more than tau).
     """
-    alg = spec.algorithm
+    config = spec.config
+    candidates = config.plan.sync_every_candidates if candidates is None else candidates
     for h in sorted(set(candidates)):
-        if alg.name == "streaming":
-            if h < alg.fragments or h <= alg.overlap_steps:
-                continue
-            trial = replace(alg, sync_every=h)
-        else:
-            trial = AlgorithmSpec(name="diloco", sync_every=h, overlap=alg.overlap if alg.name == "diloco" else False)
-        if plan(replace(spec, algorithm=trial)).utilization >= target:
+        values: dict = {"outer.sync_every": h}
+        if "outer.sync_every" not in spec.algorithm.settings:
+            values |= {"run.algorithm": _DEFAULT_ALGORITHM, "comm.overlap": None}
+        try:
+            trial = spec.with_config(values)
+        except ConfigError:
+            continue  # an H this algorithm cannot take
+        if plan(trial).utilization >= target:
             return h
     return None
 
 
-def mildest_codec(
-    spec: PlanSpec, *, target: float, candidates: Iterable[str | Codec] = DEFAULT_CODEC_CANDIDATES
-) -> Codec | None:
-    """The codec with the most bits (the least compression) that reaches ``target`` at the plan's links."""
-    codecs = [c if isinstance(c, Codec) else parse_codec(c) for c in candidates]
-    for codec in sorted(codecs, key=lambda c: -c.bits):
-        if plan(replace(spec, codec=codec)).utilization >= target:
-            return codec
+def mildest_codec(spec: PlanSpec, *, target: float, candidates: Iterable[str] | None = None) -> str | None:
+    """The codec with the most bits (the least compression) among ``candidates`` (``plan.codec_candidates``)
+    that reaches ``target`` at the plan's links."""
+    names = spec.config.plan.codec_candidates if candidates is None else list(candidates)
+    bits = {name: choose_codec(name).bits_per_value() for name in names}
+    for name in sorted(names, key=lambda n: -bits[n]):
+        if plan(spec.with_config({"comm.codec": name})).utilization >= target:
+            return name
     return None
 
 
 def compare_variants(spec: PlanSpec) -> dict[str, PlanSpec]:
-    """The four algorithms side by side, each with the plan's H, codec and links.
+    """Every registered algorithm side by side, in the forms its definition lists
+    (``Algorithm.compare_variants``: ddp with bf16 gradients, diloco with and without overlap, streaming with
+    its fragments and tau), each with the plan's H, codec and links. A form the plan's settings cannot take
+    (streaming with H below its fragments) is left out."""
+    from geotrain.algorithms import algorithm_names, get_algorithm
 
-    ddp sends gradients in bf16 (the usual mixed-precision all-reduce) unless the plan itself is ddp.
-    Streaming keeps the plan's fragments and tau when it is streaming, and otherwise uses 4 fragments and
-    tau = 1, a setting Streaming DiLoCo reports as loss-neutral.
-    """
-    alg = spec.algorithm
-    h = alg.sync_every if alg.name != "ddp" else 100
-    ddp_codec = spec.codec if alg.name == "ddp" else CODECS["bf16"]
-    if alg.name == "streaming":
-        fragments, tau = alg.fragments, max(1, alg.hide_steps)
-    else:
-        fragments, tau = min(4, h), 1
-    variants = {
-        "ddp": replace(spec, algorithm=AlgorithmSpec(name="ddp"), codec=ddp_codec),
-        "diloco": replace(spec, algorithm=AlgorithmSpec(name="diloco", sync_every=h)),
-        "diloco+overlap": replace(spec, algorithm=AlgorithmSpec(name="diloco", sync_every=h, overlap=True)),
-    }
-    if tau < h:
-        variants["streaming+overlap"] = replace(
-            spec, algorithm=AlgorithmSpec(name="streaming", sync_every=h, fragments=fragments, overlap_steps=tau)
-        )
+    variants: dict[str, PlanSpec] = {}
+    for name in algorithm_names():
+        for label, values in get_algorithm(name).compare_variants(spec.config).items():
+            try:
+                variants[label] = spec.with_config({"run.algorithm": name, **values})
+            except ConfigError:
+                continue
     return variants
 
 
@@ -150,21 +141,28 @@ def parse_sweep(value: str | Sequence[object]) -> list[float]:
     """Bandwidths in bit/s from ``1gbit,10gbit,100gbit``, a list, or ``START:STOP:POINTS`` (log-spaced)."""
     if isinstance(value, str) and value.count(":") == 2:
         start_s, stop_s, n_s = value.split(":")
-        start, stop = parse_bandwidth_text(start_s, field="sweep"), parse_bandwidth_text(stop_s, field="sweep")
+        start, stop = _bandwidth(start_s), _bandwidth(stop_s)
         try:
             n = int(n_s)
         except ValueError:
             n = 0
         if n < 2 or n > 10_000:
-            raise ConfigError(f"the number of points in {value!r} must be an integer from 2 to 10000", field="sweep")
+            raise ConfigError(f"the number of points in {value!r} must be an integer from 2 to 10000", field="plan.sweep")
         if stop <= start:
-            raise ConfigError(f"in {value!r} the stop bandwidth must exceed the start", field="sweep")
+            raise ConfigError(f"in {value!r} the stop bandwidth must exceed the start", field="plan.sweep")
         return [float(x) for x in np.geomspace(start, stop, n)]
     items = value.split(",") if isinstance(value, str) else list(value)
-    points = [parse_bandwidth_text(str(v).strip() if isinstance(v, str) else v, field="sweep") for v in items if v != ""]
+    points = [_bandwidth(str(v).strip() if isinstance(v, str) else v) for v in items if v != ""]
     if not points:
-        raise ConfigError("give bandwidths such as '1gbit,10gbit' or a range '100mbit:1tbit:50'", field="sweep")
+        raise ConfigError("give bandwidths such as '1gbit,10gbit' or a range '100mbit:1tbit:50'", field="plan.sweep")
     return sorted(points)
+
+
+def _bandwidth(value: object) -> float:
+    try:
+        return parse_bandwidth(value)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(str(exc), field="plan.sweep") from None
 
 
 @dataclass(kw_only=True, slots=True)

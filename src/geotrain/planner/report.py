@@ -77,8 +77,10 @@ def render(out: dict, *, results: dict[str, PlanResult], sweep: Sweep | None,
         f"[bold]geotrain plan[/bold]: {_count(inp['params'])} params, {_count(inp['tokens'])} tokens, "
         f"global batch {_count(inp['batch_tokens'])} tokens\n"
         f"sites: {site_desc}\nlink: {inp['link']}\n"
-        f"algorithm: {main.algorithm}, codec {main.codec} ({main.codec_bits:g} bits/param)"
+        f"algorithm: {main.algorithm}, codec {main.codec} ({main.codec_bits:.3g} bits/param, {main.collective})"
     )
+    for choice in main.auto:
+        console.print(f"[cyan]chose[/cyan] {choice.key} = {choice.value}: {choice.reason}")
 
     t = Table(title="Plan", show_header=True, header_style="bold")
     t.add_column("quantity")
@@ -91,6 +93,7 @@ def render(out: dict, *, results: dict[str, PlanResult], sweep: Sweep | None,
     t.add_row("utilization", f"[bold]{fmt_pct(main.utilization)}[/bold]")
     t.add_row("time to train", f"[bold]{fmt_duration(main.time_to_train_seconds)}[/bold]")
     t.add_row("inner steps / syncs", f"{main.steps:,} / {main.syncs:,}")
+    t.add_row("payload per full sync (one worker)", fmt_bytes(main.payload_bytes_per_sync))
     t.add_row("WAN bytes (all sites)", fmt_bytes(main.wan_bytes))
     t.add_row("peak bandwidth per site", fmt_bps(main.peak_bandwidth_bps))
     t.add_row("energy", f"[bold]{main.energy_mwh:,.0f} MWh[/bold]")

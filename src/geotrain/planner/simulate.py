@@ -9,13 +9,16 @@ one *round* at a time (one step for DDP, H inner steps for DiLoCo and Streaming 
 * **Power caps.** A site runs only the accelerators its cap can feed: min(planned, floor(cap / (W * PUE))).
 * **Failures.** Each site fails after an exponential time with mean ``mtbf_hours``. Two recovery models:
 
-  - ``elastic`` (what geotrain does, after DiLoCo's robustness to dropped workers, arXiv 2311.08105): the
-    failed site loses its work since its last sync; the others finish the round without it, pay
-    ``rebuild_seconds`` to rebuild the cross-site group, and go on with a smaller global batch. The failed
-    site is down ``restart_hours`` and rejoins at the next round boundary, healed from its peers.
-  - ``restart`` (classic checkpoint/restart): any failure stops every site, rolls the job back to its last
-    checkpoint and costs ``restart_hours``. Checkpoints are taken every N rounds, N being
+  - ``restart`` (the default; classic checkpoint/restart): any failure stops every site, rolls the job back
+    to its last checkpoint and costs ``restart_hours``. Checkpoints are taken every N rounds, N being
     ``checkpoint_every_hours`` over the full-membership round time, as trainers checkpoint every N steps.
+  - ``elastic`` (after DiLoCo's robustness to dropped workers, arXiv 2311.08105; what geotrain's elastic
+    membership is to do, while training today stops on a failure): the failed site loses its work since
+    its last sync; the others finish the round without it, pay ``rebuild_seconds`` to rebuild the
+    cross-site group, and go on with a smaller global batch. The failed site is down ``restart_hours`` and
+    rejoins at the next round boundary, healed from its peers.
+
+The settings are the configuration's ``[simulate]`` section (``geotrain.config.SimulateConfig``).
 
 Everything random comes from one ``numpy.random.Generator`` seeded with ``seed``: the same inputs give the
 same run. Rounds between two events (a failure, a rejoin, a checkpoint) are processed as numpy blocks, so
@@ -30,65 +33,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from geotrain.algorithms.timing import lognormal_sigma, period_seconds
+from geotrain.config import SimulateConfig
 from geotrain.errors import ConfigError
-from geotrain.planner.model import PlanSpec, lognormal_sigma, site_step_seconds, sync_comm, sync_period
+from geotrain.planner.model import PlanSpec, resolve, site_step_seconds, sync_comm
 
-__all__ = ["SimulationResult", "SimulationSpec", "simulate"]
+__all__ = ["SimulationResult", "mtbf_seconds", "simulate"]
 
 _BLOCK = 1 << 16  # rounds sampled at once between events
 _MAX_EVENTS = 500_000
 
 
-@dataclass(kw_only=True, slots=True)
-class SimulationSpec:
-    """How the simulation perturbs a plan."""
-
-    seed: int = 0
-    """Seed of the one random generator the simulation uses."""
-    mtbf_hours: float | list[float | None] | None = None
-    """Mean time between failures of each site, in hours: one number for every site, a list per site,
-    or None for no failures."""
-    restart_hours: float = 0.5
-    """Time a failed site (elastic) or the whole job (restart) needs to come back."""
-    recovery: str = "elastic"
-    """``elastic`` (the others go on) or ``restart`` (everyone rolls back to the last checkpoint)."""
-    checkpoint_every_hours: float = 1.0
-    """Checkpoint interval of the ``restart`` model."""
-    rebuild_seconds: float = 30.0
-    """Stall of the survivors when the cross-site group is rebuilt after a failure or a rejoin (elastic)."""
-    jitter: float = 0.0
-    """Coefficient of variation of a site's compute time per round (lognormal noise); 0 for none."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"must be a non-negative integer, got {self.seed!r}", field="seed")
-        values = self.mtbf_hours if isinstance(self.mtbf_hours, list) else [self.mtbf_hours]
-        for v in values:
-            if v is not None and (
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v))
-            ):
-                raise ConfigError(f"must be a positive number of hours, got {v!r}", field="mtbf_hours")
-        for key in ("restart_hours", "rebuild_seconds", "jitter"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
-                raise ConfigError(f"must be zero or positive, got {v!r}", field=key)
-        v = self.checkpoint_every_hours
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-            raise ConfigError(f"must be a positive number of hours, got {v!r}", field="checkpoint_every_hours")
-        if self.recovery not in ("elastic", "restart"):
-            raise ConfigError(f"must be 'elastic' or 'restart', got {self.recovery!r}", field="recovery")
-
-    def mtbf_seconds(self, sites: int) -> np.ndarray:
-        if isinstance(self.mtbf_hours, list):
-            if len(self.mtbf_hours) != sites:
-                raise ConfigError(
-                    f"{len(self.mtbf_hours)} MTBF values for {sites} sites; give one number or one per site",
-                    field="mtbf_hours",
-                )
-            values = self.mtbf_hours
-        else:
-            values = [self.mtbf_hours] * sites
-        return np.array([math.inf if v is None else float(v) * 3600.0 for v in values])
+def mtbf_seconds(sim: SimulateConfig, sites: int) -> np.ndarray:
+    """Each site's mean time between failures in seconds (inf: never fails)."""
+    if isinstance(sim.mtbf_hours, list):
+        if len(sim.mtbf_hours) != sites:
+            raise ConfigError(f"{len(sim.mtbf_hours)} MTBF values for {sites} sites; give one number or one per site",
+                              field="simulate.mtbf_hours")
+        values = sim.mtbf_hours
+    else:
+        values = [sim.mtbf_hours] * sites
+    return np.array([math.inf if not v else float(v) * 3600.0 for v in values])
 
 
 @dataclass(kw_only=True, slots=True)
@@ -135,11 +100,13 @@ class SimulationResult:
         }
 
 
-def simulate(spec: PlanSpec, sim: SimulationSpec | None = None) -> SimulationResult:
-    """Play ``spec`` forward round by round under ``sim``'s noise, caps and failures."""
-    sim = SimulationSpec() if sim is None else sim
+def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationResult:
+    """Play ``spec`` forward round by round under ``sim``'s noise, caps and failures (its configuration's
+    ``[simulate]`` section by default)."""
+    sim = spec.config.simulate if sim is None else sim
+    spec, _ = resolve(spec)
     rng = np.random.default_rng(sim.seed)
-    alg = spec.algorithm
+    pattern = spec.algorithm.pattern(spec.config, spec.model.layout)
     k = len(spec.sites)
 
     # Power caps limit what runs; the formula plans what was asked and only flags it.
@@ -148,12 +115,12 @@ def simulate(spec: PlanSpec, sim: SimulationSpec | None = None) -> SimulationRes
         for site in spec.sites
     ]
     step_c = np.array(site_step_seconds(spec, accelerators=active))
-    round_steps = 1 if alg.name == "ddp" else alg.sync_every
-    periods_per_round = round_steps / alg.period_steps  # 1, except P fragment syncs per streaming round
+    round_steps = pattern.round_steps
+    periods_per_round = round_steps / pattern.period_steps  # 1, except P fragment syncs per streaming round
     round_compute = step_c * round_steps
     round_tokens = np.array(spec.shares()) * spec.model.batch_tokens * round_steps
     total_tokens = spec.model.tokens
-    mtbf = sim.mtbf_seconds(k)
+    mtbf = mtbf_seconds(sim, k)
     restart_s = sim.restart_hours * 3600.0
     checkpoint_s = sim.checkpoint_every_hours * 3600.0
     sigma = lognormal_sigma(sim.jitter)
@@ -181,7 +148,7 @@ def simulate(spec: PlanSpec, sim: SimulationSpec | None = None) -> SimulationRes
     downtime = np.zeros(k)
     failures = np.zeros(k, dtype=int)
     # Trainers checkpoint every N steps, not every N seconds: N rounds of the full-membership round time.
-    full_round = float(sync_period(alg, step_seconds=step_c.max(), comm_seconds=comm_seconds(tuple(range(k))))) * periods_per_round
+    full_round = float(period_seconds(pattern, step_seconds=step_c.max(), comm_seconds=comm_seconds(tuple(range(k))))) * periods_per_round
     ckpt_rounds = max(1, round(checkpoint_s / full_round))
     progress = 0  # rounds of kept progress (restored on a rollback)
     ckpt_t, ckpt_progress, ckpt_tokens, ckpt_useful = 0.0, 0, 0.0, useful.copy()
@@ -211,7 +178,7 @@ def simulate(spec: PlanSpec, sim: SimulationSpec | None = None) -> SimulationRes
         fail_t = float(next_fail[m].min())
         rejoin_t = float(down_until[~alive].min()) if not alive.all() else math.inf
         horizon = min(fail_t, rejoin_t)
-        typical = float(sync_period(alg, step_seconds=step_c[m].max(), comm_seconds=comm)) * periods_per_round
+        typical = float(period_seconds(pattern, step_seconds=step_c[m].max(), comm_seconds=comm)) * periods_per_round
         n = min(remaining, _BLOCK)
         if math.isfinite(horizon):  # sample little more than reaches the next event
             n = min(n, max(1, math.ceil((horizon - t) / typical * 1.25) + 2))
@@ -219,7 +186,7 @@ def simulate(spec: PlanSpec, sim: SimulationSpec | None = None) -> SimulationRes
         # A block of rounds: (n, members) compute times; each round is gated by its slowest live site.
         noise = rng.lognormal(-0.5 * sigma**2, sigma, size=(n, len(members))) if sim.jitter > 0 else 1.0
         comp = round_compute[m] * noise * np.ones((n, 1))
-        walls = sync_period(alg, step_seconds=comp.max(axis=1) / round_steps, comm_seconds=comm) * periods_per_round
+        walls = period_seconds(pattern, step_seconds=comp.max(axis=1) / round_steps, comm_seconds=comm) * periods_per_round
         ends = t + np.cumsum(walls)
 
         n_clean = int(np.searchsorted(ends, fail_t, side="right"))  # rounds that end before the failure
@@ -289,7 +256,7 @@ def simulate(spec: PlanSpec, sim: SimulationSpec | None = None) -> SimulationRes
     for i in np.flatnonzero(~alive):  # still down when the run ends
         downtime[i] += t - failed_at[i]
 
-    energy = [n * site.watts_each * site.pue * t / 3.6e9 for site, n in zip(spec.sites, active, strict=True)]
+    energy = [n * site.watts * site.pue * t / 3.6e9 for site, n in zip(spec.sites, active, strict=True)]
     per_site = [
         {
             "name": site.name,

@@ -4,6 +4,9 @@
 kinds are ignored) and shows one row per site: tokens against the site's share of the budget (with a bar), last
 train loss, WAN bytes sent, utilization and outer rounds, plus a footer with the latest eval loss and elapsed time.
 
+Settings the run chose itself (a ``start`` record's ``auto``: tau, overlap) are shown under the table with
+the reason, once the sites have chosen them.
+
 On a terminal it redraws in place. When stdout is a file or a pipe (CI logs, ``nohup``, ``| tee``), redrawing
 would either spam the log or be lost, so it prints a plain block instead (one line per site and one footer line)
 at most every ``plain_interval_s`` seconds, and a last block on exit so the log ends with the final state.
@@ -87,6 +90,8 @@ class LiveProgress:
         self._state: dict[int, _SiteState] = {s: _SiteState() for s in range(sites)}
         self._eval_loss: float | None = None
         self._eval_tokens: float | None = None
+        self._chosen: list[str] = []
+        self._chosen_printed = False
         self._start: float | None = None
         self._live: Live | None = None
         self._last_plain: float | None = None
@@ -132,6 +137,12 @@ class LiveProgress:
 
     def _apply(self, rec: dict[str, Any]) -> None:
         kind = rec.get("kind")
+        if kind == "start" and rec.get("site") == 0 and isinstance(rec.get("auto"), list) and not self._chosen:
+            # Every site chooses the same values from the same agreed step time; site 0 speaks for them.
+            self._chosen = [f"chose {a.get('key')} = {a.get('value')}: {a.get('reason')}"
+                            for a in rec["auto"] if isinstance(a, dict)]
+            self._dirty = bool(self._chosen)
+            return
         if kind == "eval":
             loss = as_float(rec.get("eval_loss"))
             if loss is not None:
@@ -221,7 +232,7 @@ class LiveProgress:
                     fmt_percent(s.utilization),
                     MISSING if s.outer_rounds is None else str(s.outer_rounds),
                 )
-            return Group(table, Text(self._footer(), style="dim"))
+            return Group(table, Text(self._footer(), style="dim"), *(Text(c, style="cyan") for c in self._chosen))
 
     def _plain_lines(self) -> list[str]:
         lines = []
@@ -236,6 +247,9 @@ class LiveProgress:
                 f"WAN {fmt_bytes(s.sent)}  util {fmt_percent(s.utilization)}  rounds {rounds}"
             )
         lines.append(f"[{self.title}] {self._footer()}")
+        if self._chosen and not self._chosen_printed:
+            lines += [f"[{self.title}] {c}" for c in self._chosen]
+            self._chosen_printed = True
         return lines
 
     def _print_plain(self) -> None:
@@ -295,6 +309,9 @@ def final_table(summary: dict[str, Any]) -> Table:
     for key, label in (("link", "link"), ("codec", "codec"), ("sync_every", "H")):
         if summary.get(key) is not None:
             caption.append(f"{label} {summary[key]}")
+    for chosen in summary.get("auto_settings") or []:
+        if isinstance(chosen, dict):
+            caption.append(f"{str(chosen.get('key')).rpartition('.')[2]} {chosen.get('value')} (chosen)")
     table.caption = Text("  ·  ".join(caption))
     table.caption_justify = "left"
     return table

@@ -379,71 +379,27 @@ def _last_step_per_site(run: Run) -> dict[int, dict[str, Any]]:
 
 
 def derived_summary(run: Run) -> dict[str, Any]:
-    """Headline figures rebuilt from the metrics log, for a run whose summary is missing or partial.
+    """Headline figures rebuilt from the metrics log, for a run whose summary is missing or partial: the same
+    figures the launcher builds the summary from (``geotrain.summary.run_figures``), read from
+    ``metrics.jsonl`` instead of the sites' record files.
 
     Only figures the log actually supports are returned; a key is absent rather than guessed.
     """
     if "derived" in run._cache:
         return copy.deepcopy(run._cache["derived"])
-    out: dict[str, Any] = {}
-    last = _last_step_per_site(run)
-    sites = sites_in(run)
-    if sites:
-        out["sites"] = len(sites)
-    evals = [r for r in run.evals if _num(r, "eval_loss") is not None]
-    if evals:
-        last_eval = max(evals, key=lambda r: (_num(r, "tokens") or 0, _num(r, "step") or 0))
-        out["eval_loss"] = _num(last_eval, "eval_loss")
+    from geotrain.summary import run_figures
 
-    per_site = []
-    for site in sorted(last):
-        rec = last[site]
-        entry: dict[str, Any] = {"site": site}
-        for src, dst in (
-            ("tokens", "tokens"),
-            ("wan_bytes", "wan_bytes"),
-            ("compute_s", "compute_seconds"),
-            ("comm_s", "comm_seconds"),
-            ("wall_s", "wall_seconds"),
-            ("utilization", "utilization"),
-            ("outer_rounds", "outer_rounds"),
-            ("step", "steps"),
-        ):
-            v = _num(rec, src)
-            if v is not None:
-                entry[dst] = int(v) if dst in ("tokens", "wan_bytes", "outer_rounds") else v
-        if "steps" in entry:
-            # The last logged step index; whether the loop counts from 0 or 1 is its business, so no +1 here.
-            entry["steps"] = int(entry["steps"])
-        if "utilization" not in entry and entry.get("wall_seconds") and "compute_seconds" in entry:
-            entry["utilization"] = entry["compute_seconds"] / entry["wall_seconds"]
-        per_site.append(entry)
-    if per_site:
-        out["per_site"] = per_site
-
-        def total(key: str) -> float | None:
-            vals = [e[key] for e in per_site if key in e]
-            return sum(vals) if len(vals) == len(per_site) else None
-
-        for key in ("tokens", "wan_bytes"):
-            v = total(key)
-            if v is not None:
-                out[key] = int(v)
-        walls = [e["wall_seconds"] for e in per_site if "wall_seconds" in e]
-        if walls:
-            out["wall_seconds"] = max(walls)
-        utils = [e["utilization"] for e in per_site if "utilization" in e]
-        if utils and len(utils) == len(per_site):
-            out["utilization"] = sum(utils) / len(utils)
-        rounds = [e["outer_rounds"] for e in per_site if "outer_rounds" in e]
-        if rounds:
-            out["outer_rounds"] = max(rounds)
-    # Eval records carry global figures that may be ahead of the last logged step.
-    if evals:
-        for key in ("tokens", "wan_bytes", "outer_rounds"):
-            v = _num(last_eval, key)
-            if v is not None and v > out.get(key, -1):
-                out[key] = int(v)
+    by_site: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for kind, recs in run.records.items():
+        for rec in recs:
+            site = _site_of(rec)
+            if site is None and kind == "eval":
+                site = 0  # site 0 evaluates the global model; older logs do not say so
+            if site is not None:
+                by_site[site].append(rec)
+    out = run_figures({s: sorted(rows, key=lambda r: _num(r, "time") or 0.0) for s, rows in by_site.items()})
+    if out.get("per_site"):
+        out["sites"] = len(sites_in(run))
     run._cache["derived"] = out
     return copy.deepcopy(out)
 

@@ -26,12 +26,16 @@ from typing import Any
 from geotrain.config import Config
 from geotrain.errors import ConfigError
 from geotrain.train.site import SiteTask
-from geotrain.train.summary import build_summary, merge_metrics, read_site_records, write_json_atomic
+from geotrain.summary import build_summary, merge_metrics, read_site_records, write_json_atomic
 
 __all__ = ["RunOutcome", "launch", "check_out_dir"]
 
 GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.25
+MAX_LOCAL_WORKERS = 64
+"""Most worker processes one machine is asked to start (sites x workers_per_site): each is a Python process
+with its own copy of the model. Larger runs go to real clusters (torchrun, one job per site), and
+``geotrain plan`` studies them at any size."""
 
 
 @dataclass(slots=True)
@@ -160,6 +164,16 @@ def launch(
     from geotrain.train.workload import demo_workload, prepare_corpus
 
     out = Path(config.run.out)
+    if config.model.params is not None:
+        raise ConfigError("sets the model's size for geotrain plan only; a run's model size comes from n_layer, "
+                          "n_head, d_model and seq_len: drop model.params (or plan this file with geotrain plan)",
+                          field="model.params")
+    processes = config.run.sites * config.run.workers_per_site
+    if processes > MAX_LOCAL_WORKERS:
+        raise ConfigError(
+            f"{config.run.sites} sites x {config.run.workers_per_site} workers would start {processes:,} processes "
+            f"on this machine, more than {MAX_LOCAL_WORKERS}; lower --sites or --workers-per-site, run sites with "
+            "torchrun on real clusters, or study the run with geotrain plan", field="run.sites")
     check_out_dir(out)
     for stale in ("summary.json", "metrics.jsonl", "report.html", "model.safetensors"):
         (out / stale).unlink(missing_ok=True)
@@ -178,7 +192,7 @@ def launch(
 
     coordinator_port = _free_port()
     store = dist.TCPStore("127.0.0.1", coordinator_port, is_master=True, wait_for_workers=False, use_libuv=True)
-    task = SiteTask(config=config, workload_factory=workload_factory, factory_kwargs=kwargs)
+    task = SiteTask.of(config, workload_factory, kwargs)
     ctx = mp.get_context("spawn")
     procs: list[mp.Process] = []
     worker_site: list[int] = []

@@ -40,8 +40,9 @@ class Recorder:
         record = {"kind": kind, "time": time.time(), **{k: _clean(v) for k, v in fields.items()}}
         self._file.write(json.dumps(record) + "\n")
 
-    def step(self, *, step: int, tokens: int, loss: float, lr: float, clock: Any, comm: Any, outer_rounds: int, site: int) -> None:
-        wall = clock.wall()
+    def step(self, *, step: int, tokens: int, loss: float, lr: float, timer: Any, comm: Any, outer_rounds: int,
+             site: int) -> None:
+        wall = timer.wall()
         self.write(
             "step",
             site=site,
@@ -50,11 +51,11 @@ class Recorder:
             loss=loss,
             lr=lr,
             wall_s=wall,
-            compute_s=clock.compute,
+            compute_s=timer.compute,
             comm_s=comm.stats.wait_seconds,
             wan_bytes=comm.stats.bytes_sent * comm.workers,
             outer_rounds=outer_rounds,
-            utilization=clock.compute / wall if wall > 0 else 0.0,
+            utilization=timer.compute / wall if wall > 0 else 0.0,
         )
 
     def syncs(self, events: list[dict[str, Any]], *, step: int, site: int, wall: float) -> None:

@@ -30,32 +30,128 @@ __all__ = ["SiteTask", "site_main"]
 
 @dataclass(slots=True)
 class SiteTask:
-    """What every worker process needs, picklable: the config and how to build the workload."""
+    """What every worker process needs, picklable: the config, how to build the workload, and the definitions
+    of the algorithm and codec it names (so that ones registered at run time, not on import, reach the
+    worker too)."""
 
     config: Any
     workload_factory: Callable[..., Any]
     """Called as ``factory(config, worker=index, device=device, **factory_kwargs)`` inside the worker."""
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    definitions: list[Any] = field(default_factory=list)
+    """Algorithm and codec definitions to register in the worker before anything reads the registries."""
+
+    @classmethod
+    def of(cls, config: Any, workload_factory: Callable[..., Any], factory_kwargs: dict[str, Any] | None = None,
+           ) -> SiteTask:
+        from geotrain.comm.codecs.registry import get_codec_spec
+
+        return cls(config=config, workload_factory=workload_factory, factory_kwargs=dict(factory_kwargs or {}),
+                   definitions=[config.algorithm(), get_codec_spec(config.comm.codec)])
+
+
+def _register(definitions: list[Any]) -> None:
+    from geotrain.algorithms import Algorithm, register_algorithm
+    from geotrain.comm.codecs.registry import CodecSpec, register_codec
+
+    for d in definitions:
+        if isinstance(d, Algorithm):
+            register_algorithm(d)
+        elif isinstance(d, CodecSpec):
+            register_codec(d)
+
+
+def measure_step_seconds(workload: Any, *, clock: Any, repeats: int = 3) -> float:
+    """Compute seconds of one forward and backward pass on a training batch (the median of ``repeats`` after a
+    warm-up), for the settings a run chooses itself. The batch goes back to the stream, the gradients are
+    dropped and no optimizer steps, so the run trains exactly as it would have."""
+    import itertools
+    import statistics
+
+    batch = next(workload.batches)
+    workload.batches = itertools.chain([batch], workload.batches)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = clock.now()
+        workload.loss(workload.model, batch).backward()
+        times.append(clock.now() - t0)
+    workload.model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def _agree_on_step_seconds(seconds: float, comm: Any, site_pg: Any, *, site: int, workers: int) -> float:
+    """The fastest site's step time, the same number on every worker of every site: a transfer must hide
+    behind the compute of the site that waits for it first."""
+    import torch
+
+    mine = torch.tensor([seconds], dtype=torch.float64)
+    if workers > 1:  # the site's workers agree first (each talks to the other sites on its own group)
+        site_pg.allreduce([mine]).wait()
+        mine /= workers
+    votes = [0.0] * comm.sites
+    votes[site] = float(mine[0])
+    return min(comm.control_sum(votes, count_wait=False))
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def connect(config: Any, groups: Any, *, clock: Any = None) -> Any:
+    """This worker's cross-site collective: gloo on its cross-site group, wrapped in the WAN emulation when the
+    config sets a link, with the config's codec (its kernels compiled now, during setup: a first encode inside
+    the training loop would charge seconds of JIT compilation to the first sync)."""
+    import torch
+
+    from geotrain.clock import REAL_CLOCK
+    from geotrain.comm.collectives import CrossSiteComm
+    from geotrain.comm.transport import GlooTransport
+    from geotrain.wan.emulator import EmulatedWan
+
+    clock = REAL_CLOCK if clock is None else clock
+    env = groups.env
+    transport: Any = GlooTransport(groups.cross_pg, rank=env.site_rank, size=env.sites, control_pg=groups.control_pg,
+                                   clock=clock)
+    topology = config.topology()
+    if topology.emulated:
+        transport = EmulatedWan(transport, topology=topology, members=list(range(env.sites)), streams=env.workers,
+                                clock=clock)
+    comm = CrossSiteComm(transport, site_pg=groups.site_pg, local_rank=env.local_rank, workers=env.workers,
+                         codec=config.codec(), pattern=config.comm.pattern, clock=clock)
+    if comm.codec is not None:
+        comm.codec.decode(comm.codec.encode(torch.ones(4096)))
+    return comm
+
+
+def prepare(config: Any, workload: Any, comm: Any, groups: Any) -> tuple[Any, Any, list[Any]]:
+    """Choose the settings the config leaves to the run (from the measured step time, the same on every
+    worker) and build the algorithm's strategy. Returns (config as run, strategy, the choices)."""
+    from geotrain.algorithms import ModelLayout
+    from geotrain.algorithms.strategies.base import StrategyContext
+    from geotrain.algorithms.timing import choose_unset
+
+    env = groups.env
+    ctx = StrategyContext(model=workload.model, comm=comm, site_pg=groups.site_pg, workers=env.workers)
+    chosen: list[Any] = []
+    if config.algorithm().unset(config):
+        seconds = _agree_on_step_seconds(measure_step_seconds(workload, clock=comm.clock), comm, groups.site_pg,
+                                         site=env.site_rank, workers=env.workers)
+        layout = ModelLayout.of([(n, p.numel()) for n, p in workload.model.named_parameters() if p.requires_grad])
+        config, chosen = choose_unset(config, layout, step_seconds=seconds)
+    return config, config.algorithm().build(config, ctx), chosen
+
+
 def site_main(task: SiteTask) -> int:
     """Train as one worker; returns the process exit code (0 ok, 1 failed, 130 interrupted)."""
     import torch
 
-    from geotrain.algorithms import StrategyContext, build_strategy
-    from geotrain.comm.collectives import CrossSiteComm
     from geotrain.comm.groups import SiteEnv, init_groups
-    from geotrain.comm.transport import GlooTransport
     from geotrain.train.loop import train_loop
     from geotrain.train.recorder import Recorder
-    from geotrain.wan.emulator import EmulatedWan
 
     torch.set_num_threads(1)  # one thread per worker: several workers share the cores
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    _register(task.definitions)
     config = task.config
     env = SiteEnv.from_environ()
     out = Path(config.run.out)
@@ -69,30 +165,16 @@ def site_main(task: SiteTask) -> int:
         worker = env.site_rank * env.workers + env.local_rank
         workload = task.workload_factory(config, worker=worker, device=device, **task.factory_kwargs)
 
-        transport: Any = GlooTransport(groups.cross_pg, rank=env.site_rank, size=env.sites, control_pg=groups.control_pg)
-        topology = config.topology()
-        if topology.emulated:
-            transport = EmulatedWan(transport, topology=topology, members=list(range(env.sites)), streams=env.workers)
-        codec = None
-        if config.comm.codec != "fp32":
-            from geotrain.comm.codecs import get_codec
-
-            opts: dict[str, Any] = {}
-            if config.comm.block_size:
-                opts["block_size"] = config.comm.block_size
-            if config.comm.codec.startswith("topk"):
-                opts["fraction"] = config.comm.topk_fraction
-            codec = get_codec(config.comm.codec, **opts)
-            # Compile (or load from cache) the codec's kernels now, during setup: a first encode inside the
-            # training loop would charge seconds of JIT compilation to the first sync.
-            codec.decode(codec.encode(torch.ones(4096)))
-        comm = CrossSiteComm(transport, site_pg=groups.site_pg, local_rank=env.local_rank, workers=env.workers, codec=codec,
-                              pattern=config.comm.pattern)
-        ctx = StrategyContext(model=workload.model, comm=comm, site_pg=groups.site_pg, workers=env.workers)
-        strategy = build_strategy(config, ctx)
-        recorder.write("start", site=env.site_rank, worker=env.local_rank, pid=os.getpid(), steps_planned=max(1, config.run.tokens // (workload.tokens_per_batch * env.workers * env.sites)),
-                       param_bytes=4 * sum(p.numel() for p in ctx.params),
-                       payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern, meta=workload.meta or {})
+        comm = connect(config, groups)
+        config, strategy, chosen = prepare(config, workload, comm, groups)
+        ctx = strategy.ctx
+        recorder.write("start", site=env.site_rank, worker=env.local_rank, pid=os.getpid(),
+                       steps_planned=max(1, config.run.tokens // (workload.tokens_per_batch * env.workers * env.sites)),
+                       param_bytes=4 * sum(p.numel() for p in ctx.params), sync_payloads=strategy.sync_payloads(),
+                       payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern,
+                       settings=config.algorithm().describe(config),
+                       auto=[{"key": a.key, "value": a.value, "reason": a.reason} for a in chosen],
+                       meta=workload.meta or {})
 
         result = train_loop(config, workload, strategy=strategy, comm=comm, recorder=recorder,
                             site=env.site_rank, worker=worker)
@@ -148,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(GEOTRAIN_SITE_RANK=str(args.site_rank), GEOTRAIN_SITES=str(args.sites),
                       GEOTRAIN_COORDINATOR=args.coordinator)
     kwargs = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
-    return site_main(SiteTask(config=config, workload_factory=_load_factory(args.workload), factory_kwargs=kwargs))
+    return site_main(SiteTask.of(config, _load_factory(args.workload), kwargs))
 
 
 if __name__ == "__main__":

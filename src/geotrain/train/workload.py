@@ -8,7 +8,6 @@ Python API, torchrun).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,14 +86,13 @@ def prepare_corpus(config: Config, directory: Path) -> Path:
 def demo_workload(config: Config, *, worker: int, device: str = "cpu", data_dir: Path | None = None) -> Workload:
     """The byte-level GPT on a prepared corpus. ``worker`` is the worker's index in the whole run."""
     from geotrain.data.corpus import BatchSampler, eval_batches, open_corpus
-    from geotrain.models.gpt import GPTConfig, init_gpt
+    from geotrain.models.gpt import init_gpt
 
     if data_dir is None:  # under torchrun each site prepares its own copy
         data_dir = prepare_corpus(config, Path(config.run.out) / "data")
 
     m = config.model
-    # ModelConfig (torch-free) names the same fields as GPTConfig; one mapping serves the run and `geotrain sample`
-    model = init_gpt(GPTConfig(**dataclasses.asdict(m)), seed=config.run.seed)
+    model = init_gpt(m, seed=config.run.seed)
     model.to(device)
     corpus = open_corpus(data_dir)
     sampler = BatchSampler(corpus.train, batch_size=config.data.batch_size, seq_len=m.seq_len, seed=config.run.seed * 1_000_003 + worker)

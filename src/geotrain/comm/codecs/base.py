@@ -44,7 +44,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-__all__ = ["Codec", "CodecError", "HEADER_SIZE", "CODEC_IDS"]
+from geotrain.comm.codecs.layout import HEADER_SIZE, pad8
+from geotrain.comm.codecs.registry import CodecError
+
+__all__ = ["Codec", "CodecError", "HEADER_SIZE", "CODEC_IDS", "pad8"]
 
 # Views such as ``body.view(torch.float32)`` and the uint64 checksum words assume little-endian memory, which
 # holds on every platform torch ships for (x86-64, aarch64).
@@ -52,7 +55,6 @@ assert sys.byteorder == "little", "geotrain codecs assume a little-endian machin
 
 MAGIC = b"GTCP"
 VERSION = 1
-HEADER_SIZE = 48
 _HEADER = struct.Struct("<4sBBBBQIIIIQQ")
 assert _HEADER.size == HEADER_SIZE
 _CRC_OFFSET = 28
@@ -64,15 +66,6 @@ _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 # Float dtypes that encode() converts to float32 (a copy). float64 values beyond the float32 range become
 # Inf in that conversion and are then rejected like any other non-finite input.
 _CONVERTIBLE = (torch.float16, torch.bfloat16, torch.float64)
-
-
-class CodecError(ValueError):
-    """A payload that cannot be decoded, an input that cannot be encoded, or a bad codec name or option."""
-
-
-def pad8(nbytes: int) -> int:
-    """``nbytes`` rounded up to a multiple of 8, so that every body section starts 8-byte aligned."""
-    return (nbytes + 7) & ~7
 
 
 _kernels = None

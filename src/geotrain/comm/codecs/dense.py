@@ -32,14 +32,11 @@ from geotrain.comm.codecs.base import (
     Codec,
     CodecError,
     kernels,
-    pad8,
     raise_nonfinite,
 )
+from geotrain.comm.codecs.layout import DEFAULT_BLOCK, block_body_size, check_block_size, plain_body_size
 
 __all__ = ["Fp32Codec", "Bf16Codec", "Int8Codec", "Int4Codec", "Fp4Codec", "DEFAULT_BLOCK"]
-
-DEFAULT_BLOCK = 256
-"""Default block size of the blockwise quantizers (see docs/codecs.md for the error/size trade-off)."""
 
 TILE = 1 << 18
 """Values per tile of the eager loops that remain (top-k's row selection): 1 MiB of float32, large enough that
@@ -86,7 +83,7 @@ class Fp32Codec(Codec):
         return "fp32"
 
     def _body_size(self, numel: int) -> int:
-        return pad8(4 * numel)
+        return plain_body_size("fp32", numel)
 
     def _encode_body(self, x: torch.Tensor, body: torch.Tensor) -> tuple[int, int]:
         # The copy, the NaN/Inf check and the checksum in one pass.
@@ -115,7 +112,7 @@ class Bf16Codec(Codec):
         return "bf16"
 
     def _body_size(self, numel: int) -> int:
-        return pad8(2 * numel)
+        return plain_body_size("bf16", numel)
 
     def _encode_body(self, x: torch.Tensor, body: torch.Tensor) -> tuple[int, int]:
         ok, s1, s2 = kernels().encode_bf16(_array(x).view(np.int32), _array(body), SEGMENT_WORDS)
@@ -135,7 +132,7 @@ class Bf16Codec(Codec):
 class _BlockQuantizer(Codec):
     """Blockwise quantizers. Body: float32 scales [nblocks] | codes, each section zero padded to 8 bytes.
 
-    A subclass defines ``_levels`` (scale = absmax / levels), the code bytes per value and ``_kernel``, the
+    A subclass defines ``_levels`` (scale = absmax / levels) and ``_kernel``, the
     name of its kernel pair ``quantize_<kernel>`` / ``dequantize_<kernel>`` in ``_kernels``, called with the
     extra arguments ``_kernel_args``.
     """
@@ -144,16 +141,14 @@ class _BlockQuantizer(Codec):
     block_size: int
     _levels: ClassVar[float]
     _scale_max: ClassVar[float]  # _largest_scale(_levels)
-    _code_bytes_num: ClassVar[int]  # code bytes per value = num / den
-    _code_bytes_den: ClassVar[int]
     _kernel: ClassVar[str]
     _kernel_args: ClassVar[tuple] = ()
 
     def _check_block(self) -> None:
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool):
-            raise CodecError(f"block_size must be an int, got {self.block_size!r}")
-        if not 2 <= self.block_size <= 1 << 24 or self.block_size % 2:
-            raise CodecError(f"block_size must be an even number in [2, 16777216], got {self.block_size}")
+        try:
+            check_block_size(self.block_size)
+        except ValueError as exc:
+            raise CodecError(str(exc)) from None
 
     def _header_options(self) -> tuple[int, int, int, int]:
         return 0, self.block_size, 0, 0
@@ -161,14 +156,8 @@ class _BlockQuantizer(Codec):
     def _describe_options(self, value_id: int, a: int, b: int, c: int) -> str:
         return f"block_size={a}"
 
-    def _nblocks(self, numel: int) -> int:
-        return -(-numel // self.block_size)
-
-    def _code_bytes(self, numel: int) -> int:
-        return -(-numel * self._code_bytes_num // self._code_bytes_den)
-
     def _body_size(self, numel: int) -> int:
-        return pad8(4 * self._nblocks(numel)) + pad8(self._code_bytes(numel))
+        return block_body_size(self.name, numel, self.block_size)
 
     def _encode_body(self, x: torch.Tensor, body: torch.Tensor) -> tuple[int, int]:
         quantize = getattr(kernels(), f"quantize_{self._kernel}")
@@ -200,8 +189,6 @@ class Int8Codec(_BlockQuantizer):
     codec_id: ClassVar[int] = CODEC_IDS["int8"]
     _levels: ClassVar[float] = 127.0
     _scale_max: ClassVar[float] = _largest_scale(127.0)
-    _code_bytes_num: ClassVar[int] = 1
-    _code_bytes_den: ClassVar[int] = 1
     _kernel: ClassVar[str] = "int8"
 
     def __post_init__(self) -> None:
@@ -216,8 +203,6 @@ class _Nibbles(_BlockQuantizer):
     """Two 4-bit codes per byte: value 2i in the low nibble, value 2i+1 in the high nibble."""
 
     __slots__ = ()
-    _code_bytes_num: ClassVar[int] = 1
-    _code_bytes_den: ClassVar[int] = 2
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -21,28 +21,35 @@ the smallest kept magnitude of its chunk.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from geotrain.comm.codecs.base import CODEC_IDS, Codec, CodecError, codec_name_of_id, pad8, raise_nonfinite
-from geotrain.comm.codecs.dense import DEFAULT_BLOCK, TILE, Bf16Codec, Fp32Codec, Int4Codec, Int8Codec
+from geotrain.comm.codecs.dense import TILE, Bf16Codec, Fp32Codec, Int4Codec, Int8Codec
+from geotrain.comm.codecs.layout import (
+    DEFAULT_BLOCK,
+    DEFAULT_CHUNK,
+    DEFAULT_FRACTION,
+    VALUE_CODECS,
+    check_topk,
+    topk_body_size,
+    topk_index_bytes,
+    topk_k,
+    topk_kept,
+)
 
 __all__ = ["TopKCodec", "VALUE_CODECS"]
-
-VALUE_CODECS = ("fp32", "bf16", "int8", "int4")
-"""Codecs the kept values can be stored with."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TopKCodec(Codec):
     """Per-chunk top-k by magnitude: ``fraction`` of each ``chunk``, stored as indices plus encoded values."""
 
-    fraction: float = 0.01
+    fraction: float = DEFAULT_FRACTION
     """Fraction of each chunk that is kept, in (0, 1]. k = ceil(fraction * chunk)."""
-    chunk: int = 4096
+    chunk: int = DEFAULT_CHUNK
     """Values per chunk. <= 65536 stores 2-byte indices, larger chunks 4-byte indices."""
     values: str = "fp32"
     """Codec of the kept values: fp32, bf16, int8 or int4."""
@@ -54,14 +61,10 @@ class TopKCodec(Codec):
     codec_id: ClassVar[int] = CODEC_IDS["topk"]
 
     def __post_init__(self) -> None:
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
-            raise CodecError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
-        if not 0.0 < self.fraction <= 1.0 or math.isnan(self.fraction):
-            raise CodecError(f"fraction must be in (0, 1], got {self.fraction}")
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or not 1 <= self.chunk <= 1 << 30:
-            raise CodecError(f"chunk must be an int in [1, 2^30], got {self.chunk!r}")
-        if self.values not in VALUE_CODECS:
-            raise CodecError(f"values must be one of {', '.join(VALUE_CODECS)}; got {self.values!r}")
+        try:
+            check_topk(self.fraction, self.chunk, self.values)
+        except ValueError as exc:
+            raise CodecError(str(exc)) from None
         inner: Codec
         if self.values == "fp32":
             inner = Fp32Codec()
@@ -80,18 +83,13 @@ class TopKCodec(Codec):
     @property
     def k(self) -> int:
         """Entries kept per full chunk."""
-        # round() first so that fraction * chunk = 40.000000000000004 does not become 41.
-        return max(1, min(self.chunk, math.ceil(round(self.fraction * self.chunk, 9))))
-
-    def _tail_k(self, rem: int) -> int:
-        return 0 if rem == 0 else min(rem, -(-self.k * rem // self.chunk))
+        return topk_k(self.fraction, self.chunk)
 
     def _kept(self, numel: int) -> int:
-        nfull, rem = divmod(numel, self.chunk)
-        return nfull * self.k + self._tail_k(rem)
+        return topk_kept(numel, self.fraction, self.chunk)
 
     def _index_bytes(self) -> int:
-        return 2 if self.chunk <= 1 << 16 else 4
+        return topk_index_bytes(self.chunk)
 
     def _header_options(self) -> tuple[int, int, int, int]:
         block = self.block_size if self.values in ("int8", "int4") else 0
@@ -102,8 +100,8 @@ class TopKCodec(Codec):
         return f"values={values}" + (f", block_size={a}" if a else "") + f", chunk={b}, k={c}"
 
     def _body_size(self, numel: int) -> int:
-        kept = self._kept(numel)
-        return pad8(kept * self._index_bytes()) + self._inner._body_size(kept)
+        return topk_body_size(numel, fraction=self.fraction, chunk=self.chunk, values=self.values,
+                              block_size=self.block_size)
 
     def _split_body(self, body: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
         nidx = kept * self._index_bytes()
@@ -132,7 +130,7 @@ class TopKCodec(Codec):
                 torch.gather(xv, 1, pos[:r], out=vv)  # the signed values
                 iv.copy_(pos[:r])  # int64 -> int16 wraps modulo 2^16: read back as unsigned
         if rem:
-            kt = self._tail_k(rem)
+            kt = topk_kept(rem, self.fraction, self.chunk)  # rem < chunk: the tail's share
             tail = x[nfull * chunk :].view(1, rem)
             _, pos = torch.topk(tail.abs(), kt, dim=1, sorted=False)
             vals[nfull * k :] = tail.gather(1, pos)[0]

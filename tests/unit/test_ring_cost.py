@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from geotrain.topology import Link, Topology, parse_bandwidth, parse_latency, parse_link
-from geotrain.wan.model import ring_all_gather, ring_all_reduce, ring_reduce_scatter
+from geotrain.topology import ring_all_gather, ring_all_reduce, ring_reduce_scatter
 
 
 def test_ring_all_reduce_by_hand():

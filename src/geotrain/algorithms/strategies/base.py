@@ -1,0 +1,79 @@
+"""The strategy interface: the one place where training methods differ in the training loop.
+
+The training loop (``geotrain.train.loop``) calls a strategy at three visible points of every inner step:
+
+1. ``reduce_gradients()`` after ``backward()``: DDP averages gradients across sites here; DiLoCo only
+   inside the site.
+2. ``after_inner_step(step, last=...)`` after the inner optimizer has stepped: DiLoCo runs an outer round
+   every H steps here. It returns True when every site now holds the same global parameters (a sync
+   point), which is where the loop may evaluate, checkpoint or stop.
+3. ``global_parameters()``: the tensors that define the global model (for evaluation and hashing).
+
+Strategies get their process groups and the cross-site collective explicitly; none touches a default group.
+Each strategy belongs to an algorithm definition (``geotrain.algorithms``), whose ``build`` creates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from geotrain.comm.collectives import CrossSiteComm
+
+__all__ = ["Strategy", "StrategyContext"]
+
+
+@dataclass(slots=True)
+class StrategyContext:
+    """Everything a strategy may use: the model, the cross-site collective and the site group."""
+
+    model: nn.Module
+    comm: CrossSiteComm
+    site_pg: Any
+    workers: int
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+class Strategy:
+    """Base class. Subclasses override the hooks they need."""
+
+    name = "base"
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        self.ctx = ctx
+        self.outer_rounds = 0
+        """Cross-site synchronisations of the model (or, for ddp, of the gradients) so far."""
+
+    def reduce_gradients(self) -> None:
+        from geotrain.comm.flat import average_in_site
+
+        grads = [p.grad for p in self.ctx.params if p.grad is not None]
+        average_in_site(grads, self.ctx.site_pg, self.ctx.workers)
+
+    def after_inner_step(self, step: int, *, last: bool) -> bool:
+        raise NotImplementedError
+
+    def global_parameters(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.ctx.params]
+
+    def sync_payloads(self) -> list[int]:
+        """Values in each distinct cross-site sync, in turn (the whole model once; fragments for streaming)."""
+        return [sum(p.numel() for p in self.ctx.params)]
+
+    def sync_bytes_per_round(self) -> int:
+        """Bytes one worker contributes per full-model synchronisation (every payload once)."""
+        return sum(self.ctx.comm.payload_bytes(n) for n in self.sync_payloads())
+
+    def syncs_in_flight(self) -> int:
+        """Cross-site syncs still travelling, which ``close()`` would wait for (one after another: a worker's
+        transfers share one communication thread)."""
+        return 0
+
+    def close(self) -> None:
+        """Finish any in-flight communication and apply it, so the global parameters include it."""

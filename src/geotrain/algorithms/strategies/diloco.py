@@ -1,0 +1,80 @@
+"""The training code of DiLoCo (``geotrain.algorithms.diloco``): H local steps per site, then one outer step
+on the averaged pseudo-gradient.
+
+Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models", arXiv 2311.08105.
+Each site runs H steps of its inner optimizer (AdamW by default) from the global parameters θ. Its
+pseudo-gradient Δ_k = θ − θ_k is averaged across sites, and an outer SGD step with Nesterov momentum moves θ.
+
+With ``overlap=True`` the average of round t travels while round t+1 computes and is applied one round late
+(the delayed outer update of Kale et al. 2025, "Eager updates for overlapped communication and computation in
+DiLoCo"): each site starts round t+1 from the newest global θ plus its own progress of round t, so no site
+ever waits for the link unless a transfer takes longer than a whole round.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from geotrain.algorithms.strategies.base import Strategy, StrategyContext
+from geotrain.algorithms.strategies.outer import OuterOptimizer
+from geotrain.comm.collectives import Pending
+from geotrain.comm.flat import flatten, unflatten_into
+from geotrain.config import OuterConfig
+
+__all__ = ["DiLoCoStrategy"]
+
+
+class DiLoCoStrategy(Strategy):
+    name = "diloco"
+
+    def __init__(self, ctx: StrategyContext, *, outer: OuterConfig, overlap: bool = False) -> None:
+        super().__init__(ctx)
+        self.sync_every = outer.sync_every
+        self.warmup_steps = outer.warmup_steps
+        self.overlap = overlap
+        self.outer = OuterOptimizer(flatten(ctx.params), outer)
+        self.start = self.outer.params.detach().clone()  # where this site's current round began
+        self._pending: Pending | None = None
+        self._pending_plain = False
+
+    def after_inner_step(self, step: int, *, last: bool) -> bool:
+        if (step + 1) % self.sync_every and not last:
+            return False
+        self._end_round(last=last, plain=step < self.warmup_steps)
+        return True
+
+    @torch.no_grad()
+    def _end_round(self, *, last: bool, plain: bool) -> None:
+        params = self.ctx.params
+        delta = self.start - flatten(params)  # this site's pseudo-gradient for the round, (numel,)
+        pending = self.ctx.comm.all_reduce_mean(delta, key="outer")
+        if self._pending is not None:  # overlap: the previous round's average has been travelling meanwhile
+            self.outer.step(self._pending.wait(), plain=self._pending_plain)
+            self._pending = None
+        if self.overlap and not last:
+            self._pending, self._pending_plain = pending, plain
+            self.start = self.outer.params.detach() - delta  # newest global plus this site's own progress
+        else:
+            self.outer.step(pending.wait(), plain=plain)
+            self.start = self.outer.params.detach().clone()
+        unflatten_into(self.start, params)
+        self.outer_rounds += 1
+
+    def global_parameters(self) -> list[torch.Tensor]:
+        flat = self.outer.params.detach()
+        out, offset = [], 0
+        for p in self.ctx.params:
+            out.append(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+    def syncs_in_flight(self) -> int:
+        return int(self._pending is not None)
+
+    @torch.no_grad()
+    def close(self) -> None:
+        """A run stopped early (time budget) with a round in flight: apply it, so the global model has it."""
+        if self._pending is not None:
+            self.outer.step(self._pending.wait(), plain=self._pending_plain)
+            self._pending = None
+            unflatten_into(self.outer.params.detach(), self.ctx.params)

@@ -1,0 +1,210 @@
+"""How long a run takes: the one timing model behind ``geotrain plan``, every run's predicted utilization and
+the overlap settings a run chooses for itself. Pure Python and numpy (no torch).
+
+An algorithm describes its traffic as a :class:`~geotrain.algorithms.base.SyncPattern`: a sync every
+``period_steps`` inner steps, whose result is needed ``hide_steps`` inner steps after it starts. With compute
+``c`` per inner step (the slowest site's: synchronous points wait for it) and ``t`` seconds per sync, one
+period lasts
+
+    period = max(period_steps * c + max(0, t - hide_steps * c), t)
+
+because the sync hides behind ``hide_steps`` steps of compute and the link carries one sync at a time. DDP
+(every step, blocking): c + t. DiLoCo (arXiv 2311.08105), H steps then a blocking sync: H c + t; overlapped
+with the next round: max(H c, t). Streaming DiLoCo (arXiv 2501.18512), one fragment every H/P steps hidden
+behind tau steps: max(H/P c + max(0, t - tau c), t).
+
+Two terms come on top. **Stragglers**: at a blocking sync every site waits for the slowest one *in that
+period*; with each site's period time lognormal around its mean (coefficient of variation ``jitter``), a
+period costs E[max over sites] rather than the largest mean (:func:`expected_slowest`). Overlapped syncs
+absorb that spread. **The end of the run**: a run ends on one synchronised model, so a transfer that would
+have hidden behind the next round has nothing to hide behind (``Algorithm.end_exposed``).
+
+Utilization of a site is its compute over the run's wall time; the run's figure is the mean over sites, as
+``summary.json`` defines ``utilization``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from geotrain.algorithms.base import Algorithm, SyncPattern
+
+__all__ = ["RunTiming", "choose_unset", "expected_slowest", "lognormal_sigma", "period_seconds", "predict_run",
+           "run_timing", "sync_seconds"]
+
+
+def period_seconds(pattern: SyncPattern, *, step_seconds: Any, comm_seconds: Any) -> Any:
+    """Wall seconds of one sync period given the gating compute per step; element-wise on numpy arrays."""
+    c, t = step_seconds, comm_seconds
+    return np.maximum(pattern.period_steps * c + np.maximum(0.0, t - pattern.hide_steps * c), t)
+
+
+def lognormal_sigma(cv: float) -> float:
+    """The sigma of a lognormal factor with mean 1 and coefficient of variation ``cv`` (its mu is -sigma^2/2)."""
+    return math.sqrt(math.log1p(cv * cv))
+
+
+_ERF = np.frompyfunc(math.erf, 1, 1)
+
+
+def expected_slowest(means: Sequence[float], cv: float) -> float:
+    """E[max_k X_k] for independent lognormal X_k with means ``means`` and one coefficient of variation ``cv``:
+    the expected wall time of a period that waits for the slowest of several sites; ``cv = 0`` gives
+    ``max(means)``, and the result is never below it.
+
+    E[max] is the integral over x > 0 of 1 - prod_k F_k(x). Below ``lo`` (9 sigma under the largest mean, in
+    log space) the slowest site has not finished, so the integrand is 1; above ``hi`` (9 sigma over it) every
+    site has. In between the integral is taken over u = log x on a uniform grid, which keeps its accuracy
+    (about 1e-8 relative) from tiny spreads to cv of several."""
+    top = max(means)
+    if cv <= 0 or len(means) < 2 or top <= 0:
+        return float(top)
+    sigma = lognormal_sigma(cv)
+    mid = math.log(top) - sigma * sigma / 2
+    u = np.linspace(mid - 9 * sigma, mid + 9 * sigma, 4001)
+    cdf = np.ones_like(u)
+    for m in means:
+        if m > 0:
+            z = (u - (math.log(m) - sigma * sigma / 2)) / (sigma * math.sqrt(2.0))
+            cdf *= 0.5 * (1.0 + _ERF(z).astype(float))
+    f = (1.0 - cdf) * np.exp(u)
+    integral = (u[1] - u[0]) * (f.sum() - 0.5 * (f[0] + f[-1]))
+    return max(float(top), math.exp(u[0]) + float(integral))
+
+
+@dataclass(kw_only=True, slots=True)
+class RunTiming:
+    """Where a run's wall time goes, predicted."""
+
+    steps: int
+    """Inner steps of the run."""
+    syncs: int
+    """Sync periods (DiLoCo rounds, Streaming DiLoCo fragment syncs, DDP steps); 0 for one site."""
+    step_seconds: float
+    """Compute per inner step, mean over sites."""
+    slowest_step_seconds: float
+    """Compute per inner step of the slowest site, which gates every synchronous point."""
+    comm_seconds_per_sync: float
+    """Duration of one sync over the links."""
+    hidden_seconds_per_sync: float
+    """Part of it hidden behind compute."""
+    exposed_seconds_per_sync: float
+    """Part of it that stalls compute."""
+    exposed_seconds: float
+    """All exposed communication, the end of the run included."""
+    straggler_seconds: float
+    """Waiting at blocking syncs for the slowest site of each period."""
+    wall_seconds: float
+    """Predicted training wall time."""
+    utilization: float
+    """Mean over sites of compute over wall time."""
+    site_utilization: list[float] = field(default_factory=list)
+    """Each site's compute over wall time."""
+
+    @property
+    def compute_seconds(self) -> float:
+        """Compute of the mean site over the run."""
+        return self.steps * self.step_seconds
+
+
+def run_timing(
+    algorithm: Algorithm,
+    config: Any,
+    pattern: SyncPattern,
+    *,
+    steps: int,
+    step_seconds: Sequence[float],
+    comm_seconds: float,
+    jitter: float = 0.0,
+    stopped_early: bool = False,
+) -> RunTiming:
+    """Predict the timing of ``steps`` inner steps of ``algorithm`` (configured by ``config``) whose sites
+    compute ``step_seconds`` per inner step each (one figure per site, or one for all) and whose syncs take
+    ``comm_seconds`` each. ``jitter`` is the coefficient of variation of a site's compute between the loop's
+    sync points; ``stopped_early`` is a run that a wall-time budget ended at a sync point."""
+    per_site = [float(c) for c in step_seconds]
+    sites = int(config.run.sites)
+    mean_step = sum(per_site) / len(per_site)
+    gate = max(per_site)
+    syncs = algorithm.sync_periods(config, steps, stopped_early=stopped_early) if sites > 1 else 0
+    t = float(comm_seconds) if syncs else 0.0
+    period_compute = pattern.period_steps * gate
+    exposed_per_sync = float(period_seconds(pattern, step_seconds=gate, comm_seconds=t)) - period_compute
+    # period - compute loses the last bits of t when compute dwarfs it; snap such crumbs to the exact split.
+    exposed_per_sync = max(0.0, exposed_per_sync)
+    if exposed_per_sync <= 1e-9 * t:
+        exposed_per_sync = 0.0
+    elif t - exposed_per_sync <= 1e-9 * t:
+        exposed_per_sync = t
+    exposed = syncs * exposed_per_sync
+    straggler = 0.0
+    if pattern.blocking and syncs > 0 and jitter > 0:
+        # The spread is measured between the loop's sync points (round_steps); a period of period_steps steps
+        # has sqrt(round / period) times the spread if steps vary independently.
+        cv = jitter * math.sqrt(pattern.round_steps / pattern.period_steps)
+        means = [pattern.period_steps * c for c in per_site] if len(per_site) == sites else [period_compute] * sites
+        full_periods = min(syncs, int(steps // pattern.period_steps))  # a short last round is left out
+        straggler = full_periods * (expected_slowest(means, cv) - period_compute)
+    if syncs > 0:
+        exposed += algorithm.end_exposed(config, comm_seconds=t, exposed_per_sync=exposed_per_sync,
+                                         stopped_early=stopped_early)
+    wall = steps * gate + exposed + straggler
+    site_utilization = [min(1.0, steps * c / wall) if wall > 0 else 1.0 for c in per_site]
+    return RunTiming(
+        steps=steps,
+        syncs=syncs,
+        step_seconds=mean_step,
+        slowest_step_seconds=gate,
+        comm_seconds_per_sync=t,
+        hidden_seconds_per_sync=t - exposed_per_sync,
+        exposed_seconds_per_sync=exposed_per_sync,
+        exposed_seconds=exposed,
+        straggler_seconds=straggler,
+        wall_seconds=wall,
+        utilization=min(1.0, steps * mean_step / wall) if wall > 0 else 1.0,
+        site_utilization=site_utilization,
+    )
+
+
+def sync_seconds(config: Any, numel: int, *, topology: Any = None) -> float:
+    """Seconds of one sync of ``numel`` values in the run ``config`` describes: its codec, collective, links
+    and workers per site (``geotrain.comm.pattern.sync_cost``)."""
+    from geotrain.comm.pattern import resolve_pattern, sync_cost
+
+    topology = config.topology() if topology is None else topology
+    codec = config.codec()
+    pattern = resolve_pattern(config.comm.pattern, codec=codec, sites=config.run.sites)
+    return sync_cost(numel, codec=codec, pattern=pattern, links=topology.ring(),
+                     workers=config.run.workers_per_site).seconds
+
+
+def choose_unset(config: Any, layout: Any, *, step_seconds: float, topology: Any = None) -> tuple[Any, list]:
+    """``config`` with the settings it leaves unset chosen by its algorithm (``Algorithm.auto_settings``) for the
+    model ``layout`` and compute of ``step_seconds`` per inner step, and the choices with their reasons."""
+    chosen = config.algorithm().auto_settings(
+        config, layout, step_seconds=step_seconds,
+        sync_seconds=lambda cfg, numel: sync_seconds(cfg, numel, topology=topology))
+    if chosen:
+        config = config.updated({a.key: a.value for a in chosen})
+    return config, chosen
+
+
+def predict_run(config: Any, *, payloads: Sequence[int] | None, steps: int, step_seconds: Sequence[float],
+                jitter: float = 0.0, stopped_early: bool = False) -> RunTiming:
+    """The timing of the run ``config`` describes (its unset settings already chosen), from its compute per
+    inner step: what a run's summary reports as ``predicted_utilization``. ``payloads`` are the values of each
+    sync as the run's strategy sent them (None: the algorithm's pattern of the configured model)."""
+    algorithm = config.algorithm()
+    pattern = algorithm.pattern(config, config.layout())
+    if payloads:
+        pattern = type(pattern)(round_steps=pattern.round_steps, period_steps=pattern.period_steps,
+                                hide_steps=pattern.hide_steps, payloads=tuple(int(n) for n in payloads))
+    comm = sync_seconds(config, pattern.mean_payload)
+    return run_timing(algorithm, config, pattern, steps=steps, step_seconds=step_seconds, comm_seconds=comm,
+                      jitter=jitter, stopped_early=stopped_early)

@@ -1,0 +1,261 @@
+"""``summary.json``: its fields, built once from the sites' records, and the run's predicted utilization.
+
+The launcher builds a run's summary from the record files the sites wrote (``OUT/sites/siteK.jsonl``); the
+report rebuilds the same figures from ``metrics.jsonl`` when a summary is missing or partial. Both call
+:func:`run_figures`, so the two cannot disagree. Works on whatever the sites managed to write, so an
+interrupted or failed run still gets a valid partial summary (``ok: false``).
+
+Every emulated run also checks the planner's timing model: ``predicted_utilization`` comes from the
+algorithm's own definition (``geotrain.algorithms.timing.predict_run``) with the run's measured compute per
+step, and the calibration benchmark compares it with the measured ``utilization``. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "build_summary",
+    "measured_jitter",
+    "measured_step_seconds",
+    "merge_metrics",
+    "predict_from_summary",
+    "read_site_records",
+    "run_figures",
+    "write_json_atomic",
+]
+
+_DONE_KEYS = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds", "link_seconds", "wall_seconds",
+              "eval_seconds", "utilization", "outer_rounds", "collectives", "peak_bandwidth_bps",
+              "max_transfer_bytes", "round_compute_cv")
+# Step records name their figures by short keys: (record key, summary key).
+_STEP_KEYS = (("tokens", "tokens"), ("wan_bytes", "wan_bytes"), ("compute_s", "compute_seconds"),
+              ("comm_s", "comm_seconds"), ("wall_s", "wall_seconds"), ("utilization", "utilization"),
+              ("outer_rounds", "outer_rounds"))
+
+
+def read_site_records(out: Path, sites: int) -> dict[int, list[dict[str, Any]]]:
+    records: dict[int, list[dict[str, Any]]] = {}
+    for k in range(sites):
+        path = out / "sites" / f"site{k}.jsonl"
+        rows: list[dict[str, Any]] = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed process
+                if isinstance(row, dict):
+                    rows.append(row)
+        records[k] = rows
+    return records
+
+
+def _last(rows: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    for r in reversed(rows):
+        if r.get("kind") == kind:
+            return r
+    return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _site_figures(k: int, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One site's figures: from its ``done`` record (``complete: true``), else its latest ``step`` record."""
+    done = _last(rows, "done")
+    if done is not None:
+        return {"site": k, "complete": True, **{key: done.get(key) for key in _DONE_KEYS}}
+    steps = [r for r in rows if r.get("kind") == "step" and _is_number(r.get("step"))]
+    if not steps:
+        return None
+    step = max(steps, key=lambda r: r["step"])  # the latest, even if lines were written out of order
+    entry: dict[str, Any] = {"site": k, "complete": False, "steps": int(step["step"]) + 1}
+    for src, dst in _STEP_KEYS:
+        if _is_number(step.get(src)):
+            entry[dst] = step[src]
+    if "utilization" not in entry and entry.get("wall_seconds") and "compute_seconds" in entry:
+        entry["utilization"] = entry["compute_seconds"] / entry["wall_seconds"]
+    return entry
+
+
+def run_figures(records: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The figures the sites' records support, and only those (a key is absent rather than guessed):
+    ``per_site`` and the totals over sites. ``records`` maps each site to its records in file order; site 0's
+    hold the ``eval`` records."""
+    per_site = [e for k, rows in sorted(records.items()) if (e := _site_figures(k, rows)) is not None]
+    out: dict[str, Any] = {}
+    if per_site:
+        out["per_site"] = per_site
+
+    def values(key: str) -> list[Any]:
+        return [e[key] for e in per_site if _is_number(e.get(key))]
+
+    for key in ("tokens", "wan_bytes"):
+        if per_site and len(values(key)) == len(per_site):
+            out[key] = int(sum(values(key)))
+    for key, reduce in (("wall_seconds", max), ("peak_bandwidth_bps", max), ("max_transfer_bytes", max),
+                        ("outer_rounds", min)):
+        if values(key):
+            out[key] = reduce(values(key))
+    if per_site and len(values("utilization")) == len(per_site):
+        out["utilization"] = sum(values("utilization")) / len(per_site)
+    if per_site and _is_number(per_site[0].get("steps")):
+        out["steps"] = int(per_site[0]["steps"])
+    site0 = records.get(0, [])
+    done0 = _last(site0, "done") or {}
+    evals = [r for r in site0 if r.get("kind") == "eval" and _is_number(r.get("eval_loss"))]
+    if done0.get("eval_loss") is not None:
+        out["eval_loss"] = done0["eval_loss"]
+    elif evals:
+        out["eval_loss"] = max(evals, key=lambda r: (r.get("tokens") or 0, r.get("step") or 0))["eval_loss"]
+    if done0:
+        out["params_sha256"] = done0.get("params_sha256")
+        out["stopped_early"] = bool(done0.get("stopped_early"))
+    return out
+
+
+def build_summary(
+    config: dict[str, Any],
+    records: dict[int, list[dict[str, Any]]],
+    *,
+    elapsed_seconds: float,
+    ok: bool,
+    interrupted: bool = False,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The run's summary. Field names are a contract (see docs/architecture.md); add, never redefine."""
+    run = config["run"]
+    figures = run_figures(records)
+    per_site = figures.get("per_site") or [{"site": k, "complete": False, "tokens": 0, "wan_bytes": 0, "steps": 0}
+                                           for k in sorted(records)]
+    start = _last(records.get(0, []), "start") or {}
+    settings = start.get("settings") or _configured_settings(config)
+    summary = {
+        "ok": ok,
+        "interrupted": interrupted,
+        "error": error,
+        "algorithm": run["algorithm"],
+        "sites": run["sites"],
+        "workers_per_site": run["workers_per_site"],
+        "tokens": figures.get("tokens", sum(int(s.get("tokens") or 0) for s in per_site)),
+        "tokens_budget": run["tokens"],
+        "eval_loss": figures.get("eval_loss"),
+        "outer_rounds": figures.get("outer_rounds", 0),
+        "wan_bytes": figures.get("wan_bytes", sum(int(s.get("wan_bytes") or 0) for s in per_site)),
+        "wall_seconds": figures.get("wall_seconds"),
+        "elapsed_seconds": elapsed_seconds,
+        "utilization": figures.get("utilization"),
+        "peak_bandwidth_bps": figures.get("peak_bandwidth_bps"),
+        "max_transfer_bytes": figures.get("max_transfer_bytes", 0),
+        "params_sha256": figures.get("params_sha256"),
+        "stopped_early": figures.get("stopped_early", False),
+        "steps": figures.get("steps", 0),
+        # The algorithm's settings as the run used them (its start record), chosen ones included.
+        "sync_every": settings.get("sync_every"),
+        "fragments": settings.get("fragments"),
+        "overlap_steps": settings.get("overlap_steps"),
+        "overlap": settings.get("overlap"),
+        "auto_settings": start.get("auto") or [],
+        "codec": config["comm"]["codec"],
+        "collective": start.get("collective"),
+        "link": config["wan"]["link"],
+        "param_bytes": start.get("param_bytes"),
+        "payload_bytes_per_sync": start.get("payload_bytes_per_sync"),
+        "sync_payloads": start.get("sync_payloads"),
+        "model_params": (start.get("meta") or {}).get("model_params"),
+        "data": (start.get("meta") or {}).get("data"),
+        "seed": run["seed"],
+        "per_site": per_site,
+        "config": config,
+    }
+    timing = predict_from_summary(summary)
+    summary["predicted_utilization"] = None if timing is None else timing.utilization
+    return summary
+
+
+def _configured_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The algorithm's settings as the configuration gives them (a run that never started has no record of
+    the ones it would have chosen)."""
+    from geotrain.config import load_config
+    from geotrain.errors import ConfigError
+
+    try:
+        cfg = load_config(values=dict(config))
+    except (ConfigError, TypeError, ValueError):
+        return {}
+    return cfg.algorithm().describe(cfg)
+
+
+# -- the run checks the planner's timing model -------------------------------------------------------------------
+
+
+def measured_step_seconds(summary: Mapping[str, Any], *, per_site: bool = False) -> float | list[float]:
+    """Compute seconds per inner step (``per_site[*].compute_seconds / steps``): the mean over the run's
+    sites, or with ``per_site=True`` one figure per site."""
+    from geotrain.errors import ConfigError
+
+    sites = summary.get("per_site") or []
+    steps = int(summary.get("steps") or 0)
+    times = [float(s["compute_seconds"]) / steps for s in sites if steps > 0 and _is_number(s.get("compute_seconds"))]
+    if not times or len(times) != len(sites):
+        raise ConfigError("the run summary has no per-site compute times or no steps", field="per_site")
+    return times if per_site else sum(times) / len(times)
+
+
+def measured_jitter(summary: Mapping[str, Any]) -> float:
+    """The run's spread of compute time between sync points: the mean over sites of
+    ``per_site[*].round_compute_cv`` (0 when no site measured one)."""
+    cvs = [float(s["round_compute_cv"]) for s in summary.get("per_site") or [] if _is_number(s.get("round_compute_cv"))]
+    return sum(cvs) / len(cvs) if cvs else 0.0
+
+
+def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float] | None = None,
+                         jitter: float | None = None) -> Any:
+    """What the timing model predicts for the emulated run ``summary`` describes, from its measured compute
+    per step and spread (or the given ones): a ``geotrain.algorithms.timing.RunTiming``, or None for a run
+    without an emulated link, with one site, or without a finished measurement."""
+    from geotrain.algorithms.timing import predict_run
+    from geotrain.config import load_config
+    from geotrain.errors import ConfigError
+
+    tree = summary.get("config")
+    if not isinstance(tree, dict) or summary.get("link") in (None, "none") or (summary.get("sites") or 0) < 2:
+        return None
+    try:
+        config = load_config(values={k: v for k, v in tree.items()})
+        chosen = {"comm.overlap": summary.get("overlap")} if config.run.algorithm == "diloco" else {}
+        if config.run.algorithm == "streaming":
+            chosen = {"streaming.overlap_steps": summary.get("overlap_steps")}
+        config = config.updated({k: v for k, v in chosen.items() if v is not None})
+        steps = int(summary.get("steps") or 0)
+        if steps < 1:
+            return None
+        per_site = step_seconds if step_seconds is not None else measured_step_seconds(summary, per_site=True)
+        return predict_run(config, payloads=summary.get("sync_payloads"), steps=steps, step_seconds=per_site,
+                           jitter=measured_jitter(summary) if jitter is None else jitter,
+                           stopped_early=bool(summary.get("stopped_early")))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def merge_metrics(out: Path, records: dict[int, list[dict[str, Any]]]) -> None:
+    """All sites' records in one file, ordered by time."""
+    rows = [r for site_rows in records.values() for r in site_rows]
+    rows.sort(key=lambda r: r.get("time", 0.0))
+    tmp = out / "metrics.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, out / "metrics.jsonl")

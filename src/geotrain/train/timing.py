@@ -1,0 +1,69 @@
+"""A worker's timekeeping in the training loop: compute, evaluation (paused) and training wall time.
+
+``utilization = compute / wall``: compute is forward, backward, in-site averaging and the inner optimizer step;
+evaluation pauses the clock, so measurement does not dilute utilization. Time comes from a
+:class:`geotrain.clock.Clock`, so tests check these figures as exact arithmetic on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from geotrain.clock import REAL_CLOCK, Clock
+
+__all__ = ["RunTimer"]
+
+
+@dataclass(slots=True)
+class RunTimer:
+    """Where one worker's training time goes: compute, paused evaluation, and the spread of compute time
+    between sync points. Reads ``clock`` (the real one in a run, a virtual one in tests)."""
+
+    clock: Clock = REAL_CLOCK
+    start: float = field(init=False)
+    compute: float = 0.0
+    paused: float = 0.0  # evaluation time, excluded from the training wall time
+    # Compute time between consecutive sync points (Welford's running mean and sum of squared deviations):
+    # its spread is what makes a synchronous site wait for the others even when all are equally fast. Left
+    # out: the first round, whose first step (allocation, warm-up) is slow on every site at once, and any
+    # round of another length than the second (a short last round).
+    rounds: int = 0
+    round_mean: float = 0.0
+    round_m2: float = 0.0
+    _round_start: float = 0.0
+    _round_start_step: int = 0
+    _round_steps: int = -1  # -1 until the first round ends, then 0 until the second sets the length
+
+    def __post_init__(self) -> None:
+        self.start = self.clock.now()
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def wall(self) -> float:
+        """Training wall time so far: evaluation excluded."""
+        return self.clock.now() - self.start - self.paused
+
+    def end_round(self, steps_done: int) -> None:
+        """A sync point after ``steps_done`` inner steps in all."""
+        x = self.compute - self._round_start
+        length = steps_done - self._round_start_step
+        self._round_start, self._round_start_step = self.compute, steps_done
+        if self._round_steps < 0:
+            self._round_steps = 0
+            return
+        if self._round_steps == 0:
+            self._round_steps = length
+        if length != self._round_steps:
+            return
+        self.rounds += 1
+        d = x - self.round_mean
+        self.round_mean += d / self.rounds
+        self.round_m2 += d * (x - self.round_mean)
+
+    def round_cv(self) -> float | None:
+        """Coefficient of variation of the compute time between sync points (None before two rounds)."""
+        if self.rounds < 2 or self.round_mean <= 0:
+            return None
+        return math.sqrt(self.round_m2 / (self.rounds - 1)) / self.round_mean
