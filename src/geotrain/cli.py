@@ -78,9 +78,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from geotrain.train.launch import launch
+    from geotrain.train.launch import check_launch, launch
 
     config = _config_from_args(args)
+    if args.dry_run:
+        check_launch(config)
+        print(json.dumps(config.to_dict(), indent=2))
+        print(f"valid: {config.algorithm().label(config)}, codec {config.comm.codec}, {config.run.sites} sites over "
+              f"{config.wan.link}; nothing was started", file=sys.stderr)
+        return 0
     outcome = launch(config, progress=not args.quiet)
     if not args.quiet:
         _print_summary(outcome.summary)
@@ -216,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.add_argument("--out", help="output directory (default runs/latest)")
     p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the configuration and print it resolved, without starting anything")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on the same budget and compare them")

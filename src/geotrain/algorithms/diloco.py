@@ -37,7 +37,7 @@ class DiLoCo(Algorithm):
                 "overlap": bool(config.comm.overlap)}
 
     def label(self, config: Config) -> str:
-        overlap = {True: "+overlap", False: "", None: "+overlap?"}[config.comm.overlap]
+        overlap = {True: "+overlap", False: "", None: " overlap=auto"}[config.comm.overlap]
         return f"diloco H={config.outer.sync_every}{overlap}"
 
     def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:

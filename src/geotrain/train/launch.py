@@ -28,7 +28,7 @@ from geotrain.errors import ConfigError
 from geotrain.train.site import SiteTask
 from geotrain.summary import build_summary, merge_metrics, read_site_records, write_json_atomic
 
-__all__ = ["RunOutcome", "launch", "check_out_dir"]
+__all__ = ["MAX_LOCAL_WORKERS", "RunOutcome", "check_launch", "check_out_dir", "launch"]
 
 GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.25
@@ -63,6 +63,24 @@ def check_out_dir(out: Path) -> None:
             f"cannot write to output directory {str(out)!r} ({e.strerror or e}); choose another with --out",
             field="run.out",
         ) from None
+
+
+def check_launch(config: Config) -> None:
+    """What a run on this machine needs beyond a valid config, checked before anything starts: ConfigError
+    naming the field otherwise."""
+    if config.model.params is not None:
+        raise ConfigError("sets the model's size for geotrain plan only; a run's model size comes from n_layer, "
+                          "n_head, d_model and seq_len: drop model.params (or plan this file with geotrain plan)",
+                          field="model.params")
+    processes = config.run.sites * config.run.workers_per_site
+    if processes > MAX_LOCAL_WORKERS:
+        raise ConfigError(
+            f"{config.run.sites} sites x {config.run.workers_per_site} workers would start {processes:,} processes "
+            f"on this machine, more than {MAX_LOCAL_WORKERS}; lower --sites or --workers-per-site, run sites with "
+            "torchrun on real clusters, or study the run with geotrain plan", field="run.sites")
+    if config.data.path is not None and not Path(config.data.path).exists():
+        raise ConfigError(f"{config.data.path!r} does not exist; give a text file or a directory of text files, "
+                          "or leave data.path unset for Python's standard library", field="data.path")
 
 
 def _worker_entry(task: SiteTask, env: dict[str, str], log_path: str) -> None:
@@ -164,16 +182,7 @@ def launch(
     from geotrain.train.workload import demo_workload, prepare_corpus
 
     out = Path(config.run.out)
-    if config.model.params is not None:
-        raise ConfigError("sets the model's size for geotrain plan only; a run's model size comes from n_layer, "
-                          "n_head, d_model and seq_len: drop model.params (or plan this file with geotrain plan)",
-                          field="model.params")
-    processes = config.run.sites * config.run.workers_per_site
-    if processes > MAX_LOCAL_WORKERS:
-        raise ConfigError(
-            f"{config.run.sites} sites x {config.run.workers_per_site} workers would start {processes:,} processes "
-            f"on this machine, more than {MAX_LOCAL_WORKERS}; lower --sites or --workers-per-site, run sites with "
-            "torchrun on real clusters, or study the run with geotrain plan", field="run.sites")
+    check_launch(config)
     check_out_dir(out)
     for stale in ("summary.json", "metrics.jsonl", "report.html", "model.safetensors"):
         (out / stale).unlink(missing_ok=True)
