@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input (the message names the field and the fix, no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -137,29 +138,112 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+SAMPLE_MAX_BYTES = 10_000
+"""Most bytes one `geotrain sample` generates. Each byte costs a forward pass over up to seq_len bytes, and the
+small demo model loses the thread long before this."""
+# Sampling temperatures allowed besides 0 (greedy). Below 0.01 a sample is greedy in all but name, and far below
+# it logits / temperature overflow float32 into NaN probabilities; above 10 the 40 most likely bytes are about
+# equally likely, which is noise rather than a sample of the model.
+SAMPLE_TEMPERATURE_MIN, SAMPLE_TEMPERATURE_MAX = 0.01, 10.0
+_MODEL_SHAPE = ("n_layer", "n_head", "d_model", "seq_len")  # what the weights' shapes depend on
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+    """An exception's text squeezed into one line (the CLI's messages are one paragraph)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_sample_flags(args: argparse.Namespace) -> None:
+    """Check every flag before reading any file, so a typo is reported at once."""
+    if not args.prompt:
+        raise ConfigError("the prompt is empty; give some text to continue", field="--prompt")
+    if not 1 <= args.max_bytes <= SAMPLE_MAX_BYTES:
+        raise ConfigError(f"must be from 1 to {SAMPLE_MAX_BYTES} bytes, got {args.max_bytes}; for example "
+                          "--max-bytes 200", field="--max-bytes")
+    t = args.temperature
+    if not (t == 0 or SAMPLE_TEMPERATURE_MIN <= t <= SAMPLE_TEMPERATURE_MAX):  # NaN fails both tests
+        raise ConfigError(f"must be 0 (greedy: always the most likely byte) or from {SAMPLE_TEMPERATURE_MIN} to "
+                          f"{SAMPLE_TEMPERATURE_MAX:g}, got {t}; 0.8 is a good start", field="--temperature")
+    if not 0 <= args.seed < 2**64:  # the range torch.Generator.manual_seed takes without wrapping
+        raise ConfigError(f"must be from 0 to 2**64 - 1, got {args.seed}; for example --seed 0", field="--seed")
+
+
+def _gpt_config(m: dict[str, Any]) -> Any:
+    """A GPTConfig from config.json's "model" object (the run's [model] section, which names GPTConfig's fields).
+
+    Raises ValueError naming the field. GPTConfig checks the values itself; what it would not say clearly (a missing
+    size, an unknown name, a dropout that is no number) is checked here first.
+    """
+    from geotrain.models.gpt import GPTConfig
+
+    known = [f.name for f in dataclasses.fields(GPTConfig)]
+    for k in _MODEL_SHAPE:
+        if k not in m:  # GPTConfig would take its default, which the weights' shapes need not match
+            raise ValueError(f"model.{k} is missing")
+    for k in m:
+        if k not in known:
+            raise ValueError(f"model.{k} is not a model setting (known: {', '.join(known)})")
+    dropout = m.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float):
+        raise ValueError(f"model.dropout must be a number, got {dropout!r}")
+    return GPTConfig(**m)
+
+
+def _load_sample_model(run_dir: Path) -> Any:
+    """The run's GPT from DIR/config.json and DIR/model.safetensors; a ConfigError if either is damaged."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from geotrain.models.gpt import GPT, GPTConfig
+    from geotrain.models.gpt import GPT
 
-    run_dir = Path(args.dir)
     weights, cfg_path = run_dir / "model.safetensors", run_dir / "config.json"
     if not weights.is_file() or not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} holds no trained model (model.safetensors and config.json); "
                           "give the --out directory of a finished 'geotrain run'", field="DIR")
-    tree = json.loads(cfg_path.read_text(encoding="utf-8"))
-    m = tree["model"]
-    model = GPT(GPTConfig(**m))  # the run's [model] section, as config.json recorded it
-    state = load_file(str(weights))
+    again = f"train again with 'geotrain run --out {run_dir}', or give the --out directory of another finished run"
+    try:
+        tree = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise ConfigError(f"{str(cfg_path)!r} could not be read as JSON ({_one_line(e)}); {again}",
+                          field="DIR") from None
+    m = tree.get("model") if isinstance(tree, dict) else None
+    if not isinstance(m, dict):
+        raise ConfigError(f"{str(cfg_path)!r} has no \"model\" object (the run's [model] section), so the model's "
+                          f"size is unknown; {again}", field="DIR")
+    try:
+        config = _gpt_config(m)
+    except ValueError as e:
+        raise ConfigError(f"the \"model\" object in {str(cfg_path)!r} is not a valid model config ({_one_line(e)}); "
+                          f"{again}", field="DIR") from None
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{str(weights)!r} is not a readable safetensors file ({_one_line(e)}): it is empty, "
+                          f"cut short or damaged; {again}", field="DIR") from None
+    # A run that diverged saves NaN weights; sampling from them fails inside torch.multinomial.
+    bad = next((n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise ConfigError(f"{str(weights)!r} holds NaN or infinite weights (first in {bad}): the run that wrote "
+                          "it diverged; train again with 'geotrain run' and a lower learning rate "
+                          "(--set optim.lr=...)", field="DIR")
+    model = GPT(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ConfigError(f"model.safetensors does not match the run's config.json ({str(e)[:200]})", field="DIR") from None
-    model.eval()
-    prompt = args.prompt.encode("utf-8")
-    if not prompt:
-        raise ConfigError("the prompt is empty; give some text to continue", field="--prompt")
+        raise ConfigError(f"model.safetensors does not match the run's config.json ({_one_line(e, 200)}); {again}",
+                          field="DIR") from None
+    return model.eval()
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    _check_sample_flags(args)
+    model = _load_sample_model(Path(args.dir))
+    # surrogateescape gives back the bytes of an argument that was not valid UTF-8, instead of failing on them.
+    prompt = args.prompt.encode("utf-8", "surrogateescape")
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.tensor([list(prompt)], dtype=torch.long)
     out = model.generate(idx, args.max_bytes, temperature=args.temperature, generator=gen)
@@ -219,11 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample", help="continue a prompt with a run's trained demo model")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-bytes", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", metavar="DIR", help="a finished run's output directory (holds model.safetensors "
+                   "and config.json)")
+    p.add_argument("--prompt", required=True, help="text to continue (required; no default)")
+    p.add_argument("--max-bytes", type=int, default=200, metavar="N",
+                   help=f"bytes to generate after the prompt, 1 to {SAMPLE_MAX_BYTES} (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help=f"0 for greedy decoding (always the most likely byte), or {SAMPLE_TEMPERATURE_MIN} to "
+                        f"{SAMPLE_TEMPERATURE_MAX:g}: lower is safer, higher more varied; sampling keeps the 40 "
+                        "most likely bytes (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling, 0 to 2**64 - 1; the same seed gives the same text (default %(default)s)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("coordinator", help="host the cross-site store for sites launched with torchrun")

@@ -9,14 +9,16 @@ reaches the terminal but the message.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from _utils.runs import TINY
-from geotrain.cli import main
+from _utils.runs import TINY, tiny_config
+from geotrain.cli import SAMPLE_MAX_BYTES, main
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -38,6 +40,149 @@ def assert_bad_input(code: int, err: str, *words: str) -> None:
     assert err.startswith("error: ") and err.count("\n") == 1, f"message should be one paragraph: {err!r}"
     for w in words:
         assert w in err, f"{w!r} not in {err!r}"
+
+
+# ------------------------------------------------------------------------------------------------------ sample
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """The two files `geotrain run` leaves for `sample`, written directly: no training needed."""
+    from safetensors.torch import save_file
+
+    from geotrain.models.gpt import GPTConfig, init_gpt
+
+    config = tiny_config(tmp_path)
+    tree = config.to_dict()  # what launch writes to config.json: the resolved config
+    (tmp_path / "config.json").write_text(json.dumps(tree, indent=2))
+    model = init_gpt(GPTConfig(**tree["model"]), seed=0)
+    # As site.py saves them: the parameters by name, contiguous, on the CPU.
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_sample_of_a_sound_model_dir(model_dir, capsys):
+    code, out, err = run_cli(capsys, ["sample", str(model_dir), "--prompt", "def ", "--max-bytes", "20"])
+    assert code == 0, err
+    assert out.startswith("def ")
+
+
+def test_temperature_zero_is_greedy_and_ignores_the_seed(model_dir, capsys):
+    outs = []
+    for seed in ("0", "1"):
+        code, out, err = run_cli(capsys, ["sample", str(model_dir), "--prompt", "ab", "--max-bytes", "16",
+                                          "--temperature", "0", "--seed", seed])
+        assert code == 0, err
+        outs.append(out)
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "0.01"], ["--temperature", "10"], ["--max-bytes", "1"],
+                                   ["--seed", str(2**64 - 1)]], ids=["t-min", "t-max", "one-byte", "seed-max"])
+def test_sample_accepts_the_ends_of_each_range(model_dir, capsys, flags):
+    code, out, err = run_cli(capsys, ["sample", str(model_dir), "--prompt", "x", *flags])
+    assert code == 0, err
+
+
+BAD_FLAGS = [
+    ("t-negative", ["--temperature=-1"], ["--temperature", "0.01 to 10"]),
+    ("t-tiny", ["--temperature", "1e-40"], ["--temperature", "greedy"]),
+    ("t-large", ["--temperature", "11"], ["--temperature"]),
+    ("t-nan", ["--temperature", "nan"], ["--temperature", "nan"]),
+    ("t-inf", ["--temperature", "inf"], ["--temperature", "inf"]),
+    ("bytes-negative", ["--max-bytes=-1"], ["--max-bytes", f"1 to {SAMPLE_MAX_BYTES}"]),
+    ("bytes-zero", ["--max-bytes", "0"], ["--max-bytes"]),
+    ("bytes-too-many", ["--max-bytes", str(SAMPLE_MAX_BYTES + 1)], ["--max-bytes"]),
+    ("seed-negative", ["--seed=-1"], ["--seed"]),
+    ("seed-too-large", ["--seed", str(2**64)], ["--seed"]),
+    ("prompt-empty", ["--prompt="], ["--prompt"]),
+]
+
+
+@pytest.mark.parametrize("name,flags,words", BAD_FLAGS, ids=[c[0] for c in BAD_FLAGS])
+def test_sample_rejects_bad_flags(model_dir, capsys, name, flags, words):
+    code, _, err = run_cli(capsys, ["sample", str(model_dir), "--prompt", "x", *flags])
+    assert_bad_input(code, err, *words)
+
+
+def _nan_weights(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    state["wte.weight"][0, 0] = float("nan")
+    save_file(state, str(path))
+
+
+DAMAGED_WEIGHTS: list[tuple[str, Callable[[Path], None], list[str]]] = [
+    ("random-bytes", lambda p: p.write_bytes(os.urandom(4096)), ["safetensors", "damaged"]),
+    ("cut-in-half", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), ["safetensors"]),
+    ("empty", lambda p: p.write_bytes(b""), ["safetensors", "empty"]),
+    ("nan-weights", _nan_weights, ["NaN", "wte.weight", "optim.lr"]),
+]
+
+
+@pytest.mark.parametrize("name,damage,words", DAMAGED_WEIGHTS, ids=[c[0] for c in DAMAGED_WEIGHTS])
+def test_sample_of_damaged_weights(model_dir, capsys, name, damage, words):
+    damage(model_dir / "model.safetensors")
+    code, _, err = run_cli(capsys, ["sample", str(model_dir), "--prompt", "x"])
+    assert_bad_input(code, err, "DIR", "model.safetensors", "geotrain run", *words)
+
+
+def _edit_model(**fields) -> Callable[[dict], object]:
+    def edit(tree: dict) -> dict:
+        tree["model"].update(fields)
+        return tree
+
+    return edit
+
+
+def _drop_model_field(name: str) -> Callable[[dict], object]:
+    def edit(tree: dict) -> dict:
+        del tree["model"][name]
+        return tree
+
+    return edit
+
+
+BROKEN_CONFIGS: list[tuple[str, Callable[[dict], object] | str, list[str]]] = [
+    ("invalid-json", '{"model": {', ["JSON"]),
+    ("not-utf8", "\udcff", ["JSON"]),
+    ("not-an-object", lambda tree: [1, 2], ['"model"']),
+    ("no-model", lambda tree: {k: v for k, v in tree.items() if k != "model"}, ['"model"']),
+    ("model-not-an-object", lambda tree: {**tree, "model": 3}, ['"model"']),
+    ("n-layer-a-string", _edit_model(n_layer="x"), ["model.n_layer", "'x'"]),
+    ("n-layer-zero", _edit_model(n_layer=0), ["model.n_layer"]),
+    ("n-layer-missing", _drop_model_field("n_layer"), ["model.n_layer", "missing"]),
+    ("unknown-field", _edit_model(n_layers=1), ["model.n_layers", "n_layer"]),
+    ("dropout-a-string", _edit_model(dropout="x"), ["model.dropout"]),
+    ("heads-do-not-divide", _edit_model(n_head=3), ["model.n_head"]),
+    ("shape-not-the-weights", _edit_model(n_layer=2), ["does not match"]),
+]
+
+
+@pytest.mark.parametrize("name,edit,words", BROKEN_CONFIGS, ids=[c[0] for c in BROKEN_CONFIGS])
+def test_sample_of_a_broken_config_json(model_dir, capsys, name, edit, words):
+    path = model_dir / "config.json"
+    if isinstance(edit, str):
+        path.write_bytes(edit.encode("utf-8", "surrogateescape"))
+    else:
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    code, _, err = run_cli(capsys, ["sample", str(model_dir), "--prompt", "x"])
+    assert_bad_input(code, err, "DIR", "config.json", *words)
+
+
+def test_sample_without_a_model(tmp_path, capsys):
+    code, _, err = run_cli(capsys, ["sample", str(tmp_path), "--prompt", "x"])
+    assert_bad_input(code, err, "DIR", "model.safetensors")
+
+
+def test_sample_bad_input_from_a_real_process(model_dir):
+    proc = geotrain("sample", str(model_dir), "--prompt", "x", "--temperature", "nan")
+    assert proc.returncode == 2 and "--temperature" in proc.stderr and "Traceback" not in proc.stderr
+    (model_dir / "model.safetensors").write_bytes(os.urandom(1000))
+    proc = geotrain("sample", str(model_dir), "--prompt", "x")
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
 
 
 # ----------------------------------------------------------------------------------------------- run and data
