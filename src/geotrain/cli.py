@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import time
@@ -128,13 +129,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return worst if table else 1
 
 
+_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT,
+                          errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP})
+"""OSError numbers that mean "this path cannot be written" rather than "the machine is in trouble"."""
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from geotrain.report.html import write_report
+    from geotrain.report.html import REPORT_FILE, write_report
 
     run_dir = Path(args.dir)
     if not (run_dir / "summary.json").is_file():
         raise ConfigError(f"{str(run_dir)!r} holds no summary.json; give a run's output directory", field="DIR")
-    print(f"wrote {write_report(run_dir)}")
+    out = Path(args.out) if args.out else run_dir / REPORT_FILE
+    try:
+        path = write_report(run_dir, out=out)
+    except OSError as e:
+        # Errors of the path itself are the user's to fix; others (a full disk, an I/O error) are not bad input.
+        if e.errno not in _PATH_ERRNOS:
+            raise
+        # mkstemp and os.replace name a temporary file beside the report; name only a path elsewhere.
+        elsewhere = e.filename and Path(e.filename).resolve().parent != out.resolve().parent
+        reason = f"{e.strerror or e}" + (f": {e.filename}" if elsewhere else "")
+        if e.errno == errno.EISDIR:
+            reason, fix = "it is a directory", "Move it away"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"Make {str(out.parent)!r} writable (e.g. chmod u+w)"
+        elif e.errno in (errno.EEXIST, errno.ENOTDIR):  # creating the parent directories met a file
+            fix = "A part of that path is a file, not a directory: move it away"
+        else:
+            fix = "Check the path"
+        other = "choose another --out FILE" if args.out else "pass --out FILE to write the report elsewhere"
+        raise ConfigError(f"cannot write the report to {str(out)!r} ({reason}). {fix}, or {other}.",
+                          field="--out" if args.out else "DIR") from None
+    print(f"wrote {path}")
     return 0
 
 
@@ -299,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     p = sub.add_parser("report", help="render DIR/report.html again from a run's files")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="a run's output directory (the --out of 'geotrain run')")
+    p.add_argument("--out", metavar="FILE", help="where to write the report (default DIR/report.html)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample", help="continue a prompt with a run's trained demo model")

@@ -185,6 +185,55 @@ def test_sample_bad_input_from_a_real_process(model_dir):
     assert proc.stdout == ""
 
 
+# ------------------------------------------------------------------------------------------------------ report
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run directory as far as `report` needs one: a summary (the report marks what is missing)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"algorithm": "diloco", "sites": 2, "ok": True}))
+    return d
+
+
+def test_report_into_a_directory_named_report_html(run_dir, capsys):
+    (run_dir / "report.html").mkdir()  # stops root too, unlike a read-only directory
+    code, _, err = run_cli(capsys, ["report", str(run_dir)])
+    assert_bad_input(code, err, "DIR", "report.html", "directory", "--out")
+    assert (run_dir / "report.html").is_dir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["report.html", "summary.json"]  # no temporary file left
+
+
+def test_report_out_below_a_file(run_dir, capsys):
+    code, _, err = run_cli(capsys, ["report", str(run_dir), "--out", str(run_dir / "summary.json" / "r.html")])
+    assert_bad_input(code, err, "--out", "not a directory")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_report_into_a_read_only_run_dir(run_dir, capsys):
+    run_dir.chmod(0o500)
+    try:
+        code, _, err = run_cli(capsys, ["report", str(run_dir)])
+    finally:
+        run_dir.chmod(0o700)
+    assert_bad_input(code, err, "DIR", "writable", "--out")
+
+
+def test_report_out_writes_elsewhere(run_dir, tmp_path, capsys):
+    (run_dir / "report.html").mkdir()
+    out = tmp_path / "elsewhere" / "r.html"
+    code, stdout, err = run_cli(capsys, ["report", str(run_dir), "--out", str(out)])
+    assert code == 0, err
+    assert out.is_file() and "<html" in out.read_text() and str(out) in stdout
+
+
+def test_report_bad_input_from_a_real_process(run_dir):
+    (run_dir / "report.html").mkdir()
+    proc = geotrain("report", str(run_dir))
+    assert proc.returncode == 2 and "report.html" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------- run and data
 
 
