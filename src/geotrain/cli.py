@@ -279,17 +279,52 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_local_address(host: str) -> bool:
+    """Whether ``host`` names this machine: a socket can be bound to one of its addresses (on a free port)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # gaierror: a name that does not resolve
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind(sockaddr)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     """Host the cross-site rendezvous store for sites started with torchrun; ends after --hours."""
+    import torch.distributed as dist
+
     from geotrain.comm.groups import connect_store
 
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"must be a TCP port from 1 to 65535, got {args.port}; for example --port 29400",
+                          field="--port")
+    if not args.hours > 0:  # NaN fails too
+        raise ConfigError(f"must be a positive number of hours, got {args.hours}; for example --hours 72",
+                          field="--hours")
+    # The store listens on every interface; --host is where this process reaches it. An address that is not this
+    # machine's would make the store's own client retry for minutes before failing, so check it first.
+    if not _is_local_address(args.host):
+        raise ConfigError(f"{args.host!r} is not an address of this machine; use 0.0.0.0, 127.0.0.1 or this "
+                          "machine's own name or address", field="--host")
     address = f"{args.host}:{args.port}"
-    store = connect_store(address, is_server=True, timeout_s=60)
+    try:
+        store = connect_store(address, is_server=True, timeout_s=60)
+    except dist.DistNetworkError as e:
+        raise ConfigError(f"could not listen on port {args.port} ({_one_line(e, 160)}); is another coordinator "
+                          "running? Stop it or choose another --port", field="--port") from None
     print(f"geotrain coordinator listening on {address}; sites join with --coordinator HOST:{args.port}", flush=True)
     deadline = time.monotonic() + args.hours * 3600
     try:
         while time.monotonic() < deadline:
-            time.sleep(1.0)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         pass
     del store
@@ -345,9 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("coordinator", help="host the cross-site store for sites launched with torchrun")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=29400)
-    p.add_argument("--hours", type=float, default=72.0, help="stop after this long")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="an address of this machine by which the coordinator reaches its own store; the store "
+                        "listens on every interface whatever this is (default %(default)s)")
+    p.add_argument("--port", type=int, default=29400,
+                   help="TCP port of the store, 1 to 65535; sites join with --coordinator HOST:PORT "
+                        "(default %(default)s)")
+    p.add_argument("--hours", type=float, default=72.0,
+                   help="stop after this many hours, a positive number; inf runs until Ctrl+C (default %(default)s)")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("site", help="one worker of one site (what torchrun starts); see --help")

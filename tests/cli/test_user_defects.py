@@ -8,8 +8,10 @@ reaches the terminal but the message.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from _utils.runs import TINY, tiny_config
-from geotrain.cli import SAMPLE_MAX_BYTES, main
+from geotrain.cli import SAMPLE_MAX_BYTES, build_parser, main
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -232,6 +234,74 @@ def test_report_bad_input_from_a_real_process(run_dir):
     (run_dir / "report.html").mkdir()
     proc = geotrain("report", str(run_dir))
     assert proc.returncode == 2 and "report.html" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------- coordinator
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD_COORDINATOR = [
+    ("port-zero", ["--port", "0"], ["--port", "1 to 65535"]),
+    ("port-too-large", ["--port", "70000"], ["--port"]),
+    ("hours-zero", ["--hours", "0"], ["--hours", "positive"]),
+    ("hours-nan", ["--hours", "nan"], ["--hours"]),
+    ("host-not-this-machine", ["--host", "192.0.2.1"], ["--host", "192.0.2.1"]),  # TEST-NET-1: never local
+]
+
+
+@pytest.mark.parametrize("name,flags,words", BAD_COORDINATOR, ids=[c[0] for c in BAD_COORDINATOR])
+def test_coordinator_rejects_bad_flags(capsys, name, flags, words):
+    code, _, err = run_cli(capsys, ["coordinator", *flags])
+    assert_bad_input(code, err, *words)
+
+
+def test_coordinator_on_a_port_in_use(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, _, err = run_cli(capsys, ["coordinator", "--host", "127.0.0.1", "--port", str(busy.getsockname()[1])])
+    assert_bad_input(code, err, "--port", "another")
+
+
+def test_coordinator_from_a_real_process():
+    proc = geotrain("coordinator", "--port", "0")
+    assert proc.returncode == 2 and "--port" in proc.stderr and "Traceback" not in proc.stderr
+    # A clean start and stop: --hours 0.0003 is about a second.
+    proc = geotrain("coordinator", "--host", "127.0.0.1", "--port", str(_free_port()), "--hours", "0.0003")
+    assert proc.returncode == 0, proc.stderr
+    assert "listening" in proc.stdout
+
+
+# -------------------------------------------------------------------------------------------------------- help
+
+
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", ["sample", "coordinator", "report"])
+def test_every_flag_has_help_that_states_its_default(command, capsys):
+    p = _subcommand(command)
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{command} {name} has no help"
+        if action.option_strings:
+            assert "default" in action.help or "required" in action.help, f"{command} {name}: {action.help!r}"
+        if action.default is not None:
+            assert "%(default)s" in action.help, f"{command} {name} should show its default with %(default)s"
+    text = p.format_help()
+    for action in p._actions:
+        if action.default not in (None, argparse.SUPPRESS):
+            assert f"(default {action.default})" in " ".join(text.split()), action.dest
 
 
 # ----------------------------------------------------------------------------------------------- run and data
