@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input (the message names the field and the fix, no 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -152,40 +153,139 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return worst if table else 1
 
 
+_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT,
+                          errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP})
+"""OSError numbers that mean "this path cannot be written" rather than "the machine is in trouble"."""
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from geotrain.report.html import write_report
+    from geotrain.report.html import REPORT_FILE, write_report
 
     run_dir = Path(args.dir)
     if not (run_dir / "summary.json").is_file():
         raise ConfigError(f"{str(run_dir)!r} holds no summary.json; give a run's output directory", field="DIR")
-    print(f"wrote {write_report(run_dir)}")
+    out = Path(args.out) if args.out else run_dir / REPORT_FILE
+    try:
+        path = write_report(run_dir, out=out)
+    except OSError as e:
+        # Errors of the path itself are the user's to fix; others (a full disk, an I/O error) are not bad input.
+        if e.errno not in _PATH_ERRNOS:
+            raise
+        # mkstemp and os.replace name a temporary file beside the report; name only a path elsewhere.
+        elsewhere = e.filename and Path(e.filename).resolve().parent != out.resolve().parent
+        reason = f"{e.strerror or e}" + (f": {e.filename}" if elsewhere else "")
+        if e.errno == errno.EISDIR:
+            reason, fix = "it is a directory", "Move it away"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"Make {str(out.parent)!r} writable (e.g. chmod u+w)"
+        elif e.errno in (errno.EEXIST, errno.ENOTDIR):  # creating the parent directories met a file
+            fix = "A part of that path is a file, not a directory: move it away"
+        else:
+            fix = "Check the path"
+        other = "choose another --out FILE" if args.out else "pass --out FILE to write the report elsewhere"
+        raise ConfigError(f"cannot write the report to {str(out)!r} ({reason}). {fix}, or {other}.",
+                          field="--out" if args.out else "DIR") from None
+    print(f"wrote {path}")
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+SAMPLE_MAX_BYTES = 10_000
+"""Most bytes one `geotrain sample` generates. Each byte costs a forward pass over up to seq_len bytes, and the
+small demo model loses the thread long before this."""
+# Sampling temperatures allowed besides 0 (greedy). Below 0.01 a sample is greedy in all but name, and far below
+# it logits / temperature overflow float32 into NaN probabilities; above 10 the 40 most likely bytes are about
+# equally likely, which is noise rather than a sample of the model.
+SAMPLE_TEMPERATURE_MIN, SAMPLE_TEMPERATURE_MAX = 0.01, 10.0
+_MODEL_SHAPE = ("n_layer", "n_head", "d_model", "seq_len")  # what the weights' shapes depend on
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+    """An exception's text squeezed into one line (the CLI's messages are one paragraph)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_sample_flags(args: argparse.Namespace) -> None:
+    """Check every flag before reading any file, so a typo is reported at once."""
+    if not args.prompt:
+        raise ConfigError("the prompt is empty; give some text to continue", field="--prompt")
+    if not 1 <= args.max_bytes <= SAMPLE_MAX_BYTES:
+        raise ConfigError(f"must be from 1 to {SAMPLE_MAX_BYTES} bytes, got {args.max_bytes}; for example "
+                          "--max-bytes 200", field="--max-bytes")
+    t = args.temperature
+    if not (t == 0 or SAMPLE_TEMPERATURE_MIN <= t <= SAMPLE_TEMPERATURE_MAX):  # NaN fails both tests
+        raise ConfigError(f"must be 0 (greedy: always the most likely byte) or from {SAMPLE_TEMPERATURE_MIN} to "
+                          f"{SAMPLE_TEMPERATURE_MAX:g}, got {t}; 0.8 is a good start", field="--temperature")
+    if not 0 <= args.seed < 2**64:  # the range torch.Generator.manual_seed takes without wrapping
+        raise ConfigError(f"must be from 0 to 2**64 - 1, got {args.seed}; for example --seed 0", field="--seed")
+
+
+def _gpt_config(m: dict[str, Any]) -> Any:
+    """The model's config from config.json's "model" object (the run's [model] section), checked as the run
+    checked it (``geotrain.config.ModelConfig``). Raises ValueError naming the field. A missing size is refused
+    rather than defaulted: the default need not match the weights' shapes."""
+    from geotrain.config import ModelConfig, _build
+
+    for k in _MODEL_SHAPE:
+        if k not in m:
+            raise ValueError(f"model.{k} is missing")
+    return _build(ModelConfig, {k: v for k, v in m.items() if k != "params"}, "model")
+
+
+def _load_sample_model(run_dir: Path) -> Any:
+    """The run's GPT from DIR/config.json and DIR/model.safetensors; a ConfigError if either is damaged."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from geotrain.config import ModelConfig
     from geotrain.models.gpt import GPT
 
-    run_dir = Path(args.dir)
     weights, cfg_path = run_dir / "model.safetensors", run_dir / "config.json"
     if not weights.is_file() or not cfg_path.is_file():
         raise ConfigError(f"{str(run_dir)!r} holds no trained model (model.safetensors and config.json); "
                           "give the --out directory of a finished 'geotrain run'", field="DIR")
-    tree = json.loads(cfg_path.read_text(encoding="utf-8"))
-    m = tree["model"]
-    model = GPT(ModelConfig(**{k: v for k, v in m.items() if k != "params"}))  # the run's [model], from config.json
-    state = load_file(str(weights))
+    again = f"train again with 'geotrain run --out {run_dir}', or give the --out directory of another finished run"
+    try:
+        tree = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise ConfigError(f"{str(cfg_path)!r} could not be read as JSON ({_one_line(e)}); {again}",
+                          field="DIR") from None
+    m = tree.get("model") if isinstance(tree, dict) else None
+    if not isinstance(m, dict):
+        raise ConfigError(f"{str(cfg_path)!r} has no \"model\" object (the run's [model] section), so the model's "
+                          f"size is unknown; {again}", field="DIR")
+    try:
+        config = _gpt_config(m)
+    except ValueError as e:
+        raise ConfigError(f"the \"model\" object in {str(cfg_path)!r} is not a valid model config ({_one_line(e)}); "
+                          f"{again}", field="DIR") from None
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{str(weights)!r} is not a readable safetensors file ({_one_line(e)}): it is empty, "
+                          f"cut short or damaged; {again}", field="DIR") from None
+    # A run that diverged saves NaN weights; sampling from them fails inside torch.multinomial.
+    bad = next((n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise ConfigError(f"{str(weights)!r} holds NaN or infinite weights (first in {bad}): the run that wrote "
+                          "it diverged; train again with 'geotrain run' and a lower learning rate "
+                          "(--set optim.lr=...)", field="DIR")
+    model = GPT(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ConfigError(f"model.safetensors does not match the run's config.json ({str(e)[:200]})", field="DIR") from None
-    model.eval()
-    prompt = args.prompt.encode("utf-8")
-    if not prompt:
-        raise ConfigError("the prompt is empty; give some text to continue", field="--prompt")
+        raise ConfigError(f"model.safetensors does not match the run's config.json ({_one_line(e, 200)}); {again}",
+                          field="DIR") from None
+    return model.eval()
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    _check_sample_flags(args)
+    model = _load_sample_model(Path(args.dir))
+    # surrogateescape gives back the bytes of an argument that was not valid UTF-8, instead of failing on them.
+    prompt = args.prompt.encode("utf-8", "surrogateescape")
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.tensor([list(prompt)], dtype=torch.long)
     out = model.generate(idx, args.max_bytes, temperature=args.temperature, generator=gen)
@@ -194,17 +294,52 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_local_address(host: str) -> bool:
+    """Whether ``host`` names this machine: a socket can be bound to one of its addresses (on a free port)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # gaierror: a name that does not resolve
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind(sockaddr)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     """Host the cross-site rendezvous store for sites started with torchrun; ends after --hours."""
+    import torch.distributed as dist
+
     from geotrain.comm.groups import connect_store
 
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"must be a TCP port from 1 to 65535, got {args.port}; for example --port 29400",
+                          field="--port")
+    if not args.hours > 0:  # NaN fails too
+        raise ConfigError(f"must be a positive number of hours, got {args.hours}; for example --hours 72",
+                          field="--hours")
+    # The store listens on every interface; --host is where this process reaches it. An address that is not this
+    # machine's would make the store's own client retry for minutes before failing, so check it first.
+    if not _is_local_address(args.host):
+        raise ConfigError(f"{args.host!r} is not an address of this machine; use 0.0.0.0, 127.0.0.1 or this "
+                          "machine's own name or address", field="--host")
     address = f"{args.host}:{args.port}"
-    store = connect_store(address, is_server=True, timeout_s=60)
+    try:
+        store = connect_store(address, is_server=True, timeout_s=60)
+    except dist.DistNetworkError as e:
+        raise ConfigError(f"could not listen on port {args.port} ({_one_line(e, 160)}); is another coordinator "
+                          "running? Stop it or choose another --port", field="--port") from None
     print(f"geotrain coordinator listening on {address}; sites join with --coordinator HOST:{args.port}", flush=True)
     deadline = time.monotonic() + args.hours * 3600
     try:
         while time.monotonic() < deadline:
-            time.sleep(1.0)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         pass
     del store
@@ -243,21 +378,33 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     p = sub.add_parser("report", help="render DIR/report.html again from a run's files")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="a run's output directory (the --out of 'geotrain run')")
+    p.add_argument("--out", metavar="FILE", help="where to write the report (default DIR/report.html)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample", help="continue a prompt with a run's trained demo model")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-bytes", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", metavar="DIR", help="a finished run's output directory (holds model.safetensors "
+                   "and config.json)")
+    p.add_argument("--prompt", required=True, help="text to continue (required; no default)")
+    p.add_argument("--max-bytes", type=int, default=200, metavar="N",
+                   help=f"bytes to generate after the prompt, 1 to {SAMPLE_MAX_BYTES} (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help=f"0 for greedy decoding (always the most likely byte), or {SAMPLE_TEMPERATURE_MIN} to "
+                        f"{SAMPLE_TEMPERATURE_MAX:g}: lower is safer, higher more varied; sampling keeps the 40 "
+                        "most likely bytes (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling, 0 to 2**64 - 1; the same seed gives the same text (default %(default)s)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("coordinator", help="host the cross-site store for sites launched with torchrun")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=29400)
-    p.add_argument("--hours", type=float, default=72.0, help="stop after this long")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="an address of this machine by which the coordinator reaches its own store; the store "
+                        "listens on every interface whatever this is (default %(default)s)")
+    p.add_argument("--port", type=int, default=29400,
+                   help="TCP port of the store, 1 to 65535; sites join with --coordinator HOST:PORT "
+                        "(default %(default)s)")
+    p.add_argument("--hours", type=float, default=72.0,
+                   help="stop after this many hours, a positive number; inf runs until Ctrl+C (default %(default)s)")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("site", help="one worker of one site (what torchrun starts); see --help")

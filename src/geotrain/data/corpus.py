@@ -45,7 +45,9 @@ __all__ = [
     "Corpus",
     "stdlib_files",
     "load_corpus",
+    "corpus_origin",
     "save_corpus",
+    "saved_origin",
     "open_corpus",
     "BatchSampler",
     "eval_batches",
@@ -338,12 +340,52 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def save_corpus(corpus: Corpus, directory: Path) -> None:
+def corpus_origin(path: str | Path | None, *, val_fraction: float) -> dict[str, Any]:
+    """What ``load_corpus(path, val_fraction=...)`` would read, cheaply: a record to store beside a saved corpus.
+
+    Two calls give equal records (also after a round trip through JSON) while the source is unchanged: the same
+    resolved path, ``val_fraction``, and the same names, sizes and modification times of the files under it (one
+    ``stat`` per file, nothing read). For the built-in corpus it is the standard library's location and the
+    Python version, which fix its files. An edit that keeps both a file's size and its modification time (to the
+    file system's resolution) goes unnoticed; hashing every byte would notice it, but costs a full read of the
+    corpus on every run.
+    """
+    if path is None:
+        return {
+            "path": None,
+            "stdlib": sysconfig.get_paths()["stdlib"],
+            "python": "{}.{}.{}".format(*sys.version_info[:3]),
+            "val_fraction": val_fraction,
+        }
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [("", p)]
+    elif p.is_dir():
+        files = _text_files(p)  # the candidates load_corpus reads; it drops empty and binary ones by content
+    else:
+        files = []  # load_corpus will say what is wrong with the path
+    digest = hashlib.sha256()
+    for rel, file in files:
+        try:
+            st = file.stat()
+        except OSError:  # removed or unreadable since the listing; load_corpus reports it if it matters
+            continue
+        digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return {
+        "path": str(p.resolve()),
+        "files": len(files),
+        "fingerprint": digest.hexdigest(),
+        "val_fraction": val_fraction,
+    }
+
+
+def save_corpus(corpus: Corpus, directory: Path, *, origin: dict[str, Any] | None = None) -> None:
     """Write ``train.bin`` and ``val.bin`` (raw ``uint8``) and ``corpus.json`` into ``directory``.
 
     Each file is written atomically. ``corpus.json`` is written last and records the sizes and sha256 of
     both arrays, so it acts as the commit marker: ``open_corpus`` rejects a directory whose ``.bin`` files
-    do not match it (for example after a crash between the writes).
+    do not match it (for example after a crash between the writes). ``origin`` (from ``corpus_origin``) is
+    stored with them, so that a later run can tell whether the saved bytes still come from its source.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -352,6 +394,7 @@ def save_corpus(corpus: Corpus, directory: Path) -> None:
         "source": corpus.source,
         "files_train": corpus.files_train,
         "files_val": corpus.files_val,
+        "origin": origin,
     }
     for split, arr in (("train", corpus.train), ("val", corpus.val)):
         buf = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
@@ -360,6 +403,16 @@ def save_corpus(corpus: Corpus, directory: Path) -> None:
         meta[f"{split}_sha256"] = hashlib.sha256(buf).hexdigest()
     text = json.dumps(meta, indent=2) + "\n"
     _atomic_write(directory / _META, lambda f: f.write(text.encode()))
+
+
+def saved_origin(directory: Path) -> dict[str, Any] | None:
+    """The ``origin`` that ``save_corpus`` recorded in ``directory``; None if there is none or it is unreadable."""
+    try:
+        meta = json.loads((Path(directory) / _META).read_text())
+    except (OSError, ValueError):
+        return None
+    origin = meta.get("origin") if isinstance(meta, dict) else None
+    return origin if isinstance(origin, dict) else None
 
 
 def open_corpus(directory: Path, *, verify: bool = False) -> Corpus:

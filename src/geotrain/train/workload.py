@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from geotrain.config import Config, OptimConfig
+from geotrain.errors import ConfigError
 
 __all__ = ["Workload", "demo_workload", "inner_optimizer", "lr_schedule", "prepare_corpus"]
 
@@ -75,11 +76,23 @@ def _gpt_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tor
 
 
 def prepare_corpus(config: Config, directory: Path) -> Path:
-    """Read the configured corpus once and store it as memory-mappable files (raises ConfigError on bad data)."""
-    from geotrain.data.corpus import load_corpus, save_corpus
+    """Read the configured corpus once and store it as memory-mappable files (raises ConfigError on bad data).
 
-    if not (directory / "corpus.json").is_file():
-        save_corpus(load_corpus(config.data.path, val_fraction=config.data.val_fraction), directory)
+    Files already in ``directory`` are reused only if they were prepared from the same source: the same
+    ``data.path`` (resolved) and ``data.val_fraction``, with its files' names, sizes and modification times
+    unchanged (``corpus_origin``). Otherwise, as when a second run into the same --out names another --data,
+    the corpus is read and saved again.
+    """
+    from geotrain.data.corpus import corpus_origin, load_corpus, open_corpus, save_corpus, saved_origin
+
+    origin = corpus_origin(config.data.path, val_fraction=config.data.val_fraction)
+    if saved_origin(directory) == origin:
+        try:
+            open_corpus(directory)  # cheap (sizes only); catches .bin files left by a crash mid-save
+            return directory
+        except ConfigError:
+            pass
+    save_corpus(load_corpus(config.data.path, val_fraction=config.data.val_fraction), directory, origin=origin)
     return directory
 
 
