@@ -229,10 +229,9 @@ def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float
         return None
     try:
         config = load_config(values={k: v for k, v in tree.items()})
-        chosen = {"comm.overlap": summary.get("overlap")} if config.run.algorithm == "diloco" else {}
-        if config.run.algorithm == "streaming":
-            chosen = {"streaming.overlap_steps": summary.get("overlap_steps")}
-        config = config.updated({k: v for k, v in chosen.items() if v is not None})
+        # the settings the run chose itself, as its start record says
+        chosen = {a["key"]: a["value"] for a in summary.get("auto_settings") or [] if isinstance(a, dict)}
+        config = config.updated(chosen) if chosen else config
         steps = int(summary.get("steps") or 0)
         if steps < 1:
             return None
