@@ -1,0 +1,45 @@
+"""``geotrain plan --config FILE`` plans exactly the run ``geotrain run --config FILE`` does: the payload bytes
+per sync and the total WAN bytes of every shipped run configuration, counted from the definitions the run
+uses, against what the run's sites counted from the payloads they sent.
+
+The runs here are shortened (``--tokens``), read a small corpus and use no emulated link, which changes when
+bytes move but not how many; benchmarks/plan_vs_run_bench.py runs the files as shipped, links included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from geotrain.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.toml")
+                 if not p.name.startswith("plan-"))
+TOKENS = "400k"  # a few dozen steps: every file syncs several times, its last round partial or whole
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * i}\n" for i in range(4000)))
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_the_plan_of_a_run_file_counts_the_bytes_the_run_sends(path, corpus, tmp_path, capsys):
+    assert main(["plan", "--config", str(path), "--tokens", TOKENS, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    code = main(["run", "--quiet", "--config", str(path), "--tokens", TOKENS, "--link", "none",
+                 "--data", str(corpus), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    ran = json.loads((tmp_path / "summary.json").read_text())
+    assert ran["steps"] == planned["steps"]
+    assert ran["collective"] == planned["collective"]
+    assert ran["payload_bytes_per_sync"] == planned["payload_bytes_per_sync"]
+    assert ran["wan_bytes"] == planned["wan_bytes"]
+    assert ran["wan_bytes"] > 0 and sum(s["wan_bytes"] for s in ran["per_site"]) == ran["wan_bytes"]
