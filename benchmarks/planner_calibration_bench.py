@@ -1,8 +1,10 @@
 """Planner calibration: predicted against measured utilization of geotrain's own emulated runs.
 
-For each run the planner gets the run's configuration (algorithm, H, fragments, overlap, codec payload, link)
-and the run's measured compute time per inner step, and predicts utilization; the run's summary.json holds
-the measured figure. By default it reads the runs written by utilization_bench.py (ddp, diloco and streaming
+For each run the timing model the planner uses (``geotrain.algorithms.timing``, through
+``geotrain.summary.predict_from_summary``, which also writes every run's ``predicted_utilization``) gets the
+run's configuration (algorithm, H, fragments, overlap and tau as the run chose them, codec payloads, link) and
+the run's measured compute time per inner step, and predicts utilization; the run's summary.json holds the
+measured figure. By default it reads the runs written by utilization_bench.py (ddp, diloco and streaming
 at several bandwidths); --run-missing runs six short ones itself.
 
     .venv/bin/python benchmarks/planner_calibration_bench.py [--runs runs/utilization]
@@ -35,7 +37,7 @@ def main() -> None:
     p.add_argument("--wall-seconds", type=float, default=30.0)
     args = p.parse_args()
 
-    from geotrain.planner.calibrate import measured_jitter, measured_step_seconds, predict_run
+    from geotrain.summary import measured_jitter, measured_step_seconds, predict_from_summary
 
     root = Path(args.runs)
     if args.run_missing:
@@ -48,8 +50,14 @@ def main() -> None:
         s = json.loads(summary_path.read_text())
         if not s.get("ok") or s.get("link") == "none":
             continue
-        pred = predict_run(s, step_seconds=measured_step_seconds(s, per_site=True), jitter=measured_jitter(s))
-        rows.append((summary_path.parent.name, s, pred))
+        timing = predict_from_summary(s)
+        if timing is None:
+            continue
+        steps = measured_step_seconds(s, per_site=True)
+        rows.append((summary_path.parent.name, s, {
+            "step_seconds": sum(steps) / len(steps), "slowest_step_seconds": max(steps), "jitter": measured_jitter(s),
+            "predicted_utilization": timing.utilization, "measured_utilization": s["utilization"],
+            "difference_points": 100 * (timing.utilization - s["utilization"])}))
     if not rows:
         raise SystemExit(f"no finished emulated runs under {root}; run utilization_bench.py or pass --run-missing")
     lines = [

@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 from geotrain.planner.cli import add_parser, plan_output
-from geotrain.planner.config import apply_flags, build
+from geotrain.planner.config import plan_inputs
 
-WORLD = ["--model-params", "70b", "--tokens", "15t", "--sites", "3", "--power-cap", "300",
-         "--accelerators-per-site", "16384", "--link", "10gbit/30ms", "--codec", "int4", "--sync-every", "500"]
+WORLD = ["--model-params", "70b", "--tokens", "15t", "--batch-tokens", "16m", "--seq-len", "8192", "--sites", "3",
+         "--power-cap", "300", "--accelerators-per-site", "16384", "--link", "10gbit/30ms", "--codec", "int4",
+         "--sync-every", "500"]
 
 # A child process runs the subcommand exactly as geotrain's main would, through add_parser and run.
 _CHILD = """
@@ -48,7 +49,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
 def in_process(argv: list[str]) -> float:
     start = time.perf_counter()
     args = _args(argv)
-    plan_output(build(apply_flags({}, args)))
+    plan_output(plan_inputs(None, args))
     return time.perf_counter() - start
 
 
