@@ -110,20 +110,20 @@ def test_a_wall_time_budget_stops_every_site_and_worker_at_the_same_step():
 
 def test_a_run_chooses_tau_so_a_fragment_hides_and_says_why():
     """Streaming with tau unset: every site measures 0.02 s per step (its virtual compute), so tau is the fewest
-    steps covering 1.25 x T of one fragment's sync. (H=20: a fragment every 10 steps, 0.2 s, so the link is not
+    steps covering 2 x T of one fragment's sync. (H=20: a fragment every 10 steps, 0.2 s, so the link is not
     saturated by one fragment's 0.1 s sync.)"""
     config = _config(**{"run.algorithm": "streaming", "streaming.fragments": 2, "outer.sync_every": 20})
     runs = run_sites(config, step_seconds=0.02)
     t_fragment = sync_seconds(config, 72)  # each fragment is one 8x8 layer and its bias
     expected = math.ceil(HIDE_MARGIN * t_fragment / 0.02)
-    assert expected == 7  # 1.25 x (2 x (50 ms + 144 B at 10 Mbit/s)) = 0.1254 s over 0.02 s steps
+    assert expected == 11  # 2 x (2 x (50 ms + 144 B at 10 Mbit/s)) = 0.2005 s over 0.02 s steps: 10.02
     for r in runs:
         assert r.config.streaming.overlap_steps == expected
         (choice,) = r.chosen
         assert choice.key == "streaming.overlap_steps" and choice.value == expected
-        assert "0.02 s" in choice.reason and "tau=7" in choice.reason
-    # and the chosen tau hides every fragment: only the final sync of both fragments is exposed
-    assert runs[0].figures["comm_seconds"] == pytest.approx(2 * t_fragment, rel=1e-9)
+        assert "0.02 s" in choice.reason and "tau=11" in choice.reason
+    # and the chosen tau hides every fragment: only the final sync of both fragments at once is exposed
+    assert runs[0].figures["comm_seconds"] == pytest.approx(sync_seconds(config, 144), rel=1e-9)
 
 
 def test_a_run_turns_overlap_on_only_when_the_transfer_matters():

@@ -344,10 +344,10 @@ def test_streaming_merge_after_tau_steps_is_alpha_local_plus_one_minus_alpha_glo
     """Streaming DiLoCo (arXiv 2501.18512), one fragment, H = 2, tau = 1, alpha = 0.5: a sync starts after
     steps 1 and 3 and lands one step later, when the outer step moves the global fragment and the local one
     becomes 0.5 * local + 0.5 * global, keeping the step made while the sync travelled. The last step
-    synchronises at once and every site ends on the global model."""
+    synchronises every fragment at once (key "final") and every site ends on the global model."""
     model = _Params(w=[1.0, 2.0])
     # the other site's pseudo-gradients, chosen so that the averages are A[0], A[1], A[2] of the DiLoCo tests
-    comm = _TwoSites({"fragment0": [[0.6, 0.0], [-0.184, 0.417], [0.3049, -0.0652]]})
+    comm = _TwoSites({"fragment0": [[0.6, 0.0], [-0.184, 0.417]], "final": [[0.3049, -0.0652]]})
     s = _streaming(model, comm, _nesterov(sync_every=2), fragments=1, overlap_steps=1, mix_alpha=0.5)
 
     _inner(model.w, [0.1, -0.2])  # w = [0.9, 2.2]
@@ -385,7 +385,7 @@ def test_streaming_merge_after_tau_steps_is_alpha_local_plus_one_minus_alpha_glo
     _inner(model.w, [0.1, 0.1])  # w = [0.2791, 2.0482]
     assert s.after_inner_step(5, last=True) is True
     # last: synchronous; G2 - w = [0.3742 - 0.2791, 2.1134 - 2.0482] = [0.0951, 0.0652]
-    comm.check_sent("fragment0", [0.0951, 0.0652])  # average ([0.0951, 0.0652] + [0.3049, -0.0652]) / 2 = A[2]
+    comm.check_sent("final", [0.0951, 0.0652])  # average ([0.0951, 0.0652] + [0.3049, -0.0652]) / 2 = A[2]
     # global = G3 = [-0.03922, 2.10206], and the local fragment is the global one (no alpha on the last sync)
     _close(s.global_parameters()[0], _G3)
     _close(model.w, _G3)
@@ -483,7 +483,8 @@ def _streaming_in_warmup(warmup_steps: int) -> tuple[StreamingDiLoCo, _Params, _
     """
     model = _Params(w=[1.0, 2.0])
     # the second sync sends [0.05, -0.05] (below); ([0.05, -0.05] + [-0.25, 0.45]) / 2 = [-0.1, 0.2] = A[1]
-    comm = _TwoSites({"fragment0": [[0.6, 0.0], [-0.25, 0.45]]})
+    # (sent as a regular sync, or as the final one when the next step is the last)
+    comm = _TwoSites({"fragment0": [[0.6, 0.0], [-0.25, 0.45]], "final": [[-0.25, 0.45]]})
     s = _streaming(model, comm, _nesterov(sync_every=2, warmup_steps=warmup_steps),
                    fragments=1, overlap_steps=1, mix_alpha=0.5)
     for step, minus in enumerate([[0.1, -0.2], [0.1, -0.2], [0.1, -0.1]]):
@@ -522,7 +523,7 @@ def test_streaming_last_sync_within_warmup_is_plain():
 
     _inner(model.w, [0.1, 0.1])  # w = [0.55, 2.25]
     assert s.after_inner_step(3, last=True) is True
-    comm.check_sent("fragment0", [0.05, -0.05])  # [0.6, 2.2] - [0.55, 2.25]; average A[1] = [-0.1, 0.2]
+    comm.check_sent("final", [0.05, -0.05])  # [0.6, 2.2] - [0.55, 2.25]; average A[1] = [-0.1, 0.2]
     # plain, as step 3 < 100: [0.6, 2.2] - [-0.1, 0.2] = [0.7, 2.0]
     # (a first Nesterov step would give [0.6 + 0.133, 2.2 - 0.266] = [0.733, 1.934])
     _close(s.global_parameters()[0], [0.7, 2.0])

@@ -56,6 +56,9 @@ class SyncPattern:
     """Inner steps of compute one sync overlaps before the loop needs its result; 0 means it blocks."""
     payloads: tuple[int, ...]
     """Values in each distinct sync, in turn (one entry for a whole-model sync, one per fragment)."""
+    final_payload: int = 0
+    """Values synchronised in one more sync when a run reaches its last step (Streaming DiLoCo: every fragment
+    at once); 0 for none."""
 
     @property
     def blocking(self) -> bool:
@@ -130,18 +133,20 @@ class Algorithm:
     def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *,
                     stopped_early: bool = False) -> list[int]:
         """How many times each payload of ``pattern`` crosses the links in a run of ``steps`` inner steps (that
-        ended at its last step, or at a sync point when ``stopped_early``)."""
+        ended at its last step, or at a sync point when ``stopped_early``); the pattern's ``final_payload``
+        comes on top when the run reaches its last step."""
         raise NotImplementedError
 
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
         """Sync periods in a run of ``steps`` inner steps, for the timing model: the syncs on the algorithm's
-        regular schedule (a last sync of everything at the end of the run is ``end_exposed``'s)."""
+        regular schedule (the final sync of a pattern's ``final_payload`` is ``end_exposed``'s)."""
         raise NotImplementedError
 
-    def end_exposed(self, config: Config, *, comm_seconds: float, exposed_per_sync: float,
+    def end_exposed(self, config: Config, *, comm_seconds: float, final_seconds: float, exposed_per_sync: float,
                     stopped_early: bool) -> float:
         """Exposed communication the end of a run adds beyond ``exposed_per_sync`` per period: the run ends
-        on one synchronised model, so a transfer that would have hidden behind the next round cannot."""
+        on one synchronised model, so a transfer that would have hidden behind the next round cannot.
+        ``final_seconds`` is the time of the pattern's ``final_payload`` sync."""
         return 0.0
 
     # -- training ----------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class DiLoCo(Algorithm):
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
         return -(-steps // config.outer.sync_every)  # the last, partial round syncs too
 
-    def end_exposed(self, config: Config, *, comm_seconds: float, exposed_per_sync: float,
+    def end_exposed(self, config: Config, *, comm_seconds: float, final_seconds: float, exposed_per_sync: float,
                     stopped_early: bool) -> float:
         # Overlapped: the last round's transfer has no next round to hide behind.
         return comm_seconds - exposed_per_sync if config.comm.overlap else 0.0

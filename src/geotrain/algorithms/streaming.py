@@ -11,7 +11,9 @@ Douillard et al., "Streaming DiLoCo with overlapping communication", arXiv 2501.
 * A fragment's all-reduce overlaps tau inner steps (``streaming.overlap_steps``). When it lands, the
   fragment's own outer optimizer steps the global fragment, and the local fragment is merged as
   alpha * local + (1 - alpha) * global, keeping the local progress made meanwhile.
-* Left unset, tau is the fewest inner steps that the predicted transfer of one fragment hides behind.
+* At the last step every fragment is synchronised at once, in one collective, so the run ends on one model.
+* Left unset, tau is the fewest inner steps that the predicted transfer of one fragment hides behind, with
+  room for the spread of compute time between sites.
 
 Its strategy is ``geotrain.algorithms.strategies.streaming``.
 """
@@ -31,9 +33,10 @@ if TYPE_CHECKING:
 
 __all__ = ["HIDE_MARGIN", "StreamingDiLoCo", "fragment_offsets", "split_fragments"]
 
-HIDE_MARGIN = 1.25
-"""Left unset, tau covers this many times the predicted transfer of one fragment: compute time varies from
-step to step, and a transfer that just fits would stall on every slower step."""
+HIDE_MARGIN = 2.0
+"""Left unset, tau covers this many times the predicted transfer of one fragment. A fragment's sync completes
+only when the slowest site has started it, and sites drift apart by more than a step's compute as their
+speed varies: a tau that just covers the transfer stalls the faster sites at every merge."""
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -140,32 +143,31 @@ class StreamingDiLoCo(Algorithm):
 
     def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
         h, p = config.outer.sync_every, config.streaming.fragments
+        sizes = tuple(fragment_sizes(layout, p))
         return SyncPattern(round_steps=h, period_steps=h / p, hide_steps=float(config.streaming.overlap_steps or 0),
-                           payloads=tuple(fragment_sizes(layout, p)))
+                           payloads=sizes, final_payload=sum(sizes))
 
     def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *, stopped_early: bool = False) -> list[int]:
-        # Fragment p starts a sync after inner steps off + j*H (j >= 0, never after 0 steps). At the last step
-        # every fragment syncs once more, at once; a run stopped early at a sync point does not.
+        # Fragment p starts a sync after inner steps off + j*H (j >= 0, never after 0 steps), up to the step
+        # before the last (at the last step every fragment syncs at once: the pattern's final_payload) or, for
+        # a run stopped early at a sync point, up to that point.
         h = config.outer.sync_every
         last_start = steps if stopped_early else steps - 1
         counts = []
         for off in fragment_offsets(h, config.streaming.fragments):
             first = off if off > 0 else h
-            started = 0 if last_start < first else (last_start - first) // h + 1
-            counts.append(started + (0 if stopped_early else 1))
+            counts.append(0 if last_start < first else (last_start - first) // h + 1)
         return counts
 
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
         # the fragment syncs on the staggered schedule; the sync of every fragment at the end is end_exposed's
-        counts = self.sync_counts(config, config.layout(), steps, stopped_early=stopped_early)
-        return sum(counts) - (0 if stopped_early else config.streaming.fragments)
+        return sum(self.sync_counts(config, config.layout(), steps, stopped_early=stopped_early))
 
-    def end_exposed(self, config: Config, *, comm_seconds: float, exposed_per_sync: float,
+    def end_exposed(self, config: Config, *, comm_seconds: float, final_seconds: float, exposed_per_sync: float,
                     stopped_early: bool) -> float:
         if stopped_early:  # the fragment a time-budget stop finds on the link is landed at once
             return comm_seconds - exposed_per_sync
-        # At the last step every fragment is synchronised at once, one after another, to end on one model.
-        return config.streaming.fragments * comm_seconds
+        return final_seconds  # at the last step every fragment is synchronised at once, in one collective
 
     def build(self, config: Config, ctx: StrategyContext) -> Strategy:
         from geotrain.algorithms.strategies.streaming import StreamingStrategy

@@ -25,6 +25,7 @@ Utilization of a site is its compute over the run's wall time; the run's figure 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,13 +122,15 @@ def run_timing(
     steps: int,
     step_seconds: Sequence[float],
     comm_seconds: float,
+    final_seconds: float = 0.0,
     jitter: float = 0.0,
     stopped_early: bool = False,
 ) -> RunTiming:
     """Predict the timing of ``steps`` inner steps of ``algorithm`` (configured by ``config``) whose sites
     compute ``step_seconds`` per inner step each (one figure per site, or one for all) and whose syncs take
-    ``comm_seconds`` each. ``jitter`` is the coefficient of variation of a site's compute between the loop's
-    sync points; ``stopped_early`` is a run that a wall-time budget ended at a sync point."""
+    ``comm_seconds`` each (``final_seconds`` the pattern's final sync). ``jitter`` is the coefficient of
+    variation of a site's compute between the loop's sync points; ``stopped_early`` is a run that a wall-time
+    budget ended at a sync point."""
     per_site = [float(c) for c in step_seconds]
     sites = int(config.run.sites)
     mean_step = sum(per_site) / len(per_site)
@@ -152,8 +155,8 @@ def run_timing(
         full_periods = min(syncs, int(steps // pattern.period_steps))  # a short last round is left out
         straggler = full_periods * (expected_slowest(means, cv) - period_compute)
     if syncs > 0:
-        exposed += algorithm.end_exposed(config, comm_seconds=t, exposed_per_sync=exposed_per_sync,
-                                         stopped_early=stopped_early)
+        exposed += algorithm.end_exposed(config, comm_seconds=t, final_seconds=float(final_seconds),
+                                         exposed_per_sync=exposed_per_sync, stopped_early=stopped_early)
     wall = steps * gate + exposed + straggler
     site_utilization = [min(1.0, steps * c / wall) if wall > 0 else 1.0 for c in per_site]
     return RunTiming(
@@ -203,8 +206,10 @@ def predict_run(config: Any, *, payloads: Sequence[int] | None, steps: int, step
     algorithm = config.algorithm()
     pattern = algorithm.pattern(config, config.layout())
     if payloads:
-        pattern = type(pattern)(round_steps=pattern.round_steps, period_steps=pattern.period_steps,
-                                hide_steps=pattern.hide_steps, payloads=tuple(int(n) for n in payloads))
+        sizes = tuple(int(n) for n in payloads)
+        pattern = dataclasses.replace(pattern, payloads=sizes,
+                                      final_payload=sum(sizes) if pattern.final_payload else 0)
     comm = sync_seconds(config, pattern.mean_payload)
+    final = sync_seconds(config, pattern.final_payload) if pattern.final_payload else 0.0
     return run_timing(algorithm, config, pattern, steps=steps, step_seconds=step_seconds, comm_seconds=comm,
-                      jitter=jitter, stopped_early=stopped_early)
+                      final_seconds=final, jitter=jitter, stopped_early=stopped_early)

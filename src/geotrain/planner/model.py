@@ -343,11 +343,16 @@ def plan(spec: PlanSpec) -> PlanResult:
     c = max(site_c)
     steps = spec.model.steps
     mean_cost = sync_comm(spec)
-    timing = run_timing(alg, config, pattern, steps=steps, step_seconds=site_c, comm_seconds=mean_cost.seconds)
+    final_cost = sync_comm(spec, pattern.final_payload) if pattern.final_payload else None
+    timing = run_timing(alg, config, pattern, steps=steps, step_seconds=site_c, comm_seconds=mean_cost.seconds,
+                        final_seconds=final_cost.seconds if final_cost else 0.0)
 
     costs = [sync_comm(spec, n) for n in pattern.payloads]
     counts = alg.sync_counts(config, layout, steps) if k > 1 else [0] * len(pattern.payloads)
-    wan_bytes = float(k * workers * sum(n * cost.bytes_sent for n, cost in zip(counts, costs, strict=True)))
+    sent = sum(n * cost.bytes_sent for n, cost in zip(counts, costs, strict=True))
+    if final_cost is not None and k > 1:
+        sent += final_cost.bytes_sent
+    wan_bytes = float(k * workers * sent)
     codec, collective = spec.codec, spec.collective
     payload = sum(payload_bytes(n, codec=codec, pattern=collective, sites=k, workers=workers)
                   for n in pattern.payloads)
@@ -399,7 +404,7 @@ def plan(spec: PlanSpec) -> PlanResult:
         codec_bits=codec_bits,
         collective=collective,
         steps=steps,
-        syncs=sum(counts),
+        syncs=sum(counts) + (1 if final_cost is not None and k > 1 else 0),
         payload_bytes_per_sync=payload,
         compute_step_seconds=c,
         step_seconds=timing.wall_seconds / steps,

@@ -68,15 +68,12 @@ class StreamingStrategy(Strategy):
         for f in self.fragments:
             if f.pending is not None and (step >= f.due or last):
                 self._merge(f)
-            if last:
-                self._sync_now(f, plain=step < self.warmup_steps)
-            elif (step + 1 - f.offset) % self.sync_every == 0 and step + 1 >= f.offset:
+            if not last and (step + 1 - f.offset) % self.sync_every == 0 and step + 1 >= f.offset:
                 self._start(f, step)
         if last:
-            self.outer_rounds = self._rounds // len(self.fragments)
-            return True
+            self._sync_all(plain=step < self.warmup_steps)
         self.outer_rounds = self._rounds // len(self.fragments)
-        return (step + 1) % self.sync_every == 0
+        return last or (step + 1) % self.sync_every == 0
 
     @torch.no_grad()
     def _start(self, f: _Fragment, step: int) -> None:
@@ -100,13 +97,18 @@ class StreamingStrategy(Strategy):
             unflatten_into(self.alpha * flatten(f.params) + (1 - self.alpha) * global_flat, f.params)
 
     @torch.no_grad()
-    def _sync_now(self, f: _Fragment, *, plain: bool) -> None:
-        """End of training: one last synchronous sync so every site holds the same final model (a plain
-        average within the outer warm-up, as every other sync there)."""
-        delta = f.outer.params.detach() - flatten(f.params)
-        f.outer.step(self.ctx.comm.all_reduce_mean(delta, key=f"fragment{f.index}").wait(), plain=plain)
-        self._rounds += 1
-        unflatten_into(f.outer.params.detach(), f.params)
+    def _sync_all(self, *, plain: bool) -> None:
+        """End of training: every fragment synchronised at once, in one collective (P fragment syncs one after
+        another would pay the links' latency P times), so every site holds the same final model. A plain
+        average within the outer warm-up, as every other sync there."""
+        deltas = [f.outer.params.detach() - flatten(f.params) for f in self.fragments]
+        mean = self.ctx.comm.all_reduce_mean(torch.cat(deltas), key="final").wait()
+        offset = 0
+        for f, delta in zip(self.fragments, deltas, strict=True):
+            f.outer.step(mean[offset : offset + delta.numel()], plain=plain)
+            offset += delta.numel()
+            self._rounds += 1
+            unflatten_into(f.outer.params.detach(), f.params)
 
     def global_parameters(self) -> list[torch.Tensor]:
         return [v for _, v in self._views]
