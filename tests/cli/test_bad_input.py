@@ -59,6 +59,7 @@ def test_unknown_codec_is_bad_input(tmp_path, capsys):
     assert code == 2 and "comm.codec" in err and "int8" in err
 
 
+@pytest.mark.slow  # starts a process
 def test_bad_input_from_a_real_process(tmp_path):
     """The console entry point itself maps bad input to exit code 2 without a traceback."""
     proc = subprocess.run([sys.executable, "-m", "geotrain.cli", "run", "--sites", "0", "--out", str(tmp_path)],

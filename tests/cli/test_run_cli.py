@@ -11,6 +11,8 @@ import pytest
 
 from _utils.runs import TINY
 
+pytestmark = pytest.mark.slow  # starts processes
+
 CONTRACT = ["algorithm", "sites", "tokens", "eval_loss", "outer_rounds", "wan_bytes", "wall_seconds",
             "utilization", "per_site", "params_sha256", "ok"]
 

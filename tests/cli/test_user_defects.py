@@ -178,6 +178,7 @@ def test_sample_without_a_model(tmp_path, capsys):
     assert_bad_input(code, err, "DIR", "model.safetensors")
 
 
+@pytest.mark.slow  # starts a process
 def test_sample_bad_input_from_a_real_process(model_dir):
     proc = geotrain("sample", str(model_dir), "--prompt", "x", "--temperature", "nan")
     assert proc.returncode == 2 and "--temperature" in proc.stderr and "Traceback" not in proc.stderr
@@ -230,6 +231,7 @@ def test_report_out_writes_elsewhere(run_dir, tmp_path, capsys):
     assert out.is_file() and "<html" in out.read_text() and str(out) in stdout
 
 
+@pytest.mark.slow  # starts a process
 def test_report_bad_input_from_a_real_process(run_dir):
     (run_dir / "report.html").mkdir()
     proc = geotrain("report", str(run_dir))
@@ -268,6 +270,7 @@ def test_coordinator_on_a_port_in_use(capsys):
     assert_bad_input(code, err, "--port", "another")
 
 
+@pytest.mark.slow  # starts a process
 def test_coordinator_from_a_real_process():
     proc = geotrain("coordinator", "--port", "0")
     assert proc.returncode == 2 and "--port" in proc.stderr and "Traceback" not in proc.stderr

@@ -10,6 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from _utils.runs import run_tiny
+import pytest
+
+pytestmark = pytest.mark.slow  # starts processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +58,9 @@ def test_custom_model_example_trains(tmp_path):
 
 
 def test_a_wall_time_budget_stops_every_site_and_worker_at_the_same_step(tmp_path):
-    """2 sites of 2 workers each, overlapped DiLoCo, a 2 s budget on a token budget that would take minutes."""
+    """2 sites of 2 workers each, overlapped DiLoCo, a 2 s budget on a token budget that would take minutes, in
+    real processes. (When the budget stops the run is checked exactly on virtual clocks in
+    test_virtual_time.py; here only that every process stops together.)"""
     res = run_tiny(tmp_path / "budget", **{"run.sites": 2, "run.workers_per_site": 2, "run.algorithm": "diloco",
                                            "outer.sync_every": 4, "comm.overlap": True, "run.tokens": 10**8,
                                            "run.wall_seconds": 2.0})
@@ -63,4 +68,3 @@ def test_a_wall_time_budget_stops_every_site_and_worker_at_the_same_step(tmp_pat
     s = res.summary
     assert s["stopped_early"] is True
     assert len({p["steps"] for p in s["per_site"]}) == 1 and s["per_site"][0]["steps"] % 4 == 0
-    assert s["wall_seconds"] <= 2.0 + 1.0  # stops before the round that would overrun (one round's slack)

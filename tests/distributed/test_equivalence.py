@@ -9,6 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from _utils.runs import run_tiny
+import pytest
+
+pytestmark = pytest.mark.slow  # starts processes
 
 SGD = {
     "optim.name": "sgd",

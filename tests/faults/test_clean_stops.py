@@ -11,6 +11,9 @@ import time
 
 from _utils.runs import TINY, run_tiny
 from _utils.workloads import crashing_workload
+import pytest
+
+pytestmark = pytest.mark.slow  # starts processes
 
 
 def _alive(pid: int) -> bool:
@@ -71,7 +74,7 @@ def test_ctrl_c_stops_every_site_and_leaves_a_partial_summary(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 1, err
-    assert stopped_in < 10, f"site processes took {stopped_in:.1f} s to stop"
+    assert stopped_in < 20, f"site processes took {stopped_in:.1f} s to stop"  # liveness: SIGTERM, 5 s grace, SIGKILL
     assert not any(_alive(p) for p in pids), "a site process outlived the run"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] is False and summary["interrupted"] is True

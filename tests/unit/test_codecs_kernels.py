@@ -354,6 +354,7 @@ def test_invalid_scale_leaves_out_untouched(name: str) -> None:
     assert torch.equal(out, torch.full((1000,), 7.0))
 
 
+@pytest.mark.slow  # starts a process
 def test_importing_the_codecs_does_not_import_numba() -> None:
     code = "import sys, geotrain, geotrain.comm.codecs; assert 'numba' not in sys.modules, 'numba imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

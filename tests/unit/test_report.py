@@ -383,6 +383,7 @@ def test_final_table_from_summary(tmp_path: Path) -> None:
 # --- weight ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a process
 def test_report_package_does_not_import_torch_or_matplotlib_eagerly() -> None:
     code = (
         "import sys\n"
