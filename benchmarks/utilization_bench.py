@@ -30,7 +30,7 @@ from _common import RESULTS, command_line, run_variant, write_result
 BANDWIDTHS = ["2mbit", "10mbit", "50mbit", "250mbit", "10gbit"]  # from "ddp is unusable" to "ample"
 ALGORITHMS = {
     "ddp": {"run.algorithm": "ddp"},
-    "diloco": {"run.algorithm": "diloco", "outer.sync_every": 25},
+    "diloco": {"run.algorithm": "diloco", "outer.sync_every": 25, "comm.overlap": False},
     "diloco+overlap": {"run.algorithm": "diloco", "outer.sync_every": 25, "comm.overlap": True},
     "streaming+overlap": {"run.algorithm": "streaming", "outer.sync_every": 25, "streaming.fragments": 4,
                           "streaming.overlap_steps": 5, "comm.codec": "int4"},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from _utils.gloo_threads import _store
+from _utils.gloo_threads import _store, run_threads
 from geotrain.clock import VirtualClock
 from geotrain.comm.groups import SiteEnv, SiteGroups
 from geotrain.train.loop import LoopResult, train_loop
@@ -90,37 +89,25 @@ def run_sites(config: Any, *, workload: Callable[..., Workload] | None = None, s
     store = _store()
     prefix = f"sites{uuid.uuid4().hex}/"
     timeout = datetime.timedelta(seconds=timeout_s)
-    results: dict[tuple[int, int], SiteRun] = {}
-    errors: list[BaseException] = []
 
     def group(name: str, rank: int, size: int) -> Any:
         client = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timeout)
         return dist.ProcessGroupGloo(dist.PrefixStore(prefix + name, client), rank, size, timeout)
 
-    def body(site: int, local: int) -> None:
-        try:
-            torch.set_num_threads(1)
-            env = SiteEnv(site_rank=site, sites=k, local_rank=local, workers=w, coordinator="in-process")
-            groups = SiteGroups(env=env, site_pg=group(f"site{site}/", local, w),
-                                cross_pg=group(f"cross{local}/", site, k), control_pg=group(f"control{local}/", site, k),
-                                store=None)
-            factory = workload or clocked_workload
-            wl = factory(config, worker=site * w + local, clock=clocks[site], step_seconds=per_site[site])
-            comm = connect(config, groups, clock=clocks[site])
-            run_config, strategy, chosen = prepare(config, wl, comm, groups)
-            result = train_loop(run_config, wl, strategy=strategy, comm=comm, recorder=Recorder(None), site=site,
-                                worker=site * w + local)
-            comm.close()
-            results[(site, local)] = SiteRun(site, local, clocks[site], result, run_config, chosen, strategy)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
-            errors.append(e)
+    def body(site: int, local: int) -> SiteRun:
+        torch.set_num_threads(1)
+        env = SiteEnv(site_rank=site, sites=k, local_rank=local, workers=w, coordinator="in-process")
+        groups = SiteGroups(env=env, site_pg=group(f"site{site}/", local, w),
+                            cross_pg=group(f"cross{local}/", site, k), control_pg=group(f"control{local}/", site, k),
+                            store=None)
+        factory = workload or clocked_workload
+        wl = factory(config, worker=site * w + local, clock=clocks[site], step_seconds=per_site[site])
+        comm = connect(config, groups, clock=clocks[site])
+        run_config, strategy, chosen = prepare(config, wl, comm, groups)
+        result = train_loop(run_config, wl, strategy=strategy, comm=comm, recorder=Recorder(None), site=site,
+                            worker=site * w + local)
+        comm.close()
+        return SiteRun(site, local, clocks[site], result, run_config, chosen, strategy)
 
-    threads = [threading.Thread(target=body, args=(s, l), daemon=True) for s, l in itertools.product(range(k), range(w))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=timeout_s)
-    if errors:
-        raise errors[0]
-    assert not any(t.is_alive() for t in threads), "a worker did not finish in time"
-    return [results[key] for key in sorted(results)]
+    return run_threads([lambda s=s, l=l: body(s, l) for s, l in itertools.product(range(k), range(w))],
+                       timeout_s=timeout_s, what="a worker")

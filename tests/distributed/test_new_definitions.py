@@ -99,8 +99,8 @@ class Average(Algorithm):
 @pytest.fixture
 def registered(monkeypatch):
     """Register the two for one test, leaving the registries as they were afterwards."""
-    monkeypatch.setattr(algorithms, "_REGISTRY", dict(algorithms._REGISTRY))
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(algorithms, "_REGISTRY", algorithms._REGISTRY.copy())
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
     register_algorithm(Average())
     register_codec(HalfSpec())
 

@@ -8,13 +8,12 @@ module (a definition and its strategy) plus one ``register_algorithm`` line.
 
 from __future__ import annotations
 
-import difflib
-
 from geotrain.algorithms.base import Algorithm, AutoSetting, ModelLayout, SyncPattern
 from geotrain.algorithms.ddp import DDP
 from geotrain.algorithms.diloco import DiLoCo
 from geotrain.algorithms.streaming import StreamingDiLoCo
 from geotrain.errors import ConfigError
+from geotrain.registry import Registry
 
 __all__ = [
     "Algorithm",
@@ -26,15 +25,12 @@ __all__ = [
     "register_algorithm",
 ]
 
-_REGISTRY: dict[str, Algorithm] = {}
+_REGISTRY: Registry[Algorithm] = Registry("algorithm")
 
 
 def register_algorithm(algorithm: Algorithm) -> Algorithm:
     """Make ``algorithm`` known to runs, validation and the planner by its name (replacing one of that name)."""
-    if not algorithm.name or algorithm.name != algorithm.name.strip().lower():
-        raise ValueError(f"an algorithm needs a lower-case name without spaces, got {algorithm.name!r}")
-    _REGISTRY[algorithm.name] = algorithm
-    return algorithm
+    return _REGISTRY.register(algorithm.name, algorithm)
 
 
 register_algorithm(DDP())
@@ -44,15 +40,12 @@ register_algorithm(StreamingDiLoCo())
 
 def algorithm_names() -> list[str]:
     """Names of the registered algorithms, in registration order."""
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_algorithm(name: object, *, field: str = "run.algorithm") -> Algorithm:
     """The algorithm registered as ``name``, or a ConfigError naming the choices."""
-    key = str(name).strip().lower()
-    found = _REGISTRY.get(key)
+    found = _REGISTRY.find(str(name))
     if found is None:
-        close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown value {name!r}; choose one of {', '.join(_REGISTRY)}{hint}", field=field)
+        raise ConfigError(_REGISTRY.unknown(name), field=field)
     return found

@@ -11,13 +11,13 @@ them from ``[comm]`` (``comm.block_size``, ``comm.topk_fraction``) through :func
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from geotrain.comm.codecs import layout
 from geotrain.errors import ConfigError
+from geotrain.registry import Registry
 
 __all__ = [
     "CodecChoice",
@@ -135,15 +135,12 @@ class _TopK(CodecSpec):
         return TopKCodec(values=self.values, **options)
 
 
-_REGISTRY: dict[str, CodecSpec] = {}
+_REGISTRY: Registry[CodecSpec] = Registry("codec")
 
 
 def register_codec(spec: CodecSpec) -> CodecSpec:
     """Make ``spec`` known to runs, validation and the planner by its name (replacing one of that name)."""
-    if not spec.name or spec.name != spec.name.strip().lower():
-        raise ValueError(f"a codec needs a lower-case name without spaces, got {spec.name!r}")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.register(spec.name, spec)
 
 
 register_codec(_Plain("fp32", "raw float32, lossless", lossless=True))
@@ -160,7 +157,7 @@ _UNREGISTERED = {"fp4": "the E3M0 4-bit float is implemented (dense.Fp4Codec) bu
 
 def codec_names() -> list[str]:
     """Names of the registered codecs, in registration order."""
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_codec_spec(name: object, *, field: str = "comm.codec") -> CodecSpec:
@@ -170,15 +167,13 @@ def get_codec_spec(name: object, *, field: str = "comm.codec") -> CodecSpec:
     key = name.strip().lower()
     if key == "topk+fp32":
         key = "topk"  # another name of plain top-k
-    spec = _REGISTRY.get(key)
+    spec = _REGISTRY.find(key)
     if spec is not None:
         return spec
     if key in _UNREGISTERED or key.partition("+")[2] in _UNREGISTERED:
         raise CodecConfigError(f"codec {name!r} is not enabled: {_UNREGISTERED[key.partition('+')[2] or key]}",
                                field=field)
-    close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise CodecConfigError(f"unknown codec {name!r}; choose one of {', '.join(_REGISTRY)}{hint}", field=field)
+    raise CodecConfigError(_REGISTRY.unknown(name), field=field)
 
 
 @dataclass(frozen=True, slots=True)
