@@ -139,6 +139,19 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
+def _chosen(value: Any) -> str:
+    """The settings a run chose itself, ``key = value``, one after another."""
+    if not isinstance(value, list) or not value:
+        return MISSING
+    return "; ".join(f"{a.get('key')} = {a.get('value')}" for a in value if isinstance(a, dict)) or MISSING
+
+
+def _chosen_title(value: Any) -> str:
+    if not isinstance(value, list):
+        return ""
+    return " ".join(str(a.get("reason")) for a in value if isinstance(a, dict))
+
+
 # (label, summary key, formatter, tooltip) for the headline table, in display order.
 _Row = tuple[str, str, Callable[[Any], str], Callable[[Any], str] | None]
 SUMMARY_ROWS: list[_Row] = [
@@ -148,6 +161,10 @@ SUMMARY_ROWS: list[_Row] = [
     ("Link", "link", _plain, None),
     ("Codec", "codec", _plain, None),
     ("Sync every (H inner steps)", "sync_every", _plain, None),
+    ("Overlap (diloco)", "overlap", _plain, None),
+    ("Fragments P (streaming)", "fragments", _plain, None),
+    ("Overlap steps tau (streaming)", "overlap_steps", _plain, None),
+    ("Chosen by the run (hover for why)", "auto_settings", _chosen, _chosen_title),
     ("Tokens trained", "tokens", fmt_tokens, _int_title),
     ("Eval loss (final)", "eval_loss", fmt_loss, lambda v: fmt_float(v, digits=8)),
     ("Steps", "steps", _plain, None),
@@ -158,7 +175,7 @@ SUMMARY_ROWS: list[_Row] = [
     ("Peak WAN bandwidth", "peak_bandwidth_bps", fmt_bandwidth, _int_title),
     ("Wall time", "wall_seconds", fmt_seconds, _seconds_title),
     ("Utilization (mean over sites)", "utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
-    ("Planner's predicted utilization", "predicted_utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
+    ("Predicted utilization (timing model)", "predicted_utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
     ("Parameters SHA-256", "params_sha256", _plain, None),
 ]
 
