@@ -1,156 +1,344 @@
-"""Formula tests of the planner's cost model against cases computed by hand (acceptance A of issue 4)."""
+"""The planner's cost model against cases computed by hand (acceptance A of issue 4), in the run's vocabulary.
+
+A plan is built from a run configuration (``geotrain.config``): ``plan(plan_spec(load_config(values=...)))``.
+Every expected figure below is worked out in the comments from the definitions: compute 6 N B / (n F mfu),
+ring collectives (``geotrain.topology``), the codecs' exact encoded sizes (a 48-byte header, fp32 block scales
+and 8-byte aligned sections, ``geotrain.comm.codecs.layout``), steps = tokens // batch, and the end of the run.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from geotrain.config import Config, load_config
 from geotrain.errors import ConfigError
-from geotrain.planner.model import AlgorithmSpec, ModelSpec, PlanSpec, SiteSpec, plan, sync_comm
-from geotrain.planner.presets import Accelerator
-from geotrain.topology import Link, Topology
+from geotrain.planner.model import PlanSpec, plan, plan_spec, sync_comm
 
-# A toy world where the arithmetic is easy: 1e9 params, fp32 (4e9 bytes per payload), a global batch of 1e6
-# tokens, one accelerator per site at 6e15 FLOP/s peak and MFU 0.5. With 2 sites each computes 3e15 FLOPs
-# (half of 6 * 1e9 * 1e6) at 3e15 FLOP/s: exactly 1 s per inner step.
-TOY = Accelerator(name="toy", peak_flops=6e15, watts=1000.0)
+ROOT = Path(__file__).resolve().parents[2]
+
+# A toy world where the arithmetic is easy: 1e9 params sent as fp32 (a raw 4e9-byte all-reduce payload), a
+# global batch of 1e6 tokens, one accelerator per site at 6e15 FLOP/s peak and MFU 0.5. With 2 sites each
+# computes 3e15 FLOPs (half of 6 * 1e9 * 1e6) at 3e15 FLOP/s: exactly 1 s per inner step. 1e8 tokens are
+# 100 inner steps. Links of 8 Gbit/s and no latency: a 2-site ring all-reduce of 4e9 bytes is 2 steps of a
+# 2e9-byte chunk, 2 s each, so T = 4 s. Overlap settings are given explicitly (unset, a plan chooses them).
+TOY_ACCELERATORS = {"toy": {"peak_flops": 6e15, "watts": 1000.0}}
+TOY = {
+    "model.params": 10**9,
+    "model.seq_len": 1000,
+    "run.tokens": 10**8,
+    "plan.batch_tokens": 10**6,
+    "run.sites": 2,
+    "accelerators": TOY_ACCELERATORS,
+    "sites.accelerator": "toy",
+    "sites.accelerators": 1,
+    "sites.mfu": 0.5,
+    "sites.pue": 1.0,
+    "wan.link": "8gbit/0ms",
+    "comm.codec": "fp32",
+    "run.algorithm": "diloco",
+    "outer.sync_every": 10,
+    "comm.overlap": False,
+}
 
 
-def toy_spec(*, algorithm: AlgorithmSpec, sites: int = 2, bandwidth: float = 8e9, latency: float = 0.0,
-             codec: str = "fp32", tokens: float = 1e8, **site_kw) -> PlanSpec:
-    site_kw = {"accelerator": TOY, "accelerators": 1, "mfu": 0.5, "pue": 1.0} | site_kw
-    return PlanSpec(
-        model=ModelSpec(params=1e9, tokens=tokens, batch_tokens=1e6, seq_len=1000),
-        sites=[SiteSpec(name=f"s{i}", **site_kw) for i in range(sites)],
-        topology=Topology(sites=sites, default=Link(bandwidth_bps=bandwidth, latency_s=latency)),
-        algorithm=algorithm,
-        codec=codec,
-    )
+def toy_config(values: dict[str, Any] | None = None, /) -> Config:
+    """The toy world with dotted ``values`` written over it."""
+    return load_config(values=TOY | (values or {}))
+
+
+def toy_spec(values: dict[str, Any] | None = None, /) -> PlanSpec:
+    return plan_spec(toy_config(values))
+
+
+def toy_plan(values: dict[str, Any] | None = None, /):
+    return plan(toy_spec(values))
+
+
+def world_70b(values: dict[str, Any] | None = None, /) -> PlanSpec:
+    """70B on 3 sites of 1000 H100 (MFU 0.4) over 10 Gbit/s, 30 ms links; a 16M-token batch."""
+    base = {"model.params": "70b", "model.seq_len": 8192, "run.tokens": "15t", "plan.batch_tokens": "16m",
+            "run.sites": 3, "sites.accelerators": 1000, "wan.link": "10gbit/30ms", "outer.sync_every": 500,
+            "comm.codec": "int4", "comm.overlap": False}
+    return plan_spec(load_config(values=base | (values or {})))
+
+
+# -- compute ---------------------------------------------------------------------------------------------------
 
 
 def test_compute_per_step_is_six_n_b_over_achieved_flops():
-    r = plan(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10)))
-    assert r.compute_step_seconds == pytest.approx(1.0)
+    assert toy_plan().compute_step_seconds == pytest.approx(1.0)
     # 70B on 3 sites of 1000 H100 at MFU 0.4, batch 16M: 6 * 70e9 * 16e6 / 3 / (1000 * 989e12 * 0.4).
-    spec = PlanSpec(
-        model=ModelSpec(params=70e9, tokens=15e12, batch_tokens=16e6),
-        sites=[SiteSpec(name=f"s{i}", accelerator="H100", accelerators=1000) for i in range(3)],
-        topology=Topology(sites=3, default=Link(bandwidth_bps=10e9, latency_s=0.03)),
-        algorithm=AlgorithmSpec(name="diloco", sync_every=500),
-        codec="int4",
-    )
-    assert plan(spec).compute_step_seconds == pytest.approx(6 * 70e9 * 16e6 / 3 / (1000 * 989e12 * 0.4))
+    assert plan(world_70b()).compute_step_seconds == pytest.approx(6 * 70e9 * 16e6 / 3 / (1000 * 989e12 * 0.4))
+
+
+def test_measured_step_seconds_replace_the_flop_model():
+    r = toy_plan({"sites.step_seconds": 0.25})
+    assert r.compute_step_seconds == pytest.approx(0.25)
+    # DiLoCo H=10 blocking: 100 steps of 0.25 s and 10 syncs of 4 s.
+    assert r.time_to_train_seconds == pytest.approx(100 * 0.25 + 10 * 4)
+
+
+def test_steps_are_whole_batches_as_the_training_loop_counts_them():
+    # tokens // batch, not ceil: 100,999,999 tokens at 1e6 per step are 100 steps (ceil would say 101).
+    r = toy_plan({"run.tokens": 100_999_999})
+    assert r.steps == 100 and r.time_to_train_seconds == pytest.approx(140.0)
+
+
+# -- one sync over the links -----------------------------------------------------------------------------------
 
 
 def test_ring_all_reduce_time_by_hand():
-    # 3 sites, int4 payload of 70e9 params = 35e9 bytes; a ring all-reduce has 2(K-1) = 4 steps, each moving
-    # a chunk of 35e9 / 3 bytes over a 10 Gbit/s link after 30 ms of latency.
-    spec = PlanSpec(
-        model=ModelSpec(params=70e9, tokens=15e12),
-        sites=[SiteSpec(name=f"s{i}", accelerators=1000) for i in range(3)],
-        topology=Topology(sites=3, default=Link(bandwidth_bps=10e9, latency_s=0.03)),
-        algorithm=AlgorithmSpec(name="diloco", sync_every=500),
-        codec="int4",
-    )
-    expected = 4 * (0.03 + 8 * 35e9 / 3 / 10e9)  # 37.4533 s
-    assert sync_comm(spec).seconds == pytest.approx(expected)
-    assert plan(spec).comm_seconds_per_sync == pytest.approx(expected)
-    assert sync_comm(spec).bytes_sent == round(4 * 35e9 / 3)  # 2(K-1)/K of the payload leaves each site
+    # fp32 among 3 sites is a ring all-reduce of the raw 4 * 70e9 = 280e9 bytes: 2(K-1) = 4 steps, each moving
+    # a chunk of 280e9 / 3 bytes over a 10 Gbit/s link after 30 ms of latency.
+    fp32 = world_70b({"comm.codec": "fp32"})
+    expected = 4 * (0.03 + 8 * (280e9 / 3) / 10e9)  # 74.787 s
+    assert fp32.collective == "all_reduce"
+    assert sync_comm(fp32).seconds == pytest.approx(expected)
+    assert plan(fp32).comm_seconds_per_sync == pytest.approx(expected)
+    assert sync_comm(fp32).bytes_sent == round(4 * 280e9 / 3)  # 2(K-1)/K of the payload leaves each site
+
+
+def test_dense_lossy_codec_among_three_sites_reduce_scatters_at_a_ring_all_reduces_cost():
+    # int4 among 3 sites: each site cuts 70e9 values into 3 chunks of ceil(70e9 / 3) = 23,333,333,334 values
+    # and encodes each: 48 header + pad8(4 * ceil(23,333,333,334 / 256) = 4 * 91,145,834 = 364,583,336)
+    # + pad8(ceil(23,333,333,334 / 2) = 11,666,666,667 -> 11,666,666,672) = 12,031,250,056 bytes per chunk.
+    # Reduce-scatter (2 steps of one chunk) then all-gather of the re-encoded means (2 steps of one chunk):
+    # what a ring all-reduce of the 3 * 12,031,250,056-byte payload costs.
+    spec = world_70b()
+    chunk = 12_031_250_056
+    assert spec.collective == "reduce_scatter"
+    cost = sync_comm(spec)
+    assert cost.seconds == pytest.approx(4 * (0.03 + 8 * chunk / 10e9))  # 38.62 s
+    assert cost.bytes_sent == 4 * chunk
+    r = plan(spec)
+    assert r.collective == "reduce_scatter"
+    assert r.payload_bytes_per_sync == 3 * chunk
+    assert r.comm_seconds_per_sync == pytest.approx(4 * (0.03 + 8 * chunk / 10e9))
 
 
 def test_slowest_link_of_the_ring_sets_the_step():
-    spec = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10), sites=3)
-    spec.topology.overrides[(0, 2)] = Link(bandwidth_bps=1e9, latency_s=0.05)
-    # Every ring step waits for the 1 Gbit/s, 50 ms hop: 4 * (0.05 + 8 * (4e9 / 3) / 1e9).
-    assert sync_comm(spec).seconds == pytest.approx(4 * (0.05 + 8 * 4e9 / 3 / 1e9))
+    spec = toy_spec({"run.sites": 3, "wan.links": [{"between": [0, 2], "link": "1gbit/50ms"}]})
+    # The ring 0 -> 1 -> 2 -> 0 crosses the 1 Gbit/s, 50 ms link on its last hop, and every step waits for it:
+    # 4 * (0.05 + 8 * (4e9 / 3) / 1e9).
+    assert sync_comm(spec).seconds == pytest.approx(4 * (0.05 + 8 * (4e9 / 3) / 1e9))
+    # Named sites work the same way.
+    named = toy_spec({"run.sites": 3, "sites.names": ["a", "b", "c"],
+                      "wan.links": [{"between": ["c", "a"], "link": "1gbit/50ms"}]})
+    assert sync_comm(named).seconds == pytest.approx(4 * (0.05 + 8 * (4e9 / 3) / 1e9))
 
 
-# Toy links: 2 sites at 8 Gbit/s, no latency. fp32 all-reduce: 2 steps of 2e9 bytes = 2 * 2 s = 4 s.
+def test_workers_share_their_site_link():
+    # 4 workers per site each carry a quarter shard (2.5e8 values = 1e9 bytes) over the site's link, as 4
+    # streams of 2 Gbit/s: 2 steps of a 5e8-byte chunk at 2 Gbit/s = 4 s, the time of one worker with it all.
+    r = toy_plan({"run.workers_per_site": 4})
+    assert r.payload_bytes_per_sync == 1_000_000_000  # one worker's share
+    assert r.comm_seconds_per_sync == pytest.approx(4.0)
+    assert r.sites[0].bytes_per_sync == 4 * 1_000_000_000  # the site: 4 workers * 2 steps * 5e8 bytes
+    assert r.wan_bytes == pytest.approx(2 * 10 * 4e9)  # the same bytes as one worker per site
+
+
+# -- periods, overlap and the end of the run -----------------------------------------------------------------
+
+
+# The toy: 100 steps of 1 s, T = 4 s for the whole model; a fragment of P=2 (5e8 values, 2e9 bytes) takes 2 s.
 @pytest.mark.parametrize(
-    ("algorithm", "step_seconds", "utilization"),
+    ("values", "wall"),
     [
-        (AlgorithmSpec(name="ddp"), 1 + 4, 1 / 5),
-        # DDP overlap hides the all-reduce behind the backward pass, 2/3 of the step.
-        (AlgorithmSpec(name="ddp", overlap=True), 1 + (4 - 2 / 3), 1 / (1 + 4 - 2 / 3)),
-        # DiLoCo H=10: 10 s of compute then 4 s of all-reduce.
-        (AlgorithmSpec(name="diloco", sync_every=10), 14 / 10, 10 / 14),
-        # Overlapped: the 4 s hide entirely behind the next round's 10 s.
-        (AlgorithmSpec(name="diloco", sync_every=10, overlap=True), 1.0, 1.0),
-        # Overlapped but H=2: the round lasts as long as the 4 s all-reduce.
-        (AlgorithmSpec(name="diloco", sync_every=2, overlap=True), 4 / 2, 2 / 4),
-        # Streaming H=10, P=2: a fragment (2e9 bytes, 2 s) every 5 steps.
-        (AlgorithmSpec(name="streaming", sync_every=10, fragments=2), 7 / 5, 5 / 7),
-        # ... with tau=1 one second of the fragment's 2 s hides behind one inner step.
-        (AlgorithmSpec(name="streaming", sync_every=10, fragments=2, overlap_steps=1), 6 / 5, 5 / 6),
-        # ... with tau=3 all of it hides.
-        (AlgorithmSpec(name="streaming", sync_every=10, fragments=2, overlap_steps=3), 1.0, 1.0),
-        # overlap=True alone means tau=1 for streaming.
-        (AlgorithmSpec(name="streaming", sync_every=10, fragments=2, overlap=True), 6 / 5, 5 / 6),
+        # ddp: every step all-reduces: 100 * (1 + 4).
+        ({"run.algorithm": "ddp"}, 100 * (1 + 4)),
+        # DiLoCo H=10: 100 s of compute and 10 blocking syncs of 4 s.
+        ({}, 100 + 10 * 4),
+        # H=7: the last, partial round syncs too: ceil(100 / 7) = 15 syncs.
+        ({"outer.sync_every": 7}, 100 + 15 * 4),
+        # Overlapped: each 4 s sync hides behind the next round's 10 s, except the last, which ends the run.
+        ({"comm.overlap": True}, 100 + 4),
+        # Overlapped but H=2: a round lasts as long as its 4 s sync (2 s exposed in each of 50 periods); the
+        # last sync's remaining 4 - 2 s come on top.
+        ({"outer.sync_every": 2, "comm.overlap": True}, 100 + 50 * 2 + 2),
+        # Streaming H=10, P=2, tau=0: fragment 0 syncs after steps 10, 20, ..., 90 and fragment 1 after 5, 15,
+        # ..., 95: 19 blocking syncs of 2 s; at the last step both fragments sync once more, one after the
+        # other: 2 * 2 s.
+        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 0}, 100 + 19 * 2 + 4),
+        # ... with tau=1 one second of each 2 s sync hides behind one inner step.
+        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 1}, 100 + 19 * 1 + 4),
+        # ... with tau=3 all of it hides; the final syncs of both fragments still stall.
+        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 3}, 100 + 4),
     ],
-    ids=lambda x: getattr(x, "label", None),
+    ids=["ddp", "diloco", "diloco-partial-round", "diloco-overlap", "diloco-overlap-h2", "streaming-tau0",
+         "streaming-tau1", "streaming-tau3"],
 )
-def test_overlap_hiding_by_hand(algorithm, step_seconds, utilization):
-    r = plan(toy_spec(algorithm=algorithm))
-    assert r.step_seconds == pytest.approx(step_seconds)
-    assert r.utilization == pytest.approx(utilization)
+def test_overlap_hiding_by_hand(values, wall):
+    r = toy_plan(values)
+    assert r.steps == 100
+    assert r.time_to_train_seconds == pytest.approx(wall)
+    assert r.step_seconds == pytest.approx(wall / 100)
+    assert r.utilization == pytest.approx(100 / wall)
     assert r.hidden_seconds_per_sync + r.exposed_seconds_per_sync == pytest.approx(r.comm_seconds_per_sync)
 
 
+def test_overlap_on_ddp_or_streaming_is_refused():
+    # DDP needs every step's gradient before its optimizer step; streaming overlaps through tau.
+    for algorithm in ("ddp", "streaming"):
+        with pytest.raises(ConfigError) as info:
+            toy_spec({"run.algorithm": algorithm, "comm.overlap": True})
+        assert info.value.field == "comm.overlap"
+
+
 def test_streaming_cannot_outrun_its_link():
-    # 1 Gbit/s: a fragment of P=10 (4e8 bytes) takes 2 * 8 * 2e8 / 1e9 = 3.2 s but a fragment syncs every step
-    # (1 s); tau=5 would hide it, yet the link carries one fragment at a time, so a period lasts 3.2 s.
-    r = plan(toy_spec(algorithm=AlgorithmSpec(name="streaming", sync_every=10, fragments=10, overlap_steps=5),
-                      bandwidth=1e9))
+    # 1 Gbit/s, P=10: a fragment (1e8 values, 4e8 bytes) takes 2 * 8 * 2e8 / 1e9 = 3.2 s but a fragment is due
+    # every step (1 s). tau=5 would hide 3.2 s, yet the link carries one fragment at a time: a period lasts
+    # 3.2 s, 2.2 s of it exposed. Fragment 0 syncs after steps 10, ..., 90 (9), fragments 1..9 after
+    # p, p + 10, ..., p + 90 (10 each): 99 periods; then the 10 fragments' final syncs, 10 * 3.2 s.
+    r = toy_plan({"run.algorithm": "streaming", "streaming.fragments": 10, "streaming.overlap_steps": 5,
+                  "wan.link": "1gbit/0ms"})
     assert r.comm_seconds_per_sync == pytest.approx(3.2)
-    assert r.utilization == pytest.approx(1 / 3.2)
+    assert r.exposed_seconds_per_sync == pytest.approx(2.2)
+    assert r.hidden_seconds_per_sync == pytest.approx(1.0)
+    wall = 100 + 99 * 2.2 + 10 * 3.2  # 349.8 s
+    assert r.time_to_train_seconds == pytest.approx(wall)
+    assert r.utilization == pytest.approx(100 / wall)
+    assert r.syncs == 99 + 10
 
 
 def test_fragment_peak_bandwidth_is_p_times_lower():
-    # Each site sends 2(K-1)/K * 4e9 = 4e9 bytes per DiLoCo sync; in one 1 s step that is 32 Gbit/s.
-    diloco = plan(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=100)))
+    # 1000 steps. Each site sends 2(K-1)/K * 4e9 = 4e9 bytes per DiLoCo sync; in one 1 s step: 32 Gbit/s.
+    diloco = toy_plan({"run.tokens": 10**9, "outer.sync_every": 100})
     assert diloco.peak_bandwidth_bps == pytest.approx(32e9)
-    # Four fragments each send a quarter: 8 Gbit/s.
-    streaming = plan(toy_spec(algorithm=AlgorithmSpec(name="streaming", sync_every=100, fragments=4)))
+    # Four fragments (2.5e8 values, 1e9 bytes each) each send a quarter in the same one-step window: 8 Gbit/s.
+    values = {"run.tokens": 10**9, "outer.sync_every": 100, "run.algorithm": "streaming",
+              "streaming.fragments": 4, "streaming.overlap_steps": 0}
+    streaming = toy_plan(values)
     assert streaming.peak_bandwidth_bps == pytest.approx(8e9)
     assert diloco.peak_bandwidth_bps / streaming.peak_bandwidth_bps == pytest.approx(4)
-    # Total bytes are the same: streaming moves less at once, not less in all.
-    assert streaming.wan_bytes == pytest.approx(diloco.wan_bytes)
-    # Overlapped DiLoCo spreads its sync over the next H=100 steps: 0.32 Gbit/s.
-    over = plan(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=100, overlap=True)))
+    # Total bytes: DiLoCo syncs 10 times (2 sites * 10 * 4e9). Streaming syncs each fragment 10 times on its
+    # schedule (fragment 0 after steps 100..900 and at the end; fragments 1-3 after 25 + 100j, ..., 10 each,
+    # then at the end: 11): 43 fragment syncs, the same bytes as DiLoCo plus P - 1 = 3 fragments at the end.
+    assert diloco.syncs == 10 and streaming.syncs == 43
+    assert diloco.wan_bytes == pytest.approx(2 * 10 * 4e9)
+    assert streaming.wan_bytes == pytest.approx(2 * 43 * 1e9)
+    assert streaming.wan_bytes - diloco.wan_bytes == pytest.approx(2 * 3 * 1e9)
+    # Overlapped DiLoCo spreads its sync over the next H=100 steps: 0.32 Gbit/s; streaming with tau=5 over 5.
+    over = toy_plan({"run.tokens": 10**9, "outer.sync_every": 100, "comm.overlap": True})
     assert over.peak_bandwidth_bps == pytest.approx(0.32e9)
+    assert toy_plan(values | {"streaming.overlap_steps": 5}).peak_bandwidth_bps == pytest.approx(8e9 / 5)
 
 
 def test_wan_bytes_and_time_to_train():
-    # 1e8 tokens at 1e6 per step: 100 steps, 10 DiLoCo syncs, each site sending 4e9 bytes per sync.
-    r = plan(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10)))
+    # 100 steps, 10 DiLoCo syncs, each site sending 4e9 bytes per sync.
+    r = toy_plan()
     assert r.steps == 100 and r.syncs == 10
     assert r.wan_bytes == pytest.approx(10 * 2 * 4e9)
     assert r.time_to_train_seconds == pytest.approx(100 * 1.4)
-    ddp = plan(toy_spec(algorithm=AlgorithmSpec(name="ddp"), codec="bf16"))
-    assert ddp.syncs == 100 and ddp.wan_bytes == pytest.approx(100 * 2 * 2e9)
+    # ddp with bf16 between 2 sites all-gathers: each site sends its whole encoded gradient once per step,
+    # 48 + 2 * 1e9 = 2,000,000,048 bytes, in 8 * 2,000,000,048 / 8e9 = 2.000000048 s.
+    ddp = toy_plan({"run.algorithm": "ddp", "comm.codec": "bf16"})
+    assert ddp.collective == "all_gather"
+    assert ddp.syncs == 100 and ddp.wan_bytes == pytest.approx(100 * 2 * 2_000_000_048)
+    assert ddp.time_to_train_seconds == pytest.approx(100 * (1 + 2.000000048))
 
 
-def test_codec_bits_scale_the_payload():
-    spec = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10))
-    fp32 = sync_comm(spec).bytes_sent
-    for codec, bits in (("bf16", 16), ("int8", 8), ("int4", 4), ("fp4", 4)):
-        assert sync_comm(toy_spec(algorithm=spec.algorithm, codec=codec)).bytes_sent == fp32 * bits // 32
-    topk = plan(toy_spec(algorithm=spec.algorithm, codec="topk:0.01"))
-    # 1% of 1e9 entries at 48 bits, all-gathered over a 2-site ring: one step of 6e7 bytes.
-    assert topk.sites[0].bytes_per_sync == 60_000_000
+# 1e9 values; lossy codecs between 2 sites are all-gathered: a site sends its encoded payload once.
+#   fp32       raw, all-reduced: 2 * (4e9 / 2)                                                  = 4,000,000,000
+#   bf16       48 + 2e9                                                                         = 2,000,000,048
+#   int8       48 + 4 * (1e9 / 256 = 3,906,250) scales + 1e9 codes = 48 + 15,625,000 + 1e9      = 1,015,625,048
+#   int4       48 + 15,625,000 + 5e8                                                            =   515,625,048
+# top-k keeps ceil(0.01 * 4096) = 41 of each 4096-value chunk: 244,140 full chunks and a last chunk of 2,560
+# values keeping ceil(41 * 2560 / 4096) = 26: 10,009,766 entries, with uint16 indices (20,019,532 bytes,
+# pad8 -> 20,019,536):
+#   topk       + fp32 values 40,039,064                                        48 + 20,019,536 + 40,039,064 = 60,058,648
+#   topk+bf16  + bf16 values pad8(20,019,532) = 20,019,536                     48 + 20,019,536 + 20,019,536 = 40,039,120
+#   topk+int8  + scales pad8(4 * ceil(10,009,766 / 256) = 156,404) = 156,408, codes pad8(10,009,766) = 10,009,768
+#                                                                              48 + 20,019,536 + 10,166,176 = 30,185,760
+#   topk+int4  + scales 156,408, codes pad8(5,004,883) = 5,004,888             48 + 20,019,536 +  5,161,296 = 25,180,880
+@pytest.mark.parametrize(
+    ("codec", "nbytes"),
+    [("fp32", 4_000_000_000), ("bf16", 2_000_000_048), ("int8", 1_015_625_048), ("int4", 515_625_048),
+     ("topk", 60_058_648), ("topk+bf16", 40_039_120), ("topk+int8", 30_185_760), ("topk+int4", 25_180_880)],
+)
+def test_codec_payloads_are_the_exact_encoded_sizes(codec, nbytes):
+    r = toy_plan({"comm.codec": codec})
+    assert r.sites[0].bytes_per_sync == nbytes
+    assert r.comm_seconds_per_sync == pytest.approx(8 * nbytes / 8e9)  # 2 steps of half, or 1 of all
+    assert r.wan_bytes == pytest.approx(2 * 10 * nbytes)
+    assert r.codec_bits == pytest.approx(32.0 if codec == "fp32" else 8 * nbytes / 1e9)
+
+
+def test_topk_fraction_sets_the_kept_share():
+    # 5%: ceil(0.05 * 4096) = ceil(204.8) = 205 per chunk, and ceil(205 * 2560 / 4096) = 129 of the last:
+    # 244,140 * 205 + 129 = 50,048,829 entries; indices pad8(100,097,658) = 100,097,664, fp32 values
+    # pad8(200,195,316) = 200,195,320; with the header 300,293,032 bytes.
+    r = toy_plan({"comm.codec": "topk", "comm.topk_fraction": 0.05})
+    assert r.payload_bytes_per_sync == 300_293_032
+    # Among 3 sites a sparse payload is still all-gathered: 2 steps, each carrying a whole payload.
+    three = toy_plan({"comm.codec": "topk", "comm.topk_fraction": 0.05, "run.sites": 3})
+    assert three.collective == "all_gather"
+    assert three.sites[0].bytes_per_sync == 2 * 300_293_032
+    assert three.comm_seconds_per_sync == pytest.approx(2 * 8 * 300_293_032 / 8e9)
+
+
+def test_dense_lossy_bytes_among_three_sites():
+    # int8 among 3 sites reduce-scatters: chunks of ceil(1e9 / 3) = 333,333,334 values, encoded as
+    # 48 + pad8(4 * ceil(333,333,334 / 256) = 4 * 1,302,084 = 5,208,336) + pad8(333,333,334) = 333,333,336
+    # = 338,541,720 bytes. A worker hands over 3 chunks and sends 2 of them plus 2 re-encoded means.
+    r = toy_plan({"comm.codec": "int8", "run.sites": 3})
+    assert r.collective == "reduce_scatter"
+    assert r.payload_bytes_per_sync == 3 * 338_541_720
+    assert r.sites[0].bytes_per_sync == 4 * 338_541_720
+    assert r.comm_seconds_per_sync == pytest.approx(4 * 8 * 338_541_720 / 8e9)
+    # comm.pattern = "all_gather" sends every whole payload instead: 2 * 1,015,625,048 bytes per site.
+    gathered = toy_plan({"comm.codec": "int8", "run.sites": 3, "comm.pattern": "all_gather"})
+    assert gathered.collective == "all_gather"
+    assert gathered.sites[0].bytes_per_sync == 2 * 1_015_625_048
+
+
+# -- settings the plan chooses as a run does -----------------------------------------------------------------
+
+
+def test_unset_overlap_is_chosen_as_a_run_chooses_it():
+    # A blocking 4 s sync would stall 40% of a 10 s round (more than 2%): overlap goes on, and the plan is
+    # the overlapped one: 100 s + the last sync's 4 s.
+    r = toy_plan({"comm.overlap": None})
+    assert [(a.key, a.value) for a in r.auto] == [("comm.overlap", True)]
+    assert r.algorithm == "diloco H=10+overlap"
+    assert r.time_to_train_seconds == pytest.approx(104.0)
+    assert r.to_dict()["auto"][0]["key"] == "comm.overlap" and r.to_dict()["auto"][0]["reason"]
+    # At 32 Gbit/s and H=100 a sync takes 2 * 8 * 2e9 / 32e9 = 1 s, under 2% of a 100 s round: overlap stays
+    # off. One blocking sync in 100 steps: 101 s.
+    fast = toy_plan({"comm.overlap": None, "outer.sync_every": 100, "wan.link": "32gbit/0ms"})
+    assert [(a.key, a.value) for a in fast.auto] == [("comm.overlap", False)]
+    assert fast.time_to_train_seconds == pytest.approx(101.0)
+    # A setting the configuration gives is never chosen.
+    assert toy_plan().auto == []
+
+
+def test_unset_tau_covers_the_fragment_transfer_with_a_margin():
+    # P=2: a fragment takes 2 s; tau is the fewest 1 s steps that cover 1.25 * 2 s: ceil(2.5) = 3, and with
+    # tau = 3 each sync hides (the final syncs of both fragments stall): 100 + 2 * 2 s.
+    r = toy_plan({"run.algorithm": "streaming", "streaming.fragments": 2})
+    assert [(a.key, a.value) for a in r.auto] == [("streaming.overlap_steps", 3)]
+    assert r.time_to_train_seconds == pytest.approx(104.0)
+    # At 1 Gbit/s, H=4: a fragment takes 2 * 8 * 1e9 / 1e9 = 16 s; tau stops at H - 1 = 3.
+    slow = toy_plan({"run.algorithm": "streaming", "streaming.fragments": 2, "outer.sync_every": 4,
+                     "wan.link": "1gbit/0ms"})
+    assert [(a.key, a.value) for a in slow.auto] == [("streaming.overlap_steps", 3)]
+    assert "raise outer.sync_every" in slow.auto[0].reason
+
+
+# -- energy and power ------------------------------------------------------------------------------------------
 
 
 def test_energy_by_hand():
     # One site, no links: 1000 H100 at 700 W and PUE 1.2 draw 0.84 MW; 1e8 tokens at 1e6 per step on
     # 1000 * 989e12 * 0.4 FLOP/s.
-    spec = PlanSpec(
-        model=ModelSpec(params=1e9, tokens=1e8, batch_tokens=1e6, seq_len=1000),
-        sites=[SiteSpec(name="only", accelerator="H100", accelerators=1000, mfu=0.4, pue=1.2)],
-        topology=Topology(sites=1),
-        algorithm=AlgorithmSpec(name="ddp"),
-    )
-    r = plan(spec)
+    config = load_config(values={"model.params": 10**9, "model.seq_len": 1000, "run.tokens": 10**8,
+                                 "plan.batch_tokens": 10**6, "run.sites": 1, "run.algorithm": "ddp",
+                                 "sites.accelerator": "H100", "sites.accelerators": 1000, "sites.mfu": 0.4,
+                                 "sites.pue": 1.2})
+    r = plan(plan_spec(config))
     seconds = 100 * 6 * 1e9 * 1e6 / (1000 * 989e12 * 0.4)
     assert r.time_to_train_seconds == pytest.approx(seconds)
     assert r.utilization == pytest.approx(1.0)
@@ -159,89 +347,145 @@ def test_energy_by_hand():
 
 
 def test_energy_sums_over_sites():
-    r = plan(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10), watts=2000.0))
+    r = toy_plan({"sites.watts": 2000.0})
     # Two sites of one 2 kW accelerator at PUE 1 for 140 s.
     assert r.energy_mwh == pytest.approx(2 * 2000 * 140 / 3.6e9)
     assert sum(s.energy_mwh for s in r.sites) == pytest.approx(r.energy_mwh)
 
 
+def h100_site(**values: Any):
+    config = load_config(values={"run.sites": 1, "sites.accelerator": "H100", "model.params": 10**9,
+                                 "run.tokens": 10**12, "plan.batch_tokens": 10**6} | values)
+    return plan_spec(config).sites[0]
+
+
 def test_accelerators_under_a_power_cap():
     # floor(300e6 / (700 * 1.2)) = floor(357142.86) = 357142
-    site = SiteSpec(name="dc", accelerator="H100", power_cap_mw=300, pue=1.2)
+    site = h100_site(**{"sites.power_cap_mw": 300, "sites.pue": 1.2})
     assert site.powered_under_cap == 357142
     assert site.accelerators == 357142  # no count given: fill the cap
     # An exact quotient does not lose one to rounding: 0.84 MW / 840 W = 1000.
-    assert SiteSpec(name="dc", accelerator="H100", power_cap_mw=0.84, pue=1.2).powered_under_cap == 1000
-    assert SiteSpec(name="dc", accelerator="B200", power_cap_mw=300, pue=1.25).powered_under_cap == 240000
+    assert h100_site(**{"sites.power_cap_mw": 0.84, "sites.pue": 1.2}).powered_under_cap == 1000
+    # 300e6 / (1000 * 1.25) = 240,000 B200.
+    assert h100_site(**{"sites.accelerator": "B200", "sites.power_cap_mw": 300,
+                        "sites.pue": 1.25}).powered_under_cap == 240000
+    # Without a cap and a count: one accelerator per worker.
+    assert h100_site(**{"run.workers_per_site": 3}).accelerators == 3
+    assert h100_site().powered_under_cap is None
+
+
+def test_a_cap_too_small_for_one_accelerator_is_refused():
+    with pytest.raises(ConfigError) as info:
+        h100_site(**{"sites.power_cap_mw": 0.0005})  # 500 W < 700 W * 1.2
+    assert info.value.field == "sites.power_cap_mw" and "cannot power one H100" in str(info.value)
 
 
 def test_caps_respected_flag():
-    spec = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10), power_cap_mw=0.0015)
-    assert plan(spec).caps_respected is True  # one 1 kW accelerator under a 1.5 kW cap
-    spec = PlanSpec(
-        model=ModelSpec(params=1e9, tokens=1e8, batch_tokens=1e6, seq_len=1000),
-        sites=[SiteSpec(name="a", accelerators=400_000, power_cap_mw=300),
-               SiteSpec(name="b", accelerators=1000, power_cap_mw=300)],
-        topology=Topology(sites=2, default=Link(bandwidth_bps=1e10, latency_s=0.01)),
-    )
-    r = plan(spec)
+    assert toy_plan({"sites.power_cap_mw": 0.0015}).caps_respected is True  # one 1 kW accelerator, 1.5 kW cap
+    config = load_config(values={
+        "model.params": 10**9, "model.seq_len": 1000, "run.tokens": 10**8, "plan.batch_tokens": 10**6,
+        "site": [{"name": "a", "accelerators": 400_000, "power_cap_mw": 300},
+                 {"name": "b", "accelerators": 1000, "power_cap_mw": 300}],
+        "wan.link": "10gbit/10ms",
+    })
+    r = plan(plan_spec(config))
     assert r.caps_respected is False
     assert [s.cap_respected for s in r.sites] == [False, True]
-    assert r.accelerators_powered == [357142, 357142]
+    assert r.accelerators_powered == [357142, 357142]  # H100 at PUE 1.2 by default
     assert any("over the 300 MW cap" in n for n in r.notes)
 
 
 def test_slowest_site_gates_sync():
-    spec = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10))
-    spec.sites[1] = SiteSpec(name="slow", accelerator=TOY, accelerators=1, mfu=0.25, pue=1.0)  # 2 s per step
+    spec = toy_spec({"site": [{"name": "fast"}, {"name": "slow", "mfu": 0.25}]})  # the slow site: 2 s per step
     r = plan(spec)
     assert r.compute_step_seconds == pytest.approx(2.0)
-    assert r.step_seconds == pytest.approx((20 + 4) / 10)
-    assert [s.utilization for s in r.sites] == pytest.approx([10 / 24, 20 / 24])
-    assert r.utilization == pytest.approx((10 / 24 + 20 / 24) / 2)
-    # Balancing the batch by throughput gives the fast site 2/3 of it: both compute 4/3 s per step.
-    spec.balance = "throughput"
-    b = plan(spec)
+    # 100 steps of 2 s and 10 syncs of 4 s: 240 s; the fast site computes 100 s of it, the slow one 200 s.
+    assert r.step_seconds == pytest.approx((200 + 40) / 100)
+    assert [s.utilization for s in r.sites] == pytest.approx([100 / 240, 200 / 240])
+    assert r.utilization == pytest.approx((100 / 240 + 200 / 240) / 2)
+    # Balancing the batch by throughput gives the fast site 2/3 of it: both compute 4/3 s per step,
+    # 133.3 s of 133.3 + 40 s.
+    b = plan(toy_spec({"site": [{"name": "fast"}, {"name": "slow", "mfu": 0.25}], "sites.balance": "throughput"}))
     assert b.compute_step_seconds == pytest.approx(4 / 3)
-    assert [s.utilization for s in b.sites] == pytest.approx([13.333333 / 17.333333] * 2)
+    assert [s.utilization for s in b.sites] == pytest.approx([(400 / 3) / (400 / 3 + 40)] * 2)
 
 
 def test_single_site_has_no_wan_traffic():
-    r = plan(toy_spec(algorithm=AlgorithmSpec(name="ddp"), sites=1))
+    r = toy_plan({"run.algorithm": "ddp", "run.sites": 1})
     assert r.wan_bytes == 0 and r.syncs == 0 and r.utilization == pytest.approx(1.0)
+    assert r.time_to_train_seconds == pytest.approx(100 * 2.0)  # one site computes the whole batch: 2 s a step
+
+
+# -- bad inputs ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("make", "field_", "words"),
+    ("values", "field_", "words"),
     [
-        (lambda: SiteSpec(name="x", accelerators=1, power_cap_mw=-5), "power_cap_mw", "positive"),
-        (lambda: SiteSpec(name="x", accelerators=1, watts=-700), "watts", "positive"),
-        (lambda: SiteSpec(name="x", accelerators=1, mfu=1.2), "mfu", "(0, 1]"),
-        (lambda: SiteSpec(name="x", accelerators=1, mfu=0), "mfu", "(0, 1]"),
-        (lambda: SiteSpec(name="x", accelerators=1, pue=0.9), "pue", "at least 1.0"),
-        (lambda: SiteSpec(name="x", accelerator="H10", accelerators=1), "accelerator", "did you mean 'H100'"),
-        (lambda: SiteSpec(name="x"), "accelerators", "power cap"),
-        (lambda: SiteSpec(name="x", accelerators=0), "accelerators", "positive integer"),
-        (lambda: ModelSpec(params=-1, tokens=1e9), "model.params", "positive"),
-        (lambda: ModelSpec(params=1e9, tokens=1e9, batch_tokens=100, seq_len=1000), "model.batch_tokens", "sequence"),
-        (lambda: AlgorithmSpec(name="dilco"), "algorithm", "did you mean 'diloco'"),
-        (lambda: AlgorithmSpec(name="diloco", fragments=4), "fragments", "streaming only"),
-        (lambda: AlgorithmSpec(name="streaming", sync_every=4, fragments=8), "fragments", "fragments <= sync_every"),
-        (lambda: AlgorithmSpec(name="streaming", sync_every=4, overlap_steps=4), "overlap_steps", "smaller"),
-        (lambda: AlgorithmSpec(name="diloco", sync_every=0), "sync_every", "positive"),
-        (lambda: toy_spec(algorithm=AlgorithmSpec(), codec="int3"), "codec", "unknown codec"),
-        (lambda: toy_spec(algorithm=AlgorithmSpec(), codec="topk:2"), "codec", "(0, 1]"),
+        ({"site": [{"name": "x", "mfu": 1.2}, {"name": "y"}]}, "site 'x': mfu", "(0, 1]"),
+        ({"site": [{"name": "x", "pue": 0.9}, {"name": "y"}]}, "site 'x': pue", "[1, 10]"),
+        ({"site": [{"name": "x", "power_cap_mw": -5}, {"name": "y"}]}, "site 'x': power_cap_mw", "(0,"),
+        ({"site": [{"name": "x", "watts": -700}, {"name": "y"}]}, "site 'x': watts", "(0,"),
+        ({"sites.accelerator": "H10"}, "sites.accelerator", "did you mean 'H100'"),
+        ({"site": [{"name": "x", "accelerator": "H10"}, {"name": "y"}]}, "sites.accelerator", "did you mean 'H100'"),
+        ({"model.params": -1}, "model.params", "from 1"),
+        ({"plan.batch_tokens": 10**9}, "plan.batch_tokens", "exceeds the whole budget"),
+        ({"run.algorithm": "dilco"}, "run.algorithm", "did you mean 'diloco'"),
+        ({"run.algorithm": "streaming", "outer.sync_every": 4, "streaming.fragments": 8}, "streaming.fragments",
+         "fragments <= outer.sync_every"),
+        ({"run.algorithm": "streaming", "outer.sync_every": 4, "streaming.overlap_steps": 4},
+         "streaming.overlap_steps", "smaller"),
+        ({"outer.sync_every": 0}, "outer.sync_every", "at least 1"),
+        ({"comm.codec": "int3"}, "comm.codec", "unknown codec"),
+        ({"comm.codec": "fp16"}, "comm.codec", "unknown codec"),  # the former planner's codecs are gone
+        ({"comm.codec": "fp4"}, "comm.codec", "not enabled"),
+        ({"comm.codec": "topk:0.01"}, "comm.codec", "did you mean 'topk'"),
+        ({"comm.codec": "topk", "comm.topk_fraction": 2}, "comm.topk_fraction", "(0, 1]"),
+        ({"sites.balance": "fair"}, "sites.balance", "equal, throughput"),
+        ({"accelerators": {"TPU": {"watts": 300}}, "sites.accelerator": "TPU"}, "accelerators.TPU", "peak_flops"),
+        ({"wan.link": "10gbit"}, "wan.link", "cannot parse link"),
+        ({"run.sites": 0}, "run.sites", "at least 1 site"),
     ],
 )
-def test_bad_inputs_raise_config_error(make, field_, words):
+def test_bad_inputs_raise_config_error(values, field_, words):
     with pytest.raises(ConfigError) as info:
-        make()
+        toy_spec(values)
     assert info.value.field == field_
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [("mfu", 1.2, "(0, 1]"), ("mfu", 0, "(0, 1]"), ("pue", 0.9, "[1, 10]"), ("power_cap_mw", -5, "(0,"),
+     ("watts", -700, "(0,"), ("accelerators", 0, "from 1"), ("step_seconds", -1, "(0,")],
+)
+def test_bad_site_defaults_raise_config_error_naming_the_key(key, value, words):
+    with pytest.raises(ConfigError) as info:
+        toy_spec({f"sites.{key}": value})
+    assert key in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason="a bad value under [sites] (or --mfu etc.) names the field 'site: mfu', "
+                   "which is no key a user can write; it should be the dotted key 'sites.mfu'")
+def test_bad_site_defaults_name_the_dotted_key():
+    with pytest.raises(ConfigError) as info:
+        toy_spec({"sites.mfu": 1.2})
+    assert info.value.field == "sites.mfu"
+
+
+@pytest.mark.xfail(strict=True, reason="plan.batch_tokens below one sequence (100 tokens at model.seq_len 1000) "
+                   "is accepted with only a note; the former planner refused a batch without a whole sequence")
+def test_a_batch_smaller_than_one_sequence_is_refused():
+    with pytest.raises(ConfigError) as info:
+        toy_spec({"plan.batch_tokens": 100})
+    assert info.value.field == "plan.batch_tokens"
+
+
+# -- presets and the result ------------------------------------------------------------------------------------
+
+
 def test_accelerator_presets_are_the_datasheet_figures():
-    from geotrain.planner.presets import ACCELERATORS
+    from geotrain.hardware import ACCELERATORS, resolve_accelerator
 
     assert {k: (a.peak_flops, a.watts) for k, a in ACCELERATORS.items()} == {
         "A100": (312e12, 400.0),
@@ -250,12 +494,125 @@ def test_accelerator_presets_are_the_datasheet_figures():
         "B200": (2.25e15, 1000.0),
     }
     assert all(a.source for a in ACCELERATORS.values())
-    assert SiteSpec(name="x", accelerator="h100", accelerators=1).accel.name == "H100"  # case-insensitive
+    assert resolve_accelerator("h100").name == "H100"  # case-insensitive
+    assert h100_site(**{"sites.accelerator": "b200"}).accelerator.name == "B200"
+
+
+def test_configured_accelerators_define_new_ones_and_override_presets():
+    spec = toy_spec({"accelerators": TOY_ACCELERATORS | {"H100": {"watts": 1275}},
+                     "site": [{"name": "a"}, {"name": "b", "accelerator": "h100"}]})
+    assert (spec.sites[0].accelerator.name, spec.sites[0].peak_flops, spec.sites[0].watts) == ("toy", 6e15, 1000.0)
+    assert (spec.sites[1].accelerator.name, spec.sites[1].peak_flops, spec.sites[1].watts) == ("H100", 989e12, 1275)
+    # A site's own watts or peak_flops win over its accelerator's.
+    own = toy_spec({"site": [{"name": "a", "watts": 500, "peak_flops": 3e15}, {"name": "b"}]})
+    assert (own.sites[0].watts, own.sites[0].peak_flops) == (500, 3e15)
+    assert own.sites[1].watts == 1000.0
+
+
+def test_link_presets():
+    from geotrain.topology import LINK_PRESETS, parse_link
+
+    assert {k: str(parse_link(v)) for k, v in LINK_PRESETS.items()} == {
+        "metro": "400gbit/1ms", "cross-country": "100gbit/30ms", "intercontinental": "10gbit/75ms",
+        "internet": "1gbit/50ms"}
+    link = toy_spec({"wan.link": "metro"}).topology.link(0, 1)
+    assert (link.bandwidth_bps, link.latency_s) == (400e9, 0.001)
+    added = toy_spec({"wan.link": "metro", "wan.presets": {"metro": "800gbit/2ms"}}).topology.link(0, 1)
+    assert (added.bandwidth_bps, added.latency_s) == (800e9, 0.002)
 
 
 def test_result_dict_has_the_contract_keys():
-    d = plan(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10))).to_dict()
-    for key in ("utilization", "step_seconds", "time_to_train_seconds", "wan_bytes", "peak_bandwidth_bps",
-                "energy_mwh", "accelerators_powered", "caps_respected", "per_site"):
-        assert key in d
+    d = toy_plan().to_dict()
+    for key in ("utilization", "step_seconds", "time_to_train_seconds", "time_to_train_days", "wan_bytes",
+                "peak_bandwidth_bps", "energy_mwh", "accelerators_powered", "caps_respected", "per_site",
+                "collective", "payload_bytes_per_sync", "auto", "steps", "syncs", "comm_seconds_per_sync",
+                "hidden_seconds_per_sync", "exposed_seconds_per_sync", "notes"):
+        assert key in d, key
     assert all(math.isfinite(v) for v in (d["utilization"], d["step_seconds"], d["energy_mwh"]))
+    assert d["time_to_train_days"] == pytest.approx(140 / 86400)
+    assert len(d["per_site"]) == 2 and d["per_site"][0]["name"] == "site0"
+
+
+# -- a plan of a run's own configuration ------------------------------------------------------------------------
+
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.toml") if not p.name.startswith("plan-"))
+
+
+@pytest.mark.parametrize("n_layer", [1, 2, 5])
+def test_model_layout_is_the_demo_gpts_parameters(n_layer):
+    from geotrain.config import ModelConfig
+    from geotrain.models.gpt import init_gpt
+
+    cfg = ModelConfig(n_layer=n_layer, n_head=2, d_model=16, seq_len=24)
+    model = init_gpt(cfg, seed=0)
+    real = [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+    assert cfg.layout() == real
+    # By hand for d = 16, seq 24: 256 * 16 + 24 * 16 embeddings, per block 2 LayerNorms (4 * 16), qkv
+    # (3 * 256 + 48), out proj (256 + 16), MLP (4 * 256 + 64, 4 * 256 + 16), and the final LayerNorm (32).
+    per_block = 4 * 16 + (3 * 256 + 48) + (256 + 16) + (4 * 256 + 64) + (4 * 256 + 16)
+    assert sum(n for _, n in cfg.layout()) == 256 * 16 + 24 * 16 + n_layer * per_block + 32
+
+
+def test_demo_layout_by_hand():
+    # d = 128, seq 128, 2 layers: 32,768 + 16,384 embeddings, 2 * 198,272 per block, 256 for ln_f: 445,952.
+    config = load_config(ROOT / "configs" / "demo.toml")
+    assert config.layout().params == 445_952
+    assert plan_spec(config).model.params == 445_952
+
+
+def _run_payloads(config: Config) -> list[int]:
+    """The values of each sync as the run's strategy sends them, from the real demo GPT."""
+    from geotrain.algorithms.streaming import split_fragments
+    from geotrain.models.gpt import init_gpt
+
+    model = init_gpt(config.model, seed=config.run.seed)
+    named = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    if config.run.algorithm != "streaming":
+        return [sum(n for _, n in named)]
+    groups = split_fragments([n for n, _ in named], config.streaming.fragments, [n for _, n in named])
+    return [sum(named[i][1] for i in g) for g in groups]
+
+
+def _encoded_bytes(codec: str, numel: int) -> int:
+    """The bytes the real (torch) codec produces for ``numel`` values."""
+    import torch
+
+    from geotrain.comm.codecs import get_codec
+
+    return get_codec(codec).encode(torch.zeros(numel)).numel()
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_plan_of_a_run_config_predicts_the_bytes_the_run_sends(path):
+    from geotrain.models.gpt import init_gpt
+
+    config = load_config(path)
+    real = [(n, p.numel()) for n, p in init_gpt(config.model, seed=0).named_parameters() if p.requires_grad]
+    assert config.model.layout() == real
+    r = plan(plan_spec(config))
+    k, w, codec = config.run.sites, config.run.workers_per_site, config.comm.codec
+    # fp32 all-reduces raw values; a dense lossy codec among 3+ sites reduce-scatters encoded chunks; otherwise
+    # (2 sites, or top-k) every site all-gathers its whole encoded payload.
+    collective = ("all_reduce" if codec == "fp32" else
+                  "reduce_scatter" if k >= 3 and not codec.startswith("topk") else "all_gather")
+    assert r.collective == collective
+    expected = 0
+    for n in _run_payloads(config):
+        shard = -(-n // w)  # each worker carries a 1/W shard
+        if collective == "all_reduce":
+            expected += 4 * shard
+        elif collective == "reduce_scatter":
+            expected += k * _encoded_bytes(codec, -(-shard // k))  # one encoded chunk per site
+        else:
+            expected += _encoded_bytes(codec, shard)
+    assert r.payload_bytes_per_sync == expected
+
+
+def test_shipped_run_configs_payloads_by_hand():
+    # demo: fp32 among 4 sites, a raw all-reduce of 445,952 values.
+    assert plan(plan_spec(load_config(ROOT / "configs" / "demo.toml"))).payload_bytes_per_sync == 4 * 445_952
+    # uneven-links: int8 among 3 sites, reduce-scatter of chunks of ceil(445,952 / 3) = 148,651 values:
+    # 48 + pad8(4 * ceil(148,651 / 256) = 4 * 581 = 2,324) = 2,328 + pad8(148,651) = 148,656 -> 151,032 bytes.
+    uneven = plan(plan_spec(load_config(ROOT / "configs" / "uneven-links.toml")))
+    assert uneven.collective == "reduce_scatter"
+    assert uneven.payload_bytes_per_sync == 3 * 151_032

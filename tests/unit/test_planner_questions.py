@@ -1,4 +1,4 @@
-"""The planner's answers: bandwidth for a target, smallest H, mildest codec, sweeps."""
+"""The planner's answers: bandwidth for a target, smallest H, mildest codec, compared variants, sweeps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geotrain.errors import ConfigError
-from geotrain.planner.model import AlgorithmSpec, plan
+from geotrain.planner.model import plan
 from geotrain.planner.questions import (
     bandwidth_needed,
     compare_variants,
@@ -17,17 +17,21 @@ from geotrain.planner.questions import (
     sweep,
     with_bandwidth,
 )
+from geotrain.topology import Link
 
 try:  # the toy world is defined once, beside the formula tests (tests/ is not a package)
     from test_planner_model import toy_spec
 except ImportError:  # pragma: no cover - if tests/ becomes a package
     from tests.unit.test_planner_model import toy_spec
 
+VARIANTS = {"ddp", "diloco", "diloco+overlap", "streaming"}
+
 
 def test_bandwidth_needed_by_hand():
-    # DiLoCo H=10 on the toy (1 s steps, 2 sites, fp32 4e9-byte payload, no latency): 95% needs
-    # T <= 10 * (1/0.95 - 1) s, and T = 2 * 8 * 2e9 / b, so b = 3.2e10 / T.
-    spec = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10))
+    # Blocking DiLoCo H=10 on the toy (100 steps of 1 s, 10 syncs, 2 sites, a 4e9-byte fp32 payload, no
+    # latency): 95% needs 100 / (100 + 10 T) >= 0.95, T <= 10 * (1/0.95 - 1) s, and T = 2 * 8 * 2e9 / b, so
+    # b = 3.2e10 / T = 6.08e10 bit/s.
+    spec = toy_spec()
     expected = 3.2e10 / (10 * (1 / 0.95 - 1))
     got = bandwidth_needed(spec, target=0.95)
     assert got == pytest.approx(expected, rel=1e-3)
@@ -35,68 +39,127 @@ def test_bandwidth_needed_by_hand():
     assert plan(with_bandwidth(spec, bandwidth_bps=got * 0.99)).utilization < 0.95
 
 
+def test_bandwidth_needed_for_overlapped_diloco_by_hand():
+    # Overlapped, H=10: the syncs hide while T <= 10 s, and the run pays the last one: 100 / (100 + T) >= 0.95
+    # needs T <= 100 / 19 s, so b = 3.2e10 * 19 / 100 = 6.08e9 bit/s, ten times less than blocking.
+    got = bandwidth_needed(toy_spec({"comm.overlap": True}), target=0.95)
+    assert got == pytest.approx(3.2e10 * 19 / 100, rel=1e-3)
+
+
 def test_bandwidth_needed_is_none_when_latency_alone_blocks():
-    # DDP at 1 s steps over 300 ms links: two ring steps cost 0.6 s of latency whatever the bandwidth.
-    spec = toy_spec(algorithm=AlgorithmSpec(name="ddp"), latency=0.3)
+    # DDP at 1 s steps over 300 ms links: two ring steps cost 0.6 s of latency whatever the bandwidth,
+    # so utilization stays below 1 / 1.6.
+    spec = toy_spec({"run.algorithm": "ddp", "wan.link": "8gbit/300ms"})
     assert bandwidth_needed(spec, target=0.95) is None
     assert bandwidth_needed(spec, target=0.5) is not None
 
 
+def test_one_site_needs_no_bandwidth():
+    spec = toy_spec({"run.sites": 1})
+    assert bandwidth_needed(spec, target=0.95) == 0.0  # no links: utilization 1 already
+    slow = toy_spec({"run.sites": 1, "site": [{"name": "only", "step_seconds": 1.0}]})
+    assert bandwidth_needed(slow, target=1.0) == 0.0
+
+
 def test_bandwidth_needed_rejects_bad_targets():
-    with pytest.raises(ConfigError):
-        bandwidth_needed(toy_spec(algorithm=AlgorithmSpec()), target=1.5)
+    for target in (1.5, 0, -0.1):
+        with pytest.raises(ConfigError) as info:
+            bandwidth_needed(toy_spec(), target=target)
+        assert info.value.field == "plan.target_utilization"
 
 
 def test_with_bandwidth_keeps_each_latency():
-    spec = toy_spec(algorithm=AlgorithmSpec(), sites=3, latency=0.02)
-    from geotrain.topology import Link
-
-    spec.topology.overrides[(0, 1)] = Link(bandwidth_bps=1e6, latency_s=0.09)
+    spec = toy_spec({"run.sites": 3, "wan.link": "8gbit/20ms",
+                     "wan.links": [{"between": [0, 1], "link": "1mbit/90ms"}]})
     new = with_bandwidth(spec, bandwidth_bps=5e9)
     assert new.topology.link(0, 1) == Link(bandwidth_bps=5e9, latency_s=0.09)
     assert new.topology.link(1, 2) == Link(bandwidth_bps=5e9, latency_s=0.02)
+    assert spec.topology.link(0, 1) == Link(bandwidth_bps=1e6, latency_s=0.09)  # the original is unchanged
+    # an unemulated plan gets links of that bandwidth and no latency
+    none = with_bandwidth(toy_spec({"wan.link": "none"}), bandwidth_bps=5e9)
+    assert none.topology.link(0, 1) == Link(bandwidth_bps=5e9, latency_s=0.0)
 
 
 @settings(max_examples=30, deadline=None)
 @given(
-    name=st.sampled_from(["ddp", "diloco", "diloco+overlap", "streaming+overlap"]),
+    name=st.sampled_from(sorted(VARIANTS)),
     bws=st.lists(st.floats(min_value=1e6, max_value=1e13), min_size=2, max_size=6),
 )
 def test_utilization_never_falls_with_bandwidth(name, bws):
-    variants = compare_variants(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=50), latency=0.01))
+    variants = compare_variants(toy_spec({"outer.sync_every": 50, "wan.link": "8gbit/10ms"}))
     bws = sorted(bws)
     utils = sweep({name: variants[name]}, bandwidths_bps=bws).utilization[name]
     assert all(b >= a - 1e-12 for a, b in zip(utils, utils[1:]))
 
 
 def test_smallest_sync_every():
-    # Toy at 8 Gbit/s: T = 4 s. Without overlap util(H) = H / (H + 4) >= 0.95 needs H >= 76: 100 of the list.
-    spec = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10))
+    # Toy at 8 Gbit/s: T = 4 s, 100 steps. Blocking: util(H) = 100 / (100 + ceil(100 / H) * 4); H=50 gives
+    # 100/108 = 0.926 and H=100 gives 100/104 = 0.962: 100 of the candidate list.
+    spec = toy_spec()
     assert smallest_sync_every(spec, target=0.95) == 100
-    # With overlap util = min(1, H / 4): H = 5 of the list.
-    over = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10, overlap=True))
-    assert smallest_sync_every(over, target=0.95) == 5
+    # Overlapped: util = 100 / (100 + ceil(100/H) * max(0, 4 - H) + min(4, H)); H=1 gives 100/401,
+    # H=5 gives 100/104: 5 of the list.
+    assert smallest_sync_every(toy_spec({"comm.overlap": True}), target=0.95) == 5
     assert smallest_sync_every(spec, target=0.999, candidates=[1, 2, 3]) is None
-    # A ddp plan is asked as diloco.
-    assert smallest_sync_every(toy_spec(algorithm=AlgorithmSpec(name="ddp")), target=0.95) == 100
+    # A ddp plan is asked as the default algorithm (diloco) with overlap chosen as a run chooses it: a 4 s
+    # sync stalls more than 2% of any candidate round up to H=100, so overlap is on, and H=5 reaches 100/104.
+    assert smallest_sync_every(toy_spec({"run.algorithm": "ddp"}), target=0.95) == 5
+    # A streaming plan keeps its fragments and tau and skips H it cannot take (fewer steps than its 4
+    # fragments, or not more than tau = 3): with P=4 a fragment (1e9 bytes) takes 1 s and hides behind tau,
+    # and the final syncs of the 4 fragments cost 4 s: 100/104 from H=4 on.
+    streaming = toy_spec({"run.algorithm": "streaming", "streaming.overlap_steps": 3})
+    assert smallest_sync_every(streaming, target=0.95) == 5  # 1 is skipped, 5 is the next candidate
+    assert smallest_sync_every(streaming, target=0.95, candidates=[1, 2, 3]) is None
+    assert smallest_sync_every(streaming, target=0.95, candidates=[3, 4]) == 4
 
 
 def test_mildest_codec():
-    # DiLoCo H=10 needs T <= 0.526 s; fp32 takes 4 s, bf16 2 s, int8 1 s, int4 0.5 s.
-    spec = toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=10))
-    assert mildest_codec(spec, target=0.95).name == "int4"
-    assert mildest_codec(spec, target=0.80).name == "bf16"  # 10 / 12 = 0.83
+    # Blocking DiLoCo H=10 needs T <= 10/19 = 0.526 s for 95%. Between 2 sites: fp32 4 s; bf16 (2e9 + 48 bytes)
+    # 2.00 s; int8 (1,015,625,048 bytes) 1.02 s; int4 (515,625,048 bytes) 0.516 s.
+    spec = toy_spec()
+    assert mildest_codec(spec, target=0.95) == "int4"
+    assert mildest_codec(spec, target=0.80) == "bf16"  # 100 / (100 + 10 * 2.0) = 0.83
     assert mildest_codec(spec, target=0.999) is None
+    assert mildest_codec(spec, target=0.80, candidates=["int8", "fp32"]) == "int8"
 
 
-def test_compare_variants_cover_the_four_algorithms():
-    variants = compare_variants(toy_spec(algorithm=AlgorithmSpec(name="diloco", sync_every=100), codec="int4"))
-    assert list(variants) == ["ddp", "diloco", "diloco+overlap", "streaming+overlap"]
-    assert variants["ddp"].codec.name == "bf16"  # ddp sends bf16 gradients
-    assert variants["diloco+overlap"].algorithm.overlap
-    s = variants["streaming+overlap"].algorithm
-    assert (s.name, s.sync_every, s.fragments, s.overlap_steps) == ("streaming", 100, 4, 1)
-    assert variants["streaming+overlap"].codec.name == "int4"
+def test_compare_variants_come_from_each_algorithm_definition():
+    variants = compare_variants(toy_spec({"outer.sync_every": 100, "comm.codec": "int4"}))
+    assert list(variants) == ["ddp", "diloco", "diloco+overlap", "streaming"]
+    assert {name: v.algorithm.name for name, v in variants.items()} == {
+        "ddp": "ddp", "diloco": "diloco", "diloco+overlap": "diloco", "streaming": "streaming"}
+    assert variants["ddp"].codec.name == "bf16"  # ddp sends bf16 gradients beside another method
+    assert variants["diloco"].config.comm.overlap is False
+    assert variants["diloco+overlap"].config.comm.overlap is True
+    s = variants["streaming"].config
+    # the plan's H and codec, streaming's default P = 4, and tau left for the plan to choose
+    assert (s.outer.sync_every, s.streaming.fragments, s.streaming.overlap_steps) == (100, 4, None)
+    assert all(v.codec.name == "int4" for name, v in variants.items() if name != "ddp")
+    # A ddp plan keeps its own codec for its ddp variant.
+    assert compare_variants(toy_spec({"run.algorithm": "ddp", "comm.codec": "int8"}))["ddp"].codec.name == "int8"
+    # A streaming plan's P and tau carry over to its streaming variant.
+    own = compare_variants(toy_spec({"run.algorithm": "streaming", "streaming.fragments": 2,
+                                     "streaming.overlap_steps": 1}))["streaming"].config.streaming
+    assert (own.fragments, own.overlap_steps) == (2, 1)
+
+
+def test_a_variant_the_settings_cannot_take_is_left_out():
+    # H=2 with streaming's 4 fragments: no staggered schedule, so no streaming variant.
+    assert list(compare_variants(toy_spec({"outer.sync_every": 2}))) == ["ddp", "diloco", "diloco+overlap"]
+
+
+def test_compare_variants_by_hand():
+    # The toy at H=10 (100 steps of 1 s, T = 4 s with fp32):
+    variants = compare_variants(toy_spec())
+    results = {name: plan(v) for name, v in variants.items()}
+    # ddp with bf16 all-gathers 2e9 + 48 bytes each step: 100 * (1 + 2.000000048) s.
+    assert results["ddp"].time_to_train_seconds == pytest.approx(100 * (1 + 2.000000048))
+    assert results["diloco"].time_to_train_seconds == pytest.approx(100 + 10 * 4)
+    assert results["diloco+overlap"].time_to_train_seconds == pytest.approx(100 + 4)
+    # streaming, P=4: a fragment (1e9 bytes) takes 1 s; tau = ceil(1.25 * 1 / 1) = 2 hides it; the final
+    # syncs of the 4 fragments stall 4 * 1 s.
+    assert [(a.key, a.value) for a in results["streaming"].auto] == [("streaming.overlap_steps", 2)]
+    assert results["streaming"].time_to_train_seconds == pytest.approx(100 + 4)
 
 
 def test_parse_sweep():
@@ -104,13 +167,18 @@ def test_parse_sweep():
     points = parse_sweep("1gbit:1tbit:4")
     assert points == pytest.approx([1e9, 1e10, 1e11, 1e12])
     assert parse_sweep(["1gbit", 5e9]) == [1e9, 5e9]
-    for bad in ("1gbit:1tbit:1", "1tbit:1gbit:5", "fast", "1gbps", "1gbit:1tbit:x"):
-        with pytest.raises(ConfigError):
+    for bad in ("1gbit:1tbit:1", "1tbit:1gbit:5", "fast", "1gbps", "1gbit:1tbit:x", ""):
+        with pytest.raises(ConfigError) as info:
             parse_sweep(bad)
+        assert info.value.field == "plan.sweep"
 
 
-def test_sweep_shape():
-    s = sweep(compare_variants(toy_spec(algorithm=AlgorithmSpec())), bandwidths_bps=[1e9, 1e10, 1e11])
-    assert set(s.utilization) == {"ddp", "diloco", "diloco+overlap", "streaming+overlap"}
+def test_sweep_shape_and_values():
+    s = sweep(compare_variants(toy_spec()), bandwidths_bps=[1e9, 8e9, 1e11])
+    assert set(s.utilization) == VARIANTS
     assert all(len(v) == 3 for v in s.utilization.values())
-    assert s.to_dict()["bandwidths_bps"] == [1e9, 1e10, 1e11]
+    d = s.to_dict()
+    assert d["bandwidths_bps"] == [1e9, 8e9, 1e11]
+    # At 8 Gbit/s, blocking DiLoCo is the toy itself: 100 / 140.
+    assert d["utilization"]["diloco"][1] == pytest.approx(100 / 140)
+    assert d["time_to_train_seconds"]["diloco"][1] == pytest.approx(140)
