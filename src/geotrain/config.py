@@ -483,22 +483,25 @@ class SiteConfig:
     """Measured compute per inner step at this site; when set, it replaces the FLOP model (6 N tokens)."""
 
     def __post_init__(self) -> None:
-        where = "site" if self.name is None else f"site {self.name!r}"
+        self._check("site" if self.name is None else f"site[{self.name}]")
+
+    def _check(self, where: str) -> None:
+        """Range checks, naming each field as ``where.key``."""
         if self.accelerators is not None:
-            self.accelerators = parse_count(self.accelerators, field_name=f"{where}: accelerators")
-            _integer(f"{where}: accelerators", self.accelerators, 1, 10**8)
+            self.accelerators = parse_count(self.accelerators, field_name=f"{where}.accelerators")
+            _integer(f"{where}.accelerators", self.accelerators, 1, 10**8)
         if self.mfu is not None:
-            _number(f"{where}: mfu", self.mfu, 0, 1, lo_open=True, what=" (a fraction of peak, 0.4 is typical)")
+            _number(f"{where}.mfu", self.mfu, 0, 1, lo_open=True, what=" (a fraction of peak, 0.4 is typical)")
         if self.power_cap_mw is not None:
-            _number(f"{where}: power_cap_mw", self.power_cap_mw, 0, 1e5, lo_open=True)
+            _number(f"{where}.power_cap_mw", self.power_cap_mw, 0, 1e5, lo_open=True)
         if self.pue is not None:
-            _number(f"{where}: pue", self.pue, 1, 10, what=" (1.1-1.5 is typical)")
+            _number(f"{where}.pue", self.pue, 1, 10, what=" (1.1-1.5 is typical)")
         if self.watts is not None:
-            _number(f"{where}: watts", self.watts, 0, 1e6, lo_open=True)
+            _number(f"{where}.watts", self.watts, 0, 1e6, lo_open=True)
         if self.peak_flops is not None:
-            _number(f"{where}: peak_flops", self.peak_flops, 0, 1e20, lo_open=True)
+            _number(f"{where}.peak_flops", self.peak_flops, 0, 1e20, lo_open=True)
         if self.step_seconds is not None:
-            _number(f"{where}: step_seconds", self.step_seconds, 0, 1e6, lo_open=True)
+            _number(f"{where}.step_seconds", self.step_seconds, 0, 1e6, lo_open=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -515,7 +518,7 @@ class SitesConfig(SiteConfig):
     proportional to each site's FLOP/s, so sites finish inner steps together."""
 
     def __post_init__(self) -> None:
-        SiteConfig.__post_init__(self)
+        self._check("sites")
         _choice("sites.balance", self.balance, ("equal", "throughput"))
 
 

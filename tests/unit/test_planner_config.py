@@ -340,9 +340,6 @@ def test_simulation_settings_imply_simulate(tmp_path):
     assert plan_inputs(off, flags()).simulation is None
 
 
-@pytest.mark.xfail(strict=True, reason="load_plan(path) says it reads a file as `geotrain plan --config FILE` "
-                   "would, but without flags plan_inputs skips the rule that a [simulate] failure setting alone "
-                   "turns the simulation on, so the two disagree")
 def test_load_plan_reads_a_file_as_the_command_line_does(tmp_path):
     path = write(tmp_path, "[simulate]\nmtbf_hours = 24\n")
     assert plan_inputs(path, flags()).simulation is not None

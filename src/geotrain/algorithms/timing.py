@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from geotrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from geotrain.algorithms.base import Algorithm, SyncPattern
@@ -114,6 +117,16 @@ class RunTiming:
         return self.steps * self.step_seconds
 
 
+def _checked_steps(step_seconds: Sequence[float]) -> list[float]:
+    values = list(step_seconds)
+    if not values:
+        raise ConfigError("needs the compute seconds per step of at least one site", field="step_seconds")
+    for v in values:
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"must be positive seconds per inner step, got {v!r}", field="step_seconds")
+    return [float(v) for v in values]
+
+
 def run_timing(
     algorithm: Algorithm,
     config: Any,
@@ -131,7 +144,9 @@ def run_timing(
     ``comm_seconds`` each (``final_seconds`` the pattern's final sync). ``jitter`` is the coefficient of
     variation of a site's compute between the loop's sync points; ``stopped_early`` is a run that a wall-time
     budget ended at a sync point."""
-    per_site = [float(c) for c in step_seconds]
+    per_site = _checked_steps(step_seconds)
+    if isinstance(jitter, bool) or not (isinstance(jitter, numbers.Real) and math.isfinite(jitter) and jitter >= 0):
+        raise ConfigError(f"must be zero or a positive coefficient of variation, got {jitter!r}", field="jitter")
     sites = int(config.run.sites)
     mean_step = sum(per_site) / len(per_site)
     gate = max(per_site)

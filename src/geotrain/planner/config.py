@@ -127,12 +127,15 @@ def _flag_values(tree: dict[str, Any], args: argparse.Namespace) -> dict[str, An
             comm.pop("overlap", None)  # the file's overlap does not carry over to a method without one
     if get("compare"):
         values["plan.compare"] = True
-    simulate = tree.get("simulate") if isinstance(tree.get("simulate"), dict) else {}
-    if get("simulate") or any(f"simulate.{k}" in values for k in _SIMULATION_KEYS) or (
-        "enabled" not in simulate and any(k in simulate for k in _SIMULATION_KEYS)
-    ):
+    if get("simulate") or any(f"simulate.{k}" in values for k in _SIMULATION_KEYS):
         values["simulate.enabled"] = True  # failure settings alone mean the user wants the simulation
     return values
+
+
+def _simulation_asked(tree: dict[str, Any]) -> bool:
+    """A [simulate] table with failure settings and no ``enabled`` means the user wants the simulation."""
+    simulate = tree.get("simulate") if isinstance(tree.get("simulate"), dict) else {}
+    return "enabled" not in simulate and any(k in simulate for k in _SIMULATION_KEYS)
 
 
 def plan_inputs(path: str | Path | None, args: argparse.Namespace | None = None, *,
@@ -141,6 +144,8 @@ def plan_inputs(path: str | Path | None, args: argparse.Namespace | None = None,
     ``args`` over it, and validate the plan."""
     tree = read_toml(path) if path is not None else {}
     values = _flag_values(tree, args) if args is not None else {}
+    if _simulation_asked(tree):
+        values.setdefault("simulate.enabled", True)
     config = config_from_tree(tree, overrides=overrides, values=values)
     spec = plan_spec(config)
     topo = spec.topology

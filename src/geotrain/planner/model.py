@@ -29,7 +29,7 @@ from typing import Any
 from geotrain.algorithms import AutoSetting, ModelLayout
 from geotrain.algorithms.timing import choose_unset, run_timing
 from geotrain.comm.pattern import payload_bytes, resolve_pattern, sync_cost
-from geotrain.config import Config
+from geotrain.config import DEMO_LINK, Config
 from geotrain.errors import ConfigError
 from geotrain.hardware import ACCELERATORS, Accelerator, resolve_accelerator
 from geotrain.topology import CollectiveCost, Topology
@@ -153,6 +153,9 @@ def plan_spec(config: Config) -> PlanSpec:
     run = config.run
     own_batch = config.data.batch_size * config.model.seq_len * run.sites * run.workers_per_site
     batch = config.plan.batch_tokens or own_batch
+    if batch < config.model.seq_len:
+        raise ConfigError(f"the global batch ({batch:,} tokens) is smaller than one sequence ({config.model.seq_len:,} "
+                          "tokens); raise plan.batch_tokens or lower model.seq_len", field="plan.batch_tokens")
     if batch > run.tokens:
         raise ConfigError(f"the global batch ({batch:,} tokens) exceeds the whole budget of {run.tokens:,} tokens; "
                           "raise run.tokens or lower plan.batch_tokens", field="plan.batch_tokens")
@@ -397,6 +400,9 @@ def plan(spec: PlanSpec) -> PlanResult:
         )
     if k > 1 and timing.exposed_seconds_per_sync > pattern.period_steps * c:
         notes.append("communication-bound: exposed communication exceeds compute")
+    if k > 1 and config.model.params is not None and config.wan.link == DEMO_LINK and not config.wan.links:
+        notes.append(f"the link is the demo's default, {DEMO_LINK}; give the datacenters' links with --link (a "
+                     "preset such as cross-country, or BANDWIDTH/LATENCY)")
 
     return PlanResult(
         algorithm=alg.label(config),

@@ -23,7 +23,9 @@ The settings are the configuration's ``[simulate]`` section (``geotrain.config.S
 Everything random comes from one ``numpy.random.Generator`` seeded with ``seed``: the same inputs give the
 same run. Rounds between two events (a failure, a rejoin, a checkpoint) are processed as numpy blocks, so
 a million DDP steps cost a few blocks, not a million Python iterations. With no jitter and no failures the
-simulation reproduces the formula exactly, which the tests check.
+simulation reproduces the formula exactly where a run ends on a sync point (DDP, blocking DiLoCo); for
+overlapped DiLoCo and Streaming DiLoCo the formula also charges the end of the run (the last transfer, the
+final sync of every fragment), which the simulation leaves out. The tests check both.
 """
 
 from __future__ import annotations
@@ -150,6 +152,29 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
     # Trainers checkpoint every N steps, not every N seconds: N rounds of the full-membership round time.
     full_round = float(period_seconds(pattern, step_seconds=step_c.max(), comm_seconds=comm_seconds(tuple(range(k))))) * periods_per_round
     ckpt_rounds = max(1, round(checkpoint_s / full_round))
+    rate = float(np.sum(1.0 / mtbf))
+    rounds_needed = total_tokens / float(round_tokens.sum())
+    expected_failures = rate * rounds_needed * full_round
+    if expected_failures > _MAX_EVENTS / 10:
+        raise ConfigError(
+            f"the run would meet about {expected_failures:,.0f} failures in its {rounds_needed * full_round / 86400:,.3g} "
+            "days without them, too many to simulate one by one: raise mtbf_hours, or make the run shorter "
+            "(a faster link with --link, more accelerators, fewer tokens)",
+            field="simulate.mtbf_hours",
+        )
+    if sim.recovery == "restart":
+        # A checkpoint is kept only if no site fails before it: with failures at a combined rate r, the chance
+        # that an interval of ckpt_rounds rounds passes clean is exp(-r * interval). Below 1e-6 the run would need
+        # about a million restarts per checkpoint: say so now instead of simulating them.
+        interval = ckpt_rounds * full_round
+        if rate * interval > math.log(1e6):
+            raise ConfigError(
+                f"the simulated run cannot keep a checkpoint: one checkpoint interval ({interval / 3600:.3g} h of "
+                f"rounds) is {rate * interval:.3g} times the mean time between failures of any site "
+                f"({1 / rate / 3600:.3g} h). Raise mtbf_hours, shorten checkpoint_every_hours or the round time "
+                "(a faster link: --link), or use recovery = 'elastic'",
+                field="simulate.mtbf_hours",
+            )
     progress = 0  # rounds of kept progress (restored on a rollback)
     ckpt_t, ckpt_progress, ckpt_tokens, ckpt_useful = 0.0, 0, 0.0, useful.copy()
 
@@ -160,7 +185,7 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
             raise ConfigError(
                 "the simulated run makes no headway: failures come faster than work is kept. Raise mtbf_hours, "
                 "shorten checkpoint_every_hours or use recovery = 'elastic'",
-                field="mtbf_hours",
+                field="simulate.mtbf_hours",
             )
         if not alive.all() and (down_until[~alive] <= t).any():
             _rejoin(t, alive, down_until, failed_at, downtime, next_fail, draw_failure)
