@@ -518,6 +518,9 @@ class SitesConfig(SiteConfig):
     proportional to each site's FLOP/s, so sites finish inner steps together."""
 
     def __post_init__(self) -> None:
+        if self.name is not None:
+            raise ConfigError("[sites] holds what every site shares; name the sites with sites.names or each "
+                              "[[site]] table's name", field="sites.name")
         self._check("sites")
         _choice("sites.balance", self.balance, ("equal", "throughput"))
 

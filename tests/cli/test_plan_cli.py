@@ -242,8 +242,6 @@ def test_the_help_examples_run(tmp_path, capsys, monkeypatch):
         assert code == 0, (argv, err)
 
 
-@pytest.mark.xfail(strict=True, reason="docs/planner.md still pastes the former model's figures (before exact codec "
-                   "sizes, end-of-run terms and the streaming variant); regenerate its worked example")
 def test_the_worked_example_figures_in_the_docs_are_current(capsys):
     """docs/planner.md pastes the planner's output; fail when the model drifts away from it."""
     from geotrain.planner.report import fmt_bps, fmt_pct

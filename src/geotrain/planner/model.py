@@ -326,11 +326,11 @@ class PlanResult:
 
 
 def resolve(spec: PlanSpec) -> tuple[PlanSpec, list[AutoSetting]]:
-    """The plan with the settings its configuration leaves unset chosen, as a run chooses them, from the
-    predicted compute per step of the slowest site."""
+    """The plan with the settings its configuration leaves unset chosen, as a run chooses them: from the
+    compute per step of the fastest site, the one that reaches a merge first and would wait for the transfer."""
     if not spec.algorithm.unset(spec.config):
         return spec, []
-    config, chosen = choose_unset(spec.config, spec.model.layout, step_seconds=max(site_step_seconds(spec)),
+    config, chosen = choose_unset(spec.config, spec.model.layout, step_seconds=min(site_step_seconds(spec)),
                                   topology=spec.topology)
     return replace(spec, config=config), chosen
 

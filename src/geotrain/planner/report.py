@@ -71,7 +71,9 @@ def render(out: dict, *, results: dict[str, PlanResult], sweep: Sweep | None,
     main = results["plan"]
     inp = out["inputs"]
     site_desc = ", ".join(
-        f"{s['name']}: {s['accelerators']:,} {s['accelerator']} @ MFU {s['mfu']:g}" for s in inp["sites"]
+        f"{s['name']}: {s['accelerators']:,} {s['accelerator']} "
+        + (f"@ MFU {s['mfu']:g}" if s.get("step_seconds") is None else f"(measured {s['step_seconds']:g} s per step)")
+        for s in inp["sites"]
     )
     console.print(
         f"[bold]geotrain plan[/bold]: {_count(inp['params'])} params, {_count(inp['tokens'])} tokens, "
