@@ -2,8 +2,9 @@
 per sync and the total WAN bytes of every shipped run configuration, counted from the definitions the run
 uses, against what the run's sites counted from the payloads they sent.
 
-The runs here are shortened (``--tokens``), read a small corpus and use no emulated link, which changes when
-bytes move but not how many; benchmarks/plan_vs_run_bench.py runs the files as shipped, links included.
+The runs here are shortened (fewer tokens in smaller batches, the same override given to the plan), read a
+small corpus and use no emulated link, which changes when bytes move but not how many;
+benchmarks/plan_vs_run_bench.py runs the files as shipped, links included.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.toml")
                  if not p.name.startswith("plan-"))
-TOKENS = "400k"  # a few dozen steps: every file syncs several times, its last round partial or whole
+SHORT = ["--tokens", "110k", "--set", "data.batch_size=2"]  # 107-143 steps: every file syncs, its last round partial
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,9 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_the_plan_of_a_run_file_counts_the_bytes_the_run_sends(path, corpus, tmp_path, capsys):
-    assert main(["plan", "--config", str(path), "--tokens", TOKENS, "--json"]) == 0
+    assert main(["plan", "--config", str(path), *SHORT, "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
-    code = main(["run", "--quiet", "--config", str(path), "--tokens", TOKENS, "--link", "none",
+    code = main(["run", "--quiet", "--config", str(path), *SHORT, "--link", "none",
                  "--data", str(corpus), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 0, err
