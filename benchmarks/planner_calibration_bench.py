@@ -32,21 +32,23 @@ SIX = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="runs/utilization", help="directory of run directories to calibrate against")
+    p.add_argument("--runs", nargs="+", default=["runs/utilization"],
+                   help="directories of run directories to calibrate against")
     p.add_argument("--run-missing", action="store_true", help="run the six default runs into --runs first")
     p.add_argument("--wall-seconds", type=float, default=30.0)
     args = p.parse_args()
 
     from geotrain.summary import measured_jitter, measured_step_seconds, predict_from_summary
 
-    root = Path(args.runs)
+    roots = [Path(r) for r in args.runs]
+    root = roots[0]
     if args.run_missing:
         for name, values in SIX.items():
             if not (root / name / "summary.json").is_file():
                 run_variant(name, root, {"run.sites": 4, "run.tokens": 10**9, "run.wall_seconds": args.wall_seconds,
                                          "run.eval_every_tokens": 10**9, **values})
     rows = []
-    for summary_path in sorted(root.glob("*/summary.json")):
+    for summary_path in sorted(p for r in roots for p in r.glob("*/summary.json")):
         s = json.loads(summary_path.read_text())
         if not s.get("ok") or s.get("link") == "none":
             continue
@@ -54,16 +56,17 @@ def main() -> None:
         if timing is None:
             continue
         steps = measured_step_seconds(s, per_site=True)
-        rows.append((summary_path.parent.name, s, {
+        rows.append((f"{summary_path.parent.parent.name}/{summary_path.parent.name}", s, {
             "step_seconds": sum(steps) / len(steps), "slowest_step_seconds": max(steps), "jitter": measured_jitter(s),
             "predicted_utilization": timing.utilization, "measured_utilization": s["utilization"],
             "difference_points": 100 * (timing.utilization - s["utilization"])}))
     if not rows:
-        raise SystemExit(f"no finished emulated runs under {root}; run utilization_bench.py or pass --run-missing")
+        raise SystemExit(f"no finished emulated runs under {', '.join(map(str, roots))}; run utilization_bench.py "
+                         "or pass --run-missing")
     lines = [
         "# Planner calibration: predicted vs measured utilization",
         "",
-        f"Command: `{command_line()}` over the runs in `{root}`.  ",
+        f"Command: `{command_line()}` over the runs in {', '.join(f'`{r}`' for r in roots)}.  ",
         "Prediction input: the run's configuration, each site's measured compute seconds per inner step (the",
         "slowest gates every synchronous point) and the spread of compute time between sync points (jitter: standard",
         "deviation over mean, mean over sites), which blocking syncs pay for. Runs written before summaries carried",
