@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from geotrain.errors import ConfigError
 
@@ -346,10 +346,18 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's bad-input contract: a flag it cannot read is exit code 2 with one line that
+    names the flag and points at the help, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message}; see '{self.prog} --help'", field=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from geotrain import __version__
 
-    parser = argparse.ArgumentParser(prog="geotrain", description="Train one model across several datacenters.")
+    parser = _Parser(prog="geotrain", description="Train one model across several datacenters.")
     parser.add_argument("--version", action="version", version=f"geotrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -415,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

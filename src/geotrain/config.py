@@ -106,7 +106,8 @@ _MOVED = {
     "sites.count": "run.sites",
 }
 
-_COUNT = re.compile(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([kmgbtp]?)")
+# One way to match each number (no overlapping repeats), so a long string that does not parse fails fast.
+_COUNT = re.compile(r"((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[-+]?[0-9]+)?)\s*([kmgbtp]?)")
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12, "p": 10**15}
 
 
@@ -121,7 +122,7 @@ def parse_count(value: Any, *, field_name: str) -> int:
         if math.isfinite(value) and value.is_integer():
             return int(value)
         raise ConfigError(message, field=field_name)
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) <= 64:
         m = _COUNT.fullmatch(value.strip().lower().replace("_", "").replace(",", ""))
         if m:
             number = float(m.group(1)) * _SCALE[m.group(2)]
@@ -278,6 +279,9 @@ class DataConfig:
     """Share of files (or bytes, for one file) held out for evaluation."""
 
     def __post_init__(self) -> None:
+        if self.path is not None and not self.path.strip():
+            raise ConfigError("is empty; give a text file or a directory, or leave it unset for Python's standard "
+                              "library", field="data.path")
         _integer("data.batch_size", self.batch_size, 1, 1 << 20)
         if not (isinstance(self.val_fraction, float | int) and 0 < self.val_fraction < 0.5):
             raise ConfigError(f"must lie in (0, 0.5), got {self.val_fraction!r}", field="data.val_fraction")
@@ -497,9 +501,9 @@ class SiteConfig:
         if self.pue is not None:
             _number(f"{where}.pue", self.pue, 1, 10, what=" (1.1-1.5 is typical)")
         if self.watts is not None:
-            _number(f"{where}.watts", self.watts, 0, 1e6, lo_open=True)
+            _number(f"{where}.watts", self.watts, 1, 1e6, what=" watts per accelerator")
         if self.peak_flops is not None:
-            _number(f"{where}.peak_flops", self.peak_flops, 0, 1e20, lo_open=True)
+            _number(f"{where}.peak_flops", self.peak_flops, 1e6, 1e20, what=" FLOP/s per accelerator")
         if self.step_seconds is not None:
             _number(f"{where}.step_seconds", self.step_seconds, 0, 1e6, lo_open=True)
 
@@ -535,10 +539,10 @@ class AcceleratorConfig:
     """Power per accelerator in watts."""
 
     def __post_init__(self) -> None:
-        for key in ("peak_flops", "watts"):
-            value = getattr(self, key)
-            if value is not None:
-                _number(f"accelerators: {key}", value, 0, 1e20, lo_open=True)
+        if self.peak_flops is not None:
+            _number("accelerators.peak_flops", self.peak_flops, 1e6, 1e20, what=" FLOP/s")
+        if self.watts is not None:
+            _number("accelerators.watts", self.watts, 1, 1e6, what=" watts")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -571,6 +575,9 @@ class PlanConfig:
             _number("plan.target_utilization", self.target_utilization, 0, 1, lo_open=True, what=" (e.g. 0.95)")
         if self.plot is not None and Path(self.plot).suffix.lower() not in (".png", ".svg", ".pdf"):
             raise ConfigError(f"{self.plot!r} must end in .png, .svg or .pdf", field="plan.plot")
+        for key in ("sync_every_candidates", "codec_candidates"):
+            if len(getattr(self, key)) > 100:
+                raise ConfigError(f"holds {len(getattr(self, key))} entries; give at most 100", field=f"plan.{key}")
         for h in self.sync_every_candidates:
             _integer("plan.sync_every_candidates", h, 1, 10**9)
         for name in self.codec_candidates:
@@ -767,13 +774,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError:
                 pass
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            except ValueError:
-                pass
+            if isinstance(value, str) and len(value) <= 64:
+                return float(value)
+        except (ValueError, OverflowError):  # an integer too large for a float is no setting either
+            pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -827,9 +834,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, *, top: bool = False
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file as a dict, or ConfigError naming the problem."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; check the path", field="--config")
     try:
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; check the path", field="--config")
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p} is not valid TOML ({e}); fix the line it names", field="--config") from None

@@ -6,12 +6,18 @@ one paragraph, without a traceback, and exits with code 2. Anything else exits w
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "one_line"]
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped, so that a message about a name that
+    holds them (a key, a path) stays one line."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(text))
 
 
 class ConfigError(ValueError):
-    """Bad input from the user. The message names the field and says how to fix it."""
+    """Bad input from the user. The message names the field and says how to fix it, on one line."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
-        super().__init__(f"{field}: {message}" if field else message)
+        super().__init__(one_line(f"{field}: {message}" if field else message))

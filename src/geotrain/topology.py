@@ -57,7 +57,11 @@ _BANDWIDTH_UNITS = {
 }
 _LATENCY_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
-_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+# One way to match each number (no nested or overlapping repeats), so a long string that does not parse
+# fails in linear time.
+_NUMBER = r"((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)"
+_MAX_TEXT = 64
+"""Longest link, bandwidth or latency text read (anything longer is no link)."""
 _BW_RE = re.compile(_NUMBER + r"\s*([a-zA-Z]+)$")
 _LAT_RE = re.compile(_NUMBER + r"\s*([a-zA-Z]*)$")
 
@@ -68,8 +72,10 @@ def parse_bandwidth(text: str | float) -> float:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if not (math.isfinite(text) and text > 0):
             raise ValueError(f"bandwidth {text!r} must be a positive number of bits per second")
-        return float(text)
+        return _in_range(float(text), text)
     s = str(text).strip().lower()
+    if len(s) > _MAX_TEXT:
+        raise ValueError(f"bandwidth {s[:20]!r}... is {len(s)} characters long; write one such as '100mbit'")
     if s.endswith("/s"):
         s = s[:-2]
     try:
@@ -94,12 +100,20 @@ def parse_bandwidth(text: str | float) -> float:
     bps = value * _BANDWIDTH_UNITS[unit]
     if not math.isfinite(bps) or bps <= 0:
         raise ValueError(f"bandwidth {text!r} must be positive, for example '100mbit'")
+    return _in_range(bps, text)
+
+
+def _in_range(bps: float, text: object) -> float:
+    if not MIN_BANDWIDTH <= bps <= MAX_BANDWIDTH:
+        raise ValueError(f"bandwidth {text!r} must lie between 1bit and 1000tbit (1 Pbit/s)")
     return bps
 
 
 def parse_latency(text: str) -> float:
     """Parse ``50ms``/``0.05s``/``200us`` into seconds (one way). A bare number means milliseconds."""
     s = str(text).strip().lower()
+    if len(s) > _MAX_TEXT:
+        raise ValueError(f"latency {s[:20]!r}... is {len(s)} characters long; write one such as '50ms'")
     if s.startswith("-"):
         raise ValueError(f"latency {text!r} is negative; give a delay such as '50ms' (or '0ms')")
     m = _LAT_RE.match(s)
@@ -114,6 +128,14 @@ def parse_latency(text: str) -> float:
     return seconds
 
 
+MIN_BANDWIDTH = 1.0
+"""Slowest link read, bit/s: below it a sync's time overflows any useful figure."""
+MAX_BANDWIDTH = 1e15
+"""Fastest link read, bit/s (1 Pbit/s)."""
+MAX_LATENCY = 3600.0
+"""Longest one-way latency read, seconds."""
+
+
 @dataclass(frozen=True, slots=True)
 class Link:
     """One wide-area link: a rate in bits per second and a one-way latency in seconds."""
@@ -124,10 +146,11 @@ class Link:
     """One-way propagation delay, in seconds."""
 
     def __post_init__(self) -> None:
-        if not (self.bandwidth_bps > 0 and math.isfinite(self.bandwidth_bps)):
-            raise ValueError(f"link bandwidth must be positive, got {self.bandwidth_bps!r} bit/s")
-        if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
-            raise ValueError(f"link latency must be zero or positive, got {self.latency_s!r} s")
+        if not (MIN_BANDWIDTH <= self.bandwidth_bps <= MAX_BANDWIDTH):
+            raise ValueError(f"link bandwidth must lie between {MIN_BANDWIDTH:g} bit/s and {MAX_BANDWIDTH:g} bit/s "
+                             f"(1 Pbit/s), got {self.bandwidth_bps!r} bit/s")
+        if not (0 <= self.latency_s <= MAX_LATENCY):
+            raise ValueError(f"link latency must lie between 0 and {MAX_LATENCY:g} s, got {self.latency_s!r} s")
 
     def transfer_seconds(self, nbytes: float) -> float:
         """Time for one message of ``nbytes`` to cross this link: latency plus serialisation."""
@@ -159,6 +182,8 @@ def parse_link(text: str, *, presets: dict[str, str] | None = None) -> Link | No
     Link, or ``none`` into None (no emulation)."""
     presets = LINK_PRESETS if presets is None else presets
     s = str(text).strip()
+    if len(s) > 2 * _MAX_TEXT:
+        raise ValueError(f"link {s[:20]!r}... is {len(s)} characters long; write one such as '10mbit/50ms'")
     if s.lower() in ("none", "off", ""):
         return None
     if s.lower() in presets:

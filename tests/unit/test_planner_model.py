@@ -426,7 +426,7 @@ def test_single_site_has_no_wan_traffic():
         ({"site": [{"name": "x", "mfu": 1.2}, {"name": "y"}]}, "site[x].mfu", "(0, 1]"),
         ({"site": [{"name": "x", "pue": 0.9}, {"name": "y"}]}, "site[x].pue", "[1, 10]"),
         ({"site": [{"name": "x", "power_cap_mw": -5}, {"name": "y"}]}, "site[x].power_cap_mw", "(0,"),
-        ({"site": [{"name": "x", "watts": -700}, {"name": "y"}]}, "site[x].watts", "(0,"),
+        ({"site": [{"name": "x", "watts": -700}, {"name": "y"}]}, "site[x].watts", "[1, 1e+06]"),
         ({"sites.accelerator": "H10"}, "sites.accelerator", "did you mean 'H100'"),
         ({"site": [{"name": "x", "accelerator": "H10"}, {"name": "y"}]}, "sites.accelerator", "did you mean 'H100'"),
         ({"model.params": -1}, "model.params", "from 1"),
@@ -458,7 +458,7 @@ def test_bad_inputs_raise_config_error(values, field_, words):
 @pytest.mark.parametrize(
     ("key", "value", "words"),
     [("mfu", 1.2, "(0, 1]"), ("mfu", 0, "(0, 1]"), ("pue", 0.9, "[1, 10]"), ("power_cap_mw", -5, "(0,"),
-     ("watts", -700, "(0,"), ("accelerators", 0, "from 1"), ("step_seconds", -1, "(0,")],
+     ("watts", -700, "[1, 1e+06]"), ("accelerators", 0, "from 1"), ("step_seconds", -1, "(0,")],
 )
 def test_bad_site_defaults_raise_config_error_naming_the_key(key, value, words):
     with pytest.raises(ConfigError) as info:

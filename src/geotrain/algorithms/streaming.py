@@ -83,7 +83,11 @@ def fragment_sizes(layout: ModelLayout, fragments: int) -> list[int]:
     if layout.tensors:
         names = [n for n, _ in layout.tensors]
         sizes = [s for _, s in layout.tensors]
-        return [sum(sizes[i] for i in idx) for idx in split_fragments(names, fragments, sizes)]
+        try:
+            groups = split_fragments(names, fragments, sizes)
+        except ValueError as e:
+            raise ConfigError(str(e), field="streaming.fragments") from None
+        return [sum(sizes[i] for i in idx) for idx in groups]
     base, extra = divmod(layout.params, fragments)
     return [base + (1 if p < extra else 0) for p in range(fragments)]
 
@@ -129,7 +133,7 @@ class StreamingDiLoCo(Algorithm):
         h, p = config.outer.sync_every, config.streaming.fragments
         t = sync_seconds(config, max(fragment_sizes(layout, p)))  # the largest fragment must hide
         need = HIDE_MARGIN * t / step_seconds if step_seconds > 0 else math.inf
-        tau = int(min(h - 1, max(1, math.ceil(need)))) if h > 1 else 0
+        tau = (h - 1 if not math.isfinite(need) else int(min(h - 1, max(1, math.ceil(need))))) if h > 1 else 0
         why = (f"one fragment's sync takes {t:.3g} s over the link and an inner step {step_seconds:.3g} s of "
                f"compute: tau={tau} steps cover {HIDE_MARGIN:g}x the transfer")
         if need > h - 1:

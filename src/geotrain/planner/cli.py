@@ -15,6 +15,7 @@ import json
 import sys
 
 from geotrain.algorithms import algorithm_names
+from geotrain.errors import ConfigError
 from geotrain.comm.codecs.registry import codec_names
 from geotrain.hardware import ACCELERATORS
 from geotrain.planner.config import PlanInputs, plan_inputs
@@ -167,7 +168,12 @@ def run(args: argparse.Namespace) -> int:
     inputs = plan_inputs(getattr(args, "config", None), args, overrides=getattr(args, "set", None) or [])
     out, results, swept, simulated = plan_output(inputs)
     if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(out, indent=2, allow_nan=False) + "\n")
+        try:
+            text = json.dumps(out, indent=2, allow_nan=False)
+        except ValueError:  # a figure overflowed: inputs at the edge of every range
+            raise ConfigError("the inputs make some of the plan's figures overflow (infinite); bring the links, "
+                              "accelerators or budget nearer to a real deployment", field="--config") from None
+        sys.stdout.write(text + "\n")
         return 0
     from geotrain.planner.report import render
 

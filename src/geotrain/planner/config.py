@@ -144,7 +144,8 @@ def plan_inputs(path: str | Path | None, args: argparse.Namespace | None = None,
     ``args`` over it, and validate the plan."""
     tree = read_toml(path) if path is not None else {}
     values = _flag_values(tree, args) if args is not None else {}
-    if _simulation_asked(tree):
+    set_keys = {item.partition("=")[0].strip() for item in overrides}
+    if _simulation_asked(tree) or any(f"simulate.{k}" in set_keys for k in _SIMULATION_KEYS):
         values.setdefault("simulate.enabled", True)
     config = config_from_tree(tree, overrides=overrides, values=values)
     spec = plan_spec(config)

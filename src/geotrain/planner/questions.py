@@ -131,9 +131,11 @@ def compare_variants(spec: PlanSpec) -> dict[str, PlanSpec]:
     for name in algorithm_names():
         for label, values in get_algorithm(name).compare_variants(spec.config).items():
             try:
-                variants[label] = spec.with_config({"run.algorithm": name, **values})
+                variant = spec.with_config({"run.algorithm": name, **values})
+                variant.algorithm.pattern(variant.config, variant.model.layout)  # fits the model
             except ConfigError:
                 continue
+            variants[label] = variant
     return variants
 
 
@@ -146,13 +148,15 @@ def parse_sweep(value: str | Sequence[object]) -> list[float]:
             n = int(n_s)
         except ValueError:
             n = 0
-        if n < 2 or n > 10_000:
-            raise ConfigError(f"the number of points in {value!r} must be an integer from 2 to 10000", field="plan.sweep")
+        if n < 2 or n > 1000:
+            raise ConfigError(f"the number of points in {value!r} must be an integer from 2 to 1000", field="plan.sweep")
         if stop <= start:
             raise ConfigError(f"in {value!r} the stop bandwidth must exceed the start", field="plan.sweep")
         return [float(x) for x in np.geomspace(start, stop, n)]
     items = value.split(",") if isinstance(value, str) else list(value)
     points = [_bandwidth(str(v).strip() if isinstance(v, str) else v) for v in items if v != ""]
+    if len(points) > 1000:
+        raise ConfigError(f"holds {len(points)} bandwidths; give at most 1000", field="plan.sweep")
     if not points:
         raise ConfigError("give bandwidths such as '1gbit,10gbit' or a range '100mbit:1tbit:50'", field="plan.sweep")
     return sorted(points)

@@ -44,6 +44,7 @@ __all__ = ["SimulationResult", "mtbf_seconds", "simulate"]
 
 _BLOCK = 1 << 16  # rounds sampled at once between events
 _MAX_EVENTS = 500_000
+_MAX_BLOCKS = 2_000  # rounds a simulation plays without failures: 2,000 blocks of 65,536 take a few seconds
 
 
 def mtbf_seconds(sim: SimulateConfig, sites: int) -> np.ndarray:
@@ -116,6 +117,11 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
         site.accelerators if site.powered_under_cap is None else min(site.accelerators, site.powered_under_cap)
         for site in spec.sites
     ]
+    for site, n in zip(spec.sites, active, strict=True):
+        if n < 1:
+            raise ConfigError(f"site {site.name!r}: its cap of {site.power_cap_mw:g} MW powers no "
+                              f"{site.accelerator.name}, so the simulation has nothing to run there; raise the cap",
+                              field="sites.power_cap_mw")
     step_c = np.array(site_step_seconds(spec, accelerators=active))
     round_steps = pattern.round_steps
     periods_per_round = round_steps / pattern.period_steps  # 1, except P fragment syncs per streaming round
@@ -154,6 +160,10 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
     ckpt_rounds = max(1, round(checkpoint_s / full_round))
     rate = float(np.sum(1.0 / mtbf))
     rounds_needed = total_tokens / float(round_tokens.sum())
+    if rounds_needed / _BLOCK > _MAX_BLOCKS:
+        raise ConfigError(
+            f"the run is {rounds_needed:,.3g} rounds long, too many to simulate one by one (the formula's figures "
+            "stand without failures); plan fewer tokens or a larger batch (--batch-tokens)", field="run.tokens")
     expected_failures = rate * rounds_needed * full_round
     if expected_failures > _MAX_EVENTS / 10:
         raise ConfigError(
@@ -182,9 +192,10 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
     while tokens < total_tokens * (1 - 1e-12):
         events += 1
         if events > _MAX_EVENTS:
+            fix = ("shorten checkpoint_every_hours or use recovery = 'elastic'" if sim.recovery == "restart"
+                   else "shorten restart_hours")
             raise ConfigError(
-                "the simulated run makes no headway: failures come faster than work is kept. Raise mtbf_hours, "
-                "shorten checkpoint_every_hours or use recovery = 'elastic'",
+                f"the simulated run makes no headway: failures come faster than work is kept. Raise mtbf_hours or {fix}",
                 field="simulate.mtbf_hours",
             )
         if not alive.all() and (down_until[~alive] <= t).any():

@@ -65,9 +65,9 @@ def check_out_dir(out: Path) -> None:
         ) from None
 
 
-def check_launch(config: Config) -> None:
+def check_launch(config: Config, *, demo: bool = True) -> None:
     """What a run on this machine needs beyond a valid config, checked before anything starts: ConfigError
-    naming the field otherwise."""
+    naming the field otherwise. ``demo``: the run trains the demo GPT (no workload of the user's)."""
     if config.model.params is not None:
         raise ConfigError("sets the model's size for geotrain plan only; a run's model size comes from n_layer, "
                           "n_head, d_model and seq_len: drop model.params (or plan this file with geotrain plan)",
@@ -78,9 +78,16 @@ def check_launch(config: Config) -> None:
             f"{config.run.sites} sites x {config.run.workers_per_site} workers would start {processes:,} processes "
             f"on this machine, more than {MAX_LOCAL_WORKERS}; lower --sites or --workers-per-site, run sites with "
             "torchrun on real clusters, or study the run with geotrain plan", field="run.sites")
-    if config.data.path is not None and not Path(config.data.path).exists():
-        raise ConfigError(f"{config.data.path!r} does not exist; give a text file or a directory of text files, "
-                          "or leave data.path unset for Python's standard library", field="data.path")
+    if config.data.path is not None:
+        try:
+            found = Path(config.data.path).exists()
+        except OSError as e:  # a name too long for the file system, say
+            raise ConfigError(f"cannot look at {config.data.path!r} ({e.strerror or e})", field="data.path") from None
+        if not found:
+            raise ConfigError(f"{config.data.path!r} does not exist; give a text file or a directory of text "
+                              "files, or leave data.path unset for Python's standard library", field="data.path")
+    if demo:  # the demo GPT is the model config.layout() describes: its settings must fit it
+        config.algorithm().pattern(config, config.layout())
 
 
 def _worker_entry(task: SiteTask, env: dict[str, str], log_path: str) -> None:
@@ -182,7 +189,7 @@ def launch(
     from geotrain.train.workload import demo_workload, prepare_corpus
 
     out = Path(config.run.out)
-    check_launch(config)
+    check_launch(config, demo=workload_factory is None)
     check_out_dir(out)
     for stale in ("summary.json", "metrics.jsonl", "report.html", "model.safetensors"):
         (out / stale).unlink(missing_ok=True)
