@@ -89,15 +89,7 @@ by the launcher)."""
 _MOVED = {
     "algorithm": "[run] algorithm, [outer] sync_every, [streaming] fragments and overlap_steps, [comm] codec "
                  "and overlap, [sites] balance",
-    "algorithm.name": "run.algorithm",
-    "algorithm.sync_every": "outer.sync_every",
-    "algorithm.fragments": "streaming.fragments",
-    "algorithm.overlap_steps": "streaming.overlap_steps",
-    "algorithm.overlap": "comm.overlap",
-    "algorithm.codec": "comm.codec",
-    "algorithm.balance": "sites.balance",
     "link": "[wan] link",
-    "link.link": "wan.link",
     "links": "[[wan.links]]",
     "link_presets": "[wan.presets]",
     "question": "[plan]",
