@@ -17,8 +17,21 @@ from geotrain.errors import ConfigError
 
 __all__ = ["main"]
 
+def choices_epilog() -> str:
+    """The registered algorithms and codecs with their one-line summaries, for help texts."""
+    from geotrain.algorithms import algorithm_names, get_algorithm
+    from geotrain.comm.codecs.registry import codec_names, get_codec_spec
+
+    lines = ["algorithms:"]
+    lines += [f"  {name:<12} {get_algorithm(name).summary}" for name in algorithm_names()]
+    lines += ["codecs:"]
+    lines += [f"  {name:<12} {get_codec_spec(name).summary}" for name in codec_names()]
+    return "\n".join(lines)
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from geotrain.algorithms import algorithm_names
+    from geotrain.algorithms.diloco import OVERLAP_THRESHOLD
     from geotrain.comm.codecs.registry import codec_names
     from geotrain.config import defaults
 
@@ -35,7 +48,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", help=f"cross-site payload codec: {', '.join(codec_names())} (default {d.comm.codec})")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="diloco: overlap each outer all-reduce with the next round's compute (default: on when a "
-                   "blocking sync would stall more than 2%% of a round; the run says what it chose)")
+                   f"blocking sync would stall more than {100 * OVERLAP_THRESHOLD:g}%% of a round; the run says what "
+                   "it chose)")
     p.add_argument("--fragments", type=int, help=f"streaming: number of fragments P (default {d.streaming.fragments})")
     p.add_argument("--overlap-steps", type=int, metavar="TAU",
                    help="streaming: inner steps a fragment's sync overlaps (default: the fewest its predicted "
@@ -52,9 +66,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help=f"cpu or cuda (default {d.run.device})")
 
 
-def _config_from_args(args: argparse.Namespace, *, out: str | None = None, variant: list[str] = ()) -> Any:
+def _config_from_args(args: argparse.Namespace, *, out: str | None = None, variant: list[str] | None = None) -> Any:
     """The run's config: the file, then ``--set``, then the flags, then a compare variant's own settings
-    (a variant's settings win over the flags every variant shares)."""
+    (a variant's settings win over the flags every variant shares). A setting only another algorithm reads is
+    refused when given for this run, and dropped when it comes from the file or, in a comparison, from the
+    flags the variants share."""
     from geotrain.config import SHORT_KEYS, _parse_value, load_config
 
     values: dict[str, Any] = {}
@@ -64,10 +80,11 @@ def _config_from_args(args: argparse.Namespace, *, out: str | None = None, varia
             values[key] = v
     if out is not None:
         values["run.out"] = out
-    for item in variant:
+    shared = (*values, *(item.partition("=")[0].strip() for item in args.set)) if variant is not None else ()
+    for item in variant or ():
         key, _, text = item.partition("=")
         values[key] = _parse_value(text)
-    return load_config(args.config, overrides=args.set, values=values)
+    return load_config(args.config, overrides=args.set, values=values, fit=True, soft=shared)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -361,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"geotrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="train across emulated sites on this machine")
+    p = sub.add_parser("run", help="train across emulated sites on this machine", epilog=choices_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_flags(p)
     p.add_argument("--out", help="output directory (default runs/latest)")
     p.add_argument("--quiet", action="store_true", help="no live progress")
@@ -369,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the configuration and print it resolved, without starting anything")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("compare", help="run several algorithms on the same budget and compare them")
+    p = sub.add_parser("compare", help="run several algorithms on the same budget and compare them",
+                       epilog=choices_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_flags(p)
     p.add_argument("--algorithms", help="comma-separated variants, e.g. ddp,diloco")
     p.add_argument("--variant", action="append",

@@ -24,6 +24,7 @@ import difflib
 import functools
 import math
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -31,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geotrain.errors import ConfigError
+from geotrain.errors import ConfigError, SettingConflict
 from geotrain.topology import LINK_PRESETS, Link, Topology, parse_link
 
 __all__ = [
     "AcceleratorConfig",
+    "inner_steps",
     "CommConfig",
     "Config",
     "DataConfig",
@@ -121,6 +123,12 @@ def parse_count(value: Any, *, field_name: str) -> int:
             if math.isfinite(number) and number == int(number):
                 return int(number)
     raise ConfigError(message, field=field_name)
+
+
+def inner_steps(tokens: int, batch_tokens: int) -> int:
+    """Inner steps of a run: its token budget over the global batch (all sites' workers together), at least
+    one. The training loop, the start record and the planner all count this way."""
+    return max(1, tokens // batch_tokens)
 
 
 # -- range checks ---------------------------------------------------------------------------------------------
@@ -397,8 +405,8 @@ class WanConfig:
 
     def __post_init__(self) -> None:
         for name, text in self.presets.items():
-            try:
-                if parse_link(text) is None:
+            try:  # a preset is a link itself, not another preset's name
+                if parse_link(text, presets={}) is None:
                     raise ValueError("a preset needs a real link, not 'none'")
             except ValueError as e:
                 raise ConfigError(str(e), field=f"wan.presets.{name}") from None
@@ -849,12 +857,16 @@ def load_config(
     *,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, Any] | None = None,
+    fit: bool = False,
+    soft: tuple[str, ...] = (),
 ) -> Config:
     """Build a Config from an optional TOML file, ``--set`` style overrides, then already-typed ``values``.
 
     Later sources win: file < overrides < values. ``values`` maps dotted keys (``"run.sites"``) to Python values.
+    ``fit`` and ``soft``: see :func:`config_from_tree`.
     """
-    return config_from_tree(read_toml(path) if path is not None else {}, overrides=overrides, values=values)
+    return config_from_tree(read_toml(path) if path is not None else {}, overrides=overrides, values=values,
+                            fit=fit, soft=soft)
 
 
 def config_from_tree(
@@ -862,14 +874,69 @@ def config_from_tree(
     *,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, Any] | None = None,
+    fit: bool = False,
+    soft: tuple[str, ...] = (),
 ) -> Config:
     """Build a Config from a parsed TOML document (a dict, changed in place), ``--set`` style overrides and
-    typed dotted ``values``, in that order."""
+    typed dotted ``values``, in that order.
+
+    With ``fit`` (the command line) and the algorithm chosen by a flag: a setting from the file, or from ``soft``
+    keys (flags that several ``geotrain compare`` variants share), that the chosen algorithm cannot take is
+    dropped, so one file serves every algorithm; a setting the user gave for this run is refused when the
+    algorithm cannot take it and ignored with a warning when it only does not read it. A file that contradicts
+    itself (ddp with overlap) is refused either way.
+    """
+    explicit: set[str] = set()
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} needs the form key=value, for example run.sites=4", field="--set")
         _set_dotted(tree, key.strip(), _parse_value(text.strip()))
+        explicit.add(key.strip())
     for key, value in (values or {}).items():
         _set_dotted(tree, key, value, top=True)
-    return _build(Config, tree, "")
+        explicit.add(key)
+    hard = explicit - set(soft)
+    droppable, ignored = _unread_settings(tree, hard) if fit else (set(), {})
+    if "run.algorithm" not in explicit:
+        droppable = set()  # the file chose the algorithm: its own contradictions are refused
+    while True:
+        try:
+            config = _build(Config, tree, "")
+            for key, who in ignored.items():
+                print(f"warning: {key} applies to {who}, not {config.run.algorithm}; ignored", file=sys.stderr)
+            return config
+        except SettingConflict as e:  # a file's setting (or a shared flag) the chosen algorithm cannot take
+            if e.field not in droppable:
+                raise
+            droppable.discard(e.field)
+            section, _, leaf = str(e.field).partition(".")
+            tree[section].pop(leaf, None)
+
+
+def _unread_settings(tree: dict[str, Any], explicit: set[str]) -> tuple[set[str], dict[str, str]]:
+    """Settings in ``tree`` that only other algorithms read, apart from the ``explicit`` ones: the file's and
+    the shared flags', which are dropped if the chosen algorithm cannot take them (see config_from_tree).
+    An explicit one is kept, and the chosen algorithm refuses it or ignores it (with a warning)."""
+    from geotrain.algorithms import algorithm_names, get_algorithm
+
+    run = tree.get("run") if isinstance(tree.get("run"), dict) else {}
+    name = run.get("algorithm", next(f.default for f in dataclasses.fields(RunConfig) if f.name == "algorithm"))
+    try:
+        chosen = get_algorithm(name)
+    except ConfigError:
+        return set(), {}  # the build names the unknown algorithm
+    readers: dict[str, list[str]] = {}
+    for other in algorithm_names():
+        for key in get_algorithm(other).settings:
+            readers.setdefault(key, []).append(other)
+    present, ignored = set(), {}
+    for key, who in readers.items():
+        if key in chosen.settings:
+            continue
+        section, _, leaf = key.partition(".")
+        if key in explicit:
+            ignored[key] = ", ".join(who)
+        elif isinstance(tree.get(section), dict) and leaf in tree[section]:
+            present.add(key)
+    return present, ignored

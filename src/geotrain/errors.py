@@ -6,7 +6,7 @@ one paragraph, without a traceback, and exits with code 2. Anything else exits w
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "one_line"]
+__all__ = ["ConfigError", "SettingConflict", "one_line"]
 
 
 def one_line(text: str) -> str:
@@ -21,3 +21,10 @@ class ConfigError(ValueError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
         super().__init__(one_line(f"{field}: {message}" if field else message))
+
+
+class SettingConflict(ConfigError):
+    """A setting that the chosen algorithm cannot take (overlap for ddp, say), as opposed to a bad value.
+
+    On the command line such a setting from a configuration file is dropped when the flags choose another
+    algorithm (``geotrain.config.config_from_tree``'s ``fit``); given for the run itself, it is bad input."""

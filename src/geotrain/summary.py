@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -225,10 +226,12 @@ def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float
     from geotrain.errors import ConfigError
 
     tree = summary.get("config")
-    if not isinstance(tree, dict) or summary.get("link") in (None, "none") or (summary.get("sites") or 0) < 2:
+    if not isinstance(tree, dict) or (summary.get("sites") or 0) < 2:
         return None
     try:
         config = load_config(values={k: v for k, v in tree.items()})
+        if not config.topology().emulated:
+            return None
         # the settings the run chose itself, as its start record says
         chosen = {a["key"]: a["value"] for a in summary.get("auto_settings") or [] if isinstance(a, dict)}
         config = config.updated(chosen) if chosen else config
@@ -239,7 +242,10 @@ def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float
         return predict_run(config, payloads=summary.get("sync_payloads"), steps=steps, step_seconds=per_site,
                            jitter=measured_jitter(summary) if jitter is None else jitter,
                            stopped_early=bool(summary.get("stopped_early")))
-    except (ConfigError, KeyError, TypeError, ValueError):
+    except ConfigError:
+        return None  # a run without the measurements (one that failed early)
+    except (KeyError, TypeError, ValueError) as e:  # a summary from another version; the run's own figures stand
+        print(f"warning: no predicted utilization for this run ({type(e).__name__}: {e})", file=sys.stderr)
         return None
 
 

@@ -66,9 +66,9 @@ _BW_RE = re.compile(_NUMBER + r"\s*([a-zA-Z]+)$")
 _LAT_RE = re.compile(_NUMBER + r"\s*([a-zA-Z]*)$")
 
 
-def parse_bandwidth(text: str | float) -> float:
-    """Parse ``10mbit``/``1gbit``/``500kbit`` (a trailing ``/s`` is allowed) or a bare number of bits per second.
-    Raises ValueError with the fix."""
+def parse_bandwidth(text: str | float, *, bare_bits: bool = False) -> float:
+    """Parse ``10mbit``/``1gbit``/``500kbit`` (a trailing ``/s`` is allowed) into bits per second; a number, or
+    with ``bare_bits`` a string without a unit (``1e10``), is bits per second. Raises ValueError with the fix."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if not (math.isfinite(text) and text > 0):
             raise ValueError(f"bandwidth {text!r} must be a positive number of bits per second")
@@ -83,6 +83,8 @@ def parse_bandwidth(text: str | float) -> float:
     except ValueError:
         bare = None
     if bare is not None:
+        if not bare_bits:
+            raise ValueError(f"bandwidth {text!r} has no unit; write one such as '100mbit' or '1gbit'")
         return parse_bandwidth(bare)
     if s.startswith("-"):
         raise ValueError(f"bandwidth {text!r} is negative; give a positive rate such as '100mbit'")

@@ -177,9 +177,9 @@ def test_plot_to_a_missing_directory_exits_2(tmp_path, capsys):
 def test_simulation_is_seeded(capsys):
     argv = [*WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--sync-every", "500",
             "--simulate", "--mtbf-hours", "24", "--jitter", "0.05", "--recovery", "elastic"]
-    first = plan_json([*argv, "--seed", "1"], capsys)["simulation"]
-    again = plan_json([*argv, "--seed", "1"], capsys)["simulation"]
-    other = plan_json([*argv, "--seed", "2"], capsys)["simulation"]
+    first = plan_json([*argv, "--sim-seed", "1"], capsys)["simulation"]
+    again = plan_json([*argv, "--sim-seed", "1"], capsys)["simulation"]
+    other = plan_json([*argv, "--sim-seed", "2"], capsys)["simulation"]
     assert first == again and first != other
     assert first["failures"] > 0 and first["lost_hours"] > 0
     assert first["recovery"] == "elastic" and first["mtbf_hours"] == 24.0 and first["jitter"] == 0.05

@@ -69,6 +69,12 @@ SCENARIOS = [
     ("diloco-overlap", {"comm.overlap": True}, 0.02),
     ("diloco-overlap-link-bound", {"comm.overlap": True}, 0.005),
     ("diloco-partial-last-round", {"comm.overlap": False, "outer.sync_every": 7}, 0.02),
+    # 60 steps at H=7: a last round of 4 steps hides the transfer before it behind 4 steps only
+    ("diloco-overlap-short-last-round", {"comm.overlap": True, "outer.sync_every": 7}, 0.02),
+    ("diloco-overlap-short-last-round-link-bound", {"comm.overlap": True, "outer.sync_every": 7}, 0.005),
+    # H=14, P=2, tau=5: fragment 0's last sync starts 4 steps before the end and is merged there, early
+    ("streaming-merged-early-at-the-end", {"run.algorithm": "streaming", "streaming.fragments": 2,
+                                           "streaming.overlap_steps": 5, "outer.sync_every": 14}, 0.02),
     ("streaming-tau0", {"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 0}, 0.02),
     ("streaming-tau1", {"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 1}, 0.02),
     ("streaming-queued", {"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 2}, 0.005),

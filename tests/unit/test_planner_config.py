@@ -199,7 +199,7 @@ def test_every_flag_sets_its_key():
     args = flags(model_params="1b", tokens="1t", batch_tokens="1m", seq_len="2048", sites="3",
                  workers_per_site="2", algorithm="streaming", sync_every="40", fragments="2", overlap_steps="3",
                  codec="topk+int8", topk_fraction="0.05", target_utilization="0.9", sweep="1gbit,10gbit",
-                 plot="x.png", mtbf_hours="24", seed="5", recovery="elastic", jitter="0.1")
+                 plot="x.png", mtbf_hours="24", sim_seed="5", recovery="elastic", jitter="0.1")
     config = plan_inputs(None, args).config
     expected = {"model.params": 10**9, "run.tokens": 10**12, "plan.batch_tokens": 10**6, "model.seq_len": 2048,
                 "run.sites": 3, "run.workers_per_site": 2, "run.algorithm": "streaming", "outer.sync_every": 40,
@@ -328,11 +328,11 @@ def test_sites_count_must_match_site_tables():
 
 
 def test_simulation_settings_imply_simulate(tmp_path):
-    inputs = plan_inputs(None, flags(mtbf_hours="24", seed="3"))
+    inputs = plan_inputs(None, flags(mtbf_hours="24", sim_seed="3"))
     assert inputs.simulation is not None and inputs.simulation.seed == 3 and inputs.simulation.mtbf_hours == 24.0
     per_site = plan_inputs(None, flags(mtbf_hours="24, 0, 12, 6")).simulation
     assert per_site.mtbf_hours == [24.0, 0.0, 12.0, 6.0]
-    assert plan_inputs(None, flags(seed="3")).simulation is None  # a seed alone asks for nothing
+    assert plan_inputs(None, flags(sim_seed="3")).simulation is None  # a seed alone asks for nothing
     # in a file, too: a failure setting without `enabled`, read as the command line reads it
     path = write(tmp_path, "[simulate]\njitter = 0.1\n")
     assert plan_inputs(path, flags()).simulation is not None

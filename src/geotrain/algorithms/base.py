@@ -89,6 +89,8 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     """What ``run.algorithm`` says."""
+    baseline: ClassVar[bool] = False
+    """The fully synchronous method the others are compared against (``geotrain compare``'s ratios)."""
     summary: ClassVar[str] = ""
     """One line for help texts."""
     settings: ClassVar[tuple[str, ...]] = ()
@@ -130,8 +132,7 @@ class Algorithm:
     def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
         raise NotImplementedError
 
-    def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *,
-                    stopped_early: bool = False) -> list[int]:
+    def sync_counts(self, config: Config, steps: int, *, stopped_early: bool = False) -> list[int]:
         """How many times each payload of ``pattern`` crosses the links in a run of ``steps`` inner steps (that
         ended at its last step, or at a sync point when ``stopped_early``); the pattern's ``final_payload``
         comes on top when the run reaches its last step."""
@@ -142,11 +143,12 @@ class Algorithm:
         regular schedule (the final sync of a pattern's ``final_payload`` is ``end_exposed``'s)."""
         raise NotImplementedError
 
-    def end_exposed(self, config: Config, *, comm_seconds: float, final_seconds: float, exposed_per_sync: float,
-                    stopped_early: bool) -> float:
+    def end_exposed(self, config: Config, *, steps: int, step_seconds: float, comm_seconds: float,
+                    final_seconds: float, exposed_per_sync: float, stopped_early: bool) -> float:
         """Exposed communication the end of a run adds beyond ``exposed_per_sync`` per period: the run ends
-        on one synchronised model, so a transfer that would have hidden behind the next round cannot.
-        ``final_seconds`` is the time of the pattern's ``final_payload`` sync."""
+        on one synchronised model, so a transfer that would have hidden behind the next round (or the rest of
+        a round a short last one cuts off) cannot. ``step_seconds`` is the gating compute per step,
+        ``final_seconds`` the time of the pattern's ``final_payload`` sync."""
         return 0.0
 
     # -- training ----------------------------------------------------------------------------------------------

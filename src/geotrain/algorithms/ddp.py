@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from geotrain.algorithms.base import Algorithm, ModelLayout, SyncPattern
-from geotrain.errors import ConfigError
+from geotrain.errors import ConfigError, SettingConflict
 
 if TYPE_CHECKING:
     from geotrain.algorithms.strategies.base import Strategy, StrategyContext
@@ -21,10 +21,11 @@ __all__ = ["DDP"]
 class DDP(Algorithm):
     name = "ddp"
     summary = "all-reduce the gradient across sites every step"
+    baseline = True
 
     def check(self, config: Config) -> None:
         if config.comm.overlap:
-            raise ConfigError("overlap applies to diloco, not ddp (ddp needs every step's gradient before its "
+            raise SettingConflict("overlap applies to diloco, not ddp (ddp needs every step's gradient before its "
                               "optimizer step); drop --overlap", field="comm.overlap")
 
     def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:
@@ -35,7 +36,7 @@ class DDP(Algorithm):
     def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
         return SyncPattern(round_steps=1, period_steps=1.0, hide_steps=0.0, payloads=(layout.params,))
 
-    def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *, stopped_early: bool = False) -> list[int]:
+    def sync_counts(self, config: Config, steps: int, *, stopped_early: bool = False) -> list[int]:
         return [steps]
 
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:

@@ -34,7 +34,7 @@ class DiLoCo(Algorithm):
 
     def describe(self, config: Config) -> dict[str, Any]:
         return {"sync_every": config.outer.sync_every, "fragments": 1, "overlap_steps": 0,
-                "overlap": bool(config.comm.overlap)}
+                "overlap": config.comm.overlap}
 
     def label(self, config: Config) -> str:
         overlap = {True: "+overlap", False: "", None: " overlap=auto"}[config.comm.overlap]
@@ -51,14 +51,18 @@ class DiLoCo(Algorithm):
         if config.comm.overlap is not None:
             return []
         h = config.outer.sync_every
-        t = sync_seconds(config, layout.params)
+        t = float(sync_seconds(config, layout.params))
         round_compute = h * step_seconds
-        on = t > OVERLAP_THRESHOLD * round_compute
-        share = t / round_compute if round_compute > 0 else math.inf
-        why = (f"one sync takes {t:.3g} s over the link against {round_compute:.3g} s of compute per round "
-               f"({h} steps of {step_seconds:.3g} s): a blocking sync would stall {100 * share:.3g}% of it")
-        why += (", so round t's average travels during round t+1" if on
-                else f"; under {100 * OVERLAP_THRESHOLD:g}%, the update is not delayed")
+        on = bool(t > OVERLAP_THRESHOLD * round_compute)
+        if t == 0:
+            why = "no emulated link: a sync takes no time, so the update is not delayed"
+        else:
+            share = t / round_compute if round_compute > 0 else math.inf
+            why = (f"one sync takes {t:.3g} s over the link against {round_compute:.3g} s of compute per round "
+                   f"({h} steps of {step_seconds:.3g} s): a blocking sync would stall {100 * share:.3g}% of it")
+            why += (", so round t's average travels during round t+1" if on
+                    else f"; under {100 * OVERLAP_THRESHOLD:g}%, the update is not delayed")
+        why += f" (set --{'no-' if not on else ''}overlap to repeat this run exactly)"
         return [AutoSetting("comm.overlap", on, why)]
 
     def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
@@ -66,16 +70,22 @@ class DiLoCo(Algorithm):
         return SyncPattern(round_steps=h, period_steps=float(h), hide_steps=float(h) if config.comm.overlap else 0.0,
                            payloads=(layout.params,))
 
-    def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *, stopped_early: bool = False) -> list[int]:
+    def sync_counts(self, config: Config, steps: int, *, stopped_early: bool = False) -> list[int]:
         return [self.sync_periods(config, steps)]
 
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
         return -(-steps // config.outer.sync_every)  # the last, partial round syncs too
 
-    def end_exposed(self, config: Config, *, comm_seconds: float, final_seconds: float, exposed_per_sync: float,
-                    stopped_early: bool) -> float:
-        # Overlapped: the last round's transfer has no next round to hide behind.
-        return comm_seconds - exposed_per_sync if config.comm.overlap else 0.0
+    def end_exposed(self, config: Config, *, steps: int, step_seconds: float, comm_seconds: float,
+                    final_seconds: float, exposed_per_sync: float, stopped_early: bool) -> float:
+        if not config.comm.overlap:
+            return 0.0
+        # The last round's transfer has no next round to hide behind; and a short last round of r < H steps
+        # hides the one before only behind r steps.
+        h, t, c = config.outer.sync_every, comm_seconds, step_seconds
+        r = steps - (self.sync_periods(config, steps) - 1) * h
+        short = max(0.0, t - r * c) - max(0.0, t - h * c) if steps > h else 0.0
+        return t - exposed_per_sync + short
 
     def build(self, config: Config, ctx: StrategyContext) -> Strategy:
         from geotrain.algorithms.strategies.diloco import DiLoCoStrategy

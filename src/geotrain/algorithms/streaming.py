@@ -25,7 +25,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from geotrain.algorithms.base import Algorithm, AutoSetting, ModelLayout, SyncPattern
-from geotrain.errors import ConfigError
+from geotrain.errors import ConfigError, SettingConflict
 
 if TYPE_CHECKING:
     from geotrain.algorithms.strategies.base import Strategy, StrategyContext
@@ -107,13 +107,12 @@ class StreamingDiLoCo(Algorithm):
             raise ConfigError(f"tau={tau} must be smaller than H={h}: a fragment's sync has to land before its "
                               "next one starts", field="streaming.overlap_steps")
         if config.comm.overlap:
-            raise ConfigError("streaming overlaps each fragment's sync through streaming.overlap_steps (tau); "
+            raise SettingConflict("streaming overlaps each fragment's sync through streaming.overlap_steps (tau); "
                               "comm.overlap is for diloco", field="comm.overlap")
 
     def describe(self, config: Config) -> dict[str, Any]:
-        tau = config.streaming.overlap_steps
         return {"sync_every": config.outer.sync_every, "fragments": config.streaming.fragments,
-                "overlap_steps": tau, "overlap": bool(tau)}
+                "overlap_steps": config.streaming.overlap_steps, "overlap": None}
 
     def label(self, config: Config) -> str:
         tau = config.streaming.overlap_steps
@@ -131,18 +130,21 @@ class StreamingDiLoCo(Algorithm):
         if config.streaming.overlap_steps is not None:
             return []
         h, p = config.outer.sync_every, config.streaming.fragments
-        t = sync_seconds(config, max(fragment_sizes(layout, p)))  # the largest fragment must hide
+        t = float(sync_seconds(config, max(fragment_sizes(layout, p))))  # the largest fragment must hide
         need = HIDE_MARGIN * t / step_seconds if step_seconds > 0 else math.inf
         tau = (h - 1 if not math.isfinite(need) else int(min(h - 1, max(1, math.ceil(need))))) if h > 1 else 0
         why = (f"one fragment's sync takes {t:.3g} s over the link and an inner step {step_seconds:.3g} s of "
                f"compute: tau={tau} steps cover {HIDE_MARGIN:g}x the transfer")
-        if need > h - 1:
+        if t == 0:
+            why = "no emulated link: a sync takes no time; tau=1 keeps one step of overlap"
+        elif need > h - 1:
             why = (f"one fragment's sync takes {t:.3g} s, more than the {h - 1} inner steps of "
                    f"{step_seconds:.3g} s it may overlap (tau < H): tau={tau}, and part of each sync will "
                    "stall; raise outer.sync_every or use a smaller codec")
         elif t > (h / p) * step_seconds:
             why += (f"; the link still carries one fragment per {h / p:g} steps at most, so fragments queue "
                     "behind each other")
+        why += f" (set --overlap-steps {tau} to repeat this run exactly)"
         return [AutoSetting("streaming.overlap_steps", tau, why)]
 
     def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
@@ -151,7 +153,7 @@ class StreamingDiLoCo(Algorithm):
         return SyncPattern(round_steps=h, period_steps=h / p, hide_steps=float(config.streaming.overlap_steps or 0),
                            payloads=sizes, final_payload=sum(sizes))
 
-    def sync_counts(self, config: Config, layout: ModelLayout, steps: int, *, stopped_early: bool = False) -> list[int]:
+    def sync_counts(self, config: Config, steps: int, *, stopped_early: bool = False) -> list[int]:
         # Fragment p starts a sync after inner steps off + j*H (j >= 0, never after 0 steps), up to the step
         # before the last (at the last step every fragment syncs at once: the pattern's final_payload) or, for
         # a run stopped early at a sync point, up to that point.
@@ -165,13 +167,25 @@ class StreamingDiLoCo(Algorithm):
 
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
         # the fragment syncs on the staggered schedule; the sync of every fragment at the end is end_exposed's
-        return sum(self.sync_counts(config, config.layout(), steps, stopped_early=stopped_early))
+        return sum(self.sync_counts(config, steps, stopped_early=stopped_early))
 
-    def end_exposed(self, config: Config, *, comm_seconds: float, final_seconds: float, exposed_per_sync: float,
-                    stopped_early: bool) -> float:
+    def end_exposed(self, config: Config, *, steps: int, step_seconds: float, comm_seconds: float,
+                    final_seconds: float, exposed_per_sync: float, stopped_early: bool) -> float:
         if stopped_early:  # the fragment a time-budget stop finds on the link is landed at once
             return comm_seconds - exposed_per_sync
-        return final_seconds  # at the last step every fragment is synchronised at once, in one collective
+        # A fragment started fewer than tau steps before the last step is merged there, early: it hid behind
+        # only the steps since its start. Then every fragment is synchronised at once, in one collective.
+        h, tau, t, c = config.outer.sync_every, config.streaming.overlap_steps or 0, comm_seconds, step_seconds
+        last = steps - 1
+        early = 0.0
+        for off in fragment_offsets(h, config.streaming.fragments):
+            first = off if off > 0 else h
+            if last - 1 < first - 1:
+                continue  # never started
+            start = first - 1 + (last - first) // h * h  # the step after which its last sync started
+            if last - start < tau:
+                early += max(0.0, t - (last - start) * c) - max(0.0, t - tau * c)
+        return final_seconds + early
 
     def build(self, config: Config, ctx: StrategyContext) -> Strategy:
         from geotrain.algorithms.strategies.streaming import StreamingStrategy

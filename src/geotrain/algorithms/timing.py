@@ -170,8 +170,9 @@ def run_timing(
         full_periods = min(syncs, int(steps // pattern.period_steps))  # a short last round is left out
         straggler = full_periods * (expected_slowest(means, cv) - period_compute)
     if syncs > 0:
-        exposed += algorithm.end_exposed(config, comm_seconds=t, final_seconds=float(final_seconds),
-                                         exposed_per_sync=exposed_per_sync, stopped_early=stopped_early)
+        exposed += algorithm.end_exposed(config, steps=steps, step_seconds=gate, comm_seconds=t,
+                                         final_seconds=float(final_seconds), exposed_per_sync=exposed_per_sync,
+                                         stopped_early=stopped_early)
     wall = steps * gate + exposed + straggler
     site_utilization = [min(1.0, steps * c / wall) if wall > 0 else 1.0 for c in per_site]
     return RunTiming(

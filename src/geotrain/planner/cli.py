@@ -15,6 +15,7 @@ import json
 import sys
 
 from geotrain.algorithms import algorithm_names
+from geotrain.algorithms.diloco import OVERLAP_THRESHOLD
 from geotrain.errors import ConfigError
 from geotrain.comm.codecs.registry import codec_names
 from geotrain.hardware import ACCELERATORS
@@ -32,12 +33,14 @@ _EPILOG = """examples:
   geotrain plan --config configs/streaming-int4.toml                       # a run file, at its own scale
   geotrain plan --config configs/demo.toml --model-params 10b --accelerators-per-site 4096 --link internet
   geotrain plan --model-params 7b --tokens 1t --accelerators-per-site 1024 --sweep 100mbit:100gbit:30 --plot sweep.png
-  geotrain plan --config plan.toml --simulate --mtbf-hours 24 --seed 1
+  geotrain plan --config plan.toml --simulate --mtbf-hours 24 --sim-seed 1
 """
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``plan`` subcommand to an argparse ``subparsers`` object and return its parser."""
+    from geotrain.cli import choices_epilog
+
     p = subparsers.add_parser(
         "plan",
         help="predict utilization, time to train and energy of a multi-site run",
@@ -45,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bandwidth, energy and power caps; the bandwidth, H or codec a target utilization needs; a "
         "seeded simulation with failures. --config takes a run file (planned at its own scale) or a plan "
         "file: both use one vocabulary. Flags override the file; defaults are a run's defaults.",
-        epilog=_EPILOG,
+        epilog=_EPILOG + "\n" + choices_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from geotrain.config import defaults
@@ -87,7 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--topk-fraction", metavar="F", help=f"top-k codecs: share of each chunk kept (default {d.comm.topk_fraction})")
     g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="diloco: overlap each outer sync with the next round (default: on when a blocking sync "
-                   "would stall more than 2%% of a round)")
+                   f"would stall more than {100 * OVERLAP_THRESHOLD:g}%% of a round)")
     g = p.add_argument_group("questions and output")
     g.add_argument("--compare", action="store_true", help="ddp, diloco, diloco+overlap, streaming side by side")
     g.add_argument("--target-utilization", metavar="U", help="e.g. 0.95: bandwidth, H and codec needed")
@@ -97,7 +100,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("simulation")
     g.add_argument("--simulate", action="store_true", help="also simulate the run round by round")
     g.add_argument("--mtbf-hours", metavar="H", help="mean time between failures of each site (or a,b,c per site)")
-    g.add_argument("--seed", metavar="S", help=f"seed of the simulation (default {d.simulate.seed})")
+    g.add_argument("--sim-seed", metavar="S",
+                   help=f"seed of the simulation, simulate.seed (default {d.simulate.seed}; a run's seed is run.seed)")
     g.add_argument("--recovery", metavar="MODE",
                    help="restart (default: roll back to the last checkpoint) or elastic (the others go on; what "
                    "geotrain's elastic membership is to do, training today stops on a failure)")
@@ -148,7 +152,9 @@ def plan_output(inputs: PlanInputs) -> tuple[dict, dict[str, PlanResult], object
         if inputs.plot:
             from geotrain.planner.report import plot_sweep
 
-            title = (f"{out['inputs']['params'] / 1e9:g}B params, {len(spec.sites)} sites, "
+            from geotrain.planner.report import _count
+
+            title = (f"{_count(out['inputs']['params'])} params, {len(spec.sites)} sites, "
                      f"codec {main.codec}, H={inputs.config.outer.sync_every}")
             out["plot"] = str(plot_sweep(swept, path=inputs.plot, target=target, title=title))
 

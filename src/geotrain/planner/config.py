@@ -5,8 +5,8 @@ A plan file is a run file: ``geotrain plan --config RUN.toml`` plans exactly the
 flags move it to another scale (``--model-params 10b --accelerators-per-site 4096``). Each flag sets one
 dotted key (``FLAG_KEYS``), except where it must replace more than its key: a link flag replaces every link
 of the file, per-pair links included; a site flag sets that value at every site; ``--algorithm`` drops the
-file's ``comm.overlap`` unless the algorithm reads it. Every user mistake raises ``ConfigError`` naming the
-key.
+file's settings that the algorithm does not read (``geotrain.config.config_from_tree``'s ``fit``). Every user
+mistake raises ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geotrain.algorithms import get_algorithm
-from geotrain.config import Config, SimulateConfig, config_from_tree, read_toml
+from geotrain.config import DEMO_LINK, Config, SimulateConfig, config_from_tree, read_toml
 from geotrain.errors import ConfigError
 from geotrain.planner.model import PlanSpec, plan_spec
 from geotrain.planner.questions import parse_sweep
@@ -43,7 +42,7 @@ FLAG_KEYS = {
     "sweep": "plan.sweep",
     "plot": "plan.plot",
     "mtbf_hours": "simulate.mtbf_hours",
-    "seed": "simulate.seed",
+    "sim_seed": "simulate.seed",
     "recovery": "simulate.recovery",
     "jitter": "simulate.jitter",
 }
@@ -107,9 +106,12 @@ def _flag_values(tree: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         if bandwidth is not None or latency is not None:
             presets = {**(wan.get("presets") or {})}
             try:
-                base = parse_link(link if link is not None else wan.get("link", "2mbit/50ms"),
+                base = parse_link(link if link is not None else wan.get("link", DEMO_LINK),
                                   presets={**LINK_PRESETS, **{k.lower(): v for k, v in presets.items()}})
-                bps = parse_bandwidth(bandwidth) if bandwidth is not None else (base.bandwidth_bps if base else None)
+                if bandwidth is not None:
+                    bps = parse_bandwidth(bandwidth, bare_bits=True)
+                else:
+                    bps = base.bandwidth_bps if base else None
                 lat = parse_latency(latency) if latency is not None else (base.latency_s if base else 0.0)
             except ValueError as exc:
                 raise ConfigError(str(exc), field="wan.link") from None
@@ -120,22 +122,22 @@ def _flag_values(tree: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         if wan is not tree.get("wan"):
             tree["wan"] = wan
         values["wan.link"] = link
-    algorithm = get("algorithm")
-    if algorithm is not None and "comm.overlap" not in get_algorithm(algorithm, field="--algorithm").settings:
-        comm = tree.get("comm")
-        if isinstance(comm, dict) and "overlap" not in values:
-            comm.pop("overlap", None)  # the file's overlap does not carry over to a method without one
     if get("compare"):
         values["plan.compare"] = True
-    if get("simulate") or any(f"simulate.{k}" in values for k in _SIMULATION_KEYS):
-        values["simulate.enabled"] = True  # failure settings alone mean the user wants the simulation
+    if get("simulate"):
+        values["simulate.enabled"] = True
+    elif any(f"simulate.{k}" in values for k in _SIMULATION_KEYS):
+        # failure settings alone mean the user wants the simulation, unless the file says otherwise
+        simulate = tree.get("simulate") if isinstance(tree.get("simulate"), dict) else {}
+        if "enabled" not in simulate:
+            values["simulate.enabled"] = True
     return values
 
 
 def _simulation_asked(tree: dict[str, Any]) -> bool:
-    """A [simulate] table with failure settings and no ``enabled`` means the user wants the simulation."""
+    """A [simulate] table with failure settings means the user wants the simulation."""
     simulate = tree.get("simulate") if isinstance(tree.get("simulate"), dict) else {}
-    return "enabled" not in simulate and any(k in simulate for k in _SIMULATION_KEYS)
+    return any(k in simulate for k in _SIMULATION_KEYS)
 
 
 def plan_inputs(path: str | Path | None, args: argparse.Namespace | None = None, *,
@@ -145,9 +147,11 @@ def plan_inputs(path: str | Path | None, args: argparse.Namespace | None = None,
     tree = read_toml(path) if path is not None else {}
     values = _flag_values(tree, args) if args is not None else {}
     set_keys = {item.partition("=")[0].strip() for item in overrides}
-    if _simulation_asked(tree) or any(f"simulate.{k}" in set_keys for k in _SIMULATION_KEYS):
-        values.setdefault("simulate.enabled", True)
-    config = config_from_tree(tree, overrides=overrides, values=values)
+    said = "simulate.enabled" in set_keys or "simulate.enabled" in values or "enabled" in (
+        tree.get("simulate") if isinstance(tree.get("simulate"), dict) else {})
+    if not said and (_simulation_asked(tree) or any(f"simulate.{k}" in set_keys for k in _SIMULATION_KEYS)):
+        values["simulate.enabled"] = True
+    config = config_from_tree(tree, overrides=overrides, values=values, fit=True)
     spec = plan_spec(config)
     topo = spec.topology
     link_text = "none (no emulated link)" if topo.default is None else str(topo.default)

@@ -29,7 +29,7 @@ from typing import Any
 from geotrain.algorithms import AutoSetting, ModelLayout
 from geotrain.algorithms.timing import choose_unset, run_timing
 from geotrain.comm.pattern import payload_bytes, resolve_pattern, sync_cost
-from geotrain.config import DEMO_LINK, Config
+from geotrain.config import DEMO_LINK, Config, inner_steps
 from geotrain.errors import ConfigError
 from geotrain.hardware import ACCELERATORS, Accelerator, resolve_accelerator
 from geotrain.topology import CollectiveCost, Topology
@@ -64,8 +64,8 @@ class ModelSpec:
 
     @property
     def steps(self) -> int:
-        """Inner steps of the run, as the training loop counts them: tokens // batch, at least one."""
-        return max(1, self.tokens // self.batch_tokens)
+        """Inner steps of the run, as the training loop counts them (``geotrain.config.inner_steps``)."""
+        return inner_steps(self.tokens, self.batch_tokens)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -156,9 +156,6 @@ def plan_spec(config: Config) -> PlanSpec:
     if batch < config.model.seq_len:
         raise ConfigError(f"the global batch ({batch:,} tokens) is smaller than one sequence ({config.model.seq_len:,} "
                           "tokens); raise plan.batch_tokens or lower model.seq_len", field="plan.batch_tokens")
-    if batch > run.tokens:
-        raise ConfigError(f"the global batch ({batch:,} tokens) exceeds the whole budget of {run.tokens:,} tokens; "
-                          "raise run.tokens or lower plan.batch_tokens", field="plan.batch_tokens")
     model = ModelSpec(params=layout.params, tokens=run.tokens, batch_tokens=batch, seq_len=config.model.seq_len,
                       layout=layout)
     table = dict(ACCELERATORS)
@@ -178,7 +175,8 @@ def plan_spec(config: Config) -> PlanSpec:
             value = getattr(own, key) if own is not None else None
             return getattr(config.sites, key) if value is None else value
 
-        accel = resolve_accelerator(pick("accelerator"), table)
+        field = f"site[{names[i]}].accelerator" if own is not None and own.accelerator else "sites.accelerator"
+        accel = resolve_accelerator(pick("accelerator"), table, field=field)
         site = SiteSpec(name=names[i], accelerator=accel, accelerators=1, mfu=pick("mfu"),
                         power_cap_mw=pick("power_cap_mw"), pue=pick("pue"),
                         watts=pick("watts") or accel.watts, peak_flops=pick("peak_flops") or accel.peak_flops,
@@ -351,7 +349,7 @@ def plan(spec: PlanSpec) -> PlanResult:
                         final_seconds=final_cost.seconds if final_cost else 0.0)
 
     costs = [sync_comm(spec, n) for n in pattern.payloads]
-    counts = alg.sync_counts(config, layout, steps) if k > 1 else [0] * len(pattern.payloads)
+    counts = alg.sync_counts(config, steps) if k > 1 else [0] * len(pattern.payloads)
     sent = sum(n * cost.bytes_sent for n, cost in zip(counts, costs, strict=True))
     if final_cost is not None and k > 1:
         sent += final_cost.bytes_sent
@@ -400,6 +398,14 @@ def plan(spec: PlanSpec) -> PlanResult:
         )
     if k > 1 and timing.exposed_seconds_per_sync > pattern.period_steps * c:
         notes.append("communication-bound: exposed communication exceeds compute")
+    if spec.model.tokens < spec.model.batch_tokens:
+        notes.append(f"the budget of {spec.model.tokens:,} tokens is less than one global batch "
+                     f"({spec.model.batch_tokens:,}): one step, as a run trains it")
+    measured = all(s.step_seconds is not None for s in spec.sites)
+    if k > 1 and config.model.params is None and not measured and not config.site and config.sites.accelerators is None \
+            and config.sites.power_cap_mw is None:
+        notes.append("the run's own model is priced on one accelerator per worker at the given MFU; for the speed of "
+                     "the machine it runs on, give its measured step time with --step-seconds")
     if k > 1 and config.model.params is not None and config.wan.link == DEMO_LINK and not config.wan.links:
         notes.append(f"the link is the demo's default, {DEMO_LINK}; give the datacenters' links with --link (a "
                      "preset such as cross-country, or BANDWIDTH/LATENCY)")

@@ -1,8 +1,11 @@
 """Answers to the questions a planner asks, built on ``geotrain.planner.model.plan``.
 
-* What bandwidth does each algorithm need to reach a target utilization? Utilization never falls when every
-  link gets faster (the collective's time only shrinks), so a bisection on log-bandwidth finds the smallest
-  rate that reaches the target, or reports that latency alone keeps the target out of reach.
+* What bandwidth does each algorithm need to reach a target utilization? With its settings fixed, utilization
+  never falls when every link gets faster (the collective's time only shrinks), so a bisection on
+  log-bandwidth finds the smallest rate that reaches the target, or reports that latency alone keeps the
+  target out of reach. Settings the plan chooses (overlap, tau) are chosen once, at the plan's own links, and
+  held: chosen anew at every bandwidth, overlap would switch off where a sync gets cheap and utilization
+  could dip as the link gets faster.
 * The smallest H (sync_every) or the mildest codec (most bits) that reaches the target at the given links.
 * Utilization against bandwidth for each algorithm (a sweep), the data behind the plot.
 
@@ -20,10 +23,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from geotrain.comm.codecs.registry import choose_codec
 from geotrain.config import RunConfig
 from geotrain.errors import ConfigError
-from geotrain.planner.model import PlanSpec, plan
+from geotrain.planner.model import PlanSpec, plan, resolve
 from geotrain.topology import Link, Topology, parse_bandwidth
 
 __all__ = [
@@ -66,6 +68,7 @@ def bandwidth_needed(spec: PlanSpec, *, target: float, rel_tol: float = 1e-4) ->
     """
     if not (0 < target <= 1):
         raise ConfigError(f"must be in (0, 1], got {target!r}", field="plan.target_utilization")
+    spec, _ = resolve(spec)  # hold the chosen settings while the bandwidth moves
     if len(spec.sites) < 2:
         return 0.0 if plan(spec).utilization >= target else None
 
@@ -113,7 +116,7 @@ def mildest_codec(spec: PlanSpec, *, target: float, candidates: Iterable[str] | 
     """The codec with the most bits (the least compression) among ``candidates`` (``plan.codec_candidates``)
     that reaches ``target`` at the plan's links."""
     names = spec.config.plan.codec_candidates if candidates is None else list(candidates)
-    bits = {name: choose_codec(name).bits_per_value() for name in names}
+    bits = {name: spec.with_config({"comm.codec": name}).codec.bits_per_value() for name in names}
     for name in sorted(names, key=lambda n: -bits[n]):
         if plan(spec.with_config({"comm.codec": name})).utilization >= target:
             return name
@@ -164,7 +167,7 @@ def parse_sweep(value: str | Sequence[object]) -> list[float]:
 
 def _bandwidth(value: object) -> float:
     try:
-        return parse_bandwidth(value)  # type: ignore[arg-type]
+        return parse_bandwidth(value, bare_bits=True)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ConfigError(str(exc), field="plan.sweep") from None
 
@@ -191,6 +194,7 @@ def sweep(variants: dict[str, PlanSpec], *, bandwidths_bps: Sequence[float]) -> 
     util: dict[str, list[float]] = {}
     ttt: dict[str, list[float]] = {}
     for name, spec in variants.items():
+        spec, _ = resolve(spec)  # chosen settings held across the sweep (see bandwidth_needed)
         results = [plan(with_bandwidth(spec, bandwidth_bps=bw)) for bw in bandwidths_bps]
         util[name] = [r.utilization for r in results]
         ttt[name] = [r.time_to_train_seconds for r in results]

@@ -1,13 +1,15 @@
 """Compare named runs side by side: a markdown table, its JSON, a figure and an HTML page.
 
 This is what a researcher reads after running DDP, DiLoCo and Streaming DiLoCo at equal tokens under one link
-(DiLoCo: arXiv 2311.08105; Streaming DiLoCo: arXiv 2501.18512). Ratios are taken against the first run named
-``ddp`` (case-insensitive), the fully synchronous baseline those papers compare against:
+(DiLoCo: arXiv 2311.08105; Streaming DiLoCo: arXiv 2501.18512). Ratios are taken against the first run of the
+baseline algorithm (the definition marked ``baseline``: DDP, the fully synchronous method those papers compare
+against):
 
 - ``eval_loss_ratio`` = eval_loss(run) / eval_loss(ddp): below 1 is better than DDP;
 - ``bytes_ratio`` = wan_bytes(ddp) / wan_bytes(run): how many times fewer bytes the run sent.
 
-A ratio is ``None`` when there is no ``ddp`` run or either figure is missing or zero. Figures a partial run's
+A ratio is ``None`` when there is no baseline run or either figure is missing or zero. The ``settings`` column
+shows each run's H, overlap and tau as the run used them, marking the ones it chose itself. Figures a partial run's
 summary lacks are rebuilt from its ``metrics.jsonl`` (as in the HTML report) and its ``status`` says so.
 """
 
@@ -33,9 +35,7 @@ from geotrain.report.units import (
     fmt_tokens,
 )
 
-__all__ = ["COLUMNS", "REFERENCE_NAME", "comparison_rows", "write_comparison"]
-
-REFERENCE_NAME = "ddp"
+__all__ = ["COLUMNS", "comparison_rows", "write_comparison"]
 
 # (row key, markdown header, formatter) in table order.
 COLUMNS: list[tuple[str, str, Any]] = [
@@ -43,6 +43,7 @@ COLUMNS: list[tuple[str, str, Any]] = [
     ("algorithm", "algorithm", lambda v: MISSING if v is None else str(v)),
     ("codec", "codec", lambda v: MISSING if v is None else str(v)),
     ("H", "H", lambda v: MISSING if v is None else str(v)),
+    ("settings", "settings", lambda v: v or MISSING),
     ("tokens", "tokens", fmt_tokens),
     ("eval_loss", "eval loss", fmt_loss),
     ("eval_loss_ratio", "loss / ddp", fmt_ratio),
@@ -84,6 +85,7 @@ def comparison_rows(runs: list[tuple[str, Run]]) -> tuple[list[dict[str, Any]], 
             "algorithm": merged.get("algorithm"),
             "codec": merged.get("codec"),
             "H": merged.get("sync_every"),
+            "settings": _settings(merged),
             "tokens": merged.get("tokens"),
             "eval_loss": _json_safe(as_float(merged.get("eval_loss"))),
             "eval_loss_ratio": None,
@@ -97,12 +99,35 @@ def comparison_rows(runs: list[tuple[str, Run]]) -> tuple[list[dict[str, Any]], 
             "params_sha256": merged.get("params_sha256"),
             "path": str(run.path),
         })
-    reference = next((r for r in rows if str(r["name"]).lower() == REFERENCE_NAME), None)
+    reference = next((r for r in rows if _is_baseline(r["algorithm"])), None)
     if reference is not None:
         for row in rows:
             row["eval_loss_ratio"] = _ratio(row["eval_loss"], reference["eval_loss"])
             row["bytes_ratio"] = _ratio(reference["wan_bytes"], row["wan_bytes"])
     return rows, (reference["name"] if reference is not None else None)
+
+
+def _is_baseline(algorithm: Any) -> bool:
+    from geotrain.algorithms import get_algorithm
+    from geotrain.errors import ConfigError
+
+    try:
+        return bool(get_algorithm(algorithm).baseline)
+    except ConfigError:
+        return False
+
+
+def _settings(summary: dict[str, Any]) -> str:
+    """Overlap and tau as the run used them, ``(chosen)`` after those it chose itself."""
+    chosen = {str(a.get("key")).rpartition(".")[2] for a in summary.get("auto_settings") or [] if isinstance(a, dict)}
+    parts = []
+    if summary.get("overlap") is not None:
+        parts.append(("overlap" if summary["overlap"] else "no overlap") + (" (chosen)" if "overlap" in chosen else ""))
+    if summary.get("fragments") not in (None, 1):
+        parts.append(f"P={summary['fragments']}")
+    if summary.get("overlap_steps") not in (None, 0) or "overlap_steps" in chosen:
+        parts.append(f"tau={summary.get('overlap_steps')}" + (" (chosen)" if "overlap_steps" in chosen else ""))
+    return ", ".join(parts)
 
 
 def _md_cell(text: str) -> str:

@@ -25,7 +25,7 @@ import torch
 
 from geotrain.algorithms.strategies.base import Strategy
 from geotrain.comm.collectives import CrossSiteComm
-from geotrain.config import Config
+from geotrain.config import Config, inner_steps
 from geotrain.train.budget import BudgetVote
 from geotrain.train.recorder import Recorder
 from geotrain.train.timing import RunTimer
@@ -104,7 +104,7 @@ def train_loop(
     model = workload.model
     params = strategy.ctx.params
     world = comm.sites * strategy.ctx.workers
-    steps = max(1, config.run.tokens // (workload.tokens_per_batch * world))
+    steps = inner_steps(config.run.tokens, workload.tokens_per_batch * world)
     optimizer = workload.optimizer or inner_optimizer(params, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optim, steps))
     eval_every = config.run.eval_every_tokens or max(1, steps * workload.tokens_per_batch * world // 10)

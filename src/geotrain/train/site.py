@@ -63,19 +63,31 @@ def _register(definitions: list[Any]) -> None:
 
 def measure_step_seconds(workload: Any, *, clock: Any, repeats: int = 3) -> float:
     """Compute seconds of one forward and backward pass on a training batch (the median of ``repeats`` after a
-    warm-up), for the settings a run chooses itself. The batch goes back to the stream, the gradients are
-    dropped and no optimizer steps, so the run trains exactly as it would have."""
+    warm-up), for the settings a run chooses itself. The batch goes back to the stream, the gradients and the
+    buffers the passes touched (batch-norm statistics) are restored, the random state is forked (dropout) and
+    no optimizer steps, so the run trains as it would have with the chosen settings given."""
     import itertools
     import statistics
 
+    import torch
+
+    model = workload.model
     batch = next(workload.batches)
     workload.batches = itertools.chain([batch], workload.batches)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    cuda = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
     times = []
-    for _ in range(repeats + 1):
-        t0 = clock.now()
-        workload.loss(workload.model, batch).backward()
-        times.append(clock.now() - t0)
-    workload.model.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[cuda] if cuda is not None else []):
+        for _ in range(repeats + 1):
+            t0 = clock.now()
+            workload.loss(model, batch).backward()
+            if cuda is not None:
+                torch.cuda.synchronize(cuda)  # kernels run asynchronously: time them, not their launch
+            times.append(clock.now() - t0)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     return statistics.median(times[1:])
 
 
@@ -146,6 +158,7 @@ def site_main(task: SiteTask) -> int:
     import torch
 
     from geotrain.comm.groups import SiteEnv, init_groups
+    from geotrain.config import inner_steps
     from geotrain.train.loop import train_loop
     from geotrain.train.recorder import Recorder
 
@@ -169,7 +182,7 @@ def site_main(task: SiteTask) -> int:
         config, strategy, chosen = prepare(config, workload, comm, groups)
         ctx = strategy.ctx
         recorder.write("start", site=env.site_rank, worker=env.local_rank, pid=os.getpid(),
-                       steps_planned=max(1, config.run.tokens // (workload.tokens_per_batch * env.workers * env.sites)),
+                       steps_planned=inner_steps(config.run.tokens, workload.tokens_per_batch * env.workers * env.sites),
                        param_bytes=4 * sum(p.numel() for p in ctx.params), sync_payloads=strategy.sync_payloads(),
                        payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern,
                        settings=config.algorithm().describe(config),

@@ -5,8 +5,9 @@ The training loop (``geotrain.train.loop``) calls a strategy at three visible po
 1. ``reduce_gradients()`` after ``backward()``: DDP averages gradients across sites here; DiLoCo only
    inside the site.
 2. ``after_inner_step(step, last=...)`` after the inner optimizer has stepped: DiLoCo runs an outer round
-   every H steps here. It returns True when every site now holds the same global parameters (a sync
-   point), which is where the loop may evaluate, checkpoint or stop.
+   every H steps here. It returns True at a sync point, where every site holds the same global parameters
+   (``global_parameters()``; the local ones may differ under overlap or while fragments travel), which is
+   where the loop may evaluate, checkpoint or stop.
 3. ``global_parameters()``: the tensors that define the global model (for evaluation and hashing).
 
 Strategies get their process groups and the cross-site collective explicitly; none touches a default group.
@@ -42,8 +43,6 @@ class StrategyContext:
 
 class Strategy:
     """Base class. Subclasses override the hooks they need."""
-
-    name = "base"
 
     def __init__(self, ctx: StrategyContext) -> None:
         self.ctx = ctx

@@ -9,8 +9,6 @@ __all__ = ["DDPStrategy"]
 
 
 class DDPStrategy(Strategy):
-    name = "ddp"
-
     def reduce_gradients(self) -> None:
         super().reduce_gradients()  # mean over the site's workers first (fast fabric)
         params = [p for p in self.ctx.params if p.grad is not None]

@@ -25,8 +25,6 @@ __all__ = ["DiLoCoStrategy"]
 
 
 class DiLoCoStrategy(Strategy):
-    name = "diloco"
-
     def __init__(self, ctx: StrategyContext, *, outer: OuterConfig, overlap: bool = False) -> None:
         super().__init__(ctx)
         self.sync_every = outer.sync_every

@@ -36,8 +36,6 @@ class _Fragment:
 
 
 class StreamingStrategy(Strategy):
-    name = "streaming"
-
     def __init__(self, ctx: StrategyContext, *, outer: OuterConfig, streaming: StreamingConfig) -> None:
         super().__init__(ctx)
         self.sync_every = outer.sync_every
@@ -124,3 +122,4 @@ class StreamingStrategy(Strategy):
         for f in self.fragments:
             if f.pending is not None:
                 self._merge(f)
+        self.outer_rounds = self._rounds // len(self.fragments)
