@@ -86,7 +86,7 @@ class Average(Algorithm):
         h = config.outer.sync_every
         return SyncPattern(round_steps=h, period_steps=float(h), hide_steps=0.0, payloads=(layout.params,))
 
-    def sync_counts(self, config: Any, layout: ModelLayout, steps: int, *, stopped_early: bool = False) -> list[int]:
+    def sync_counts(self, config: Any, steps: int, *, stopped_early: bool = False) -> list[int]:
         return [self.sync_periods(config, steps)]
 
     def sync_periods(self, config: Any, steps: int, *, stopped_early: bool = False) -> int:

@@ -306,7 +306,7 @@ def test_per_pair_links_presets_and_custom_accelerators(tmp_path):
         (dict(simulate=True, recovery="hope"), "simulate.recovery", "restart, elastic"),
         (dict(sync_every="2.5"), "outer.sync_every", "integer"),
         (dict(model_params="seventy"), "model.params", "integer"),
-        (dict(algorithm="dilocco"), "--algorithm", "did you mean 'diloco'"),
+        (dict(algorithm="dilocco"), "run.algorithm", "did you mean 'diloco'"),
         (dict(step_seconds="-1"), None, "step_seconds"),
         (dict(sweep="1gbit:1tbit:1"), "plan.sweep", "from 2 to 1000"),
     ],

@@ -163,7 +163,7 @@ def test_measured_step_seconds_is_compute_over_steps():
 
 def test_summaries_without_a_prediction():
     assert predict_from_summary({"algorithm": "diloco"}) is None  # no configuration
-    assert predict_from_summary(summary() | {"link": None}) is None
+    assert predict_from_summary(summary({"wan.link": "none"})) is None  # no emulated link
     assert predict_from_summary(summary({"run.sites": 1}, compute=[10.0])) is None  # one site: no syncs
     assert predict_from_summary(summary(steps=0, compute=[0.0, 0.0])) is None  # nothing finished
     assert predict_from_summary(summary() | {"per_site": []}) is None  # no measurement

@@ -174,11 +174,13 @@ class StreamingDiLoCo(Algorithm):
         if stopped_early:  # the fragment a time-budget stop finds on the link is landed at once
             return comm_seconds - exposed_per_sync
         # A fragment started fewer than tau steps before the last step is merged there, early: it hid behind
-        # only the steps since its start. Then every fragment is synchronised at once, in one collective.
+        # only the steps since its start. (On a saturated link, where a sync outlasts the steps between two, the
+        # periods already wait for the whole queue.) Then every fragment is synchronised at once.
         h, tau, t, c = config.outer.sync_every, config.streaming.overlap_steps or 0, comm_seconds, step_seconds
+        p = config.streaming.fragments
         last = steps - 1
         early = 0.0
-        for off in fragment_offsets(h, config.streaming.fragments):
+        for off in fragment_offsets(h, p) if t < h / p * c else ():
             first = off if off > 0 else h
             if last - 1 < first - 1:
                 continue  # never started
