@@ -6,7 +6,7 @@ one paragraph, without a traceback, and exits with code 2. Anything else exits w
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "SettingConflict", "one_line"]
+__all__ = ["CheckpointError", "ConfigError", "SettingConflict", "one_line"]
 
 
 def one_line(text: str) -> str:
@@ -28,3 +28,13 @@ class SettingConflict(ConfigError):
 
     On the command line such a setting from a configuration file is dropped when the flags choose another
     algorithm (``geotrain.config.config_from_tree``'s ``fit``); given for the run itself, it is bad input."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint on disk that cannot be used: missing, truncated, corrupt, or written by a newer geotrain.
+
+    Bad input from disk, like a bad data path, so the command line exits with code 2. The message names the
+    file and what is wrong with it, on one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="checkpoint")

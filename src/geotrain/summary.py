@@ -13,11 +13,12 @@ step, and the calibration benchmark compares it with the measured ``utilization`
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from geotrain.files import write_text_atomic
 
 __all__ = [
     "build_summary",
@@ -27,7 +28,6 @@ __all__ = [
     "predict_from_summary",
     "read_site_records",
     "run_figures",
-    "write_json_atomic",
 ]
 
 _DONE_KEYS = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds", "link_seconds", "wall_seconds",
@@ -249,18 +249,8 @@ def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float
         return None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def merge_metrics(out: Path, records: dict[int, list[dict[str, Any]]]) -> None:
     """All sites' records in one file, ordered by time."""
     rows = [r for site_rows in records.values() for r in site_rows]
     rows.sort(key=lambda r: r.get("time", 0.0))
-    tmp = out / "metrics.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, out / "metrics.jsonl")
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor
 
 from geotrain.errors import ConfigError
+from geotrain.files import atomic_write
 
 __all__ = [
     "TEXT_SUFFIXES",
@@ -323,23 +323,6 @@ _META = "corpus.json"
 _FORMAT = 1
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory and rename it over ``path``.
-
-    A reader (or a crash) never sees a half-written file: os.replace is atomic on POSIX and Windows.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def corpus_origin(path: str | Path | None, *, val_fraction: float) -> dict[str, Any]:
     """What ``load_corpus(path, val_fraction=...)`` would read, cheaply: a record to store beside a saved corpus.
 
@@ -398,11 +381,11 @@ def save_corpus(corpus: Corpus, directory: Path, *, origin: dict[str, Any] | Non
     }
     for split, arr in (("train", corpus.train), ("val", corpus.val)):
         buf = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
-        _atomic_write(directory / f"{split}.bin", lambda f, buf=buf: f.write(buf))
+        atomic_write(directory / f"{split}.bin", lambda f, buf=buf: f.write(buf))
         meta[f"{split}_bytes"] = len(buf)
         meta[f"{split}_sha256"] = hashlib.sha256(buf).hexdigest()
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(directory / _META, lambda f: f.write(text.encode()))
+    atomic_write(directory / _META, lambda f: f.write(text.encode()))
 
 
 def saved_origin(directory: Path) -> dict[str, Any] | None:

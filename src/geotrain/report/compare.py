@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from geotrain.report.html import CSS, esc, png_data_uri, write_atomic
+from geotrain.files import write_text_atomic
+from geotrain.report.html import CSS, esc, png_data_uri
 from geotrain.report.metrics import Run, merged_summary, read_run, run_status
 from geotrain.report.units import (
     MISSING,
@@ -231,8 +232,8 @@ def write_comparison(out_dir: str | Path, runs: list[tuple[str, Path]]) -> dict[
         "runs": rows,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_atomic(out / "compare.md", _markdown(rows, reference))
-    write_atomic(out / "compare.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "compare.md", _markdown(rows, reference))
+    write_text_atomic(out / "compare.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (out / "compare.png").write_bytes(png)
-    write_atomic(out / "compare.html", _html(rows, reference, png, out))
+    write_text_atomic(out / "compare.html", _html(rows, reference, png, out))
     return result

@@ -17,12 +17,11 @@ import base64
 import datetime as _dt
 import html
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from geotrain.files import write_text_atomic
 from geotrain.report.metrics import Run, derived_summary, merged_summary, read_run, run_status
 from geotrain.report.units import (
     MISSING,
@@ -36,7 +35,7 @@ from geotrain.report.units import (
     fmt_tokens,
 )
 
-__all__ = ["REPORT_FILE", "esc", "png_data_uri", "render_report", "toml_ish", "write_atomic", "write_report"]
+__all__ = ["REPORT_FILE", "esc", "png_data_uri", "render_report", "toml_ish", "write_report"]
 
 REPORT_FILE = "report.html"
 
@@ -48,21 +47,6 @@ def esc(value: Any) -> str:
 
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a browser or a watcher never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates the file 0600; a report is meant to be shared like any other output file.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 CSS = """
@@ -396,5 +380,6 @@ def write_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
     """Read ``run_dir`` and write its report to ``out`` (default ``run_dir/report.html``); returns the path."""
     run = read_run(run_dir)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
-    write_atomic(path, render_report(run))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, render_report(run))
     return path

@@ -26,7 +26,8 @@ from typing import Any
 from geotrain.config import Config
 from geotrain.errors import ConfigError
 from geotrain.train.site import SiteTask
-from geotrain.summary import build_summary, merge_metrics, read_site_records, write_json_atomic
+from geotrain.files import write_json_atomic
+from geotrain.summary import build_summary, merge_metrics, read_site_records
 
 __all__ = ["MAX_LOCAL_WORKERS", "RunOutcome", "check_launch", "check_out_dir", "launch"]
 

@@ -195,11 +195,12 @@ def site_main(task: SiteTask) -> int:
         if env.site_rank == 0 and env.local_rank == 0:
             from safetensors.torch import save_file
 
+            from geotrain.files import replacing
+
             names = [n for n, p in workload.model.named_parameters() if p.requires_grad]
             tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in zip(names, strategy.global_parameters())}
-            tmp = out / "model.safetensors.tmp"
-            save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
-            os.replace(tmp, out / "model.safetensors")
+            with replacing(out / "model.safetensors") as tmp:
+                save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
         recorder.write("done", site=env.site_rank, eval_loss=result.eval_loss, params_sha256=result.params_sha256,
                        stopped_early=result.stopped_early, **result.figures)
         return 0
