@@ -48,16 +48,23 @@ def train(
     config: str | Path | Config | None = None,
     settings: dict[str, Any] | None = None,
     progress: bool = False,
+    faults: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
     **short: Any,
 ) -> dict[str, Any]:
     """Train across sites on this machine; returns the run's summary (also written to OUT/summary.json).
 
+    ``faults``: ``--fault`` specs to inject, such as ``["kill:2@3", "rejoin:2@6"]``. ``resume``: continue the
+    run in ``out`` from its last checkpoint. ``overwrite``: start afresh where an earlier run left checkpoints.
     Raises RuntimeError when the run fails (the summary's ``error`` says which site and why).
     """
+    from geotrain.faults import parse_fault
     from geotrain.train.launch import launch
 
     cfg = config if isinstance(config, Config) else make_config(config, settings=settings, **short)
-    outcome = launch(cfg, workload_factory=workload_factory, progress=progress)
+    outcome = launch(cfg, workload_factory=workload_factory, progress=progress,
+                     faults=[parse_fault(f) for f in faults or []], resume=resume, overwrite=overwrite)
     if outcome.exit_code != 0:
         raise RuntimeError(f"run failed: {outcome.summary.get('error')}")
     return outcome.summary

@@ -95,20 +95,48 @@ def _print_summary(summary: dict[str, Any]) -> None:
     Console(stderr=False).print(final_table(summary))
 
 
+def _resume_config(args: argparse.Namespace) -> Any:
+    """The configuration of the run in ``--resume DIR`` (its config.json), with no other settings allowed."""
+    from geotrain.config import load_config
+
+    given = [f"--{k.replace('_', '-')}" for k in ("config", "sites", "workers_per_site", "algorithm", "sync_every",
+                                                  "codec", "overlap", "fragments", "overlap_steps", "mix_alpha",
+                                                  "tokens", "wall_seconds", "link", "data", "seed", "device", "out")
+             if getattr(args, k, None) is not None] + (["--set"] if args.set else [])
+    if given:
+        raise ConfigError(f"continues the run as it was configured; drop {', '.join(given)}", field="--resume")
+    path = Path(args.resume) / "config.json"
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{str(args.resume)!r} holds no run (no config.json); give the --out of the run to "
+                          "continue", field="--resume") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {str(path)!r} ({e})", field="--resume") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{str(path)!r} is not a run configuration", field="--resume")
+    return load_config(values={**tree, "run": {**tree.get("run", {}), "out": str(args.resume)}})
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from geotrain.faults import parse_fault
     from geotrain.train.launch import check_launch, launch
 
-    config = _config_from_args(args)
+    config = _resume_config(args) if args.resume else _config_from_args(args)
+    faults = [parse_fault(f) for f in args.fault or []]
     if args.dry_run:
         check_launch(config)
         print(json.dumps(config.to_dict(), indent=2))
         print(f"valid: {config.algorithm().label(config)}, codec {config.comm.codec}, {config.run.sites} sites over "
               f"{config.wan.link}; nothing was started", file=sys.stderr)
         return 0
-    outcome = launch(config, progress=not args.quiet)
+    outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
+                     overwrite=args.overwrite)
     if not args.quiet:
         _print_summary(outcome.summary)
     out = outcome.out
+    for f in outcome.summary.get("failures") or []:
+        print(f"warning: site {f['site']} failed and left the run: {f['message']}", file=sys.stderr)
     if outcome.exit_code == 0:
         print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'} and {out / 'report.html'}")
     else:
@@ -161,7 +189,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name, config in configs:
         print(f"== {name}: {config.algorithm().label(config)}, codec {config.comm.codec}, link {config.wan.link}",
               flush=True)
-        outcome = launch(config, progress=not args.quiet)
+        outcome = launch(config, progress=not args.quiet, overwrite=True)  # a comparison runs each variant afresh
         worst = max(worst, outcome.exit_code)
         runs.append((name, outcome.out))
     table = write_comparison(out, runs)
@@ -330,10 +358,9 @@ def _is_local_address(host: str) -> bool:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    """Host the cross-site rendezvous store for sites started with torchrun; ends after --hours."""
-    import torch.distributed as dist
-
-    from geotrain.comm.groups import connect_store
+    """Serve one run's membership and rendezvous to sites started with torchrun; ends after --hours."""
+    from geotrain.membership.coordinator import serve
+    from geotrain.membership.wire import create_token_file, read_token_file
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"must be a TCP port from 1 to 65535, got {args.port}; for example --port 29400",
@@ -341,25 +368,31 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if not args.hours > 0:  # NaN fails too
         raise ConfigError(f"must be a positive number of hours, got {args.hours}; for example --hours 72",
                           field="--hours")
-    # The store listens on every interface; --host is where this process reaches it. An address that is not this
-    # machine's would make the store's own client retry for minutes before failing, so check it first.
     if not _is_local_address(args.host):
-        raise ConfigError(f"{args.host!r} is not an address of this machine; use 0.0.0.0, 127.0.0.1 or this "
-                          "machine's own name or address", field="--host")
-    address = f"{args.host}:{args.port}"
+        raise ConfigError(f"{args.host!r} is not an address of this machine; use 0.0.0.0 (every interface), "
+                          "127.0.0.1 or this machine's own name or address", field="--host")
+    token = Path(args.token_file)
+    if not token.exists():
+        create_token_file(token)
+        print(f"wrote a fresh secret to {token} (mode 600); copy it to every site and pass it as --token-file",
+              flush=True)
+    secret = read_token_file(token)
+    events = Path(args.events) if args.events else None
+
+    def ready(port: int) -> None:
+        print(f"geotrain coordinator listening on {args.host}:{port}; sites join with --coordinator HOST:{port} "
+              f"--token-file {token}", flush=True)
+
+    def log(message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
     try:
-        store = connect_store(address, is_server=True, timeout_s=60)
-    except dist.DistNetworkError as e:
-        raise ConfigError(f"could not listen on port {args.port} ({_one_line(e, 160)}); is another coordinator "
-                          "running? Stop it or choose another --port", field="--port") from None
-    print(f"geotrain coordinator listening on {address}; sites join with --coordinator HOST:{args.port}", flush=True)
-    deadline = time.monotonic() + args.hours * 3600
-    try:
-        while time.monotonic() < deadline:
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        serve(secret, args.host, args.port, events_path=events, hours=args.hours, log=log, ready=ready)
     except KeyboardInterrupt:
         pass
-    del store
+    except OSError as e:
+        raise ConfigError(f"could not listen on {args.host}:{args.port} ({e.strerror or e}); is another "
+                          "coordinator running? Stop it or choose another --port", field="--port") from None
     return 0
 
 
@@ -385,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no live progress")
     p.add_argument("--dry-run", action="store_true",
                    help="check the configuration and print it resolved, without starting anything")
+    p.add_argument("--fault", action="append", metavar="ACTION[:ARG]:SITE@WHEN",
+                   help="inject a fault (repeatable): kill, rejoin, partition, heal, slow:FACTOR, nan, outlier:FACTOR; "
+                        "SITE a site index or 'coordinator' (kill only); WHEN an outer round (@3, its middle) or "
+                        "seconds of training (@30s). Example: --fault kill:2@3 --fault rejoin:2@6")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR (its --out) from its last checkpoint, as it was configured")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds an earlier run's checkpoints (deletes them)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on the same budget and compare them",
@@ -423,13 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the sampling, 0 to 2**64 - 1; the same seed gives the same text (default %(default)s)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("coordinator", help="host the cross-site store for sites launched with torchrun")
+    p = sub.add_parser("coordinator", help="serve a run's membership to sites started with torchrun",
+                       description="The coordinator of one run: sites join it with the run's secret (challenge-"
+                       "response, the secret never crosses the wire), heartbeat, and agree on who takes part in "
+                       "each sync. Start a new one for each run. gloo's traffic between sites is not encrypted: "
+                       "keep the sites on a private network or VPN.")
     p.add_argument("--host", default="0.0.0.0",
-                   help="an address of this machine by which the coordinator reaches its own store; the store "
-                        "listens on every interface whatever this is (default %(default)s)")
-    p.add_argument("--port", type=int, default=29400,
-                   help="TCP port of the store, 1 to 65535; sites join with --coordinator HOST:PORT "
+                   help="address to listen on: 0.0.0.0 for every interface, or one of this machine's addresses "
                         "(default %(default)s)")
+    p.add_argument("--port", type=int, default=29400,
+                   help="TCP port, 1 to 65535; sites join with --coordinator HOST:PORT (default %(default)s)")
+    p.add_argument("--token-file", required=True,
+                   help="the run's secret (required); written fresh (mode 600) if the file does not exist, then "
+                        "copy it to every site")
+    p.add_argument("--events", metavar="FILE",
+                   help="append membership events (joined, left, healed) to FILE (default: none)")
     p.add_argument("--hours", type=float, default=72.0,
                    help="stop after this many hours, a positive number; inf runs until Ctrl+C (default %(default)s)")
     p.set_defaults(func=cmd_coordinator)

@@ -37,6 +37,9 @@ from geotrain.topology import LINK_PRESETS, Link, Topology, parse_link
 
 __all__ = [
     "AcceleratorConfig",
+    "CheckpointConfig",
+    "GuardConfig",
+    "MembershipConfig",
     "inner_steps",
     "CommConfig",
     "Config",
@@ -460,6 +463,97 @@ class CommConfig:
         return codec_choice(self)
 
 
+@dataclass(kw_only=True, slots=True)
+class MembershipConfig:
+    """Elastic membership: how long each wait may last, and how few sites the run goes on with.
+
+    The deadlines form one hierarchy, checked here: a heartbeat every ``heartbeat_s``; a worker silent for
+    ``heartbeat_timeout_s`` is dropped; a transfer may take ``transfer_floor_s`` plus ``transfer_margin``
+    times its predicted time over the links; a site that does not reach a sync's quorum within
+    ``quorum_timeout_s`` (while the others are there) is dropped; a joining site waits up to
+    ``join_timeout_s`` to be admitted, and every site waits that long for a coordinator that went away.
+    heartbeat < heartbeat timeout < transfer floor <= quorum < join."""
+
+    min_sites: int = 1
+    """The run goes on while at least this many sites are members; with fewer it waits at the next sync for
+    sites to join (up to join_timeout_s), then stops."""
+    heartbeat_s: float = 1.0
+    """Seconds between a worker's heartbeats to the coordinator."""
+    heartbeat_timeout_s: float = 10.0
+    """A worker silent this long is dropped with its site (a closed connection drops it at once)."""
+    transfer_margin: float = 8.0
+    """A transfer's deadline is this many times its predicted time over the links, plus transfer_floor_s."""
+    transfer_floor_s: float = 30.0
+    """Seconds every transfer may take besides its predicted time (real networks and loaded machines vary)."""
+    deadline_link: str = "100mbit/100ms"
+    """The link transfer deadlines assume when the run emulates none (a real network): the slowest you expect."""
+    quorum_timeout_s: float = 600.0
+    """Seconds the members wait at a sync for a site that is alive but has not arrived (a slow or stuck site)."""
+    join_timeout_s: float = 1800.0
+    """Seconds a joining site waits to be admitted, and a site waits for the coordinator to come back."""
+    max_attempts: int = 4
+    """Tries of one sync (each on a new generation) before the run stops."""
+
+    def __post_init__(self) -> None:
+        _integer("membership.min_sites", self.min_sites, 1, MAX_SITES)
+        _number("membership.heartbeat_s", self.heartbeat_s, 0, 3600, lo_open=True, what=" seconds")
+        _number("membership.heartbeat_timeout_s", self.heartbeat_timeout_s, 0, 86400, lo_open=True, what=" seconds")
+        _number("membership.transfer_margin", self.transfer_margin, 1, 1000)
+        _number("membership.transfer_floor_s", self.transfer_floor_s, 0, 7 * 86400, lo_open=True, what=" seconds")
+        _number("membership.quorum_timeout_s", self.quorum_timeout_s, 0, 30 * 86400, lo_open=True, what=" seconds")
+        _number("membership.join_timeout_s", self.join_timeout_s, 0, 30 * 86400, lo_open=True, what=" seconds")
+        _integer("membership.max_attempts", self.max_attempts, 1, 100)
+        try:
+            if parse_link(self.deadline_link) is None:
+                raise ValueError("needs a real link, not 'none'")
+        except ValueError as e:
+            raise ConfigError(str(e), field="membership.deadline_link") from None
+        order = [("heartbeat_s", self.heartbeat_s), ("heartbeat_timeout_s", self.heartbeat_timeout_s),
+                 ("transfer_floor_s", self.transfer_floor_s), ("quorum_timeout_s", self.quorum_timeout_s),
+                 ("join_timeout_s", self.join_timeout_s)]
+        for (a, x), (b, y) in zip(order, order[1:]):
+            if not (x < y or (a == "transfer_floor_s" and x <= y)):
+                raise ConfigError(f"{a}={x:g} must be below {b}={y:g}: the deadlines go heartbeat < heartbeat "
+                                  "timeout < transfer floor <= quorum < join", field=f"membership.{a}")
+
+
+@dataclass(kw_only=True, slots=True)
+class GuardConfig:
+    """The receiving side's checks on every pseudo-gradient (``geotrain.comm.guard``)."""
+
+    outlier_factor: float = 10.0
+    """Leave out a sender whose norm exceeds this many times the running median norm; 0 turns the test off.
+    Payloads that fail to decode or hold NaN or Inf are always left out."""
+    history: int = 64
+    """Accepted norms kept per payload for the median."""
+    min_history: int = 4
+    """Norms needed before the outlier test applies (the first syncs are not tested)."""
+
+    def __post_init__(self) -> None:
+        _number("guard.outlier_factor", self.outlier_factor, 0, 1e12, what=" (0 turns the norm test off)")
+        _integer("guard.history", self.history, 1, 1_000_000)
+        _integer("guard.min_history", self.min_history, 1, 1_000_000)
+        if self.min_history > self.history:
+            raise ConfigError(f"min_history={self.min_history} exceeds history={self.history}",
+                              field="guard.min_history")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Checkpoints at outer-round boundaries, under OUT/checkpoints/ (``geotrain.checkpoint``)."""
+
+    every_rounds: int | None = None
+    """Outer rounds between checkpoints; 0 turns them off. Unset, the run chooses about five minutes of
+    training from its measured step time, and says so."""
+    keep: int = 3
+    """Complete checkpoints kept; older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        if self.every_rounds is not None:
+            _integer("checkpoint.every_rounds", self.every_rounds, 0, 10**9, what=" (0: no checkpoints)")
+        _integer("checkpoint.keep", self.keep, 1, 10**6)
+
+
 # -- what the planner adds ------------------------------------------------------------------------------------
 
 
@@ -638,6 +732,9 @@ class Config:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     wan: WanConfig = field(default_factory=WanConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sites: SitesConfig = field(default_factory=SitesConfig)
     site: list[SiteConfig] = field(default_factory=list)
     accelerators: dict[str, AcceleratorConfig] = field(default_factory=dict)

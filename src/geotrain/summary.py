@@ -32,7 +32,7 @@ __all__ = [
 
 _DONE_KEYS = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds", "link_seconds", "wall_seconds",
               "eval_seconds", "utilization", "outer_rounds", "collectives", "peak_bandwidth_bps",
-              "max_transfer_bytes", "round_compute_cv")
+              "max_transfer_bytes", "round_compute_cv", "coordination_seconds", "failed_attempts", "steps_trained")
 # Step records name their figures by short keys: (record key, summary key).
 _STEP_KEYS = (("tokens", "tokens"), ("wan_bytes", "wan_bytes"), ("compute_s", "compute_seconds"),
               ("comm_s", "comm_seconds"), ("wall_s", "wall_seconds"), ("utilization", "utilization"),
@@ -67,8 +67,36 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _segments(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A site's records cut at each ``start`` (a process that joined, was healed or resumed); a resumed start
+    supersedes the segments before it (the checkpoint's trajectory continues; their later steps were redone)."""
+    segments: list[list[dict[str, Any]]] = [[]]
+    for r in rows:
+        if r.get("kind") == "start" and segments[-1]:
+            segments = [[]] if r.get("resumed") else segments + [[]]
+        segments[-1].append(r)
+    return [seg for seg in segments if seg]
+
+
+def _segment_tokens(rows: list[dict[str, Any]]) -> int:
+    done = _last(rows, "done")
+    if done is not None and _is_number(done.get("tokens")):
+        return int(done["tokens"])
+    step = _last(rows, "step")
+    return int(step.get("trained_tokens") or 0) if step is not None else 0
+
+
 def _site_figures(k: int, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """One site's figures: from its ``done`` record (``complete: true``), else its latest ``step`` record."""
+    """One site's figures: from its ``done`` record (``complete: true``), else its latest ``step`` record.
+    Tokens add up every process the site ran (one killed and started again trained in both)."""
+    segments = _segments(rows)
+    if len(segments) > 1:
+        tokens = sum(_segment_tokens(seg) for seg in segments)
+        entry = _site_figures(k, segments[-1])
+        if entry is not None:
+            entry["tokens"] = tokens
+            entry["incarnations"] = len(segments)
+        return entry
     done = _last(rows, "done")
     if done is not None:
         return {"site": k, "complete": True, **{key: done.get(key) for key in _DONE_KEYS}}
@@ -106,11 +134,12 @@ def run_figures(records: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
             out[key] = reduce(values(key))
     if per_site and len(values("utilization")) == len(per_site):
         out["utilization"] = sum(values("utilization")) / len(per_site)
-    if per_site and _is_number(per_site[0].get("steps")):
-        out["steps"] = int(per_site[0]["steps"])
-    site0 = records.get(0, [])
-    done0 = _last(site0, "done") or {}
-    evals = [r for r in site0 if r.get("kind") == "eval" and _is_number(r.get("eval_loss"))]
+    if values("steps"):
+        out["steps"] = int(max(values("steps")))
+    # the sites that finished hold the same global model; the lowest of them speaks for the run
+    dones = [d for _, rows in sorted(records.items()) if (d := _last(rows, "done")) is not None]
+    done0 = dones[0] if dones else {}
+    evals = [r for rows in records.values() for r in rows if r.get("kind") == "eval" and _is_number(r.get("eval_loss"))]
     if done0.get("eval_loss") is not None:
         out["eval_loss"] = done0["eval_loss"]
     elif evals:
@@ -118,6 +147,34 @@ def run_figures(records: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
     if done0:
         out["params_sha256"] = done0.get("params_sha256")
         out["stopped_early"] = bool(done0.get("stopped_early"))
+        out["sites_in_sync"] = len({d.get("params_sha256") for d in dones}) == 1
+    return out
+
+
+def _rejected_updates(records: Mapping[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Updates the guards left out: every member records the same decision; each is listed once."""
+    seen: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for _, rows in sorted(records.items()):
+        for r in rows:
+            if r.get("kind") == "rejected":
+                key = (r.get("sync"), r.get("rejected_site"))
+                seen.setdefault(key, {"site": r.get("rejected_site"), "round": r.get("round"), "sync": r.get("sync"),
+                                      "step": r.get("step"), "reason": r.get("reason"), "norm": r.get("norm")})
+    return sorted(seen.values(), key=lambda e: (e["sync"] or 0, e["site"] or 0))
+
+
+def _membership(events: list[dict[str, Any]], t0: float | None) -> list[dict[str, Any]]:
+    """The coordinator's events, each with ``wall``: seconds since the run started."""
+    out = []
+    for e in events:
+        if e.get("kind") not in ("joined", "left", "rejoined", "healed"):
+            continue
+        entry = {"site": e.get("site"), "kind": e.get("kind"), "round": e.get("round"),
+                 "wall": None if t0 is None or not _is_number(e.get("time")) else e["time"] - t0,
+                 "healed_from": e.get("healed_from"), "seconds": e.get("seconds")}
+        if e.get("reason"):
+            entry["reason"] = e["reason"]
+        out.append(entry)
     return out
 
 
@@ -129,13 +186,21 @@ def build_summary(
     ok: bool,
     interrupted: bool = False,
     error: str | None = None,
+    membership: list[dict[str, Any]] | None = None,
+    faults: list[dict[str, Any]] | None = None,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
-    """The run's summary. Field names are a contract (see docs/architecture.md); add, never redefine."""
+    """The run's summary. Field names are a contract (see docs/architecture.md); add, never redefine.
+    ``membership``: the coordinator's events; ``faults``: the faults the launcher carried out; their ``wall``
+    counts from ``started_at`` (Unix seconds; the first site's start record when not given)."""
     run = config["run"]
     figures = run_figures(records)
-    per_site = figures.get("per_site") or [{"site": k, "complete": False, "tokens": 0, "wan_bytes": 0, "steps": 0}
-                                           for k in sorted(records)]
-    start = _last(records.get(0, []), "start") or {}
+    starts = [r["time"] for rows in records.values() for r in rows if r.get("kind") == "start" and _is_number(r.get("time"))]
+    t0 = started_at if started_at is not None else (min(starts) if starts else None)
+    known = {e["site"]: e for e in figures.get("per_site") or []}
+    per_site = [known.get(k) or {"site": k, "complete": False, "tokens": 0, "wan_bytes": 0, "steps": 0}
+                for k in sorted(records)]  # every site, those that left before their first record too
+    start = next((r for _, rows in sorted(records.items()) for r in rows if r.get("kind") == "start"), {})
     settings = start.get("settings") or _configured_settings(config)
     summary = {
         "ok": ok,
@@ -172,6 +237,15 @@ def build_summary(
         "model_params": (start.get("meta") or {}).get("model_params"),
         "data": (start.get("meta") or {}).get("data"),
         "seed": run["seed"],
+        "sites_in_sync": figures.get("sites_in_sync"),
+        "membership": _membership(membership or [], t0),
+        "rejected_updates": _rejected_updates(records),
+        "failures": [{"site": r.get("site"), "message": r.get("message"),
+                      "wall": None if t0 is None or not _is_number(r.get("time")) else r["time"] - t0}
+                     for _, rows in sorted(records.items()) for r in rows if r.get("kind") == "error"],
+        "faults": [{**{k: f.get(k) for k in ("spec", "action", "site")},
+                    "wall": None if t0 is None or not _is_number(f.get("time")) else f["time"] - t0}
+                   for f in faults or []],
         "per_site": per_site,
         "config": config,
     }

@@ -41,6 +41,7 @@ __all__ = [
     "parse_bandwidth",
     "parse_latency",
     "parse_link",
+    "point_to_point",
     "ring_all_gather",
     "ring_all_reduce",
     "ring_reduce_scatter",
@@ -262,6 +263,23 @@ class Topology:
             return []
         return [self.link(order[i], order[(i + 1) % len(order)]) for i in range(len(order))]
 
+    def slowed(self, factors: dict[int, float]) -> Topology:
+        """This topology with the links of each site ``k`` in ``factors`` carrying ``factors[k]`` times fewer
+        bits per second (a congested or throttled site; a pair of slowed sites takes the larger factor)."""
+        factors = {k: f for k, f in factors.items() if f != 1.0}
+        if not factors or not self.emulated:
+            return self
+        overrides = {}
+        for a in range(self.sites):
+            for b in range(a + 1, self.sites):
+                link = self.link(a, b)
+                f = max(factors.get(a, 1.0), factors.get(b, 1.0))
+                if link is not None and f != 1.0:
+                    link = Link(max(MIN_BANDWIDTH, link.bandwidth_bps / f), link.latency_s)
+                if link is not None:
+                    overrides[(a, b)] = link
+        return Topology(self.sites, default=None, overrides=overrides, names=list(self.names))
+
 
 # -- what a collective costs over the ring's links -------------------------------------------------------
 
@@ -315,3 +333,10 @@ def ring_reduce_scatter(nbytes: int, links: Sequence[Link | None], *, streams: i
     chunk = nbytes / k
     steps = k - 1
     return CollectiveCost(steps * _step_seconds(links, chunk, streams), int(round(steps * chunk)), steps)
+
+
+def point_to_point(nbytes: int, link: Link | None, *, streams: int = 1) -> CollectiveCost:
+    """One site sending ``nbytes`` to another over ``link`` (healing a joiner), ``streams`` sharing the link."""
+    if link is None or nbytes == 0:
+        return CollectiveCost(0.0, nbytes, 1 if nbytes else 0)
+    return CollectiveCost(link.latency_s + 8.0 * nbytes * streams / link.bandwidth_bps, nbytes, 1)

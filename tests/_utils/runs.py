@@ -27,8 +27,11 @@ def tiny_config(out: Path, **values: Any):
     return load_config(values=merged)
 
 
-def run_tiny(out: Path, *, workload_factory=None, **values: Any):
-    return launch(tiny_config(out, **values), workload_factory=workload_factory, progress=False)
+def run_tiny(out: Path, *, workload_factory=None, factory_kwargs=None, faults=None, resume=False, **values: Any):
+    from geotrain.faults import parse_fault
+
+    return launch(tiny_config(out, **values), workload_factory=workload_factory, factory_kwargs=factory_kwargs,
+                  progress=False, faults=[parse_fault(f) for f in faults or []], resume=resume)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from geotrain.train.workload import Workload, demo_workload
 
 def crashing_workload(config: Any, *, worker: int, device: str, crash_site: int = 1, crash_step: int = 3,
                       **kwargs: Any) -> Workload:
-    """The demo workload, except that worker ``crash_site`` raises at its ``crash_step``-th loss."""
+    """The demo workload, except that worker ``crash_site`` (every worker: -1) raises at its ``crash_step``-th loss."""
     w = demo_workload(config, worker=worker, device=device, **kwargs)
     inner = w.loss
     calls = {"n": 0}
@@ -17,7 +17,7 @@ def crashing_workload(config: Any, *, worker: int, device: str, crash_site: int 
     def loss(model: Any, batch: Any) -> Any:
         if model.training:
             calls["n"] += 1
-            if worker == crash_site and calls["n"] == crash_step:
+            if crash_site in (worker, -1) and calls["n"] == crash_step:
                 raise RuntimeError(f"injected failure on site {crash_site} at step {crash_step}")
         return inner(model, batch)
 

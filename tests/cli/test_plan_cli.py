@@ -197,10 +197,11 @@ def test_shipped_configs_run(path, capsys):
 
 def test_a_run_file_is_planned_at_its_own_scale_or_moved_by_flags(capsys):
     own = plan_json(["--config", str(ROOT / "configs" / "demo.toml")], capsys)
-    assert own["inputs"]["params"] == 445_952 and own["payload_bytes_per_sync"] == 4 * 445_952
+    # fp32 among 4 sites: 4 framed chunks (48-byte header + a quarter of the values each)
+    assert own["inputs"]["params"] == 445_952 and own["payload_bytes_per_sync"] == 4 * (48 + 445_952)
     moved = plan_json(["--config", str(ROOT / "configs" / "demo.toml"), "--model-params", "10b",
                        "--accelerators-per-site", "4096", "--link", "internet"], capsys)
-    assert moved["inputs"]["params"] == 10_000_000_000 and moved["payload_bytes_per_sync"] == 4 * 10**10
+    assert moved["inputs"]["params"] == 10_000_000_000 and moved["payload_bytes_per_sync"] == 4 * (48 + 10**10)
     assert moved["inputs"]["sites"][0]["accelerators"] == 4096
     assert moved["inputs"]["link"] == "1gbit/50ms (internet preset)"
 

@@ -257,27 +257,47 @@ BAD_COORDINATOR = [
 
 
 @pytest.mark.parametrize("name,flags,words", BAD_COORDINATOR, ids=[c[0] for c in BAD_COORDINATOR])
-def test_coordinator_rejects_bad_flags(capsys, name, flags, words):
-    code, _, err = run_cli(capsys, ["coordinator", *flags])
+def test_coordinator_rejects_bad_flags(capsys, tmp_path, name, flags, words):
+    code, _, err = run_cli(capsys, ["coordinator", "--token-file", str(tmp_path / "token"), *flags])
     assert_bad_input(code, err, *words)
 
 
-def test_coordinator_on_a_port_in_use(capsys):
+BAD_TOKENS = [
+    ("short", "abcd\n", 0o600, "at least 16 bytes"),
+    ("not-hex", "zz" * 32 + "\n", 0o600, "at least 16 bytes"),
+    ("readable-by-others", "ab" * 32 + "\n", 0o644, "chmod 600"),
+]
+
+
+@pytest.mark.parametrize("name,text,mode,words", BAD_TOKENS, ids=[c[0] for c in BAD_TOKENS])
+def test_coordinator_rejects_a_bad_token_file(capsys, tmp_path, name, text, mode, words):
+    token = tmp_path / "token"
+    token.write_text(text)
+    token.chmod(mode)
+    code, _, err = run_cli(capsys, ["coordinator", "--token-file", str(token), "--port", str(_free_port())])
+    assert_bad_input(code, err, "--token-file", words)
+
+
+def test_coordinator_on_a_port_in_use(capsys, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        code, _, err = run_cli(capsys, ["coordinator", "--host", "127.0.0.1", "--port", str(busy.getsockname()[1])])
+        code, _, err = run_cli(capsys, ["coordinator", "--token-file", str(tmp_path / "token"), "--host", "127.0.0.1",
+                                        "--port", str(busy.getsockname()[1])])
     assert_bad_input(code, err, "--port", "another")
 
 
 @pytest.mark.slow  # starts a process
-def test_coordinator_from_a_real_process():
-    proc = geotrain("coordinator", "--port", "0")
+def test_coordinator_from_a_real_process(tmp_path):
+    token = tmp_path / "token"
+    proc = geotrain("coordinator", "--token-file", str(token), "--port", "0")
     assert proc.returncode == 2 and "--port" in proc.stderr and "Traceback" not in proc.stderr
-    # A clean start and stop: --hours 0.0003 is about a second.
-    proc = geotrain("coordinator", "--host", "127.0.0.1", "--port", str(_free_port()), "--hours", "0.0003")
+    # A clean start and stop: --hours 0.0003 is about a second. It writes a fresh secret, private to its owner.
+    proc = geotrain("coordinator", "--token-file", str(token), "--host", "127.0.0.1", "--port", str(_free_port()),
+                    "--hours", "0.0003")
     assert proc.returncode == 0, proc.stderr
-    assert "listening" in proc.stdout
+    assert "listening" in proc.stdout and "wrote a fresh secret" in proc.stdout
+    assert token.stat().st_mode & 0o077 == 0 and len(bytes.fromhex(token.read_text().strip())) == 32
 
 
 # -------------------------------------------------------------------------------------------------------- help

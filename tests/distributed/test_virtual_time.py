@@ -16,25 +16,27 @@ from _utils.sites import run_sites
 from geotrain.algorithms.streaming import HIDE_MARGIN
 from geotrain.algorithms.timing import predict_run, sync_seconds
 from geotrain.config import load_config
-from geotrain.topology import parse_link, ring_all_reduce
+from geotrain.topology import parse_link, ring_all_gather, ring_reduce_scatter
 
 pytestmark = pytest.mark.timeout(300)
 
 LINK = "10mbit/50ms"
-# The test model has 2 x (8 x 8 + 8) = 144 parameters: a 576-byte fp32 payload. A ring all-reduce between two
-# sites is 2 steps of 50 ms + 288 bytes at 10 Mbit/s.
-T = 2 * (0.05 + 288 * 8 / 10e6)
+# The test model has 2 x (8 x 8 + 8) = 144 parameters. In the reduce_scatter pattern between two sites each
+# sends the other its encoded half (48-byte header + 72 fp32 values = 336 bytes), then each all-gathers its
+# encoded mean half: 2 steps of 50 ms + 336 bytes at 10 Mbit/s.
+T = 2 * (0.05 + 336 * 8 / 10e6)
 
 
 def _config(**values):
     base = {"run.sites": 2, "outer.sync_every": 10, "wan.link": LINK, "run.tokens": 480,  # 60 steps of 4 x 2
-            "run.eval_every_tokens": 10**9, "outer.warmup_steps": 0}
+            "run.eval_every_tokens": 10**9, "outer.warmup_steps": 0, "comm.pattern": "reduce_scatter"}
     return load_config(values=base | values)
 
 
 def test_the_transfer_time_is_the_hand_computed_one():
     config = _config()
-    assert T == pytest.approx(ring_all_reduce(576, [parse_link(LINK)] * 2).seconds, rel=1e-12)
+    links = [parse_link(LINK)] * 2
+    assert T == pytest.approx(ring_reduce_scatter(672, links).seconds + ring_all_gather(336, links).seconds, rel=1e-12)
     assert sync_seconds(config, 144) == pytest.approx(T, rel=1e-12)
 
 

@@ -9,48 +9,13 @@ import torch
 from _utils.gloo_threads import run_ranks
 from geotrain.clock import VirtualClock
 from geotrain.comm.transport import GlooTransport
-from geotrain.topology import Topology, parse_link, ring_all_gather, ring_all_reduce, ring_reduce_scatter
-from geotrain.wan.emulator import EmulatedWan
+from geotrain.topology import Topology, parse_link, ring_all_gather, ring_reduce_scatter
+from geotrain.wan.emulator import EmulatedWan, TransferDeadlineExceeded
 
-POINTS = [  # (sites, payload bytes, link)
-    (3, 1_000_000, "50mbit/20ms"),
-    (4, 4_000_000, "200mbit/5ms"),
-    (2, 250_000, "10mbit/50ms"),
-]
-
-
-def _wan(rank, pg, k, topo):
+def _wan(rank, pg, k, topo, *, deadline=None):
     clock = VirtualClock(start=100.0)
-    return EmulatedWan(GlooTransport(pg, rank=rank, size=k, clock=clock), topology=topo, members=list(range(k)),
-                       clock=clock), clock
-
-
-@pytest.mark.parametrize("k,nbytes,link", POINTS)
-def test_all_reduce_lasts_the_analytic_time(k, nbytes, link):
-    topo = Topology(k, default=parse_link(link))
-    expected = ring_all_reduce(nbytes, topo.ring()).seconds
-    # by hand for the first point: 4 steps of 20 ms + (1 MB / 3) * 8 / 50 Mbit/s
-    if (k, nbytes, link) == POINTS[0]:
-        assert expected == pytest.approx(4 * (0.02 + 1_000_000 / 3 * 8 / 50e6), rel=1e-12)
-
-    def body(rank, pg):
-        wan, clock = _wan(rank, pg, k, topo)
-        out = []
-        for _ in range(2):  # back to back: the second starts where the first ended
-            t = torch.full((nbytes // 4,), float(rank + 1))
-            t0 = clock.now()
-            traffic = wan.all_reduce_sum(t)
-            out.append((clock.now() - t0, traffic))
-            assert torch.all(t == k * (k + 1) / 2)  # the data really was reduced
-        return out, clock.now()
-
-    for out, end in run_ranks(k, body):
-        for wall, traffic in out:
-            assert traffic.bytes_sent == round(2 * (k - 1) / k * nbytes)
-            assert traffic.real_seconds == 0.0  # no virtual time passes inside gloo
-            assert traffic.emulated_seconds == pytest.approx(expected, rel=1e-12)
-            assert wall == pytest.approx(expected, rel=1e-12)
-        assert end == pytest.approx(100.0 + 2 * expected, rel=1e-12)
+    return EmulatedWan(GlooTransport(pg, rank=rank, size=k, clock=clock), topology=lambda: topo, clock=clock,
+                       deadline=deadline), clock
 
 
 def test_all_gather_lasts_the_analytic_time():
@@ -92,11 +57,58 @@ def test_all_to_all_lasts_the_analytic_reduce_scatter():
 def test_the_slowest_link_of_the_ring_sets_every_step():
     k, nbytes = 3, 300_000
     topo = Topology(k, default=parse_link("1gbit/1ms"), overrides={(1, 2): parse_link("10mbit/40ms")})
-    expected = 4 * (0.04 + nbytes / 3 * 8 / 10e6)  # 2(K-1) steps, each as slow as the 10 Mbit/s hop
+    expected = 2 * (0.04 + nbytes / 3 * 8 / 10e6)  # K-1 steps, each as slow as the 10 Mbit/s hop
 
     def body(rank, pg):
         wan, clock = _wan(rank, pg, k, topo)
-        wan.all_reduce_sum(torch.ones(nbytes // 4))
+        wan.all_to_all(torch.ones(nbytes, dtype=torch.uint8))
         return clock.now() - 100.0
 
     assert run_ranks(k, body) == [pytest.approx(expected, rel=1e-12)] * k
+
+
+def test_a_slowed_site_slows_its_links_by_the_factor():
+    """``--fault slow:4:1``: site 1's links carry 4x fewer bits per second; the ring's steps follow the slowest."""
+    k, nbytes = 3, 300_000
+    topo = Topology(k, default=parse_link("40mbit/10ms")).slowed({1: 4.0})
+    assert topo.link(0, 2) == parse_link("40mbit/10ms") and topo.link(0, 1) == parse_link("10mbit/10ms")
+    expected = 2 * (0.01 + nbytes / 3 * 8 / 10e6)
+
+    def body(rank, pg):
+        wan, clock = _wan(rank, pg, k, topo)
+        wan.all_to_all(torch.ones(nbytes, dtype=torch.uint8))
+        return clock.now() - 100.0
+
+    assert run_ranks(k, body) == [pytest.approx(expected, rel=1e-12)] * k
+
+
+def test_point_to_point_lasts_latency_plus_bytes_over_the_link():
+    """Healing: the healer sends its state to a joiner over the link between the two."""
+    k, nbytes = 2, 500_000
+    topo = Topology(k, default=parse_link("100mbit/25ms"))
+    expected = 0.025 + nbytes * 8 / 100e6
+
+    def body(rank, pg):
+        wan, clock = _wan(rank, pg, k, topo)
+        t = torch.full((nbytes,), 7 if rank == 0 else 0, dtype=torch.uint8)
+        traffic = wan.send(t, 1) if rank == 0 else wan.recv(t, 0)
+        assert int(t[-1]) == 7
+        return clock.now() - 100.0, traffic.bytes_sent
+
+    (w0, sent0), (w1, sent1) = run_ranks(k, body)
+    assert w0 == pytest.approx(expected, rel=1e-12) and w1 == pytest.approx(expected, rel=1e-12)
+    assert (sent0, sent1) == (nbytes, 0)
+
+
+def test_an_emulated_transfer_past_its_deadline_fails_at_the_deadline():
+    """Emulated transfers obey the same deadlines as real ones: held until the deadline, then an error."""
+    k, nbytes = 2, 1_000_000
+    topo = Topology(k, default=parse_link("1mbit/10ms"))  # 8 s for the megabyte
+
+    def body(rank, pg):
+        wan, clock = _wan(rank, pg, k, topo, deadline=lambda pattern, n: 2.5)
+        with pytest.raises(TransferDeadlineExceeded, match="past its deadline of 2.5 s"):
+            wan.all_gather(torch.ones(nbytes, dtype=torch.uint8))
+        return clock.now() - 100.0
+
+    assert run_ranks(k, body) == [pytest.approx(2.5, rel=1e-12)] * k

@@ -20,11 +20,13 @@ from geotrain.planner.model import PlanSpec, plan, plan_spec, sync_comm
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A toy world where the arithmetic is easy: 1e9 params sent as fp32 (a raw 4e9-byte all-reduce payload), a
-# global batch of 1e6 tokens, one accelerator per site at 6e15 FLOP/s peak and MFU 0.5. With 2 sites each
-# computes 3e15 FLOPs (half of 6 * 1e9 * 1e6) at 3e15 FLOP/s: exactly 1 s per inner step. 1e8 tokens are
-# 100 inner steps. Links of 8 Gbit/s and no latency: a 2-site ring all-reduce of 4e9 bytes is 2 steps of a
-# 2e9-byte chunk, 2 s each, so T = 4 s. Overlap settings are given explicitly (unset, a plan chooses them).
+# A toy world where the arithmetic is easy: 1e9 params sent as fp32 (a framed payload of a 48-byte header and
+# 4e9 bytes of values), a global batch of 1e6 tokens, one accelerator per site at 6e15 FLOP/s peak and MFU 0.5.
+# With 2 sites each computes 3e15 FLOPs (half of 6 * 1e9 * 1e6) at 3e15 FLOP/s: exactly 1 s per inner step.
+# 1e8 tokens are 100 inner steps. Links of 8 Gbit/s and no latency: between 2 sites every codec is
+# all-gathered, each site sending its whole payload to the other in K - 1 = 1 step, so
+# T = 8 * 4,000,000,048 / 8e9 = 4.000000048 s. Overlap settings are given explicitly (unset, a plan chooses
+# them).
 TOY_ACCELERATORS = {"toy": {"peak_flops": 6e15, "watts": 1000.0}}
 TOY = {
     "model.params": 10**9,
@@ -43,6 +45,12 @@ TOY = {
     "outer.sync_every": 10,
     "comm.overlap": False,
 }
+
+
+T = 4.000000048
+"""The toy's sync of the whole model: one all-gather step of 8 * (4e9 + 48) bits at 8 Gbit/s."""
+T_F2 = 2.000000048
+"""A fragment of P=2 (5e8 values): one all-gather step of 8 * (2e9 + 48) bits at 8 Gbit/s."""
 
 
 def toy_config(values: dict[str, Any] | None = None, /) -> Config:
@@ -78,28 +86,37 @@ def test_compute_per_step_is_six_n_b_over_achieved_flops():
 def test_measured_step_seconds_replace_the_flop_model():
     r = toy_plan({"sites.step_seconds": 0.25})
     assert r.compute_step_seconds == pytest.approx(0.25)
-    # DiLoCo H=10 blocking: 100 steps of 0.25 s and 10 syncs of 4 s.
-    assert r.time_to_train_seconds == pytest.approx(100 * 0.25 + 10 * 4)
+    # DiLoCo H=10 blocking: 100 steps of 0.25 s and 10 syncs of T.
+    assert r.time_to_train_seconds == pytest.approx(100 * 0.25 + 10 * T, rel=1e-12)
 
 
 def test_steps_are_whole_batches_as_the_training_loop_counts_them():
     # tokens // batch, not ceil: 100,999,999 tokens at 1e6 per step are 100 steps (ceil would say 101).
     r = toy_plan({"run.tokens": 100_999_999})
-    assert r.steps == 100 and r.time_to_train_seconds == pytest.approx(140.0)
+    assert r.steps == 100 and r.time_to_train_seconds == pytest.approx(100 + 10 * T, rel=1e-12)
 
 
 # -- one sync over the links -----------------------------------------------------------------------------------
 
 
-def test_ring_all_reduce_time_by_hand():
-    # fp32 among 3 sites is a ring all-reduce of the raw 4 * 70e9 = 280e9 bytes: 2(K-1) = 4 steps, each moving
-    # a chunk of 280e9 / 3 bytes over a 10 Gbit/s link after 30 ms of latency.
+def test_fp32_among_three_sites_time_by_hand():
+    # fp32 among 3 sites travels framed in a reduce-scatter: each site cuts 70e9 values into 3 chunks of
+    # ceil(70e9 / 3) = 23,333,333,334 values and encodes each as 48 + 4 * 23,333,333,334 = 48 + 93,333,333,336
+    # (a multiple of 8) = 93,333,333,384 bytes. 2 steps of a chunk out and 2 of the encoded mean chunk back,
+    # a ring all-reduce's 2(K-1) = 4 steps, each moving one chunk over a 10 Gbit/s link after 30 ms of latency.
     fp32 = world_70b({"comm.codec": "fp32"})
-    expected = 4 * (0.03 + 8 * (280e9 / 3) / 10e9)  # 74.787 s
-    assert fp32.collective == "all_reduce"
-    assert sync_comm(fp32).seconds == pytest.approx(expected)
-    assert plan(fp32).comm_seconds_per_sync == pytest.approx(expected)
-    assert sync_comm(fp32).bytes_sent == round(4 * 280e9 / 3)  # 2(K-1)/K of the payload leaves each site
+    chunk = 93_333_333_384
+    expected = 4 * (0.03 + 8 * chunk / 10e9)  # 298.787 s
+    assert fp32.collective == "reduce_scatter"
+    assert sync_comm(fp32).seconds == pytest.approx(expected, rel=1e-12)
+    assert plan(fp32).comm_seconds_per_sync == pytest.approx(expected, rel=1e-12)
+    assert plan(fp32).payload_bytes_per_sync == 3 * chunk
+    assert sync_comm(fp32).bytes_sent == 4 * chunk  # 2(K-1)/K of the encoded payload leaves each site
+    # Asked to all-gather, each site sends its whole payload, 48 + 280e9 bytes, in K - 1 = 2 steps.
+    gathered = world_70b({"comm.codec": "fp32", "comm.pattern": "all_gather"})
+    assert gathered.collective == "all_gather"
+    assert sync_comm(gathered).seconds == pytest.approx(2 * (0.03 + 8 * 280_000_000_048 / 10e9), rel=1e-12)
+    assert sync_comm(gathered).bytes_sent == 2 * 280_000_000_048
 
 
 def test_dense_lossy_codec_among_three_sites_reduce_scatters_at_a_ring_all_reduces_cost():
@@ -122,51 +139,57 @@ def test_dense_lossy_codec_among_three_sites_reduce_scatters_at_a_ring_all_reduc
 
 def test_slowest_link_of_the_ring_sets_the_step():
     spec = toy_spec({"run.sites": 3, "wan.links": [{"between": [0, 2], "link": "1gbit/50ms"}]})
-    # The ring 0 -> 1 -> 2 -> 0 crosses the 1 Gbit/s, 50 ms link on its last hop, and every step waits for it:
-    # 4 * (0.05 + 8 * (4e9 / 3) / 1e9).
-    assert sync_comm(spec).seconds == pytest.approx(4 * (0.05 + 8 * (4e9 / 3) / 1e9))
+    # The ring 0 -> 1 -> 2 -> 0 crosses the 1 Gbit/s, 50 ms link on its last hop, and every step waits for it.
+    # fp32 among 3 sites reduce-scatters chunks of ceil(1e9 / 3) = 333,333,334 values, 48 + 1,333,333,336
+    # (a multiple of 8) = 1,333,333,384 bytes each: 4 * (0.05 + 8 * 1,333,333,384 / 1e9).
+    assert sync_comm(spec).seconds == pytest.approx(4 * (0.05 + 8 * 1_333_333_384 / 1e9), rel=1e-12)
     # Named sites work the same way.
     named = toy_spec({"run.sites": 3, "sites.names": ["a", "b", "c"],
                       "wan.links": [{"between": ["c", "a"], "link": "1gbit/50ms"}]})
-    assert sync_comm(named).seconds == pytest.approx(4 * (0.05 + 8 * (4e9 / 3) / 1e9))
+    assert sync_comm(named).seconds == pytest.approx(4 * (0.05 + 8 * 1_333_333_384 / 1e9), rel=1e-12)
 
 
 def test_workers_share_their_site_link():
-    # 4 workers per site each carry a quarter shard (2.5e8 values = 1e9 bytes) over the site's link, as 4
-    # streams of 2 Gbit/s: 2 steps of a 5e8-byte chunk at 2 Gbit/s = 4 s, the time of one worker with it all.
+    # 4 workers per site each carry a quarter shard (2.5e8 values: 48 + 1e9 = 1,000,000,048 bytes) over the
+    # site's link, as 4 streams of 2 Gbit/s: 1 all-gather step of 8 * 1,000,000,048 / 2e9 = 4.000000192 s,
+    # the time of one worker with it all (T) plus that of the 3 more headers.
     r = toy_plan({"run.workers_per_site": 4})
-    assert r.payload_bytes_per_sync == 1_000_000_000  # one worker's share
-    assert r.comm_seconds_per_sync == pytest.approx(4.0)
-    assert r.sites[0].bytes_per_sync == 4 * 1_000_000_000  # the site: 4 workers * 2 steps * 5e8 bytes
-    assert r.wan_bytes == pytest.approx(2 * 10 * 4e9)  # the same bytes as one worker per site
+    assert r.payload_bytes_per_sync == 1_000_000_048  # one worker's share
+    assert r.comm_seconds_per_sync == pytest.approx(4.000000192, rel=1e-12)
+    assert r.sites[0].bytes_per_sync == 4 * 1_000_000_048  # the site: 4 workers * 1 step * 1,000,000,048 bytes
+    # the bytes of one worker per site (2 * 10 * 4,000,000,048) and 3 more headers per site and sync
+    assert r.wan_bytes == pytest.approx(2 * 10 * 4 * 1_000_000_048, rel=1e-12)
 
 
 # -- periods, overlap and the end of the run -----------------------------------------------------------------
 
 
-# The toy: 100 steps of 1 s, T = 4 s for the whole model; a fragment of P=2 (5e8 values, 2e9 bytes) takes 2 s.
+# The toy: 100 steps of 1 s, T = 4.000000048 s for the whole model; a fragment of P=2 (5e8 values, 2e9 + 48
+# bytes) takes T_F2 = 2.000000048 s.
 @pytest.mark.parametrize(
     ("values", "wall"),
     [
-        # ddp: every step all-reduces: 100 * (1 + 4).
-        ({"run.algorithm": "ddp"}, 100 * (1 + 4)),
-        # DiLoCo H=10: 100 s of compute and 10 blocking syncs of 4 s.
-        ({}, 100 + 10 * 4),
+        # ddp: every step syncs: 100 * (1 + T).
+        ({"run.algorithm": "ddp"}, 100 * (1 + T)),
+        # DiLoCo H=10: 100 s of compute and 10 blocking syncs of T.
+        ({}, 100 + 10 * T),
         # H=7: the last, partial round syncs too: ceil(100 / 7) = 15 syncs.
-        ({"outer.sync_every": 7}, 100 + 15 * 4),
-        # Overlapped: each 4 s sync hides behind the next round's 10 s, except the last, which ends the run.
-        ({"comm.overlap": True}, 100 + 4),
-        # Overlapped but H=2: a round lasts as long as its 4 s sync (2 s exposed in each of 50 periods); the
-        # last sync's remaining 4 - 2 s come on top.
-        ({"outer.sync_every": 2, "comm.overlap": True}, 100 + 50 * 2 + 2),
+        ({"outer.sync_every": 7}, 100 + 15 * T),
+        # Overlapped: each T sync hides behind the next round's 10 s, except the last, which ends the run.
+        ({"comm.overlap": True}, 100 + T),
+        # Overlapped but H=2: a round lasts as long as its sync (T - 2 s exposed in each of 50 periods); the
+        # last sync's remaining T - (T - 2) = 2 s come on top.
+        ({"outer.sync_every": 2, "comm.overlap": True}, 100 + 50 * (T - 2) + 2),
         # Streaming H=10, P=2, tau=0: fragment 0 syncs after steps 10, 20, ..., 90 and fragment 1 after 5, 15,
-        # ..., 95: 19 blocking syncs of 2 s; at the last step both fragments sync once more, one after the
-        # other: 2 * 2 s.
-        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 0}, 100 + 19 * 2 + 4),
-        # ... with tau=1 one second of each 2 s sync hides behind one inner step.
-        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 1}, 100 + 19 * 1 + 4),
-        # ... with tau=3 all of it hides; the final syncs of both fragments still stall.
-        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 3}, 100 + 4),
+        # ..., 95: 19 blocking syncs of T_F2; at the last step both fragments sync once more, at once: one sync
+        # of the whole model, T.
+        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 0},
+         100 + 19 * T_F2 + T),
+        # ... with tau=1 one second of each T_F2 sync hides behind one inner step.
+        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 1},
+         100 + 19 * (T_F2 - 1) + T),
+        # ... with tau=3 all of it hides; the final sync of both fragments still stalls.
+        ({"run.algorithm": "streaming", "streaming.fragments": 2, "streaming.overlap_steps": 3}, 100 + T),
     ],
     ids=["ddp", "diloco", "diloco-partial-round", "diloco-overlap", "diloco-overlap-h2", "streaming-tau0",
          "streaming-tau1", "streaming-tau3"],
@@ -174,7 +197,7 @@ def test_workers_share_their_site_link():
 def test_overlap_hiding_by_hand(values, wall):
     r = toy_plan(values)
     assert r.steps == 100
-    assert r.time_to_train_seconds == pytest.approx(wall)
+    assert r.time_to_train_seconds == pytest.approx(wall, rel=1e-12)
     assert r.step_seconds == pytest.approx(wall / 100)
     assert r.utilization == pytest.approx(100 / wall)
     assert r.hidden_seconds_per_sync + r.exposed_seconds_per_sync == pytest.approx(r.comm_seconds_per_sync)
@@ -189,51 +212,58 @@ def test_overlap_on_ddp_or_streaming_is_refused():
 
 
 def test_streaming_cannot_outrun_its_link():
-    # 1 Gbit/s, P=10: a fragment (1e8 values, 4e8 bytes) takes 2 * 8 * 2e8 / 1e9 = 3.2 s but a fragment is due
-    # every step (1 s). tau=5 would hide 3.2 s, yet the link carries one fragment at a time: a period lasts
-    # 3.2 s, 2.2 s of it exposed. Fragment 0 syncs after steps 10, ..., 90 (9), fragments 1..9 after
-    # p, p + 10, ..., p + 90 (10 each): 99 periods; then one final sync of every fragment at once: the whole
-    # model, 4e9 bytes, 2 * 8 * 2e9 / 1e9 = 32 s (on a link without latency, as long as 10 fragment syncs).
+    # 1 Gbit/s, P=10: a fragment (1e8 values, 4e8 + 48 bytes, all-gathered in one step) takes
+    # 8 * 400,000,048 / 1e9 = 3.200000384 s but a fragment is due every step (1 s). tau=5 would hide it, yet the
+    # link carries one fragment at a time: a period lasts 3.200000384 s, 2.200000384 s of it exposed. Fragment 0
+    # syncs after steps 10, ..., 90 (9), fragments 1..9 after p, p + 10, ..., p + 90 (10 each): 99 periods; then
+    # one final sync of every fragment at once: the whole model, 4e9 + 48 bytes, 8 * 4,000,000,048 / 1e9 =
+    # 32.000000384 s (on a link without latency, as long as 10 fragment syncs but for their 9 more headers).
     r = toy_plan({"run.algorithm": "streaming", "streaming.fragments": 10, "streaming.overlap_steps": 5,
                   "wan.link": "1gbit/0ms"})
-    assert r.comm_seconds_per_sync == pytest.approx(3.2)
-    assert r.exposed_seconds_per_sync == pytest.approx(2.2)
-    assert r.hidden_seconds_per_sync == pytest.approx(1.0)
-    wall = 100 + 99 * 2.2 + 32  # 349.8 s
-    assert r.time_to_train_seconds == pytest.approx(wall)
+    assert r.comm_seconds_per_sync == pytest.approx(3.200000384, rel=1e-12)
+    assert r.exposed_seconds_per_sync == pytest.approx(2.200000384, rel=1e-12)
+    assert r.hidden_seconds_per_sync == pytest.approx(1.0, rel=1e-12)
+    wall = 100 + 99 * 2.200000384 + 32.000000384  # 349.8 s
+    assert r.time_to_train_seconds == pytest.approx(wall, rel=1e-12)
     assert r.utilization == pytest.approx(100 / wall)
     assert r.syncs == 99 + 1
 
 
 def test_fragment_peak_bandwidth_is_p_times_lower():
-    # 1000 steps. Each site sends 2(K-1)/K * 4e9 = 4e9 bytes per DiLoCo sync; in one 1 s step: 32 Gbit/s.
+    # 1000 steps. Each site sends its whole 4e9 + 48-byte payload once per DiLoCo sync (one all-gather step);
+    # in one 1 s step: 8 * 4,000,000,048 = 32,000,000,384 bit/s.
     diloco = toy_plan({"run.tokens": 10**9, "outer.sync_every": 100})
-    assert diloco.peak_bandwidth_bps == pytest.approx(32e9)
-    # Four fragments (2.5e8 values, 1e9 bytes each) each send a quarter in the same one-step window: 8 Gbit/s.
+    assert diloco.peak_bandwidth_bps == pytest.approx(32_000_000_384, rel=1e-12)
+    # Four fragments (2.5e8 values, 1e9 + 48 bytes each) each send a quarter (and a header) in the same one-step
+    # window: 8 * 1,000,000,048 = 8,000,000,384 bit/s, 4 times less but for the headers.
     values = {"run.tokens": 10**9, "outer.sync_every": 100, "run.algorithm": "streaming",
               "streaming.fragments": 4, "streaming.overlap_steps": 0}
     streaming = toy_plan(values)
-    assert streaming.peak_bandwidth_bps == pytest.approx(8e9)
+    assert streaming.peak_bandwidth_bps == pytest.approx(8_000_000_384, rel=1e-12)
     assert diloco.peak_bandwidth_bps / streaming.peak_bandwidth_bps == pytest.approx(4)
-    # Total bytes: DiLoCo syncs 10 times (2 sites * 10 * 4e9). Streaming syncs fragment 0 after steps 100..900
-    # (9) and fragments 1-3 after 25 + 100j (10 each) on its schedule, then every fragment at once at the end
-    # (one sync of 4e9 bytes): 40 syncs, the same bytes as DiLoCo plus P - 1 = 3 fragments.
+    # Total bytes: DiLoCo syncs 10 times (2 sites * 10 * 4,000,000,048). Streaming syncs fragment 0 after steps
+    # 100..900 (9) and fragments 1-3 after 25 + 100j (10 each) on its schedule, then every fragment at once at
+    # the end (one sync of 4,000,000,048 bytes): 40 syncs, 2 * (39 * 1,000,000,048 + 4,000,000,048) =
+    # 2 * (43e9 + 40 * 48) bytes, the same bytes as DiLoCo (2 * (40e9 + 10 * 48)) plus P - 1 = 3 fragments
+    # and 30 more headers.
     assert diloco.syncs == 10 and streaming.syncs == 39 + 1
-    assert diloco.wan_bytes == pytest.approx(2 * 10 * 4e9)
-    assert streaming.wan_bytes == pytest.approx(2 * 43 * 1e9)
-    assert streaming.wan_bytes - diloco.wan_bytes == pytest.approx(2 * 3 * 1e9)
-    # Overlapped DiLoCo spreads its sync over the next H=100 steps: 0.32 Gbit/s; streaming with tau=5 over 5.
+    assert diloco.wan_bytes == pytest.approx(2 * 10 * 4_000_000_048, rel=1e-12)
+    assert streaming.wan_bytes == pytest.approx(2 * (39 * 1_000_000_048 + 4_000_000_048), rel=1e-12)
+    assert streaming.wan_bytes - diloco.wan_bytes == pytest.approx(2 * (3 * 1e9 + 30 * 48), rel=1e-9)
+    # Overlapped DiLoCo spreads its sync over the next H=100 steps: 8 * 4,000,000,048 / 100 bit/s; streaming
+    # with tau=5 spreads a fragment over 5.
     over = toy_plan({"run.tokens": 10**9, "outer.sync_every": 100, "comm.overlap": True})
-    assert over.peak_bandwidth_bps == pytest.approx(0.32e9)
-    assert toy_plan(values | {"streaming.overlap_steps": 5}).peak_bandwidth_bps == pytest.approx(8e9 / 5)
+    assert over.peak_bandwidth_bps == pytest.approx(8 * 4_000_000_048 / 100, rel=1e-12)
+    assert toy_plan(values | {"streaming.overlap_steps": 5}).peak_bandwidth_bps == pytest.approx(
+        8 * 1_000_000_048 / 5, rel=1e-12)
 
 
 def test_wan_bytes_and_time_to_train():
-    # 100 steps, 10 DiLoCo syncs, each site sending 4e9 bytes per sync.
+    # 100 steps, 10 DiLoCo syncs, each site sending its 4e9 + 48-byte payload once per sync, in T.
     r = toy_plan()
     assert r.steps == 100 and r.syncs == 10
-    assert r.wan_bytes == pytest.approx(10 * 2 * 4e9)
-    assert r.time_to_train_seconds == pytest.approx(100 * 1.4)
+    assert r.wan_bytes == pytest.approx(10 * 2 * 4_000_000_048, rel=1e-12)
+    assert r.time_to_train_seconds == pytest.approx(100 + 10 * T, rel=1e-12)
     # ddp with bf16 between 2 sites all-gathers: each site sends its whole encoded gradient once per step,
     # 48 + 2 * 1e9 = 2,000,000,048 bytes, in 8 * 2,000,000,048 / 8e9 = 2.000000048 s.
     ddp = toy_plan({"run.algorithm": "ddp", "comm.codec": "bf16"})
@@ -242,8 +272,8 @@ def test_wan_bytes_and_time_to_train():
     assert ddp.time_to_train_seconds == pytest.approx(100 * (1 + 2.000000048))
 
 
-# 1e9 values; lossy codecs between 2 sites are all-gathered: a site sends its encoded payload once.
-#   fp32       raw, all-reduced: 2 * (4e9 / 2)                                                  = 4,000,000,000
+# 1e9 values; every codec between 2 sites is all-gathered: a site sends its encoded payload once.
+#   fp32       48 + 4e9                                                                         = 4,000,000,048
 #   bf16       48 + 2e9                                                                         = 2,000,000,048
 #   int8       48 + 4 * (1e9 / 256 = 3,906,250) scales + 1e9 codes = 48 + 15,625,000 + 1e9      = 1,015,625,048
 #   int4       48 + 15,625,000 + 5e8                                                            =   515,625,048
@@ -257,15 +287,15 @@ def test_wan_bytes_and_time_to_train():
 #   topk+int4  + scales 156,408, codes pad8(5,004,883) = 5,004,888             48 + 20,019,536 +  5,161,296 = 25,180,880
 @pytest.mark.parametrize(
     ("codec", "nbytes"),
-    [("fp32", 4_000_000_000), ("bf16", 2_000_000_048), ("int8", 1_015_625_048), ("int4", 515_625_048),
+    [("fp32", 4_000_000_048), ("bf16", 2_000_000_048), ("int8", 1_015_625_048), ("int4", 515_625_048),
      ("topk", 60_058_648), ("topk+bf16", 40_039_120), ("topk+int8", 30_185_760), ("topk+int4", 25_180_880)],
 )
 def test_codec_payloads_are_the_exact_encoded_sizes(codec, nbytes):
     r = toy_plan({"comm.codec": codec})
     assert r.sites[0].bytes_per_sync == nbytes
-    assert r.comm_seconds_per_sync == pytest.approx(8 * nbytes / 8e9)  # 2 steps of half, or 1 of all
-    assert r.wan_bytes == pytest.approx(2 * 10 * nbytes)
-    assert r.codec_bits == pytest.approx(32.0 if codec == "fp32" else 8 * nbytes / 1e9)
+    assert r.comm_seconds_per_sync == pytest.approx(8 * nbytes / 8e9, rel=1e-12)  # 1 step of all of it
+    assert r.wan_bytes == pytest.approx(2 * 10 * nbytes, rel=1e-12)
+    assert r.codec_bits == pytest.approx(8 * nbytes / 1e9, rel=1e-12)  # the header counts, fp32's too
 
 
 def test_topk_fraction_sets_the_kept_share():
@@ -300,29 +330,30 @@ def test_dense_lossy_bytes_among_three_sites():
 
 
 def test_unset_overlap_is_chosen_as_a_run_chooses_it():
-    # A blocking 4 s sync would stall 40% of a 10 s round (more than 2%): overlap goes on, and the plan is
-    # the overlapped one: 100 s + the last sync's 4 s.
+    # A blocking 4 s sync (T) would stall 40% of a 10 s round (more than 2%): overlap goes on, and the plan is
+    # the overlapped one: 100 s + the last sync's T.
     r = toy_plan({"comm.overlap": None})
     assert [(a.key, a.value) for a in r.auto] == [("comm.overlap", True)]
     assert r.algorithm == "diloco H=10+overlap"
-    assert r.time_to_train_seconds == pytest.approx(104.0)
+    assert r.time_to_train_seconds == pytest.approx(100 + T, rel=1e-12)
     assert r.to_dict()["auto"][0]["key"] == "comm.overlap" and r.to_dict()["auto"][0]["reason"]
-    # At 32 Gbit/s and H=100 a sync takes 2 * 8 * 2e9 / 32e9 = 1 s, under 2% of a 100 s round: overlap stays
-    # off. One blocking sync in 100 steps: 101 s.
+    # At 32 Gbit/s and H=100 a sync takes 8 * 4,000,000,048 / 32e9 = 1.000000012 s, under 2% of a 100 s round:
+    # overlap stays off. One blocking sync in 100 steps: 101.000000012 s.
     fast = toy_plan({"comm.overlap": None, "outer.sync_every": 100, "wan.link": "32gbit/0ms"})
     assert [(a.key, a.value) for a in fast.auto] == [("comm.overlap", False)]
-    assert fast.time_to_train_seconds == pytest.approx(101.0)
+    assert fast.time_to_train_seconds == pytest.approx(101.000000012, rel=1e-12)
     # A setting the configuration gives is never chosen.
     assert toy_plan().auto == []
 
 
 def test_unset_tau_covers_the_fragment_transfer_with_a_margin():
-    # P=2: a fragment takes 2 s; tau is the fewest 1 s steps that cover 2 * 2 s: 4, and with tau = 4 each
-    # sync hides (the final sync of both fragments at once, 4 s, stalls): 100 + 4 s.
+    # P=2: a fragment takes T_F2 = 2.000000048 s; tau is the fewest 1 s steps that cover 2 * T_F2 =
+    # 4.000000096 s: 5 (the 48-byte header tips it past 4), and with tau = 5 each sync hides (the final sync of
+    # both fragments at once, T, stalls): 100 + T.
     r = toy_plan({"run.algorithm": "streaming", "streaming.fragments": 2})
-    assert [(a.key, a.value) for a in r.auto] == [("streaming.overlap_steps", 4)]
-    assert r.time_to_train_seconds == pytest.approx(104.0)
-    # At 1 Gbit/s, H=4: a fragment takes 2 * 8 * 1e9 / 1e9 = 16 s; tau stops at H - 1 = 3.
+    assert [(a.key, a.value) for a in r.auto] == [("streaming.overlap_steps", 5)]
+    assert r.time_to_train_seconds == pytest.approx(100 + T, rel=1e-12)
+    # At 1 Gbit/s, H=4: a fragment takes 8 * 2,000,000,048 / 1e9 = 16.000000384 s; tau stops at H - 1 = 3.
     slow = toy_plan({"run.algorithm": "streaming", "streaming.fragments": 2, "outer.sync_every": 4,
                      "wan.link": "1gbit/0ms"})
     assert [(a.key, a.value) for a in slow.auto] == [("streaming.overlap_steps", 3)]
@@ -349,8 +380,8 @@ def test_energy_by_hand():
 
 def test_energy_sums_over_sites():
     r = toy_plan({"sites.watts": 2000.0})
-    # Two sites of one 2 kW accelerator at PUE 1 for 140 s.
-    assert r.energy_mwh == pytest.approx(2 * 2000 * 140 / 3.6e9)
+    # Two sites of one 2 kW accelerator at PUE 1 for 100 + 10 T = 140.00000048 s.
+    assert r.energy_mwh == pytest.approx(2 * 2000 * (100 + 10 * T) / 3.6e9, rel=1e-12)
     assert sum(s.energy_mwh for s in r.sites) == pytest.approx(r.energy_mwh)
 
 
@@ -400,15 +431,16 @@ def test_slowest_site_gates_sync():
     spec = toy_spec({"site": [{"name": "fast"}, {"name": "slow", "mfu": 0.25}]})  # the slow site: 2 s per step
     r = plan(spec)
     assert r.compute_step_seconds == pytest.approx(2.0)
-    # 100 steps of 2 s and 10 syncs of 4 s: 240 s; the fast site computes 100 s of it, the slow one 200 s.
-    assert r.step_seconds == pytest.approx((200 + 40) / 100)
-    assert [s.utilization for s in r.sites] == pytest.approx([100 / 240, 200 / 240])
-    assert r.utilization == pytest.approx((100 / 240 + 200 / 240) / 2)
+    # 100 steps of 2 s and 10 syncs of T: 240.00000048 s; the fast site computes 100 s of it, the slow one 200 s.
+    wall = 200 + 10 * T
+    assert r.step_seconds == pytest.approx(wall / 100, rel=1e-12)
+    assert [s.utilization for s in r.sites] == pytest.approx([100 / wall, 200 / wall], rel=1e-12)
+    assert r.utilization == pytest.approx((100 / wall + 200 / wall) / 2, rel=1e-12)
     # Balancing the batch by throughput gives the fast site 2/3 of it: both compute 4/3 s per step,
-    # 133.3 s of 133.3 + 40 s.
+    # 133.3 s of 133.3 + 10 T s.
     b = plan(toy_spec({"site": [{"name": "fast"}, {"name": "slow", "mfu": 0.25}], "sites.balance": "throughput"}))
     assert b.compute_step_seconds == pytest.approx(4 / 3)
-    assert [s.utilization for s in b.sites] == pytest.approx([(400 / 3) / (400 / 3 + 40)] * 2)
+    assert [s.utilization for s in b.sites] == pytest.approx([(400 / 3) / (400 / 3 + 10 * T)] * 2, rel=1e-12)
 
 
 def test_single_site_has_no_wan_traffic():
@@ -525,7 +557,7 @@ def test_result_dict_has_the_contract_keys():
                 "hidden_seconds_per_sync", "exposed_seconds_per_sync", "notes"):
         assert key in d, key
     assert all(math.isfinite(v) for v in (d["utilization"], d["step_seconds"], d["energy_mwh"]))
-    assert d["time_to_train_days"] == pytest.approx(140 / 86400)
+    assert d["time_to_train_days"] == pytest.approx((100 + 10 * T) / 86400, rel=1e-12)
     assert len(d["per_site"]) == 2 and d["per_site"][0]["name"] == "site0"
 
 
@@ -587,17 +619,14 @@ def test_plan_of_a_run_config_predicts_the_bytes_the_run_sends(path):
     assert config.model.layout() == real
     r = plan(plan_spec(config))
     k, w, codec = config.run.sites, config.run.workers_per_site, config.comm.codec
-    # fp32 all-reduces raw values; a dense lossy codec among 3+ sites reduce-scatters encoded chunks; otherwise
-    # (2 sites, or top-k) every site all-gathers its whole encoded payload.
-    collective = ("all_reduce" if codec == "fp32" else
-                  "reduce_scatter" if k >= 3 and not codec.startswith("topk") else "all_gather")
+    # Every codec travels framed, fp32 included: a dense codec among 3+ sites reduce-scatters encoded chunks;
+    # otherwise (2 sites, or top-k) every site all-gathers its whole encoded payload.
+    collective = "reduce_scatter" if k >= 3 and not codec.startswith("topk") else "all_gather"
     assert r.collective == collective
     expected = 0
     for n in _run_payloads(config):
         shard = -(-n // w)  # each worker carries a 1/W shard
-        if collective == "all_reduce":
-            expected += 4 * shard
-        elif collective == "reduce_scatter":
+        if collective == "reduce_scatter":
             expected += k * _encoded_bytes(codec, -(-shard // k))  # one encoded chunk per site
         else:
             expected += _encoded_bytes(codec, shard)
@@ -605,8 +634,11 @@ def test_plan_of_a_run_config_predicts_the_bytes_the_run_sends(path):
 
 
 def test_shipped_run_configs_payloads_by_hand():
-    # demo: fp32 among 4 sites, a raw all-reduce of 445,952 values.
-    assert plan(plan_spec(load_config(ROOT / "configs" / "demo.toml"))).payload_bytes_per_sync == 4 * 445_952
+    # demo: fp32 among 4 sites, a reduce-scatter of chunks of ceil(445,952 / 4) = 111,488 values:
+    # 48 + 4 * 111,488 = 48 + 445,952 (a multiple of 8) = 446,000 bytes each.
+    demo = plan(plan_spec(load_config(ROOT / "configs" / "demo.toml")))
+    assert demo.collective == "reduce_scatter"
+    assert demo.payload_bytes_per_sync == 4 * 446_000
     # uneven-links: int8 among 3 sites, reduce-scatter of chunks of ceil(445,952 / 3) = 148,651 values:
     # 48 + pad8(4 * ceil(148,651 / 256) = 4 * 581 = 2,324) = 2,328 + pad8(148,651) = 148,656 -> 151,032 bytes.
     uneven = plan(plan_spec(load_config(ROOT / "configs" / "uneven-links.toml")))

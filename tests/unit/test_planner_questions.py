@@ -28,11 +28,11 @@ VARIANTS = {"ddp", "diloco", "diloco+overlap", "streaming"}
 
 
 def test_bandwidth_needed_by_hand():
-    # Blocking DiLoCo H=10 on the toy (100 steps of 1 s, 10 syncs, 2 sites, a 4e9-byte fp32 payload, no
-    # latency): 95% needs 100 / (100 + 10 T) >= 0.95, T <= 10 * (1/0.95 - 1) s, and T = 2 * 8 * 2e9 / b, so
-    # b = 3.2e10 / T = 6.08e10 bit/s.
+    # Blocking DiLoCo H=10 on the toy (100 steps of 1 s, 10 syncs, 2 sites, a 4e9 + 48-byte fp32 payload, no
+    # latency): 95% needs 100 / (100 + 10 T) >= 0.95, T <= 10 * (1/0.95 - 1) s, and T = 8 * (4e9 + 48) / b
+    # (one all-gather step of the whole payload), so b = 3.2000000384e10 / T = 6.08e10 bit/s.
     spec = toy_spec()
-    expected = 3.2e10 / (10 * (1 / 0.95 - 1))
+    expected = 8 * 4_000_000_048 / (10 * (1 / 0.95 - 1))
     got = bandwidth_needed(spec, target=0.95)
     assert got == pytest.approx(expected, rel=1e-3)
     assert plan(with_bandwidth(spec, bandwidth_bps=got)).utilization >= 0.95 * (1 - 1e-9)
@@ -41,14 +41,14 @@ def test_bandwidth_needed_by_hand():
 
 def test_bandwidth_needed_for_overlapped_diloco_by_hand():
     # Overlapped, H=10: the syncs hide while T <= 10 s, and the run pays the last one: 100 / (100 + T) >= 0.95
-    # needs T <= 100 / 19 s, so b = 3.2e10 * 19 / 100 = 6.08e9 bit/s, ten times less than blocking.
+    # needs T <= 100 / 19 s, so b = 8 * (4e9 + 48) * 19 / 100 = 6.08e9 bit/s, ten times less than blocking.
     got = bandwidth_needed(toy_spec({"comm.overlap": True}), target=0.95)
-    assert got == pytest.approx(3.2e10 * 19 / 100, rel=1e-3)
+    assert got == pytest.approx(8 * 4_000_000_048 * 19 / 100, rel=1e-3)
 
 
 def test_bandwidth_needed_is_none_when_latency_alone_blocks():
-    # DDP at 1 s steps over 300 ms links: two ring steps cost 0.6 s of latency whatever the bandwidth,
-    # so utilization stays below 1 / 1.6.
+    # DDP at 1 s steps over 300 ms links: fp32 between 2 sites is one all-gather step, 0.3 s of latency
+    # whatever the bandwidth, so utilization stays below 1 / 1.3.
     spec = toy_spec({"run.algorithm": "ddp", "wan.link": "8gbit/300ms"})
     assert bandwidth_needed(spec, target=0.95) is None
     assert bandwidth_needed(spec, target=0.5) is not None
@@ -93,8 +93,9 @@ def test_utilization_never_falls_with_bandwidth(name, bws):
 
 
 def test_smallest_sync_every():
-    # Toy at 8 Gbit/s: T = 4 s, 100 steps. Blocking: util(H) = 100 / (100 + ceil(100 / H) * 4); H=50 gives
-    # 100/108 = 0.926 and H=100 gives 100/104 = 0.962: 100 of the candidate list.
+    # Toy at 8 Gbit/s: T = 8 * (4e9 + 48) / 8e9 = 4.000000048 s (say 4 s), 100 steps. Blocking:
+    # util(H) = 100 / (100 + ceil(100 / H) * 4); H=50 gives 100/108 = 0.926 and H=100 gives 100/104 = 0.962:
+    # 100 of the candidate list.
     spec = toy_spec()
     assert smallest_sync_every(spec, target=0.95) == 100
     # Overlapped: util = 100 / (100 + ceil(100/H) * max(0, 4 - H) + min(4, H)); H=1 gives 100/401,
@@ -105,8 +106,9 @@ def test_smallest_sync_every():
     # sync stalls more than 2% of any candidate round up to H=100, so overlap is on, and H=5 reaches 100/104.
     assert smallest_sync_every(toy_spec({"run.algorithm": "ddp"}), target=0.95) == 5
     # A streaming plan keeps its fragments and tau and skips H it cannot take (fewer steps than its 4
-    # fragments, or not more than tau = 3): with P=4 a fragment (1e9 bytes) takes 1 s and hides behind tau,
-    # and the final syncs of the 4 fragments cost 4 s: 100/104 from H=4 on.
+    # fragments, or not more than tau = 3): with P=4 a fragment (1e9 + 48 bytes) takes 1.000000048 s and hides
+    # behind tau, and the final sync of the 4 fragments at once (the whole model) costs 4.000000048 s:
+    # 100/104 from H=4 on.
     streaming = toy_spec({"run.algorithm": "streaming", "streaming.overlap_steps": 3})
     assert smallest_sync_every(streaming, target=0.95) == 5  # 1 is skipped, 5 is the next candidate
     assert smallest_sync_every(streaming, target=0.95, candidates=[1, 2, 3]) is None
@@ -114,8 +116,9 @@ def test_smallest_sync_every():
 
 
 def test_mildest_codec():
-    # Blocking DiLoCo H=10 needs T <= 10/19 = 0.526 s for 95%. Between 2 sites: fp32 4 s; bf16 (2e9 + 48 bytes)
-    # 2.00 s; int8 (1,015,625,048 bytes) 1.02 s; int4 (515,625,048 bytes) 0.516 s.
+    # Blocking DiLoCo H=10 needs T <= 10/19 = 0.526 s for 95%. Between 2 sites every codec is all-gathered
+    # in one step: fp32 (4e9 + 48 bytes) 4.00 s; bf16 (2e9 + 48 bytes) 2.00 s; int8 (1,015,625,048 bytes)
+    # 1.02 s; int4 (515,625,048 bytes) 0.516 s.
     spec = toy_spec()
     assert mildest_codec(spec, target=0.95) == "int4"
     assert mildest_codec(spec, target=0.80) == "bf16"  # 100 / (100 + 10 * 2.0) = 0.83
@@ -149,17 +152,18 @@ def test_a_variant_the_settings_cannot_take_is_left_out():
 
 
 def test_compare_variants_by_hand():
-    # The toy at H=10 (100 steps of 1 s, T = 4 s with fp32):
+    # The toy at H=10 (100 steps of 1 s; fp32 all-gathers 4e9 + 48 bytes in one step: T = 4.000000048 s):
     variants = compare_variants(toy_spec())
     results = {name: plan(v) for name, v in variants.items()}
     # ddp with bf16 all-gathers 2e9 + 48 bytes each step: 100 * (1 + 2.000000048) s.
-    assert results["ddp"].time_to_train_seconds == pytest.approx(100 * (1 + 2.000000048))
-    assert results["diloco"].time_to_train_seconds == pytest.approx(100 + 10 * 4)
-    assert results["diloco+overlap"].time_to_train_seconds == pytest.approx(100 + 4)
-    # streaming, P=4: a fragment (1e9 bytes) takes 1 s; tau = ceil(1.25 * 1 / 1) = 2 hides it; the final
-    # syncs of the 4 fragments stall 4 * 1 s.
-    assert [(a.key, a.value) for a in results["streaming"].auto] == [("streaming.overlap_steps", 2)]
-    assert results["streaming"].time_to_train_seconds == pytest.approx(100 + 4)
+    assert results["ddp"].time_to_train_seconds == pytest.approx(100 * (1 + 2.000000048), rel=1e-12)
+    assert results["diloco"].time_to_train_seconds == pytest.approx(100 + 10 * 4.000000048, rel=1e-12)
+    assert results["diloco+overlap"].time_to_train_seconds == pytest.approx(100 + 4.000000048, rel=1e-12)
+    # streaming, P=4: a fragment (2.5e8 values, 1e9 + 48 bytes) takes 1.000000048 s; tau covers twice that,
+    # ceil(2 * 1.000000048 / 1) = ceil(2.000000096) = 3 steps (the header tips it past 2), and hides it; the
+    # final sync of the 4 fragments at once (the whole model, 4e9 + 48 bytes) stalls 4.000000048 s.
+    assert [(a.key, a.value) for a in results["streaming"].auto] == [("streaming.overlap_steps", 3)]
+    assert results["streaming"].time_to_train_seconds == pytest.approx(100 + 4.000000048, rel=1e-12)
 
 
 def test_parse_sweep():
@@ -179,6 +183,6 @@ def test_sweep_shape_and_values():
     assert all(len(v) == 3 for v in s.utilization.values())
     d = s.to_dict()
     assert d["bandwidths_bps"] == [1e9, 8e9, 1e11]
-    # At 8 Gbit/s, blocking DiLoCo is the toy itself: 100 / 140.
-    assert d["utilization"]["diloco"][1] == pytest.approx(100 / 140)
-    assert d["time_to_train_seconds"]["diloco"][1] == pytest.approx(140)
+    # At 8 Gbit/s, blocking DiLoCo is the toy itself: 100 / (100 + 10 * 4.000000048) = 100 / 140.00000048.
+    assert d["utilization"]["diloco"][1] == pytest.approx(100 / 140.00000048, rel=1e-12)
+    assert d["time_to_train_seconds"]["diloco"][1] == pytest.approx(140.00000048, rel=1e-12)

@@ -24,11 +24,15 @@ except ImportError:  # pragma: no cover - if tests/ becomes a package
 
 # Three toy sites, one of them slow (MFU 0.3), over 8 Gbit/s, 10 ms links. Each site computes a third of
 # 6e15 FLOPs per step: 2e15 / 3e15 = 2/3 s at the fast sites, 2e15 / 1.8e15 = 10/9 s at the slow one, which
-# gates every sync. The fp32 ring all-reduce of 4e9 bytes: 4 steps of (0.01 + 8 * (4e9 / 3) / 8e9) s.
-# A P=2 fragment (2e9 bytes): 4 * (0.01 + 8 * (2e9 / 3) / 8e9) s. 100 steps = 10 rounds of H=10.
+# gates every sync. fp32 among 3 sites travels framed in a reduce-scatter: the 1e9 values are cut into
+# 3 chunks of ceil(1e9 / 3) = 333,333,334 values, each encoded as 48 + 4 * 333,333,334 = 48 + 1,333,333,336
+# (a multiple of 8) = 1,333,333,384 bytes; 2 steps of a chunk out and 2 of the encoded mean chunk back, a
+# ring all-reduce's 4 steps of (0.01 + 8 * 1,333,333,384 / 8e9) s. A P=2 fragment (5e8 values): chunks of
+# ceil(5e8 / 3) = 166,666,667 values, a body of 666,666,668 bytes padded to 666,666,672, + 48 = 666,666,720
+# bytes: 4 * (0.01 + 8 * 666,666,720 / 8e9) s. 100 steps = 10 rounds of H=10.
 C_FAST, C_SLOW = 2 / 3, 10 / 9
-T = 4 * (0.01 + 4 / 3)
-T_F = 4 * (0.01 + 2 / 3)
+T = 4 * (0.01 + 1.333333384)  # 5.373333536 s
+T_F = 4 * (0.01 + 0.66666672)  # 2.70666688 s
 HETERO = {"run.sites": 3, "wan.link": "8gbit/10ms",
           "site": [{"name": "a"}, {"name": "b"}, {"name": "slow", "mfu": 0.3}]}
 E_STREAM = T_F - C_SLOW  # tau = 1 hides one slow step of each fragment's sync
@@ -100,7 +104,8 @@ def test_same_seed_same_run_other_seed_other_run(recovery):
 
 
 def test_jitter_costs_utilization_because_the_slowest_gates():
-    # 4 sites: 0.5 s steps, a 6 s all-reduce hidden behind 25 s rounds.
+    # 4 sites: 0.5 s steps, a 6 s sync (fp32 reduce-scattered then all-gathered: 6 steps of a 1e9-value
+    # chunk) hidden behind 25 s rounds.
     spec = toy_spec({"outer.sync_every": 50, "comm.overlap": True, "run.sites": 4, "run.tokens": 10**9})
     base = simulate(spec, SimulateConfig()).utilization
     noisy = simulate(spec, SimulateConfig(jitter=0.2, seed=1)).utilization
@@ -114,12 +119,13 @@ def test_power_cap_limits_the_accelerators_that_run():
                               {"name": "capped", "accelerators": 4, "power_cap_mw": 0.002}]})
     formula = plan(spec)
     assert not formula.caps_respected
-    # The formula plans what was asked: 0.25 s steps, 10 rounds of 2.5 s + 4 s.
-    assert formula.time_to_train_seconds == pytest.approx(10 * (2.5 + 4))
+    # The formula plans what was asked: 0.25 s steps, 10 rounds of 2.5 s + 4 s (fp32 between 2 sites: one
+    # all-gather step of 4e9 + 48 bytes, 4.000000048 s).
+    assert formula.time_to_train_seconds == pytest.approx(10 * (2.5 + 4.000000048), rel=1e-12)
     sim = simulate(spec, SimulateConfig())
     assert [s["accelerators_active"] for s in sim.per_site] == [4, 2]
-    # The capped site needs 0.5 s per step instead of 0.25 s: rounds of 5 s + 4 s of all-reduce.
-    assert sim.time_to_train_seconds == pytest.approx(10 * (5 + 4))
+    # The capped site needs 0.5 s per step instead of 0.25 s: rounds of 5 s + 4 s of all-gather.
+    assert sim.time_to_train_seconds == pytest.approx(10 * (5 + 4.000000048), rel=1e-12)
     assert sim.energy_mwh == pytest.approx((4 + 2) * 1000 * 90 / 3.6e9)
 
 

@@ -21,7 +21,7 @@ BASE = {"run.sites": 2, "wan.link": "8mbit/10ms", "outer.sync_every": 10, "comm.
 def summary(values: dict[str, Any] | None = None, /, *, steps: int = 100, compute: list[float] | None = None,
             payloads: list[int] | None = None, **fields: Any) -> dict:
     """A summary of a run of ``steps`` inner steps whose sites computed ``compute`` seconds each (0.1 s per
-    step by default) and sent syncs of ``payloads`` values (1e6: 4e6 bytes in fp32)."""
+    step by default) and sent syncs of ``payloads`` values (1e6: 48 + 4e6 bytes in fp32)."""
     config = load_config(values=BASE | (values or {}))
     compute = compute if compute is not None else [0.1 * steps] * config.run.sites
     out = {
@@ -42,14 +42,16 @@ def predict(s: dict, **kw):
     return timing
 
 
-# 2 sites over 8 Mbit/s, 10 ms: a ring all-reduce of S bytes is 2 steps of (0.01 + 8 * (S/2) / 8e6) s.
-def ring2(nbytes: float) -> float:
-    return 2 * (0.01 + 8 * nbytes / 2 / 8e6)
+# 2 sites over 8 Mbit/s, 10 ms. Every codec travels framed, fp32 included, and between 2 sites it is
+# all-gathered: each site sends its whole payload of S bytes (a 48-byte header, then 4 bytes per value, the
+# body a multiple of 8 bytes) to the other, in K - 1 = 1 step of (0.01 + 8 * S / 8e6) s.
+def gather2(nbytes: float) -> float:
+    return 0.01 + 8 * nbytes / 8e6
 
 
 def test_diloco_by_hand():
     out = predict(summary())
-    t = ring2(4e6)  # 4.02 s
+    t = gather2(48 + 4_000_000)  # 1e6 fp32 values: 0.01 + 4.000048 = 4.010048 s
     assert out.comm_seconds_per_sync == pytest.approx(t)
     assert out.syncs == 10
     assert out.compute_seconds == pytest.approx(10.0)
@@ -61,13 +63,14 @@ def test_diloco_by_hand():
     assert direct.utilization == pytest.approx(out.utilization)
 
 
-def test_ddp_all_reduces_every_step():
+def test_ddp_syncs_every_step():
     out = predict(summary({"run.algorithm": "ddp"}))
     assert out.syncs == 100
-    assert out.utilization == pytest.approx(0.1 / (0.1 + ring2(4e6)))
-    # Without the run's payloads, the configured model's: the demo GPT's 445,952 values, 1,783,808 bytes.
+    assert out.utilization == pytest.approx(0.1 / (0.1 + gather2(4_000_048)))
+    # Without the run's payloads, the configured model's: the demo GPT's 445,952 values, 48 + 1,783,808 =
+    # 1,783,856 bytes (4 * 445,952 is a multiple of 8).
     demo = predict(summary({"run.algorithm": "ddp"}, payloads=[]))
-    assert demo.comm_seconds_per_sync == pytest.approx(ring2(4 * 445_952))  # 1.803808 s
+    assert demo.comm_seconds_per_sync == pytest.approx(0.01 + 8 * 1_783_856 / 8e6)  # 1.793856 s
 
 
 STREAMING = {"run.algorithm": "streaming", "streaming.fragments": 4, "streaming.overlap_steps": 0}
@@ -75,18 +78,18 @@ STREAMING = {"run.algorithm": "streaming", "streaming.fragments": 4, "streaming.
 
 def test_streaming_syncs_each_fragment_every_h_steps():
     s = summary(STREAMING, payloads=[250_000] * 4)
-    t = ring2(1e6)  # 1.02 s per fragment
+    t = gather2(48 + 1_000_000)  # 250,000 fp32 values: 1.010048 s per fragment
     out = predict(s)
     assert out.comm_seconds_per_sync == pytest.approx(t)
     # Fragments start at offsets 0, 2, 5, 7 of each H=10: fragment 0 syncs after steps 10, ..., 90 (9 times),
     # the others after off, off + 10, ..., off + 90 (10 times each): 39 syncs, then at the last step all 4
-    # fragments sync once more, at once: one collective of the whole model, 4e6 bytes, 4.02 s.
-    final = ring2(4e6)
+    # fragments sync once more, at once: one collective of the whole model, 4,000,048 bytes, 4.010048 s.
+    final = gather2(4_000_048)
     assert out.syncs == 39
     assert out.exposed_seconds == pytest.approx(39 * t + final)
     assert out.utilization == pytest.approx(10 / (10 + 39 * t + final))
-    # With tau = 2 each fragment hides 0.2 s of its 1.02 s behind compute (a period of 2.5 steps = 0.25 s
-    # plus 0.82 s exposed is longer than the sync itself).
+    # With tau = 2 each fragment hides 0.2 s of its 1.010048 s behind compute (a period of 2.5 steps = 0.25 s
+    # plus 0.810048 s exposed is longer than the sync itself).
     exposed = t - 0.2
     tau = predict(summary(STREAMING | {"streaming.overlap_steps": 2}, payloads=[250_000] * 4))
     assert tau.exposed_seconds_per_sync == pytest.approx(exposed)
@@ -100,38 +103,42 @@ def test_streaming_syncs_each_fragment_every_h_steps():
 
 def test_the_settings_the_run_chose_are_the_ones_predicted():
     # The configuration leaves overlap and tau unset; the summary says what the run chose.
-    # Overlapped over 80 Mbit/s: each 2 * (0.01 + 8 * 2e6 / 80e6) = 0.42 s sync hides behind the next 1 s
-    # round; the last one is exposed at the end.
+    # Overlapped over 80 Mbit/s: each 0.01 + 8 * 4,000,048 / 80e6 = 0.4100048 s sync (one all-gather step)
+    # hides behind the next 1 s round; the last one is exposed at the end.
     def chose(key, value):
         return [{"key": key, "value": value, "reason": "as the start record says"}]
 
     over = predict(summary({"comm.overlap": None, "wan.link": "80mbit/10ms"},
                            auto_settings=chose("comm.overlap", True)))
     assert over.exposed_seconds_per_sync == 0.0
-    assert over.wall_seconds == pytest.approx(10 + 0.42)
+    assert over.wall_seconds == pytest.approx(10 + 0.4100048)
     blocking = predict(summary({"comm.overlap": None, "wan.link": "80mbit/10ms"},
                                auto_settings=chose("comm.overlap", False)))
-    assert blocking.wall_seconds == pytest.approx(10 + 10 * 0.42)
+    assert blocking.wall_seconds == pytest.approx(10 + 10 * 0.4100048)
     tau = predict(summary(STREAMING | {"streaming.overlap_steps": None}, payloads=[250_000] * 4,
                           auto_settings=chose("streaming.overlap_steps", 2)))
-    assert tau.exposed_seconds_per_sync == pytest.approx(ring2(1e6) - 0.2)
+    assert tau.exposed_seconds_per_sync == pytest.approx(gather2(1_000_048) - 0.2)
 
 
 def test_workers_share_their_site_link():
     one = predict(summary()).comm_seconds_per_sync
-    # 4 workers each carry a quarter shard (250,000 values = 1e6 bytes) as 4 streams sharing 8 Mbit/s:
-    # 2 steps of (0.01 + 8 * 5e5 * 4 / 8e6) s, the time of one worker carrying it all.
+    # 4 workers each carry a quarter shard (250,000 values: 48 + 1e6 = 1,000,048 bytes) as 4 streams sharing
+    # 8 Mbit/s: 1 step of (0.01 + 8 * 1,000,048 * 4 / 8e6) = 4.010192 s, the time of one worker carrying it
+    # all (4.010048 s) plus that of the 3 more headers.
     four = predict(summary({"run.workers_per_site": 4})).comm_seconds_per_sync
-    assert one == pytest.approx(ring2(4e6)) and four == pytest.approx(ring2(4e6))
-    # 1,000,002 values: shards of ceil(1,000,002 / 4) = 250,001 values (the last zero padded), 1,000,004 bytes.
+    assert one == pytest.approx(gather2(4_000_048)) and four == pytest.approx(gather2(4 * 1_000_048))
+    assert four - one == pytest.approx(8 * 3 * 48 / 8e6)
+    # 1,000,002 values: shards of ceil(1,000,002 / 4) = 250,001 values (the last zero padded), a body of
+    # 1,000,004 bytes padded to 1,000,008, and 48 + 1,000,008 = 1,000,056 bytes.
     odd = predict(summary({"run.workers_per_site": 4}, payloads=[1_000_002])).comm_seconds_per_sync
-    assert odd == pytest.approx(2 * (0.01 + 8 * 500_002 * 4 / 8e6))
+    assert odd == pytest.approx(0.01 + 8 * 1_000_056 * 4 / 8e6)
 
 
 def test_overlapped_diloco_hides_behind_the_next_round():
     out = predict(summary({"comm.overlap": True, "wan.link": "80mbit/10ms"}))
-    # 0.42 s of all-reduce hides behind 1 s of inner steps, except the last round's, which ends the run.
-    t = 2 * (0.01 + 8 * 2e6 / 80e6)
+    # 0.4100048 s of all-gather (one step of 4,000,048 bytes) hides behind 1 s of inner steps, except the last
+    # round's, which ends the run.
+    t = 0.01 + 8 * 4_000_048 / 80e6
     assert out.comm_seconds_per_sync == pytest.approx(t)
     assert out.exposed_seconds_per_sync == 0.0
     assert out.utilization == pytest.approx(10 / (10 + t))
@@ -146,7 +153,10 @@ def test_an_unemulated_run_has_no_prediction_and_no_link_cost():
 
 def test_three_sites():
     out = predict(summary({"run.sites": 3, "wan.link": "12mbit/5ms"}, compute=[20.0] * 3))
-    t = 4 * (0.005 + 8 * (4e6 / 3) / 12e6)
+    # fp32 among 3 sites is reduce-scattered: chunks of ceil(1e6 / 3) = 333,334 values, each encoded as
+    # 48 + 1,333,336 (a multiple of 8) = 1,333,384 bytes; 2 steps of a chunk out and 2 of the encoded mean
+    # chunk back, a ring all-reduce's 4 steps on the encoded payload.
+    t = 4 * (0.005 + 8 * 1_333_384 / 12e6)  # 3.57569... s
     assert out.comm_seconds_per_sync == pytest.approx(t)
     assert out.utilization == pytest.approx(20 / (20 + 10 * t))
 
@@ -189,7 +199,7 @@ def test_diloco_counts_the_last_partial_round():
     # 105 steps at H=10: 10 whole rounds and a partial one, which syncs too: 11 syncs.
     out = predict(summary(steps=105))
     assert out.syncs == 11
-    assert out.wall_seconds == pytest.approx(10.5 + 11 * ring2(4e6))
+    assert out.wall_seconds == pytest.approx(10.5 + 11 * gather2(4_000_048))
 
 
 def test_lossy_collectives_are_charged_as_the_run_sends_them():
@@ -206,7 +216,7 @@ def test_lossy_collectives_are_charged_as_the_run_sends_them():
 
 def test_the_slowest_site_gates_the_wall_time():
     out = predict(summary(), step_seconds=[0.08, 0.12])
-    t = ring2(4e6)
+    t = gather2(4_000_048)
     # the mean site computes 10 s; the wall holds the slowest site's 12 s plus 10 syncs
     assert out.step_seconds == pytest.approx(0.1) and out.slowest_step_seconds == pytest.approx(0.12)
     assert out.utilization == pytest.approx(10 / (12 + 10 * t))
@@ -218,12 +228,13 @@ def test_the_slowest_site_gates_the_wall_time():
 def test_build_summary_carries_the_prediction():
     config = load_config(values=BASE).to_dict()
     start = {"kind": "start", "settings": {"sync_every": 10, "fragments": 1, "overlap_steps": 0, "overlap": False},
-             "sync_payloads": [1_000_000], "collective": "all_reduce", "payload_bytes_per_sync": 4_000_000}
+             "sync_payloads": [1_000_000], "collective": "all_gather", "payload_bytes_per_sync": 4_000_048}
     done = {"kind": "done", "steps": 100, "tokens": 1000, "wan_bytes": 40_000_000, "compute_seconds": 10.0,
             "wall_seconds": 50.2, "utilization": 10 / 50.2, "outer_rounds": 10}
     s = build_summary(config, {0: [start, done], 1: [done]}, elapsed_seconds=51.0, ok=True)
-    assert s["predicted_utilization"] == pytest.approx(10 / (10 + 10 * ring2(4e6)))
-    assert s["payload_bytes_per_sync"] == 4_000_000
+    assert s["predicted_utilization"] == pytest.approx(10 / (10 + 10 * gather2(4_000_048)))
+    assert s["payload_bytes_per_sync"] == 4_000_048
+    assert s["collective"] == "all_gather"
 
 
 def _lognormal_max(means, cv, n=1_000_000, seed=1):

@@ -138,6 +138,10 @@ class Algorithm:
         comes on top when the run reaches its last step."""
         raise NotImplementedError
 
+    def round_steps(self, config: Config) -> int:
+        """Inner steps of one outer round (the unit of ``checkpoint.every_rounds``): H by default."""
+        return config.outer.sync_every
+
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
         """Sync periods in a run of ``steps`` inner steps, for the timing model: the syncs on the algorithm's
         regular schedule (the final sync of a pattern's ``final_payload`` is ``end_exposed``'s)."""

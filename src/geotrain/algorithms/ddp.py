@@ -42,6 +42,9 @@ class DDP(Algorithm):
     def sync_periods(self, config: Config, steps: int, *, stopped_early: bool = False) -> int:
         return steps
 
+    def round_steps(self, config: Config) -> int:
+        return 1  # every step is a sync
+
     def build(self, config: Config, ctx: StrategyContext) -> Strategy:
         from geotrain.algorithms.strategies.ddp import DDPStrategy
 

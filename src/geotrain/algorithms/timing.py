@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from geotrain.algorithms.base import AutoSetting
 from geotrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -203,12 +204,31 @@ def sync_seconds(config: Any, numel: int, *, topology: Any = None) -> float:
                      workers=config.run.workers_per_site).seconds
 
 
-def choose_unset(config: Any, layout: Any, *, step_seconds: float, topology: Any = None) -> tuple[Any, list]:
+CHECKPOINT_SECONDS = 300.0
+"""The training time between checkpoints a run chooses when ``checkpoint.every_rounds`` is unset."""
+
+
+def unset_settings(config: Any) -> list[str]:
+    """Settings a run chooses itself from its measured step time: its algorithm's, and the checkpoint interval."""
+    return config.algorithm().unset(config) + (["checkpoint.every_rounds"] if config.checkpoint.every_rounds is None
+                                               else [])
+
+
+def choose_unset(config: Any, layout: Any, *, step_seconds: float, topology: Any = None,
+                 checkpoints: bool = False) -> tuple[Any, list]:
     """``config`` with the settings it leaves unset chosen by its algorithm (``Algorithm.auto_settings``) for the
-    model ``layout`` and compute of ``step_seconds`` per inner step, and the choices with their reasons."""
-    chosen = config.algorithm().auto_settings(
+    model ``layout`` and compute of ``step_seconds`` per inner step, and the choices with their reasons. With
+    ``checkpoints`` (a run), the checkpoint interval too: about CHECKPOINT_SECONDS of training."""
+    algorithm = config.algorithm()
+    chosen = algorithm.auto_settings(
         config, layout, step_seconds=step_seconds,
         sync_seconds=lambda cfg, numel: sync_seconds(cfg, numel, topology=topology))
+    if checkpoints and config.checkpoint.every_rounds is None:
+        per_round = step_seconds * algorithm.round_steps(config)
+        every = max(1, math.ceil(CHECKPOINT_SECONDS / per_round)) if per_round > 0 else 1
+        chosen.append(AutoSetting("checkpoint.every_rounds", every,
+                                  f"a round computes in {per_round:.3g} s: a checkpoint every {every} rounds is about "
+                                  f"{every * per_round / 60:.1f} minutes of training"))
     if chosen:
         config = config.updated({a.key: a.value for a in chosen})
     return config, chosen

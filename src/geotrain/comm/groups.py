@@ -1,17 +1,17 @@
-"""Process groups of a run: one group inside each site, and cross-site groups between sites.
+"""Process groups of a run: one group inside each site, and cross-site groups between sites, one per generation.
 
 A site is a set of ``W`` workers joined by fast fabric (gloo on CPU, NCCL on GPU). Sites are joined by slow
-links. Worker ``l`` of every site belongs to cross-site group ``l``, so each site's cross-site traffic is
-split over its ``W`` workers (each carries a 1/W shard of every payload). Each cross-site group has a twin,
-the control group, for the few floats of run control (stop votes, eval losses): on its own group a vote never
-queues behind a payload still crossing the link.
+links. Worker ``l`` of every member site belongs to cross-site group ``l`` of the current generation, so each
+site's cross-site traffic is split over its ``W`` workers (each carries a 1/W shard of every payload). When
+membership changes, every member builds its cross-site group again on the new generation's key prefix of the
+coordinator's store (``geotrain.membership.store``); ranks in it follow the members' order.
 
 The same environment contract serves the local launcher and ``torchrun`` on real clusters:
 
 * ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (set by torchrun, or by ``geotrain run``) describe
   the worker's own site: the site group is the default process group of that site's job.
-* ``GEOTRAIN_SITE_RANK``, ``GEOTRAIN_SITES`` and ``GEOTRAIN_COORDINATOR=host:port`` place the site in the
-  run; the coordinator hosts the key-value store the cross-site groups rendezvous on.
+* ``GEOTRAIN_SITE_RANK``, ``GEOTRAIN_SITES``, ``GEOTRAIN_COORDINATOR=host:port`` and
+  ``GEOTRAIN_TOKEN_FILE`` place the site in the run; ``GEOTRAIN_RESUME=1`` resumes it from its checkpoints.
 
 Groups are always passed explicitly to the code that uses them; world size 1 is not a special case.
 """
@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from geotrain.errors import ConfigError
 
-__all__ = ["SiteGroups", "SiteEnv", "connect_store", "init_groups", "new_cross_site_group"]
+__all__ = ["SiteEnv", "cross_site_group", "init_site_group"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +39,22 @@ class SiteEnv:
     local_rank: int
     workers: int
     coordinator: str
+    token_file: str | None = None
+    """The run's secret (``geotrain coordinator --token-file``); None only where no coordinator is used."""
+    resume: bool = False
+    """Resume from this site's checkpoints (``geotrain run --resume``)."""
+    launch: str | None = None
+    """Identifies one start of the run: every site of it writes checkpoints under the same launch."""
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> SiteEnv:
         env = os.environ if environ is None else environ
-        missing = [k for k in ("GEOTRAIN_SITE_RANK", "GEOTRAIN_SITES", "GEOTRAIN_COORDINATOR") if k not in env]
+        missing = [k for k in ("GEOTRAIN_SITE_RANK", "GEOTRAIN_SITES", "GEOTRAIN_COORDINATOR", "GEOTRAIN_TOKEN_FILE")
+                   if k not in env]
         if missing:
             raise ConfigError(
                 f"missing environment {', '.join(missing)}; start sites with 'geotrain run' or, on a cluster, "
-                "'torchrun ... -m geotrain.train.site' with --site-rank, --sites and --coordinator",
+                "'torchrun ... -m geotrain.train.site' with --site-rank, --sites, --coordinator and --token-file",
                 field="site",
             )
         return cls(
@@ -56,70 +63,23 @@ class SiteEnv:
             local_rank=int(env.get("RANK", "0")),
             workers=int(env.get("WORLD_SIZE", "1")),
             coordinator=env["GEOTRAIN_COORDINATOR"],
+            token_file=env["GEOTRAIN_TOKEN_FILE"],
+            resume=env.get("GEOTRAIN_RESUME", "") == "1",
+            launch=env.get("GEOTRAIN_LAUNCH") or None,
         )
 
 
-@dataclass(slots=True)
-class SiteGroups:
-    """The groups one worker talks on."""
-
-    env: SiteEnv
-    site_pg: Any
-    """This site's workers (the fast fabric)."""
-    cross_pg: Any
-    """Worker ``local_rank`` of every site (the slow links)."""
-    control_pg: Any
-    """The same workers, for run control only (stop votes, eval losses)."""
-    store: Any
-    """The coordinator's store; cross-site groups are rebuilt on fresh prefixes of it."""
-    generation: int = 0
-
-    @property
-    def site_rank(self) -> int:
-        return self.env.site_rank
-
-    @property
-    def sites(self) -> int:
-        return self.env.sites
-
-    @property
-    def local_rank(self) -> int:
-        return self.env.local_rank
-
-    @property
-    def workers(self) -> int:
-        return self.env.workers
-
-
-def connect_store(address: str, *, is_server: bool = False, timeout_s: float = 60.0) -> dist.TCPStore:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"coordinator address {address!r} must be HOST:PORT", field="coordinator")
-    return dist.TCPStore(
-        host,
-        int(port),
-        is_master=is_server,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        use_libuv=True,
-    )
-
-
-def new_cross_site_group(store: Any, env: SiteEnv, *, generation: int, timeout_s: float, channel: str = "cross") -> Any:
-    """A gloo group of worker ``env.local_rank`` of each site, on a fresh prefix of the store (``channel``
-    "cross" for payloads, "control" for run control)."""
-    prefix = dist.PrefixStore(f"{channel}/{env.local_rank}/gen{generation}/", store)
-    return dist.ProcessGroupGloo(prefix, env.site_rank, env.sites, datetime.timedelta(seconds=timeout_s))
-
-
-def init_groups(env: SiteEnv, *, device: str, timeout_s: float) -> SiteGroups:
-    """Join this worker's site group (default group of the site's job) and its cross-site group."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    backend = "nccl" if device == "cuda" else "gloo"
+def init_site_group(*, device: str, timeout_s: float) -> Any:
+    """Join this worker's site group: the default process group of the site's job."""
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout)
-    site_pg = dist.group.WORLD
-    store = connect_store(env.coordinator, timeout_s=timeout_s)
-    cross_pg = new_cross_site_group(store, env, generation=0, timeout_s=timeout_s)
-    control_pg = new_cross_site_group(store, env, generation=0, timeout_s=timeout_s, channel="control")
-    return SiteGroups(env=env, site_pg=site_pg, cross_pg=cross_pg, control_pg=control_pg, store=store)
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+def cross_site_group(store: Any, env: SiteEnv, *, generation: int, members: list[int], timeout_s: float) -> Any:
+    """The gloo group of worker ``env.local_rank`` of each member site at ``generation``, on a fresh prefix of
+    the coordinator's store."""
+    prefix = dist.PrefixStore(f"cross/{env.local_rank}/gen{generation}/", store)
+    return dist.ProcessGroupGloo(prefix, members.index(env.site_rank), len(members),
+                                 datetime.timedelta(seconds=timeout_s))

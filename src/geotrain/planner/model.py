@@ -360,7 +360,7 @@ def plan(spec: PlanSpec) -> PlanResult:
     largest = max(cost.bytes_sent for cost in costs) * workers
     peak_bps = 8.0 * largest / (pattern.window_steps * c) if largest else 0.0
     shard = max(1, -(-pattern.mean_payload // workers))
-    codec_bits = 32.0 if codec.lossless else codec.bits_per_value(shard)
+    codec_bits = codec.bits_per_value(shard)
 
     notes: list[str] = []
     site_results: list[SiteResult] = []

@@ -1,12 +1,17 @@
 """Run every site of a run as processes on this machine, watch them, and write the run's files.
 
-The launcher is the run's coordinator: it hosts the store the cross-site groups rendezvous on, starts
-``sites x workers_per_site`` worker processes (each its own process group leader, so a terminal's Ctrl+C
-reaches only the launcher), shows live progress from the sites' record files, and stops everything cleanly:
+The launcher starts the run's coordinator (``python -m geotrain.membership``, on loopback, with a fresh
+secret in a private temporary directory), then ``sites x workers_per_site`` worker processes (each its own
+process group leader, so a terminal's Ctrl+C reaches only the launcher). It shows live progress from the
+sites' record files and carries out the faults scheduled with ``--fault`` that come from outside a site
+(kill, rejoin, partition, heal, and killing the coordinator, which it then starts again).
 
-* Ctrl+C: every worker gets SIGTERM, then SIGKILL after a grace period; a partial summary is written.
-* A worker that fails: the others are stopped at once, the failing site's error is shown, exit code 1.
-* A run that stops making progress for longer than the collective timeout is stopped as hung.
+* A site that fails (or is killed) does not end the run: the others go on without it while at least
+  ``membership.min_sites`` remain, and the summary names it. The run succeeds when the sites still in it
+  finish.
+* Ctrl+C: every process gets SIGTERM, then SIGKILL after a grace period; a partial summary is written.
+* A run that stops making progress for longer than its quorum deadline is stopped as hung.
+* A coordinator that dies is started again on the same port and secret; the sites reconnect to it.
 """
 
 from __future__ import annotations
@@ -14,29 +19,34 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from geotrain.config import Config
 from geotrain.errors import ConfigError
-from geotrain.train.site import SiteTask
 from geotrain.files import write_json_atomic
 from geotrain.summary import build_summary, merge_metrics, read_site_records
+from geotrain.train.site import SiteTask
 
 __all__ = ["MAX_LOCAL_WORKERS", "RunOutcome", "check_launch", "check_out_dir", "launch"]
 
 GRACE_SECONDS = 5.0
-POLL_SECONDS = 0.25
+POLL_SECONDS = 0.05
 MAX_LOCAL_WORKERS = 64
 """Most worker processes one machine is asked to start (sites x workers_per_site): each is a Python process
 with its own copy of the model. Larger runs go to real clusters (torchrun, one job per site), and
 ``geotrain plan`` studies them at any size."""
+MAX_COORDINATOR_RESTARTS = 20
 
 
 @dataclass(slots=True)
@@ -79,6 +89,9 @@ def check_launch(config: Config, *, demo: bool = True) -> None:
             f"{config.run.sites} sites x {config.run.workers_per_site} workers would start {processes:,} processes "
             f"on this machine, more than {MAX_LOCAL_WORKERS}; lower --sites or --workers-per-site, run sites with "
             "torchrun on real clusters, or study the run with geotrain plan", field="run.sites")
+    if config.membership.min_sites > config.run.sites:
+        raise ConfigError(f"min_sites={config.membership.min_sites} exceeds the run's {config.run.sites} sites",
+                          field="membership.min_sites")
     if config.data.path is not None:
         try:
             found = Path(config.data.path).exists()
@@ -109,7 +122,7 @@ def _worker_entry(task: SiteTask, env: dict[str, str], log_path: str) -> None:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to kill this worker if the launcher dies without stopping it (e.g. SIGKILL)."""
+    """Ask Linux to kill this process if the launcher dies without stopping it (e.g. SIGKILL)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -150,20 +163,36 @@ class _Tail:
         return out
 
 
-def _stop(procs: list[mp.Process]) -> None:
-    """SIGTERM every live worker we started, then SIGKILL those still alive after the grace period."""
+def _stop(procs: list[Any]) -> None:
+    """SIGTERM every live process we started, then SIGKILL those still alive after the grace period."""
     for p in procs:
-        if p.is_alive() and p.pid:
+        if _alive(p):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_SECONDS
     for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        _join(p, max(0.0, deadline - time.monotonic()))
     for p in procs:
-        if p.is_alive() and p.pid:
+        if _alive(p):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
-            p.join(timeout=2.0)
+            _join(p, 2.0)
+
+
+def _alive(p: Any) -> bool:
+    return p.pid is not None and (p.is_alive() if isinstance(p, mp.process.BaseProcess) else p.poll() is None)
+
+
+def _join(p: Any, timeout: float) -> None:
+    if isinstance(p, mp.process.BaseProcess):
+        p.join(timeout=timeout)
+    else:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=timeout)
+
+
+def _exitcode(p: Any) -> int | None:
+    return p.exitcode if isinstance(p, mp.process.BaseProcess) else p.poll()
 
 
 def _first_error(out: Path, records: dict[int, list[dict[str, Any]]], failed_sites: list[int]) -> str:
@@ -178,6 +207,89 @@ def _first_error(out: Path, records: dict[int, list[dict[str, Any]]], failed_sit
     return f"site {site} exited without a record of its error; end of {log}:\n{tail}"
 
 
+@dataclass
+class _Coordinator:
+    """The run's coordinator process, started again when it dies."""
+
+    port: int
+    token: Path
+    events: Path
+    log: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        log = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "geotrain.membership", "--host", "127.0.0.1", "--port", str(self.port),
+             "--token-file", str(self.token), "--events", str(self.events)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:  # listening once a connection succeeds
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the coordinator exited at start; see {self.log}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"the coordinator did not start listening within 60 s; see {self.log}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@dataclass
+class _Sites:
+    """The worker processes of every site, started (and started again) by site."""
+
+    task: SiteTask
+    out: Path
+    sites: int
+    workers: int
+    env: dict[str, str]
+    procs: dict[int, list[mp.Process]] = field(default_factory=dict)
+    killed: set[int] = field(default_factory=set)
+    """Sites killed by a fault (their exit is expected)."""
+    finished: list[Any] = field(default_factory=list)
+    """Processes of earlier incarnations, for cleanup."""
+
+    def start(self, k: int) -> None:
+        ctx = mp.get_context("spawn")
+        master_port = _free_port()
+        if k in self.procs:
+            self.finished += self.procs[k]
+        self.procs[k] = []
+        for local in range(self.workers):
+            env = {**self.env, "GEOTRAIN_SITE_RANK": str(k), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(master_port), "RANK": str(local), "LOCAL_RANK": str(local),
+                   "WORLD_SIZE": str(self.workers)}
+            log = self.out / "logs" / (f"site{k}.log" if local == 0 else f"site{k}-worker{local}.log")
+            p = ctx.Process(target=_worker_entry, args=(self.task, env, str(log)), name=f"site{k}-w{local}")
+            p.start()
+            self.procs[k].append(p)
+        self.killed.discard(k)
+
+    def kill(self, k: int) -> None:
+        for p in self.procs.get(k, []):
+            if _alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+        for p in self.procs.get(k, []):
+            _join(p, 10.0)
+        self.killed.add(k)
+
+    def signal(self, k: int, sig: int) -> None:
+        for p in self.procs.get(k, []):
+            if _alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+
+    def all(self) -> list[mp.Process]:
+        return [p for ps in self.procs.values() for p in ps] + self.finished
+
+
 def launch(
     config: Config,
     *,
@@ -185,19 +297,43 @@ def launch(
     factory_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     console: Any = None,
+    faults: list[Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> RunOutcome:
-    """Run ``config`` with every site on this machine. Returns the summary and the CLI exit code."""
+    """Run ``config`` with every site on this machine. Returns the summary and the CLI exit code.
+
+    ``faults``: ``geotrain.faults.Fault`` to inject. ``resume``: continue the run in ``run.out`` from its last
+    checkpoint. ``overwrite``: start afresh in a directory that holds an earlier run's checkpoints."""
+    from geotrain.checkpoint import CheckpointStore
+    from geotrain.faults import LAUNCHER_ACTIONS, check_faults
+    from geotrain.membership.wire import create_token_file
     from geotrain.train.workload import demo_workload, prepare_corpus
 
     out = Path(config.run.out)
+    faults = list(faults or [])
     check_launch(config, demo=workload_factory is None)
+    check_faults(faults, config)
     check_out_dir(out)
+    checkpoints = CheckpointStore(out / "checkpoints")
+    if resume and not checkpoints.has_checkpoints():
+        raise ConfigError(f"{str(out)!r} holds no checkpoint to resume from; start the run without --resume",
+                          field="--resume")
+    if not resume and checkpoints.has_checkpoints():
+        if not overwrite:
+            raise ConfigError(f"{str(out)!r} holds checkpoints of an earlier run; continue it with --resume, or start "
+                              "afresh with --overwrite (which deletes them), or choose another --out", field="run.out")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     for stale in ("summary.json", "metrics.jsonl", "report.html", "model.safetensors"):
         (out / stale).unlink(missing_ok=True)
     for d in ("sites", "logs"):
         (out / d).mkdir(exist_ok=True)
-        for f in (out / d).glob("*"):
-            f.unlink()
+        if not resume:  # a resumed run appends to its records
+            for f in (out / d).glob("*"):
+                f.unlink()
+    if not resume:
+        (out / "membership.jsonl").unlink(missing_ok=True)
+        (out / "faults.jsonl").unlink(missing_ok=True)
     config_dict = config.to_dict()
     write_json_atomic(out / "config.json", config_dict)
     kwargs = dict(factory_kwargs or {})
@@ -205,63 +341,77 @@ def launch(
         workload_factory = demo_workload
         kwargs.setdefault("data_dir", prepare_corpus(config, out / "data"))
 
-    import torch.distributed as dist
-
-    coordinator_port = _free_port()
-    store = dist.TCPStore("127.0.0.1", coordinator_port, is_master=True, wait_for_workers=False, use_libuv=True)
-    task = SiteTask.of(config, workload_factory, kwargs)
-    ctx = mp.get_context("spawn")
-    procs: list[mp.Process] = []
-    worker_site: list[int] = []
+    secret_dir = Path(tempfile.mkdtemp(prefix="geotrain-"))  # mode 0700: the run's secret stays ours
+    token = secret_dir / "token"
+    create_token_file(token)
+    coordinator = _Coordinator(_free_port(), token, out / "membership.jsonl", out / "logs" / "coordinator.log")
+    task = SiteTask.of(config, workload_factory, kwargs, faults)
     sites, workers = config.run.sites, config.run.workers_per_site
-    t_start = time.monotonic()
+    env = {"GEOTRAIN_SITES": str(sites), "GEOTRAIN_COORDINATOR": f"127.0.0.1:{coordinator.port}",
+           "GEOTRAIN_TOKEN_FILE": str(token), "GEOTRAIN_RESUME": "1" if resume else "",
+           "GEOTRAIN_LAUNCH": uuid.uuid4().hex, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+           "OMP_NUM_THREADS": "1"}
+    group = _Sites(task, out, sites, workers, env)
+    pending = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.site is None]
+    t_start, started_at = time.monotonic(), time.time()
     exit_code, interrupted, error = 0, False, None
-    records: dict[int, list[dict[str, Any]]] = {k: [] for k in range(sites)}
     tail = _Tail([out / "sites" / f"site{k}.jsonl" for k in range(sites)])
+    if resume:
+        tail.read()  # the earlier launches' records are not news
     live = _make_live(config, progress=progress, console=console)
     previous_term = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # only possible from the main thread
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # a killed launcher still stops its workers
     try:
+        coordinator.start()
         for k in range(sites):
-            master_port = _free_port()
-            for local in range(workers):
-                env = {
-                    "GEOTRAIN_SITE_RANK": str(k),
-                    "GEOTRAIN_SITES": str(sites),
-                    "GEOTRAIN_COORDINATOR": f"127.0.0.1:{coordinator_port}",
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(master_port),
-                    "RANK": str(local),
-                    "LOCAL_RANK": str(local),
-                    "WORLD_SIZE": str(workers),
-                    "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-                    "OMP_NUM_THREADS": "1",
-                }
-                log = out / "logs" / (f"site{k}.log" if local == 0 else f"site{k}-worker{local}.log")
-                p = ctx.Process(target=_worker_entry, args=(task, env, str(log)), name=f"site{k}-w{local}")
-                p.start()
-                procs.append(p)
-                worker_site.append(k)
+            group.start(k)
         last_progress = time.monotonic()
-        hang_after = config.run.collective_timeout_s + 60.0
+        hang_after = config.membership.quorum_timeout_s + config.membership.heartbeat_timeout_s + 60.0
+        train_start: float | None = None
+        cut: set[int] = set()
+        failures: dict[int, int] = {}
         with live:
             while True:
                 new = tail.read()
+                due: list[str] = []
                 if new:
                     last_progress = time.monotonic()
                     for r in new:
-                        site = r.get("site")
-                        if isinstance(site, int) and site in records:
-                            records[site].append(r)
+                        if r.get("kind") == "start" and train_start is None:
+                            train_start = time.monotonic()
+                        if r.get("kind") == "fault_due":
+                            due.append(str(r.get("fault")))
                     live.update(new)
-                failed = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if failed:
-                    time.sleep(4 * POLL_SECONDS)  # let the failing sites' last records land
-                    error = _first_error(out, read_site_records(out, sites), [worker_site[i] for i in failed])
-                    exit_code = 1
-                    break
-                if all(p.exitcode == 0 for p in procs):
+                elapsed = None if train_start is None else time.monotonic() - train_start
+                for f in list(pending):
+                    if str(f) in due or (f.seconds is not None and elapsed is not None and elapsed >= f.seconds):
+                        pending.remove(f)
+                        _carry_out(f, group, coordinator, cut, out)
+                        last_progress = time.monotonic()
+                if coordinator.proc is not None and coordinator.proc.poll() is not None:
+                    if coordinator.restarts >= MAX_COORDINATOR_RESTARTS:
+                        error, exit_code = "the coordinator kept dying; see logs/coordinator.log", 1
+                        break
+                    coordinator.restarts += 1
+                    coordinator.start()
+                for k, procs in group.procs.items():
+                    codes = [_exitcode(p) for p in procs]
+                    if k not in group.killed and k not in failures and any(c not in (None, 0) for c in codes):
+                        failures[k] = next(c for c in codes if c not in (None, 0))
+                        for p in procs:  # a site is all its workers: stop the rest of a failed one
+                            if _alive(p):
+                                with contextlib.suppress(ProcessLookupError):
+                                    os.kill(p.pid, signal.SIGKILL)
+                running = [k for k, ps in group.procs.items() if any(_alive(p) for p in ps)]
+                rejoins = any(f.action == "rejoin" for f in pending)
+                if not running and not rejoins:
+                    done = [k for k, ps in group.procs.items()
+                            if k not in group.killed and all(_exitcode(p) == 0 for p in ps)]
+                    if not done:
+                        records = read_site_records(out, sites)
+                        error = _first_error(out, records, sorted(failures) or [0])
+                        exit_code = 2 if failures and all(c == 2 for c in failures.values()) else 1
                     break
                 if time.monotonic() - last_progress > hang_after:
                     error = f"no progress from any site for {hang_after:.0f} s; stopped the run as hung"
@@ -272,13 +422,16 @@ def launch(
         interrupted, exit_code = True, 1
         error = "interrupted by the user (Ctrl+C)"
     finally:
-        _stop(procs)
-        store = None  # noqa: F841 - the coordinator's store closes with the run
+        _stop(group.all())
+        coordinator.kill()
+        shutil.rmtree(secret_dir, ignore_errors=True)
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, previous_term)
     records = read_site_records(out, sites)
     summary = build_summary(config_dict, records, elapsed_seconds=time.monotonic() - t_start,
-                            ok=exit_code == 0, interrupted=interrupted, error=error)
+                            ok=exit_code == 0, interrupted=interrupted, error=error,
+                            membership=_read_jsonl(out / "membership.jsonl"), faults=_read_jsonl(out / "faults.jsonl"),
+                            started_at=None if resume else started_at)
     write_json_atomic(out / "summary.json", summary)
     merge_metrics(out, records)
     try:
@@ -288,6 +441,39 @@ def launch(
     except Exception as e:  # noqa: BLE001 - a report failure must not hide the run's own result
         print(f"warning: could not render report.html: {e}", file=sys.stderr)
     return RunOutcome(summary=summary, exit_code=exit_code, out=out)
+
+
+def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path) -> None:
+    """Do one fault to the run from outside, and note when."""
+    import json
+
+    if f.action == "kill" and f.site is None:
+        coordinator.kill()  # the watch loop starts it again
+    elif f.action == "kill":
+        group.kill(f.site)
+    elif f.action == "rejoin":
+        group.start(f.site)
+    elif f.action == "partition":
+        group.signal(f.site, signal.SIGUSR1)
+        cut.add(f.site)
+    elif f.action == "heal":
+        group.signal(f.site, signal.SIGUSR2)
+        cut.discard(f.site)
+    with open(out / "faults.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({**f.to_dict(), "time": time.time()}) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    rows: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    rows.append(row)
+    return rows
 
 
 class _NoLive:

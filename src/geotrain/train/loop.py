@@ -5,19 +5,25 @@ Read top to bottom, it is an ordinary training loop. Distributed training adds t
 after the optimizer step, and ``global_parameters()`` for evaluation. Everything about sites, links and codecs
 lives behind those calls.
 
+At a sync point (where every site holds the same global model) the loop may evaluate, take a checkpoint and
+vote to stop; at the step where a sync that saw joiners lands, every site drains its syncs in flight and the
+healer sends its state to the joiners (``Boundary.admit``). A site that was dropped from the run sees
+:class:`geotrain.membership.client.Evicted` come out of a sync and leaves the loop to join again.
+
 Timekeeping (``train/timing.py``): ``compute`` is time spent in forward, backward, gradient averaging inside
 the site and the inner optimizer step; ``comm wait`` is time the loop was blocked on cross-site
-communication; evaluation pauses the clock, so utilization = compute / training wall time is not diluted by
-measurement. The time comes from the cross-site collective's clock, so a test on a virtual clock checks it
-exactly.
+communication; evaluation and checkpoints pause the clock, so utilization = compute / training wall time is
+not diluted by measurement. The time comes from the cross-site collective's clock, so a test on a virtual
+clock checks it exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +37,7 @@ from geotrain.train.recorder import Recorder
 from geotrain.train.timing import RunTimer
 from geotrain.train.workload import Workload, inner_optimizer, lr_schedule
 
-__all__ = ["LoopResult", "train_loop", "params_sha256"]
+__all__ = ["LoopResult", "LoopState", "Boundary", "train_loop", "params_sha256"]
 
 
 @dataclass(slots=True)
@@ -42,6 +48,20 @@ class LoopResult:
     stopped_early: bool
     params_sha256: str
     figures: dict[str, Any]
+
+
+@dataclass(slots=True)
+class LoopState:
+    """The loop's own counters: saved by checkpoints, sent to joining sites."""
+
+    step: int = -1
+    """The last inner step completed (-1 before the first)."""
+    next_eval: int = 0
+    """Tokens (at the configured number of sites) at which the next evaluation is due."""
+    eval_loss: float | None = None
+    eval_step: int = -1
+    trained: int = 0
+    """Inner steps this worker trained (a healed site counts from its admission)."""
 
 
 def params_sha256(tensors: list[torch.Tensor]) -> str:
@@ -73,12 +93,15 @@ def global_model(strategy: Strategy) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(workload: Workload, strategy: Strategy, comm: CrossSiteComm, *, worker: int, world: int) -> float:
+def evaluate(workload: Workload, strategy: Strategy, comm: CrossSiteComm, *, step: int) -> float:
     """Mean held-out loss of the global model. Workers split the fixed eval batches and add up the sums."""
     model = workload.model
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
+    members = comm.observed_members  # the live sites share the batches: every one is evaluated once
+    world = len(members) * strategy.ctx.workers
+    worker = members.index(comm.site) * strategy.ctx.workers + comm.local_rank
     with global_model(strategy):
         for i, batch in enumerate(workload.eval_batches):
             if i % world == worker:
@@ -87,8 +110,25 @@ def evaluate(workload: Workload, strategy: Strategy, comm: CrossSiteComm, *, wor
     model.train(was_training)
     sums = torch.tensor([total, count], dtype=torch.float64)
     strategy.ctx.site_pg.allreduce([sums]).wait()  # sum over the site's workers
-    total, count = comm.control_sum(sums.tolist(), count_wait=False)  # then over sites (eval time is paused)
+    # then over the member sites (eval time is paused); a worker index's eval batches depend only on it
+    total, count = comm.control_sum(f"eval/{step}", sums.tolist(), count_wait=False)
     return total / count if count else math.nan
+
+
+class Boundary:
+    """What happens at sync points besides training: checkpoints and admissions. ``train_loop`` calls it; the
+    site (``train/site.py``) supplies the pieces. ``snapshot(full)`` returns the state tree; the callables may
+    be None (no checkpoints, no healing: tests)."""
+
+    def __init__(self, *, checkpoint: Callable[[int, Callable[[], Any]], None] | None = None,
+                 every_steps: int = 0, round_steps: int = 1, admit: Callable[[Callable[[], Any]], None] | None = None,
+                 at_step: Callable[[int, float], None] | None = None) -> None:
+        self.checkpoint = checkpoint
+        """Called as ``checkpoint(outer round, snapshot)`` every ``every_steps`` inner steps."""
+        self.every_steps = every_steps
+        self.round_steps = round_steps
+        self.admit = admit
+        self.at_step = at_step
 
 
 def train_loop(
@@ -100,26 +140,68 @@ def train_loop(
     recorder: Recorder,
     site: int,
     worker: int,
+    restore: dict[str, Any] | None = None,
+    boundary: Boundary | None = None,
 ) -> LoopResult:
+    """Train from the start, or from ``restore`` (a state tree from a checkpoint or a healer), to the end."""
     model = workload.model
     params = strategy.ctx.params
-    world = comm.sites * strategy.ctx.workers
+    world = config.run.sites * strategy.ctx.workers  # the configured run: steps and the eval schedule
     steps = inner_steps(config.run.tokens, workload.tokens_per_batch * world)
     optimizer = workload.optimizer or inner_optimizer(params, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optim, steps))
     eval_every = config.run.eval_every_tokens or max(1, steps * workload.tokens_per_batch * world // 10)
-    next_eval = eval_every
     clip = config.optim.grad_clip
     budget = None if config.run.wall_seconds is None else BudgetVote(
         config.run.wall_seconds, comm, site_pg=strategy.ctx.site_pg, workers=strategy.ctx.workers)
-
+    boundary = boundary or Boundary()
     timer = RunTimer(comm.clock)
-    eval_loss: float | None = None
-    eval_step = -1
+    state = LoopState(next_eval=eval_every)
+    wall_offset = 0.0
+
+    def snapshot(full: bool) -> dict[str, Any]:
+        """The state a checkpoint keeps (``full``) or a healer sends (what every worker of a site shares)."""
+        tree: dict[str, Any] = {
+            "config": config.to_dict(), "loop": dataclasses.asdict(state), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "strategy": strategy.state_dict(), "budget": None if budget is None else budget.state_dict(),
+            "comm": comm.state_dict() if full else comm.shared_state(),
+        }
+        tree["run_wall"] = timer.wall() + wall_offset  # the run's training time so far, for a joiner's budget
+        if full:
+            tree["rng"] = torch.get_rng_state()
+            tree["data"] = workload.data_state() if workload.data_state is not None else None
+            tree["timer"] = timer.state_dict()
+        return tree
+
+    if restore is not None:
+        with torch.no_grad():
+            model.load_state_dict(restore["model"])
+        optimizer.load_state_dict(restore["optimizer"])
+        scheduler.load_state_dict(restore["scheduler"])
+        strategy.load_state_dict(restore["strategy"])
+        if budget is not None and restore.get("budget") is not None:
+            budget.load_state_dict(restore["budget"])
+        state = LoopState(**restore["loop"])
+        if "timer" in restore:  # a checkpoint of this worker: its own counters, data and randomness
+            comm.load_state_dict(restore["comm"])
+            timer.load_state_dict(restore["timer"])
+            torch.set_rng_state(restore["rng"])
+            if restore.get("data") is not None and workload.load_data_state is not None:
+                workload.load_data_state(restore["data"])
+        else:  # a healer's state: the run's progress, not the healer's own counters
+            comm.load_shared_state(restore["comm"])
+            state.trained = 0
+            wall_offset = float(restore.get("run_wall", 0.0))  # this site's clock starts now; the run's did not
+
     stopped_early = False
-    step = -1
+    check_next_sync = restore is not None and "timer" not in restore  # a healed site shows its model too
+    first = state.step + 1
+    step = state.step
     model.train()
-    for step in range(steps):
+    for step in range(first, steps):
+        if boundary.at_step is not None:
+            boundary.at_step(step, timer.wall())  # faults due at this step
         t0 = timer.now()
         batch = next(workload.batches)
         loss = workload.loss(model, batch)
@@ -137,31 +219,52 @@ def train_loop(
         timer.compute += timer.now() - t0 - (comm.stats.wait_seconds - wait_before)
 
         last = step == steps - 1
+        comm.round = strategy.outer_rounds
         synced = strategy.after_inner_step(step, last=last)  # diloco: outer round every H steps
+        state.step = step
+        state.trained += 1
 
         tokens_all = (step + 1) * workload.tokens_per_batch * world
         if step % config.run.log_every == 0 or last:
-            recorder.step(step=step, tokens=tokens_all // comm.sites, loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
-                          timer=timer, comm=comm, outer_rounds=strategy.outer_rounds, site=site)
+            recorder.step(step=step, tokens=tokens_all // config.run.sites, loss=float(loss.detach()),
+                          lr=scheduler.get_last_lr()[0], timer=timer, comm=comm, outer_rounds=strategy.outer_rounds,
+                          site=site, trained_tokens=state.trained * workload.tokens_per_batch * strategy.ctx.workers)
         recorder.syncs(comm.stats.drain(), step=step, site=site, wall=timer.wall())
-        if not synced:
-            continue
-        timer.end_round(step + 1)
-        if tokens_all >= next_eval or last:
-            t_eval = timer.now()
-            eval_loss = evaluate(workload, strategy, comm, worker=worker, world=world)
-            timer.paused += timer.now() - t_eval
-            eval_step = step
-            next_eval = (tokens_all // eval_every + 1) * eval_every
-            if site == 0:
-                recorder.eval(site=site, step=step, tokens=tokens_all, wall=timer.wall(), eval_loss=eval_loss,
-                              wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
-        if budget is not None and not last:
-            # landing the syncs still in flight, estimated from the latest transfer (none before the first lands)
-            drain = comm.stats.last_transfer_seconds * strategy.syncs_in_flight()
-            if budget.stop_now(timer.wall(), drain=drain):
-                stopped_early = True  # before a round that would overrun the wall-time budget
-                break
+        recorder.outcomes(comm, step=step, site=site, wall=timer.wall())
+        if synced:
+            timer.end_round(step + 1)
+            if check_next_sync:  # the first sync point after an admission: every site shows its global model
+                check_next_sync = False
+                recorder.write("sync_check", site=site, step=step, generation=comm.generation,
+                               params_sha256=params_sha256(strategy.global_parameters()))
+            if tokens_all >= state.next_eval or last:
+                t_eval = timer.now()
+                state.eval_loss = evaluate(workload, strategy, comm, step=step)
+                timer.paused += timer.now() - t_eval
+                state.eval_step = step
+                state.next_eval = (tokens_all // eval_every + 1) * eval_every
+                if site == min(comm.members, default=site):
+                    recorder.eval(site=site, step=step, tokens=tokens_all, wall=timer.wall(), eval_loss=state.eval_loss,
+                                  wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
+            if (boundary.checkpoint is not None and boundary.every_steps and not last
+                    and (step + 1) % boundary.every_steps == 0):
+                t_ckpt = timer.now()
+                boundary.checkpoint((step + 1) // boundary.round_steps, lambda: snapshot(True))
+                timer.paused += timer.now() - t_ckpt
+            if budget is not None and not last:
+                # landing the syncs still in flight, estimated from the latest transfer (none before the first lands)
+                drain = comm.stats.last_transfer_seconds * strategy.syncs_in_flight()
+                if budget.stop_now(timer.wall() + wall_offset, drain=drain, step=step):
+                    stopped_early = True  # before a round that would overrun the wall-time budget
+                    break
+        if comm.admission_due and not last:
+            comm.admission_due = False
+            strategy.drain()  # nothing may be in flight while the joiners take the state
+            if budget is not None:
+                budget.settle()
+            if boundary.admit is not None:
+                boundary.admit(lambda: snapshot(False))
+            check_next_sync = True
         if last:
             break
 
@@ -169,22 +272,26 @@ def train_loop(
         budget.finish()
     strategy.close()
     steps_done = step + 1
-    if eval_step != step:  # stopped by the time budget between evaluations
+    if state.eval_step != step:  # stopped by the time budget between evaluations
         t_eval = timer.now()
-        eval_loss = evaluate(workload, strategy, comm, worker=worker, world=world)
+        state.eval_loss = evaluate(workload, strategy, comm, step=step)
         timer.paused += timer.now() - t_eval
+    recorder.outcomes(comm, step=step, site=site, wall=timer.wall())
     wall = timer.wall()
     figures = {
         "steps": steps_done,
-        "tokens": steps_done * workload.tokens_per_batch * strategy.ctx.workers,
+        "steps_trained": state.trained,
+        "tokens": state.trained * workload.tokens_per_batch * strategy.ctx.workers,
         "compute_seconds": timer.compute,
         "comm_seconds": comm.stats.wait_seconds,
         "link_seconds": comm.stats.link_seconds,
+        "coordination_seconds": comm.membership.coordination_seconds,
         "wall_seconds": wall,
         "eval_seconds": timer.paused,
         "utilization": timer.compute / wall if wall > 0 else 0.0,
         "wan_bytes": comm.stats.bytes_sent * strategy.ctx.workers,
         "collectives": comm.stats.collectives,
+        "failed_attempts": comm.stats.failed_attempts,
         "peak_bandwidth_bps": comm.stats.peak_bandwidth_bps,
         "max_transfer_bytes": comm.stats.max_transfer_bytes * strategy.ctx.workers,
         "outer_rounds": strategy.outer_rounds,
@@ -192,8 +299,8 @@ def train_loop(
     }
     return LoopResult(
         steps=steps_done,
-        tokens=steps_done * workload.tokens_per_batch * world,
-        eval_loss=eval_loss,
+        tokens=state.trained * workload.tokens_per_batch * world,
+        eval_loss=state.eval_loss,
         stopped_early=stopped_early,
         params_sha256=params_sha256(strategy.global_parameters()),
         figures=figures,

@@ -2,8 +2,11 @@
 
 Each site's first worker appends to ``OUT/sites/siteK.jsonl`` and flushes every record, so the launcher can
 show live progress and still build a partial summary when a run is interrupted or a site crashes.
-Record kinds: ``start``, ``step``, ``eval`` (site 0 only), ``sync`` (one per cross-site transfer, numbered
-in ``transfer``), ``done``, ``error`` and ``interrupted``.
+Record kinds: ``start`` (again after a site is healed or resumed), ``step``, ``eval`` (the lowest member
+only), ``sync`` (one per cross-site transfer, numbered in ``transfer``), ``membership`` (sites left),
+``rejected`` (an update the guards left out), ``retry`` (a sync tried again), ``healed``, ``admitted``,
+``evicted``, ``resumed``, ``fault``/``fault_due`` (injected faults), ``warning``, ``done``, ``error`` and
+``interrupted``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Recorder:
         self._file.write(json.dumps(record) + "\n")
 
     def step(self, *, step: int, tokens: int, loss: float, lr: float, timer: Any, comm: Any, outer_rounds: int,
-             site: int) -> None:
+             site: int, trained_tokens: int = 0) -> None:
         wall = timer.wall()
         self.write(
             "step",
@@ -56,12 +59,27 @@ class Recorder:
             wan_bytes=comm.stats.bytes_sent * comm.workers,
             outer_rounds=outer_rounds,
             utilization=timer.compute / wall if wall > 0 else 0.0,
+            trained_tokens=trained_tokens,
         )
 
     def syncs(self, events: list[dict[str, Any]], *, step: int, site: int, wall: float) -> None:
         for e in events:
             self.write("sync", site=site, step=step, transfer=self._transfers, wall_s=wall, **e)
             self._transfers += 1
+
+    def outcomes(self, comm: Any, *, step: int, site: int, wall: float) -> None:
+        """What the syncs waited for decided besides their means: sites that left, updates left out, retries."""
+        for o in comm.outcomes:
+            if o.left:
+                self.write("membership", site=site, step=step, wall_s=wall, sync=o.sync, generation=o.generation,
+                           members=o.members, left=o.left)
+            for r in o.rejected:
+                self.write("rejected", site=site, step=step, wall_s=wall, sync=o.sync, key=o.key, round=comm.round,
+                           rejected_site=r.site, reason=r.reason, norm=r.norm)
+            if o.attempts > 1:
+                self.write("retry", site=site, step=step, wall_s=wall, sync=o.sync, attempts=o.attempts,
+                           errors=o.errors)
+        comm.outcomes.clear()
 
     def eval(self, **fields: Any) -> None:
         self.write("eval", **{("wall_s" if k == "wall" else k): v for k, v in fields.items()})

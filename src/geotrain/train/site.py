@@ -4,35 +4,44 @@ Runs in a process started by ``geotrain run`` (all sites on this machine) or by 
 cluster, one torchrun job per site::
 
     # on the coordinator host (any machine every site can reach over a private network or VPN)
-    geotrain coordinator --port 29400
-    # on each site k of N, with W workers:
+    geotrain coordinator --port 29400 --token-file run.token     # writes a fresh secret the first time
+    # on each site k of N, with W workers (run.token copied there, mode 600):
     torchrun --nproc-per-node W --master-port 29500 -m geotrain.train.site \\
-        --config run.toml --site-rank k --sites N --coordinator coordinator-host:29400
+        --config run.toml --site-rank k --sites N --coordinator coordinator-host:29400 --token-file run.token
 
-gloo between sites uses plain TCP with no encryption: keep cross-site links on a private network or VPN.
+A worker joins the run through the coordinator (``geotrain.membership``). If the run has not started, it
+waits for the first generation with the other sites; if it is going on (this site was killed and started
+again, or cut off and dropped), it waits to be admitted at a round boundary and receives the current state
+from a live peer. gloo between sites uses plain TCP with no encryption: keep cross-site links on a private
+network or VPN.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SiteTask", "site_main"]
+__all__ = ["SiteTask", "connect", "prepare", "site_main"]
+
+MAX_REJOINS = 50
+"""Times one site process may be dropped and join again before it gives up."""
 
 
 @dataclass(slots=True)
 class SiteTask:
-    """What every worker process needs, picklable: the config, how to build the workload, and the definitions
+    """What every worker process needs, picklable: the config, how to build the workload, the definitions
     of the algorithm and codec it names (so that ones registered at run time, not on import, reach the
-    worker too)."""
+    worker too), and the faults scheduled for the run."""
 
     config: Any
     workload_factory: Callable[..., Any]
@@ -40,14 +49,16 @@ class SiteTask:
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
     definitions: list[Any] = field(default_factory=list)
     """Algorithm and codec definitions to register in the worker before anything reads the registries."""
+    faults: list[Any] = field(default_factory=list)
+    """``geotrain.faults.Fault`` scheduled for the run (every site reads the schedule)."""
 
     @classmethod
     def of(cls, config: Any, workload_factory: Callable[..., Any], factory_kwargs: dict[str, Any] | None = None,
-           ) -> SiteTask:
+           faults: list[Any] | None = None) -> SiteTask:
         from geotrain.comm.codecs.registry import get_codec_spec
 
         return cls(config=config, workload_factory=workload_factory, factory_kwargs=dict(factory_kwargs or {}),
-                   definitions=[config.algorithm(), get_codec_spec(config.comm.codec)])
+                   definitions=[config.algorithm(), get_codec_spec(config.comm.codec)], faults=list(faults or []))
 
 
 def _register(definitions: list[Any]) -> None:
@@ -91,7 +102,7 @@ def measure_step_seconds(workload: Any, *, clock: Any, repeats: int = 3) -> floa
     return statistics.median(times[1:])
 
 
-def _agree_on_step_seconds(seconds: float, comm: Any, site_pg: Any, *, site: int, workers: int) -> float:
+def _agree_on_step_seconds(seconds: float, comm: Any, site_pg: Any, *, site: int, sites: int, workers: int) -> float:
     """The fastest site's step time, the same number on every worker of every site: a transfer must hide
     behind the compute of the site that waits for it first."""
     import torch
@@ -100,67 +111,205 @@ def _agree_on_step_seconds(seconds: float, comm: Any, site_pg: Any, *, site: int
     if workers > 1:  # the site's workers agree first (each talks to the other sites on its own group)
         site_pg.allreduce([mine]).wait()
         mine /= workers
-    votes = [0.0] * comm.sites
+    votes = [0.0] * sites
     votes[site] = float(mine[0])
-    return min(comm.control_sum(votes, count_wait=False))
+    return min(v for v in comm.control_sum("step_seconds", votes, count_wait=False) if v > 0)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def connect(config: Any, groups: Any, *, clock: Any = None) -> Any:
-    """This worker's cross-site collective: gloo on its cross-site group, wrapped in the WAN emulation when the
-    config sets a link, with the config's codec (its kernels compiled now, during setup: a first encode inside
-    the training loop would charge seconds of JIT compilation to the first sync)."""
+def connect(config: Any, env: Any, site_pg: Any, client: Any, *, generation: int, members: list[int],
+            clock: Any = None, conditions: Any = None) -> Any:
+    """This worker's cross-site collective: gloo groups rebuilt on each generation (through the coordinator's
+    store), wrapped in the WAN emulation when the config sets a link, with the config's codec (its kernels
+    compiled now, during setup: a first encode inside the training loop would charge seconds of JIT
+    compilation to the first sync)."""
     import torch
 
     from geotrain.clock import REAL_CLOCK
     from geotrain.comm.collectives import CrossSiteComm
+    from geotrain.comm.groups import cross_site_group
     from geotrain.comm.transport import GlooTransport
+    from geotrain.faults import LinkConditions
+    from geotrain.membership.deadlines import transfer_deadline
+    from geotrain.membership.store import CoordinatorStore
     from geotrain.wan.emulator import EmulatedWan
 
     clock = REAL_CLOCK if clock is None else clock
-    env = groups.env
-    transport: Any = GlooTransport(groups.cross_pg, rank=env.site_rank, size=env.sites, control_pg=groups.control_pg,
-                                   clock=clock)
+    conditions = LinkConditions() if conditions is None else conditions
+    store = CoordinatorStore(client, timeout_s=config.membership.transfer_floor_s)
     topology = config.topology()
-    if topology.emulated:
-        transport = EmulatedWan(transport, topology=topology, members=list(range(env.sites)), streams=env.workers,
-                                clock=clock)
-    comm = CrossSiteComm(transport, site_pg=groups.site_pg, local_rank=env.local_rank, workers=env.workers,
-                         codec=config.codec(), pattern=config.comm.pattern, clock=clock)
-    if comm.codec is not None:
-        comm.codec.decode(comm.codec.encode(torch.ones(4096)))
+
+    def make_transport(gen: int, group_members: list[int]) -> Any:
+        pg = cross_site_group(store, env, generation=gen, members=group_members,
+                              timeout_s=config.membership.transfer_floor_s)
+        deadline = transfer_deadline(config, group_members, streams=env.workers)
+        transport: Any = GlooTransport(pg, rank=group_members.index(env.site_rank), size=len(group_members),
+                                       members=group_members, clock=clock, deadline=deadline)
+        if topology.emulated:
+            transport = EmulatedWan(transport, topology=lambda: topology.slowed(conditions.slow),
+                                    streams=env.workers, clock=clock, deadline=deadline)
+        return transport
+
+    nominal = transfer_deadline(config, list(range(config.run.sites)), streams=env.workers)
+    comm = CrossSiteComm(
+        membership=client, make_transport=make_transport, site=env.site_rank, sites=config.run.sites,
+        site_pg=site_pg, local_rank=env.local_rank, workers=env.workers, codec=config.codec(),
+        generation=generation, members=members, pattern=config.comm.pattern, guard=config.guard,
+        max_attempts=config.membership.max_attempts,
+        vote_deadline=lambda nbytes: nominal("reduce_scatter", nbytes) + config.membership.transfer_floor_s,
+        clock=clock)
+    comm.codec.decode(comm.codec.encode(torch.ones(4096)))
     return comm
 
 
-def prepare(config: Any, workload: Any, comm: Any, groups: Any) -> tuple[Any, Any, list[Any]]:
+def prepare(config: Any, workload: Any, comm: Any, site_pg: Any, *, measure: bool = True) -> tuple[Any, Any, list[Any]]:
     """Choose the settings the config leaves to the run (from the measured step time, the same on every
-    worker) and build the algorithm's strategy. Returns (config as run, strategy, the choices)."""
+    worker) and build the algorithm's strategy. Returns (config as run, strategy, the choices). A resumed or
+    healed site passes ``measure=False``: its config as run comes with its state."""
     from geotrain.algorithms import ModelLayout
     from geotrain.algorithms.strategies.base import StrategyContext
-    from geotrain.algorithms.timing import choose_unset
+    from geotrain.algorithms.timing import choose_unset, unset_settings
 
-    env = groups.env
-    ctx = StrategyContext(model=workload.model, comm=comm, site_pg=groups.site_pg, workers=env.workers)
+    ctx = StrategyContext(model=workload.model, comm=comm, site_pg=site_pg, workers=comm.workers)
     chosen: list[Any] = []
-    if config.algorithm().unset(config):
-        seconds = _agree_on_step_seconds(measure_step_seconds(workload, clock=comm.clock), comm, groups.site_pg,
-                                         site=env.site_rank, workers=env.workers)
+    if measure and unset_settings(config):
+        seconds = _agree_on_step_seconds(measure_step_seconds(workload, clock=comm.clock), comm, site_pg,
+                                         site=comm.site, sites=config.run.sites, workers=comm.workers)
         layout = ModelLayout.of([(n, p.numel()) for n, p in workload.model.named_parameters() if p.requires_grad])
-        config, chosen = choose_unset(config, layout, step_seconds=seconds)
+        config, chosen = choose_unset(config, layout, step_seconds=seconds, checkpoints=True)
     return config, config.algorithm().build(config, ctx), chosen
 
 
+def model_fingerprint(config: Any, model: Any) -> dict[str, Any]:
+    from geotrain.membership.fingerprint import fingerprint
+
+    params = [(n, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in model.named_parameters()
+              if p.requires_grad]
+    return fingerprint(params, config.to_dict())
+
+
+class _Checkpoints:
+    """This site's checkpoints: every worker writes its file, one commits the site's part (``geotrain.checkpoint``)."""
+
+    def __init__(self, config: Any, env: Any, site_pg: Any) -> None:
+        from geotrain.checkpoint import CheckpointStore
+
+        self.env, self.site_pg = env, site_pg
+        self.store = CheckpointStore(Path(config.run.out) / "checkpoints", keep=config.checkpoint.keep,
+                                     launch=env.launch)
+
+    def _barrier(self) -> None:
+        if self.env.workers > 1:
+            import torch
+
+            self.site_pg.allreduce([torch.zeros(1)]).wait()
+
+    def save(self, round_no: int, snapshot: Callable[[], Any]) -> None:
+        import torch
+
+        from geotrain.checkpoint import FileRecord
+        from geotrain.train.state import flatten
+
+        env = self.env
+        tensors, skeleton = flatten(snapshot())
+        if env.local_rank == 0:
+            self.store.begin_round(round_no, env.site_rank)
+        self._barrier()
+        record = self.store.write_worker(round_no, env.site_rank, env.local_rank, tensors, {"state": skeleton})
+        mine = torch.tensor([record.size, *bytes.fromhex(record.sha256)], dtype=torch.int64)
+        rows = [mine]
+        if env.workers > 1:
+            rows = [torch.empty_like(mine) for _ in range(env.workers)]
+            self.site_pg.allgather([rows], [mine]).wait()
+        if env.local_rank == 0:
+            files = [FileRecord(name=f"w{i}.safetensors", size=int(r[0]), sha256=bytes(int(b) for b in r[1:]).hex())
+                     for i, r in enumerate(rows)]
+            self.store.commit_site(round_no, env.site_rank, files, meta={"round": round_no})
+            self.store.prune()
+        self._barrier()
+
+    def rounds(self) -> tuple[list[int], list[str]]:
+        """Rounds whose part of this site is complete and verifies, and warnings about those that are not."""
+        from geotrain.errors import ConfigError
+
+        good: list[int] = []
+        warnings: list[str] = []
+        for r in sorted(self.store.rounds(), reverse=True):
+            try:
+                found = self.store.latest(sites=[self.env.site_rank], at_most=r)
+            except ConfigError as e:
+                warnings.append(str(e))
+                break
+            if found is None:
+                break
+            warnings += [w for w in found.warnings if w not in warnings]
+            if found.round == r:
+                good.append(r)
+        return sorted(good), warnings
+
+    def load(self, round_no: int) -> dict[str, Any]:
+        from geotrain.train.state import unflatten
+
+        tensors, meta = self.store.load_worker(round_no, self.env.site_rank, self.env.local_rank)
+        return unflatten(tensors, meta["state"])
+
+
+class _SiteFaults:
+    """The faults that act inside this site at its step (slow, nan, outlier), and the records that tell the
+    launcher when one of its own (kill, rejoin, partition, heal) is due."""
+
+    def __init__(self, faults: list[Any], *, site: int, sync_every: int, recorder: Any, conditions: Any) -> None:
+        from geotrain.faults import LAUNCHER_ACTIONS, trigger_step
+
+        self.site, self.recorder, self.conditions = site, recorder, conditions
+        self.by_step: dict[int, list[Any]] = {}
+        for f in faults:
+            at = trigger_step(f, sync_every)
+            if at is not None and (f.action in LAUNCHER_ACTIONS or f.action == "slow" or f.site == site):
+                self.by_step.setdefault(at, []).append(f)
+        self.comm: Any = None
+
+    def __call__(self, step: int, wall: float) -> None:
+        from geotrain.faults import LAUNCHER_ACTIONS
+
+        for f in self.by_step.pop(step, []):
+            if f.action in LAUNCHER_ACTIONS:
+                self.recorder.write("fault_due", site=self.site, step=step, fault=str(f))
+            elif f.action == "slow":
+                self.conditions.slow[f.site] = f.factor
+                self.recorder.write("fault", site=self.site, step=step, fault=str(f))
+            elif f.action == "nan":
+                self.comm.poison_next = True
+                self.recorder.write("fault", site=self.site, step=step, fault=str(f))
+            elif f.action == "outlier":
+                self.comm.scale_next = f.factor
+                self.recorder.write("fault", site=self.site, step=step, fault=str(f))
+
+
+def _install_partition_signals(client: Any) -> None:
+    """The launcher cuts a site off with SIGUSR1 and restores it with SIGUSR2 (``--fault partition``/``heal``)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        signal.signal(signal.SIGUSR1, lambda *_: client.cut(True))
+        signal.signal(signal.SIGUSR2, lambda *_: client.cut(False))
+
+
 def site_main(task: SiteTask) -> int:
-    """Train as one worker; returns the process exit code (0 ok, 1 failed, 130 interrupted)."""
+    """Train as one worker; returns the process exit code (0 ok, 1 failed, 2 refused or bad input, 130
+    interrupted)."""
     import torch
 
-    from geotrain.comm.groups import SiteEnv, init_groups
-    from geotrain.config import inner_steps
-    from geotrain.train.loop import train_loop
+    from geotrain.comm.groups import SiteEnv, init_site_group
+    from geotrain.config import config_from_tree
+    from geotrain.errors import ConfigError
+    from geotrain.faults import LinkConditions
+    from geotrain.membership.client import Evicted, MembershipClient
+    from geotrain.membership.wire import read_token_file
+    from geotrain.train.loop import Boundary, train_loop
     from geotrain.train.recorder import Recorder
+    from geotrain.train.state import unpack
 
     torch.set_num_threads(1)  # one thread per worker: several workers share the cores
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -169,30 +318,94 @@ def site_main(task: SiteTask) -> int:
     env = SiteEnv.from_environ()
     out = Path(config.run.out)
     recorder = Recorder(out / "sites" / f"site{env.site_rank}.jsonl" if env.local_rank == 0 else None)
-    comm = None
+    client = None
     try:
         device = config.run.device
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", env.local_rank)))
-        groups = init_groups(env, device=device, timeout_s=config.run.collective_timeout_s)
+        site_pg = init_site_group(device=device, timeout_s=config.run.collective_timeout_s)
         worker = env.site_rank * env.workers + env.local_rank
         workload = task.workload_factory(config, worker=worker, device=device, **task.factory_kwargs)
+        checkpoints = _Checkpoints(config, env, site_pg)
+        resume_rounds: list[int] = []
+        if env.resume:
+            resume_rounds, warnings = checkpoints.rounds()
+            for w in warnings:
+                recorder.write("warning", site=env.site_rank, message=w)
+        secret = read_token_file(Path(env.token_file))
+        client = MembershipClient(env.coordinator, secret, site=env.site_rank, worker=env.local_rank,
+                                  workers=env.workers, sites=config.run.sites,
+                                  fingerprint=model_fingerprint(config, workload.model),
+                                  settings={k: getattr(config.membership, k) for k in
+                                            ("min_sites", "heartbeat_s", "heartbeat_timeout_s", "quorum_timeout_s",
+                                             "join_timeout_s")})
+        _install_partition_signals(client)
+        joined = client.join(intent="resume" if env.resume else "start", resume_rounds=resume_rounds)
+        conditions = LinkConditions()
+        faults = _SiteFaults(task.faults, site=env.site_rank, sync_every=config.algorithm().round_steps(config),
+                             recorder=recorder, conditions=conditions)
+        first = not joined.get("formed")
+        for _ in range(MAX_REJOINS + 1):
+            restore = None
+            healer = None
+            t_join = time.time()
+            if first:
+                formed = client.form()
+                generation, members = formed["gen"], formed["members"]
+                if formed.get("resume_round") is not None:
+                    restore = checkpoints.load(formed["resume_round"])
+                    recorder.write("resumed", site=env.site_rank, round=formed["resume_round"],
+                                   step=restore["loop"]["step"])
+            else:
+                admitted = client.await_admission()
+                generation, members, healer = admitted["gen"], admitted["members"], admitted.get("healer")
+            comm = connect(config, env, site_pg, client, generation=generation, members=members,
+                           conditions=conditions)
+            faults.comm = comm
+            if healer is not None:
+                t0 = time.time()
+                blob = comm.receive_state(healer)
+                restore = unpack(blob)
+                seconds = time.time() - t0
+                if admitted.get("position") is not None and workload.load_data_state is not None:
+                    workload.load_data_state(admitted["position"])  # go on where this site left off
+                client.event("healed", healed_from=healer, seconds=seconds, bytes=len(blob),
+                             wait_seconds=t0 - t_join, step=restore["loop"]["step"])
+                recorder.write("healed", site=env.site_rank, healed_from=healer, seconds=seconds, bytes=len(blob),
+                               step=restore["loop"]["step"], generation=generation)
+            run_config = config if restore is None else config_from_tree(restore["config"])
+            run_config, strategy, chosen = prepare(run_config, workload, comm, site_pg, measure=restore is None)
+            ctx = strategy.ctx
+            from geotrain.config import inner_steps
 
-        comm = connect(config, groups)
-        config, strategy, chosen = prepare(config, workload, comm, groups)
-        ctx = strategy.ctx
-        recorder.write("start", site=env.site_rank, worker=env.local_rank, pid=os.getpid(),
-                       steps_planned=inner_steps(config.run.tokens, workload.tokens_per_batch * env.workers * env.sites),
-                       param_bytes=4 * sum(p.numel() for p in ctx.params), sync_payloads=strategy.sync_payloads(),
-                       payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern,
-                       settings=config.algorithm().describe(config),
-                       auto=[{"key": a.key, "value": a.value, "reason": a.reason} for a in chosen],
-                       meta=workload.meta or {})
+            every = run_config.checkpoint.every_rounds or 0
+            round_steps = run_config.algorithm().round_steps(run_config)
+            boundary = Boundary(checkpoint=checkpoints.save if every else None, every_steps=every * round_steps,
+                                admit=lambda snapshot: _admit(comm, snapshot, recorder, env.site_rank),
+                                at_step=faults, round_steps=round_steps)
+            recorder.write("start", site=env.site_rank, worker=env.local_rank, pid=os.getpid(),
+                           steps_planned=inner_steps(run_config.run.tokens,
+                                                     workload.tokens_per_batch * env.workers * run_config.run.sites),
+                           param_bytes=4 * sum(p.numel() for p in ctx.params), sync_payloads=strategy.sync_payloads(),
+                           payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern,
+                           settings=run_config.algorithm().describe(run_config),
+                           auto=[{"key": a.key, "value": a.value, "reason": a.reason} for a in chosen],
+                           meta=workload.meta or {}, generation=generation, members=members,
+                           healed_from=healer, resumed=restore is not None and healer is None)
+            try:
+                result = train_loop(run_config, workload, strategy=strategy, comm=comm, recorder=recorder,
+                                    site=env.site_rank, worker=worker, restore=restore, boundary=boundary)
+            except Evicted as e:
+                recorder.write("evicted", site=env.site_rank, reason=str(e))
+                comm.close()
+                client.rejoin()  # a new session, as a site waiting to be admitted and healed
+                first = False
+                continue
+            break
+        else:
+            raise RuntimeError(f"site {env.site_rank} was dropped from the run {MAX_REJOINS} times; giving up")
 
-        result = train_loop(config, workload, strategy=strategy, comm=comm, recorder=recorder,
-                            site=env.site_rank, worker=worker)
-
-        if env.site_rank == 0 and env.local_rank == 0:
+        if env.local_rank == 0 and env.site_rank == min(comm.observed_members):
             from safetensors.torch import save_file
 
             from geotrain.files import replacing
@@ -203,16 +416,39 @@ def site_main(task: SiteTask) -> int:
                 save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
         recorder.write("done", site=env.site_rank, eval_loss=result.eval_loss, params_sha256=result.params_sha256,
                        stopped_early=result.stopped_early, **result.figures)
+        comm.close()
+        client.close(done=True)
         return 0
     except KeyboardInterrupt:
         recorder.write("interrupted", site=env.site_rank)
+        if client is not None:
+            client.close(reason="interrupted")
         return 130
-    except BaseException as e:  # noqa: BLE001 - the launcher shows this site's error and stops the run
+    except ConfigError as e:  # refused by the coordinator, a wrong secret, a corrupt checkpoint: bad input
+        recorder.write("error", site=env.site_rank, message=str(e), refused=True)
+        print(f"error: {e}", file=sys.stderr)
+        if client is not None:
+            client.close(reason=str(e))
+        return 2
+    except BaseException as e:  # noqa: BLE001 - the launcher shows this site's error
         recorder.write("error", site=env.site_rank, message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         traceback.print_exc()
+        if client is not None:
+            client.close(reason=f"{type(e).__name__}: {e}")
         return 1
     finally:
         recorder.close()
+
+
+def _admit(comm: Any, snapshot: Callable[[], Any], recorder: Any, site: int) -> None:
+    """At a boundary where joiners wait: admit them; the healer packs and sends its state."""
+    from geotrain.train.state import pack
+
+    t0 = time.time()
+    q = comm.admit(lambda: pack(snapshot()))
+    if q["joined"]:
+        recorder.write("admitted", site=site, joined=q["joined"], healer=q["healer"], generation=q["gen"],
+                       members=q["members"], seconds=time.time() - t0)
 
 
 def _load_factory(ref: str) -> Callable[..., Any]:
@@ -229,9 +465,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run configuration (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--site-rank", type=int, required=True)
-    p.add_argument("--sites", type=int, required=True)
+    p.add_argument("--site-rank", type=int, required=True, help="this site's index, 0 to --sites minus 1")
+    p.add_argument("--sites", type=int, required=True, help="sites in the run")
     p.add_argument("--coordinator", required=True, help="HOST:PORT of 'geotrain coordinator'")
+    p.add_argument("--token-file", required=True, help="the run's secret, the file the coordinator wrote (mode 600)")
+    p.add_argument("--resume", action="store_true", help="resume from this site's checkpoints under run.out")
     p.add_argument("--workload", default="geotrain.train.workload:demo_workload",
                    help="MODULE:FUNCTION building the Workload (called with config, worker=, device=)")
     p.add_argument("--data-dir", help="prepared corpus directory for the demo workload (default: OUT/data, prepared on first use)")
@@ -242,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.update(GEOTRAIN_SITE_RANK=str(args.site_rank), GEOTRAIN_SITES=str(args.sites),
-                      GEOTRAIN_COORDINATOR=args.coordinator)
+                      GEOTRAIN_COORDINATOR=args.coordinator, GEOTRAIN_TOKEN_FILE=args.token_file,
+                      GEOTRAIN_RESUME="1" if args.resume else "")
     kwargs = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
     return site_main(SiteTask.of(config, _load_factory(args.workload), kwargs))
 

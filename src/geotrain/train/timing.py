@@ -62,6 +62,18 @@ class RunTimer:
         self.round_mean += d / self.rounds
         self.round_m2 += d * (x - self.round_mean)
 
+    _SAVED = ("compute", "paused", "rounds", "round_mean", "round_m2", "_round_start", "_round_start_step",
+              "_round_steps")
+
+    def state_dict(self) -> dict[str, float]:
+        """The figures so far, for a checkpoint: a resumed run goes on counting from them."""
+        return {"wall": self.wall(), **{k: getattr(self, k) for k in self._SAVED}}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        for k in self._SAVED:
+            setattr(self, k, type(getattr(self, k))(state[k]))
+        self.start = self.clock.now() - float(state["wall"]) - self.paused
+
     def round_cv(self) -> float | None:
         """Coefficient of variation of the compute time between sync points (None before two rounds)."""
         if self.rounds < 2 or self.round_mean <= 0:

@@ -42,6 +42,11 @@ class Workload:
     """Inner optimizer; None builds the one the config describes."""
     meta: dict[str, Any] | None = None
     """Anything worth recording in summary.json (data source, model size)."""
+    data_state: Callable[[], Any] | None = None
+    """This worker's position in its data stream, as JSON values (for checkpoints, and for a site that rejoins
+    to go on where it left off); None: the stream cannot say, and a resumed run restarts it."""
+    load_data_state: Callable[[Any], None] | None = None
+    """Go back to a position ``data_state`` returned."""
 
 
 def inner_optimizer(params: Sequence[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
@@ -123,4 +128,6 @@ def demo_workload(config: Config, *, worker: int, device: str = "cpu", data_dir:
         tokens_per_batch=config.data.batch_size * m.seq_len,
         eval_batches=[(x.to(device), y.to(device)) for x, y in evals],
         meta={"data": corpus.source, "model_params": sum(p.numel() for p in model.parameters())},
+        data_state=sampler.state_dict,
+        load_data_state=sampler.load_state_dict,
     )

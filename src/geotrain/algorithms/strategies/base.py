@@ -76,3 +76,16 @@ class Strategy:
 
     def close(self) -> None:
         """Finish any in-flight communication and apply it, so the global parameters include it."""
+
+    def drain(self) -> None:
+        """Apply every sync still in flight now, so that no transfer is pending and a joining site can be given
+        the whole state (its local parameters start from the global ones). Every site drains at the same step."""
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state beyond the model and the inner optimizer: global parameters, outer
+        momentum, syncs in flight (waited for, so their means are kept), counters."""
+        return {"outer_rounds": self.outer_rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outer_rounds = int(state["outer_rounds"])

@@ -69,6 +69,19 @@ class DiLoCoStrategy(Strategy):
     def syncs_in_flight(self) -> int:
         return int(self._pending is not None)
 
+    def state_dict(self) -> dict:
+        pending = None if self._pending is None else self._pending.wait()
+        return {**super().state_dict(), "outer": self.outer.state_dict(), "start": self.start.clone(),
+                "pending": pending, "pending_plain": self._pending_plain}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.outer.load_state_dict(state["outer"])
+        self.start = state["start"].clone()
+        self._pending = None if state["pending"] is None else Pending.completed(state["pending"], self.ctx.comm)
+        self._pending_plain = bool(state["pending_plain"])
+
     @torch.no_grad()
     def close(self) -> None:
         """A run stopped early (time budget) with a round in flight: apply it, so the global model has it."""

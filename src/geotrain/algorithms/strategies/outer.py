@@ -38,3 +38,8 @@ class OuterOptimizer:
 
     def state_dict(self) -> dict:
         return {"params": self.params.detach().clone(), "opt": self.opt.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.params.copy_(state["params"])
+        self.opt.load_state_dict(state["opt"])

@@ -117,6 +117,20 @@ class StreamingStrategy(Strategy):
     def syncs_in_flight(self) -> int:
         return sum(f.pending is not None for f in self.fragments)
 
+    def state_dict(self) -> dict:
+        fragments = [{"outer": f.outer.state_dict(), "pending": None if f.pending is None else f.pending.wait(),
+                      "plain": f.plain, "due": f.due} for f in self.fragments]
+        return {**super().state_dict(), "fragments": fragments, "merged": self._rounds}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for f, s in zip(self.fragments, state["fragments"], strict=True):
+            f.outer.load_state_dict(s["outer"])
+            f.pending = None if s["pending"] is None else Pending.completed(s["pending"], self.ctx.comm)
+            f.plain, f.due = bool(s["plain"]), int(s["due"])
+        self._rounds = int(state["merged"])
+
     def close(self) -> None:
         """A run stopped early (time budget): apply the fragments still in flight to the global model."""
         for f in self.fragments:

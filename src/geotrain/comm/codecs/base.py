@@ -229,9 +229,7 @@ class Codec(ABC):
         sums = self._encode_body(x, body)
         s1, s2 = body_checksum(body) if sums is None else sums
         value_id, a, b, c = self._header_options()
-        header = bytearray(_HEADER.pack(MAGIC, VERSION, self.codec_id, value_id, 0, numel, a, b, c, 0, s1, s2))
-        struct.pack_into("<I", header, _CRC_OFFSET, zlib.crc32(header))
-        payload.numpy()[:HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
+        _write_header(payload, self.codec_id, value_id, numel, a, b, c, s1, s2)
         return payload
 
     def decode(
@@ -296,6 +294,24 @@ class Codec(ABC):
 
     def __str__(self) -> str:
         return self.name
+
+
+def _write_header(payload: torch.Tensor, codec_id: int, value_id: int, numel: int, a: int, b: int, c: int,
+                  s1: int, s2: int) -> None:
+    header = bytearray(_HEADER.pack(MAGIC, VERSION, codec_id, value_id, 0, numel, a, b, c, 0, s1, s2))
+    struct.pack_into("<I", header, _CRC_OFFSET, zlib.crc32(header))
+    payload.numpy()[:HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
+
+
+def poison_payload(payload: torch.Tensor) -> None:
+    """Fill a payload's body with 0xFF bytes and re-seal its checksums, in place: a well-formed payload that
+    decodes to NaN (fp32, bf16) or carries NaN block scales (int8, int4, top-k values), as a site with a bug
+    or bad intent could send. For fault injection: receivers must reject it on its contents, not its checksum."""
+    _, _, codec_id, value_id, _, numel, a, b, c, _, _, _ = _HEADER.unpack(bytes(payload[:HEADER_SIZE].numpy()))
+    body = payload[HEADER_SIZE:]
+    body.fill_(0xFF)
+    s1, s2 = body_checksum(body)
+    _write_header(payload, codec_id, value_id, numel, a, b, c, s1, s2)
 
 
 def codec_name_of_id(codec_id: int) -> str:

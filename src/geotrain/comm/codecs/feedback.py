@@ -28,7 +28,7 @@ class ErrorFeedback:
     values below 1 forget old residual, which SparseLoCo uses in place of outer momentum.
     """
 
-    __slots__ = ("codec", "decay", "_residual", "_spare", "_decoded")
+    __slots__ = ("codec", "decay", "_residual", "_spare", "_decoded", "_undo")
 
     def __init__(self, codec: Codec, *, decay: float = 1.0) -> None:
         if not isinstance(codec, Codec):
@@ -42,6 +42,7 @@ class ErrorFeedback:
         # costs more in page faults than the encode.
         self._spare: torch.Tensor | None = None
         self._decoded: torch.Tensor | None = None
+        self._undo = False
 
     @property
     def residual(self) -> torch.Tensor | None:
@@ -51,6 +52,18 @@ class ErrorFeedback:
     def reset(self) -> None:
         """Forget the residual (for example when the tensor it belongs to is replaced)."""
         self._residual = self._spare = self._decoded = None
+        self._undo = False
+
+    def commit(self) -> None:
+        """The payload of the latest encode was delivered: keep its residual (the default if nothing is said)."""
+        self._undo = False
+
+    def rollback(self) -> None:
+        """The payload of the latest encode was not delivered (a sync voted down, or this site's update left out):
+        restore the residual from before it, so that what it carried is sent again next time."""
+        if self._undo:
+            self._residual, self._spare = self._spare, self._residual
+            self._undo = False
 
     def encode(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``x`` plus the residual and keep what the payload loses as the next residual.
@@ -79,8 +92,9 @@ class ErrorFeedback:
         if self._decoded is None or self._decoded.numel() != numel:
             self._decoded = torch.empty(numel)
         y.sub_(self.codec.decode(payload, out=self._decoded))
-        # y is the new residual; the old residual's buffer is next round's spare.
+        # y is the new residual; the old residual's buffer is next round's spare (and what rollback() restores).
         self._residual, self._spare = y, self._residual
+        self._undo = True
         return payload
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
@@ -90,6 +104,6 @@ class ErrorFeedback:
     def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
         """Restore a residual saved by ``state_dict``."""
         residual = state.get("residual")
-        self.reset()
+        self.reset()  # also forgets an undo
         if residual is not None:
             self._residual = as_float32_vector(residual).clone()

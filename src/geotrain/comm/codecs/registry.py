@@ -46,7 +46,7 @@ class CodecSpec:
 
     ``sparse``: a sum of two payloads is not a payload of the same size (top-k keeps other entries on every
     site), so sparse payloads cannot be reduced chunk by chunk on their way and are all-gathered.
-    ``lossless``: payloads decode exactly, so a plain ring all-reduce of raw fp32 carries them.
+    ``lossless``: payloads decode exactly (they still travel framed, with their checksums).
     """
 
     name: str = ""
