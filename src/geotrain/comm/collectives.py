@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ class SyncOutcome:
     attempts: int = 1
     errors: dict[str, str] = field(default_factory=dict)
     """Why attempts failed, per site and worker."""
+    regroup_seconds: float = 0.0
+    """Time this worker spent building new groups for this sync (a generation changed)."""
 
 
 class Pending:
@@ -346,7 +349,9 @@ class CrossSiteComm:
             outcome.left += [k for k in q.get("left", []) if k not in outcome.left]
             outcome.admit = outcome.admit or bool(q.get("admit"))
             if q["gen"] != self.generation:
+                t0 = time.perf_counter()  # wall time, on any clock: how long re-forming takes
                 self._regroup(q["gen"], q["members"])
+                outcome.regroup_seconds += time.perf_counter() - t0
             outcome.generation, outcome.members = self.generation, list(self.members)
             touched: list[tuple[Any, bool]] = []  # (error feedback, whether it encoded this site's own values)
             self._phase = "guard" if self.pattern == "reduce_scatter" else "commit"
@@ -576,6 +581,34 @@ class CrossSiteComm:
         if end > start:
             self.transport.recv(shard, src)
         return header, shard
+
+    def gather_bytes(self, blob: bytes) -> dict[int, bytes] | None:
+        """At the end of a run, every member's ``blob`` to the lowest member (which returns them by site; the
+        others return None). A member that fails meanwhile is left out."""
+        return self._pool.submit(self._gather_bytes, blob).result()
+
+    def _gather_bytes(self, blob: bytes) -> dict[int, bytes] | None:
+        root = min(self.members)
+        if self.site != root:
+            data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+            self.transport.send(torch.tensor([len(blob)], dtype=torch.int64), self.members.index(root))
+            if len(blob):
+                self.transport.send(data, self.members.index(root))
+            return None
+        out = {self.site: blob}
+        for k in self.members:
+            if k == root:
+                continue
+            try:
+                size = torch.zeros(1, dtype=torch.int64)
+                self.transport.recv(size, self.members.index(k))
+                data = torch.empty(int(size[0]), dtype=torch.uint8)
+                if data.numel():
+                    self.transport.recv(data, self.members.index(k))
+                out[k] = bytes(data.numpy())
+            except _TRANSFER_ERRORS:
+                continue
+        return out
 
     # -- run control -----------------------------------------------------------------------------------------
     def control_sum(self, name: str, values: list[float], *, count_wait: bool = True) -> list[float]:

@@ -43,8 +43,8 @@ class SiteEnv:
     """The run's secret (``geotrain coordinator --token-file``); None only where no coordinator is used."""
     resume: bool = False
     """Resume from this site's checkpoints (``geotrain run --resume``)."""
-    launch: str | None = None
-    """Identifies one start of the run: every site of it writes checkpoints under the same launch."""
+    local: bool = False
+    """Started by ``geotrain run`` on one machine (which writes the run's files), not by torchrun."""
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> SiteEnv:
@@ -65,7 +65,7 @@ class SiteEnv:
             coordinator=env["GEOTRAIN_COORDINATOR"],
             token_file=env["GEOTRAIN_TOKEN_FILE"],
             resume=env.get("GEOTRAIN_RESUME", "") == "1",
-            launch=env.get("GEOTRAIN_LAUNCH") or None,
+            local=env.get("GEOTRAIN_LOCAL_LAUNCHER") == "1",
         )
 
 

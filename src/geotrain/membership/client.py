@@ -55,13 +55,15 @@ class View:
     round: int = 0
     decisions: deque = field(default_factory=lambda: deque(maxlen=8))
     """The latest decisions received, reported when joining a restarted coordinator."""
+    launch: str | None = None
+    """This start of the run, as the coordinator named it (checkpoints are written under it)."""
 
     def rank(self, site: int) -> int:
         return self.members.index(site)
 
     def to_dict(self) -> dict[str, Any]:
         return {"gen": self.gen, "members": list(self.members), "round": self.round,
-                "decisions": list(self.decisions)}
+                "decisions": list(self.decisions), "launch": self.launch}
 
 
 def _parse_address(address: str) -> tuple[str, int]:
@@ -279,6 +281,7 @@ class MembershipClient:
         """Wait for the first generation; returns it (with ``resume_round`` when resuming)."""
         reply = self.call("form")
         self.view.gen, self.view.members = reply["gen"], list(reply["members"])
+        self.view.launch = reply.get("launch")
         return reply
 
     def quorum(self, sync: int, *, round: int, attempt: int = 0) -> dict[str, Any]:
@@ -313,6 +316,7 @@ class MembershipClient:
     def await_admission(self) -> dict[str, Any]:
         reply = self.call("await_admission")
         self.view.gen, self.view.members = reply["gen"], list(reply["members"])
+        self.view.launch = reply.get("launch")
         return reply
 
     def sum(self, name: str, values: list[float]) -> list[float]:

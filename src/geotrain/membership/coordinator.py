@@ -134,6 +134,8 @@ class Coordinator:
             k: OrderedDict() for k in ("form", "quorum", "vote", "admit", "sum")}
         self.adopted_at: float | None = None
         self._admission_waiters: dict[int, list[asyncio.Future]] = {}
+        self.launch = secrets.token_hex(8)
+        """Names this start of the run: every site of it writes its checkpoints under the same launch."""
 
     # -- settings the sites bring ----------------------------------------------------------------------------
     def _s(self, key: str, default: float) -> float:
@@ -266,7 +268,7 @@ class Coordinator:
         for k in ready:
             self.event("joined", k)
         self.formed = True
-        self._decide(b, {"gen": self.gen, "members": self.members, "resume_round": rounds})
+        self._decide(b, {"gen": self.gen, "members": self.members, "resume_round": rounds, "launch": self.launch})
 
     def _new_generation(self, members: list[int], *, reason: str) -> None:
         self.gen += 1
@@ -349,9 +351,10 @@ class Coordinator:
             self._new_generation(alive + joiners, reason=f"sites {joiners} joined")
             for k in joiners:
                 self.event("rejoined" if returning[k] else "joined", k, healed_from=healer)
-            result = {"gen": self.gen, "members": self.members, "joined": joiners, "healer": healer}
+            result = {"gen": self.gen, "members": self.members, "joined": joiners, "healer": healer,
+                      "launch": self.launch}
         else:
-            result = {"gen": self.gen, "members": self.members, "joined": [], "healer": None}
+            result = {"gen": self.gen, "members": self.members, "joined": [], "healer": None, "launch": self.launch}
         self._decide(b, result)
         for k in joiners:
             self._admitted(k, result)
@@ -432,6 +435,7 @@ class Coordinator:
             return
         self.gen, self.members, self.formed = gen, sorted(members), True
         self.gen_members[gen] = self.members
+        self.launch = str(view.get("launch") or self.launch)
         self.round = max(self.round, int(view.get("round", 0)))
         self.adopted_at = self.now()
         for k, s in self.sites.items():
@@ -511,7 +515,7 @@ class Coordinator:
             return await self._wait(self._barrier("admit", int(msg["sync"]), self.quorum_timeout), who, msg)
         if op == "await_admission":
             if s.status == "member":
-                return {"gen": self.gen, "members": self.members, "joined": [], "healer": None}
+                return {"gen": self.gen, "members": self.members, "joined": [], "healer": None, "launch": self.launch}
             if not self._alive_members():
                 return {"error": "no live site is left to heal from; resume the run from its last checkpoint "
                                  "with geotrain run --resume"}

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,8 @@ from typing import Any
 from geotrain.config import Config
 from geotrain.errors import ConfigError
 from geotrain.files import write_json_atomic
-from geotrain.summary import build_summary, merge_metrics, read_site_records
+from geotrain.summary import read_site_records
+from geotrain.train.outputs import write_run_files
 from geotrain.train.site import SiteTask
 
 __all__ = ["MAX_LOCAL_WORKERS", "RunOutcome", "check_launch", "check_out_dir", "launch"]
@@ -349,7 +349,7 @@ def launch(
     sites, workers = config.run.sites, config.run.workers_per_site
     env = {"GEOTRAIN_SITES": str(sites), "GEOTRAIN_COORDINATOR": f"127.0.0.1:{coordinator.port}",
            "GEOTRAIN_TOKEN_FILE": str(token), "GEOTRAIN_RESUME": "1" if resume else "",
-           "GEOTRAIN_LAUNCH": uuid.uuid4().hex, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+           "GEOTRAIN_LOCAL_LAUNCHER": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
            "OMP_NUM_THREADS": "1"}
     group = _Sites(task, out, sites, workers, env)
     pending = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.site is None]
@@ -427,19 +427,9 @@ def launch(
         shutil.rmtree(secret_dir, ignore_errors=True)
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, previous_term)
-    records = read_site_records(out, sites)
-    summary = build_summary(config_dict, records, elapsed_seconds=time.monotonic() - t_start,
-                            ok=exit_code == 0, interrupted=interrupted, error=error,
-                            membership=_read_jsonl(out / "membership.jsonl"), faults=_read_jsonl(out / "faults.jsonl"),
-                            started_at=None if resume else started_at)
-    write_json_atomic(out / "summary.json", summary)
-    merge_metrics(out, records)
-    try:
-        from geotrain.report.html import write_report
-
-        write_report(out)
-    except Exception as e:  # noqa: BLE001 - a report failure must not hide the run's own result
-        print(f"warning: could not render report.html: {e}", file=sys.stderr)
+    summary = write_run_files(out, config_dict, elapsed_seconds=time.monotonic() - t_start, ok=exit_code == 0,
+                              interrupted=interrupted, error=error, membership=_read_jsonl(out / "membership.jsonl"),
+                              faults=_read_jsonl(out / "faults.jsonl"), started_at=None if resume else started_at)
     return RunOutcome(summary=summary, exit_code=exit_code, out=out)
 
 

@@ -72,7 +72,7 @@ class Recorder:
         for o in comm.outcomes:
             if o.left:
                 self.write("membership", site=site, step=step, wall_s=wall, sync=o.sync, generation=o.generation,
-                           members=o.members, left=o.left)
+                           members=o.members, left=o.left, regroup_seconds=o.regroup_seconds)
             for r in o.rejected:
                 self.write("rejected", site=site, step=step, wall_s=wall, sync=o.sync, key=o.key, round=comm.round,
                            rejected_site=r.site, reason=r.reason, norm=r.norm)
@@ -83,6 +83,10 @@ class Recorder:
 
     def eval(self, **fields: Any) -> None:
         self.write("eval", **{("wall_s" if k == "wall" else k): v for k, v in fields.items()})
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:

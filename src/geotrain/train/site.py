@@ -198,8 +198,7 @@ class _Checkpoints:
         from geotrain.checkpoint import CheckpointStore
 
         self.env, self.site_pg = env, site_pg
-        self.store = CheckpointStore(Path(config.run.out) / "checkpoints", keep=config.checkpoint.keep,
-                                     launch=env.launch)
+        self.store = CheckpointStore(Path(config.run.out) / "checkpoints", keep=config.checkpoint.keep)
 
     def _barrier(self) -> None:
         if self.env.workers > 1:
@@ -311,6 +310,7 @@ def site_main(task: SiteTask) -> int:
     from geotrain.train.recorder import Recorder
     from geotrain.train.state import unpack
 
+    t_process = time.monotonic()
     torch.set_num_threads(1)  # one thread per worker: several workers share the cores
     signal.signal(signal.SIGTERM, _raise_interrupt)
     _register(task.definitions)
@@ -359,6 +359,7 @@ def site_main(task: SiteTask) -> int:
             else:
                 admitted = client.await_admission()
                 generation, members, healer = admitted["gen"], admitted["members"], admitted.get("healer")
+            checkpoints.store.launch = client.view.launch  # this start of the run, named by the coordinator
             comm = connect(config, env, site_pg, client, generation=generation, members=members,
                            conditions=conditions)
             faults.comm = comm
@@ -416,6 +417,8 @@ def site_main(task: SiteTask) -> int:
                 save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
         recorder.write("done", site=env.site_rank, eval_loss=result.eval_loss, params_sha256=result.params_sha256,
                        stopped_early=result.stopped_early, **result.figures)
+        if not env.local and env.local_rank == 0:  # under torchrun the lowest member writes the run's files
+            _write_run_files(config, comm, client, recorder, out, t_process)
         comm.close()
         client.close(done=True)
         return 0
@@ -438,6 +441,30 @@ def site_main(task: SiteTask) -> int:
         return 1
     finally:
         recorder.close()
+
+
+def _write_run_files(config: Any, comm: Any, client: Any, recorder: Any, out: Path, t_process: float) -> None:
+    """Gather every member's record file to the lowest member, which writes summary.json, metrics.jsonl and
+    report.html as the local launcher does (sites on separate machines do not share OUT)."""
+    from geotrain.train.outputs import write_run_files
+
+    recorder.flush()
+    mine = out / "sites" / f"site{comm.site}.jsonl"
+    files = comm.gather_bytes(mine.read_bytes() if mine.is_file() else b"")
+    if files is None:
+        return
+    for k, blob in files.items():
+        path = out / "sites" / f"site{k}.jsonl"
+        if not path.is_file() or path.stat().st_size < len(blob):  # on a shared disk the file is already there
+            path.write_bytes(blob)
+    try:
+        events = client.events()
+    except Exception:  # noqa: BLE001 - the summary is still worth writing without them
+        events = []
+    summary = write_run_files(out, config.to_dict(), elapsed_seconds=time.monotonic() - t_process, ok=True,
+                              membership=events)
+    print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'} and {out / 'report.html'}"
+          f" (eval loss {summary.get('eval_loss')})", flush=True)
 
 
 def _admit(comm: Any, snapshot: Callable[[], Any], recorder: Any, site: int) -> None:
