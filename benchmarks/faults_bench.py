@@ -108,6 +108,7 @@ def _fault_figures(out: Path, *, site: int, sites: int) -> dict[str, Any]:
     return {
         "kill_step": min((r["step"] for r in due), default=None),
         "detection_s": detection,
+        "kill_carry_out_s": kill.get("carry_out_seconds"),
         "summary_detection_s": summary_detection,
         "left_reason": left.get("reason"),
         "regroup_s": _median([r["regroup_seconds"] for r in regroups]),
@@ -131,6 +132,17 @@ def _evals(out: Path) -> list[tuple[int, float]]:
             if r.get("kind") == "eval" and r.get("eval_loss") is not None]
 
 
+def _run_figures(run_out: Path) -> dict[str, Any]:
+    """What the loss table needs from one run's summary."""
+    summary = json.loads((run_out / "summary.json").read_text())
+    return {"eval_loss": summary["eval_loss"], "tokens": summary["tokens"], "params": summary["model_params"],
+            "elapsed_seconds": summary["elapsed_seconds"], "wall_seconds": summary["wall_seconds"],
+            "steps": summary["steps"], "outer_rounds": summary["outer_rounds"], "evals": _evals(run_out),
+            "site_tokens": [s.get("tokens") for s in summary["per_site"]],
+            "site_steps_trained": [s.get("steps_trained") for s in summary["per_site"]],
+            "sites_in_sync": summary.get("sites_in_sync")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="64x2,128x2,256x2", help="comma-separated d_model x n_layer of the demo GPT")
@@ -144,53 +156,58 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds each run may take before it is stopped")
     p.add_argument("--out", default="runs/faults")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the report again from the runs already in --out (same other arguments)")
     args = p.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     out = Path(args.out)
-    load = os.getloadavg()
-    t_bench = time.time()
 
     common = ["--sites", "4", "--algorithm", "diloco", "--sync-every", str(args.sync_every), "--no-overlap",
               "--tokens", args.tokens, "--link", args.link, "--seed", str(args.seed), "--quiet"]
     faults = ["--fault", f"kill:{args.site}@{args.kill_round}", "--fault", f"rejoin:{args.site}@{args.rejoin_round}"]
-    commands: list[str] = []
-    rows: list[dict[str, Any]] = []
+    plan = []  # (d_model, n_layer, repeat, variant, run directory, arguments), in the order they run
     for d_model, n_layer in sizes:
         model = ["--set", f"model.d_model={d_model}", "--set", f"model.n_layer={n_layer}"]
-        for repeat in range(args.repeats):
-            pair: dict[str, Any] = {"d_model": d_model, "n_layer": n_layer, "repeat": repeat + 1}
+        for repeat in range(1, args.repeats + 1):
             for variant, extra in (("base", []), ("fault", faults)):
-                run_out = out / f"d{d_model}-l{n_layer}-{variant}-r{repeat + 1}"
-                run_args = [*common, *model, *extra, "--out", str(run_out)]
-                commands.append("geotrain run " + " ".join(shlex.quote(a) for a in run_args))
-                print(f"-- d_model={d_model} n_layer={n_layer} {variant} (repeat {repeat + 1}): {run_out}", flush=True)
-                code, seconds = _geotrain_run(run_args, timeout_s=args.timeout)
-                summary = json.loads((run_out / "summary.json").read_text()) if (run_out / "summary.json").is_file() else {}
-                if code != 0 or not summary.get("ok"):
-                    raise SystemExit(f"{run_out} failed (exit {code}): {summary.get('error')}")
-                pair[variant] = {"eval_loss": summary["eval_loss"], "tokens": summary["tokens"],
-                                 "params": summary["model_params"], "seconds": seconds,
-                                 "wall_seconds": summary["wall_seconds"], "steps": summary["steps"],
-                                 "outer_rounds": summary["outer_rounds"], "evals": _evals(run_out),
-                                 "site_tokens": [s.get("tokens") for s in summary["per_site"]],
-                                 "site_steps_trained": [s.get("steps_trained") for s in summary["per_site"]],
-                                 "sites_in_sync": summary.get("sites_in_sync")}
-                msg = (f"   eval_loss {summary['eval_loss']:.4f}  tokens {summary['tokens']:,}  "
-                       f"params {summary['model_params']:,}  {seconds:.0f} s")
-                if variant == "fault":
-                    f = _fault_figures(run_out, site=args.site, sites=4)
-                    pair["fault"].update(f)
-                    msg += (f"\n   loss ratio {summary['eval_loss'] / pair['base']['eval_loss']:.4f}  "
-                            f"detection {1000 * f['detection_s']:.1f} ms  regroup {1000 * (f['regroup_s'] or 0):.1f} ms"
-                            f"  heal {f['heal_s'] if f['heal_s'] is None else round(f['heal_s'], 3)} s "
-                            f"({f['heal_bytes']} bytes)")
-                print(msg, flush=True)
-            rows.append(pair)
+                run_out = out / f"d{d_model}-l{n_layer}-{variant}-r{repeat}"
+                plan.append((d_model, n_layer, repeat, variant, run_out, [*common, *model, *extra, "--out", str(run_out)]))
+    commands = ["geotrain run " + " ".join(shlex.quote(a) for a in run_args) for *_, run_args in plan]
+
+    if args.report_only:
+        meta = json.loads((out / "bench.json").read_text())
+    else:
+        meta = {"command": command_line(), "load_start": os.getloadavg(), "started": time.time()}
+        for d_model, n_layer, repeat, variant, run_out, run_args in plan:
+            print(f"-- d_model={d_model} n_layer={n_layer} {variant} (repeat {repeat}): {run_out}", flush=True)
+            code, seconds = _geotrain_run(run_args, timeout_s=args.timeout)
+            summary = json.loads((run_out / "summary.json").read_text()) if (run_out / "summary.json").is_file() else {}
+            if code != 0 or not summary.get("ok"):
+                raise SystemExit(f"{run_out} failed (exit {code}): {summary.get('error')}")
+            msg = (f"   eval_loss {summary['eval_loss']:.4f}  tokens {summary['tokens']:,}  "
+                   f"params {summary['model_params']:,}  {seconds:.0f} s  load {os.getloadavg()[0]:.1f}")
+            if variant == "fault":
+                f = _fault_figures(run_out, site=args.site, sites=4)
+                base = _run_figures(out / f"d{d_model}-l{n_layer}-base-r{repeat}")
+                msg += (f"\n   loss ratio {summary['eval_loss'] / base['eval_loss']:.4f}  "
+                        f"detection {1000 * f['detection_s']:.1f} ms  regroup {1000 * (f['regroup_s'] or 0):.1f} ms"
+                        f"  heal {f['heal_s'] if f['heal_s'] is None else round(f['heal_s'], 3)} s "
+                        f"({f['heal_bytes']} bytes)")
+            print(msg, flush=True)
+        meta |= {"load_end": os.getloadavg(), "total_seconds": time.time() - meta["started"]}
+        (out / "bench.json").write_text(json.dumps(meta))
+
+    rows: list[dict[str, Any]] = []
+    for d_model, n_layer, repeat, variant, run_out, _ in plan:
+        if variant == "base":
+            rows.append({"d_model": d_model, "n_layer": n_layer, "repeat": repeat, "base": _run_figures(run_out)})
+        else:
+            rows[-1]["fault"] = _run_figures(run_out) | _fault_figures(run_out, site=args.site, sites=4)
     (out / "faults.json").write_text(json.dumps(rows, indent=2))
-    _write(rows, args, commands, load, time.time() - t_bench)
+    _write(rows, args, commands, meta)
 
 
-def _write(rows: list[dict[str, Any]], args: Any, commands: list[str], load: tuple[float, ...], total_s: float) -> None:
+def _write(rows: list[dict[str, Any]], args: Any, commands: list[str], meta: dict[str, Any]) -> None:
     sizes: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for r in rows:
         sizes.setdefault((r["d_model"], r["n_layer"]), []).append(r)
@@ -207,18 +224,20 @@ def _write(rows: list[dict[str, Any]], args: Any, commands: list[str], load: tup
     lines = [
         "# A site killed mid-round and rejoined: loss, detection, re-forming and healing against model size",
         "",
-        f"Command: `{command_line()}`  ",
+        f"Command: `{meta['command']}`  ",
         f"4 sites of DiLoCo (H={args.sync_every}, no overlap, fp32), link {args.link}, token budget {args.tokens}, "
         f"seed {args.seed}; the faulted run adds `--fault kill:{args.site}@{args.kill_round} --fault "
         f"rejoin:{args.site}@{args.rejoin_round}`. {args.repeats} pair(s) per size, each pair run back to back; "
-        f"median (min-max) where there is more than one. Total {total_s / 60:.0f} min; load average "
-        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the start on {os.cpu_count()} CPUs, shared with other "
-        "work (tests, another benchmark) while it ran: times are from a loaded machine.",
+        f"median (min-max) where there is more than one. Total {meta['total_seconds'] / 60:.0f} min; load "
+        f"average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in meta['load_start'])} at the start and "
+        f"{'/'.join(f'{v:.1f}' for v in meta['load_end'])} at the end on {os.cpu_count()} CPUs, shared with "
+        "other work (test suites, other benchmarks) while it ran: times are from a loaded machine.",
         "",
         "## Loss",
         "",
         "| d_model x layers | params | eval loss, no faults | eval loss, kill+rejoin | ratio (target <= 1.03) | "
-        "tokens trained, no faults | tokens trained, faulted | site trained steps (faulted) |",
+        "tokens trained, no faults | tokens trained, faulted | steps trained per site, faulted (the killed site: "
+        "since its healing) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (d, n), rs in sizes.items():
@@ -233,21 +252,25 @@ def _write(rows: list[dict[str, Any]], args: Any, commands: list[str], load: tup
         "",
         "## Detection, re-forming, healing",
         "",
-        "Detection: kill (`faults.jsonl` time of the SIGKILL) to the coordinator's `left` event. Re-forming: "
+        "Detection: kill (`faults.jsonl` time of the SIGKILL) to the coordinator's `left` event; SIGKILL to reaped: "
+        "how long the launcher waited for the killed process to end (`carry_out_seconds`): its sockets close, and "
+        "the coordinator sees the site go, only as it exits. Re-forming: "
         "`regroup_seconds` of the survivors' `membership` records (median over survivors, then over repeats). "
         "Healing: the `healed` event's `seconds` (state transfer into the joiner) and `bytes`; healer admission: "
         "the healer's whole `admitted` step (new group, pack, send); rejoin to admission: from the `rejoin` fault "
         "to the coordinator's `rejoined` event (process start, join, waiting for the round boundary).",
         "",
-        "| d_model x layers | params | detection (ms) | summary.json check (ms) | re-forming (ms) | sync retries | "
-        "healing (s) | state bytes | healer admission (s) | other survivors' admission (ms) | rejoin to admission (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| d_model x layers | params | detection (ms) | summary.json check (ms) | SIGKILL to reaped (ms) | "
+        "re-forming (ms) | sync retries | healing (s) | state bytes | healer admission (s) | "
+        "other survivors' admission (ms) | rejoin to admission (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (d, n), rs in sizes.items():
         f = [r["fault"] for r in rs]
         lines.append(
             f"| {d} x {n} | {rs[0]['base']['params']:,} | {med([x['detection_s'] for x in f], 1000)} | "
-            f"{med([x['summary_detection_s'] for x in f], 1000)} | {med([x['regroup_s'] for x in f], 1000)} | "
+            f"{med([x['summary_detection_s'] for x in f], 1000)} | {med([x['kill_carry_out_s'] for x in f], 1000)} | "
+            f"{med([x['regroup_s'] for x in f], 1000)} | "
             f"{', '.join(str(x['retries']) for x in f)} | {med([x['heal_s'] for x in f], fmt='{:.2f}')} | "
             f"{med([x['heal_bytes'] for x in f], fmt='{:,.0f}')} | {med([x['healer_admission_s'] for x in f], fmt='{:.2f}')} | "
             f"{med([x['others_admission_s'] for x in f], 1000)} | {med([x['rejoin_to_admit_s'] for x in f], fmt='{:.1f}')} |")
@@ -270,6 +293,15 @@ def _write(rows: list[dict[str, Any]], args: Any, commands: list[str], load: tup
             same = "yes" if before == after and before else ("no evals before" if not before else "no")
             lines.append(f"| {d} x {n} | {r['repeat']} | {f['kill_step']} | {f['regroup_sync']} | {f['heal_step']} | "
                          f"{f['in_sync_after_heal']} | {same} | {f['left_reason']} |")
+    lines += ["", "Eval loss along the runs (repeat 1; site 0's `eval` records, by inner step): the pair agrees to the "
+              "last digit until the kill, then the faulted run trains with 3 sites until the rejoined one is healed.",
+              "", "| step | " + " | ".join(f"{d} x {n}: no faults | {d} x {n}: faulted" for d, n in sizes) + " |",
+              "|---|" + "---|---|" * len(sizes)]
+    curves = [(dict(map(tuple, rs[0]["base"]["evals"])), dict(map(tuple, rs[0]["fault"]["evals"])))
+              for rs in sizes.values()]
+    for step in sorted({s for b, f in curves for s in (*b, *f)}):
+        cells = [f"{c[step]:.4f}" if step in c else "—" for b, f in curves for c in (b, f)]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
     png = _plot(sizes, args)
     lines += ["", f"![times against model size]({png.name})", "", "Commands (in order):", "", "```"]
     lines += commands
