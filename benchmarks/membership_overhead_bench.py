@@ -216,6 +216,9 @@ def _measure(pattern: str, numels: list[int], rounds: int, warmup: int, timeout_
             if coordinator.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the coordinator did not start")
             time.sleep(0.05)
+        # the environment geotrain run gives its site processes (train/launch.py): one OpenMP thread in every
+        # thread of a site, the comm thread's included, and gloo on loopback
+        os.environ.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
         ctx = mp.get_context("spawn")
         paths = [tmp / f"site{k}.json" for k in range(SITES)]
         procs = [ctx.Process(target=_site, args=(k, f"127.0.0.1:{port}", str(token), pattern, numels, rounds, warmup,
@@ -310,7 +313,8 @@ def main() -> None:
         "# What membership adds per outer round: CrossSiteComm sync against a bare gloo all-reduce",
         "",
         f"Command: `{command_line()}`  ",
-        f"{SITES} site processes (one thread each) and a coordinator process on loopback, no WAN emulation, no "
+        f"{SITES} site processes (torch.set_num_threads(1), OMP_NUM_THREADS=1 as `geotrain run` gives its sites) "
+        "and a coordinator process on loopback, no WAN emulation, no "
         f"faults, codec {first[0]['codec']}. Per pattern and payload size, {args.rounds} timed rounds after "
         f"{args.warmup} warm-up rounds, sync and bare all-reduce interleaved (order alternating), each lined up "
         f"by a one-float all-reduce first. Medians per site. Total {time.time() - t0:.0f} s; load average "
