@@ -183,10 +183,10 @@ def test_simulation_is_seeded(capsys):
     assert first == again and first != other
     assert first["failures"] > 0 and first["lost_hours"] > 0
     assert first["recovery"] == "elastic" and first["mtbf_hours"] == 24.0 and first["jitter"] == 0.05
-    # the default recovery is restart
-    restart = plan_json([*WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--simulate",
+    # the default recovery is elastic
+    default = plan_json([*WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--simulate",
                          "--mtbf-hours", "24"], capsys)["simulation"]
-    assert restart["recovery"] == "restart"
+    assert default["recovery"] == "elastic"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

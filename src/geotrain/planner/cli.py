@@ -103,8 +103,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sim-seed", metavar="S",
                    help=f"seed of the simulation, simulate.seed (default {d.simulate.seed}; a run's seed is run.seed)")
     g.add_argument("--recovery", metavar="MODE",
-                   help="restart (default: roll back to the last checkpoint) or elastic (the others go on; what "
-                   "geotrain's elastic membership is to do, training today stops on a failure)")
+                   help="elastic (default: the others go on and the failed site rejoins, healed from a peer, as "
+                   "geotrain's elastic membership does; its costs come from [membership] and the links) or "
+                   "restart (every site rolls back to the last checkpoint)")
     g.add_argument("--jitter", metavar="CV", help=f"coefficient of variation of a site's round time (default {d.simulate.jitter:g})")
     p.set_defaults(func=run)
     return p
