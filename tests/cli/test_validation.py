@@ -258,6 +258,7 @@ def test_plan_help_describes_elastic_as_what_training_does(capsys, monkeypatch):
     assert re.search(r"elastic \(default", recovery), recovery
     assert "membership" in recovery and "restart" in recovery
     assert not re.search(r"is to do|not yet|today stops", recovery), recovery
+    assert "heartbeat_timeout_s" in _help_blocks(out)["--silent-fraction"]
 
 
 def test_planner_docs_agree_that_restart_is_the_default():
