@@ -283,3 +283,17 @@ def test_the_worked_example_figures_in_the_docs_are_current(capsys):
             assert fmt_pct(r["utilization"]) in doc, (extra, name)
             assert f"{r['energy_mwh']:,.0f}" in doc, (extra, name)
             assert fmt_bps(obj["bandwidth_needed_bps_by_algorithm"][name]) in doc, (extra, name)
+
+
+def test_the_docs_failure_table_is_what_the_simulation_gives(capsys):
+    """docs/planner.md's table of failures, row by row, from the commands above it."""
+    doc = (ROOT / "docs" / "planner.md").read_text()
+    base = ["--config", str(ROOT / "configs" / "plan-three-datacenters.toml"), "--accelerators-per-site", "16384",
+            "--simulate", "--mtbf-hours", "24", "--sim-seed", "1"]
+    rows = {"elastic, every failure silent (the default)": [], "elastic, every failure a crash": ["--silent-fraction", "0"],
+            "restart from hourly checkpoints": ["--recovery", "restart"]}
+    for label, extra in rows.items():
+        s = plan_json([*base, *extra], capsys)["simulation"]
+        row = (f"| {label} | {s['time_to_train_days']:.1f} days | {100 * s['utilization']:.1f}% | "
+               f"{s['energy_mwh']:,.0f} | {s['failures']} | {s['lost_progress_hours']:.1f} / {s['downtime_hours']:.1f} |")
+        assert row in doc, row
