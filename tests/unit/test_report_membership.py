@@ -260,14 +260,17 @@ def test_older_summary_without_started_at_is_aligned_from_the_log(tmp_path: Path
 def test_damaged_membership_entries_do_not_break_the_report(tmp_path: Path) -> None:
     make_elastic_run(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    summary["membership"] += [7, {"kind": "exploded", "site": 1}, {"kind": "left", "site": "x", "wall": "soon"}]
+    summary["membership"] += [7, {"kind": "exploded", "site": 1}, {"kind": "left", "site": "x", "wall": "soon"},
+                              {"kind": "rejoined", "site": [1], "wall": 25.0}]
     summary["faults"] = "none"
-    summary["rejected_updates"] = [None]
+    summary["rejected_updates"] = [None, {"site": None, "round": "five", "sync": 4}]
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     page = write_report(tmp_path).read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 4
     assert "exploded" not in section(page, "Events")
     assert ["—", "—", "site x", "left", "—", "—", ""] in rows(section(page, "Events"))
+    assert ["25.0 s", "—", "site [1]", "rejoined", "—", "—", ""] in rows(section(page, "Events"))
+    assert rows(section(page, "Rejected updates")) == [["—", "five", "—", "—"]]  # no site: no time from the log
 
 
 # --- the figures ---------------------------------------------------------------------------------------------------
@@ -302,3 +305,14 @@ def test_a_site_that_came_back_is_drawn_where_it_trained(tmp_path: Path) -> None
     assert np.nanmax(x[:gap]) < 12.0 and np.nanmin(x[gap + 1:]) > 21.5
     assert x[gap + 1:] == pytest.approx([step_time(s) for s in range(30, STEPS)])
     assert ax.get_xlabel() == "time since the run started (s)"
+
+
+def test_the_eval_line_breaks_only_where_no_site_was_in_the_run() -> None:
+    from geotrain.report.plots import _idle
+
+    stopped_and_resumed = {0: [(0.0, 5.0, "member"), (5.0, 9.0, "out"), (9.0, 12.0, "member")],
+                           1: [(0.0, 4.0, "member"), (4.0, 9.5, "out"), (9.5, 12.0, "member")]}
+    assert _idle(stopped_and_resumed) == [(5.0, 9.0)]
+    one_away = {0: [(0.0, 12.0, "member")], 1: [(0.0, 4.0, "member"), (4.0, 6.0, "out"), (6.0, 7.0, "healing"),
+                                                 (7.0, 12.0, "member")]}
+    assert _idle(one_away) == []

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from geotrain.files import write_text_atomic
-from geotrain.report.metrics import Membership, Run, derived_summary, membership_of, merged_summary, read_run, run_status
+from geotrain.report.metrics import (
+    Membership,
+    Run,
+    derived_summary,
+    membership_of,
+    merged_summary,
+    read_run,
+    run_status,
+    sites_in,
+)
 from geotrain.report.units import (
     MISSING,
     as_float,
@@ -208,7 +217,7 @@ SITE_COLUMNS: list[_Row] = [
 _NUMERIC_KEYS = {
     "tokens", "eval_loss", "steps", "outer_rounds", "wan_bytes", "payload_bytes_per_sync", "param_bytes",
     "peak_bandwidth_bps", "wall_seconds", "utilization", "predicted_utilization", "compute_seconds", "comm_seconds",
-    # the membership tables'
+    # the membership tables
     "wall", "seconds", "coordination_seconds", "incarnations", "failed_attempts",
 }
 
@@ -418,16 +427,15 @@ def _membership_section(run: Run) -> list[str]:
     """The Membership section, or one line for a run whose membership never changed, or nothing for a run
     from before membership was recorded."""
     m = membership_of(run)
-    formed = len({e.get("site") for e in m.events if e not in m.changes})
-    sites = m.sites if m.sites is not None else formed
+    sites = m.sites if m.sites is not None else len(sites_in(run))
     if not m.changed:
         if not m.recorded:
             return []
-        return [f'<p class="footnote">Membership: {esc(sites)} sites, no changes.</p>']
+        return [f'<p class="footnote">Membership: {_count(sites, "site")}, no changes.</p>']
     kinds: dict[str, int] = {}
     for e in m.changes:
         kinds[str(e.get("kind"))] = kinds.get(str(e.get("kind")), 0) + 1
-    said = [f"{esc(sites)} sites"]
+    said = [_count(sites, "site")] if sites else []
     if kinds:
         said.append(", ".join(f"{n} {esc(k)}" for k, n in kinds.items()))
     for items, word in ((m.rejected, "rejected update"), (m.faults, "injected fault"), (m.failures, "failure")):
@@ -455,7 +463,8 @@ def _membership_section(run: Run) -> list[str]:
         "start": "summary.json does not say when the run started (an older run); times from metrics.jsonl count "
                  "from the first site's start, and may sit some seconds off those from summary.json.",
     }.get(m.origin_source or "")
-    parts.append('<p class="footnote">Wall: seconds since the run started.' + (f" {esc(note)}" if note else "") + "</p>")
+    parts.append('<p class="footnote">Wall: seconds since the run started. Round: the coordinator&#x27;s, when it '
+                 f'logged the event (the latest any site had reported to it).{" " + esc(note) if note else ""}</p>')
     return parts
 
 

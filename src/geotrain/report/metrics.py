@@ -677,7 +677,8 @@ def _origin(run: Run) -> tuple[float | None, str | None]:
                 if (w := _wall_of(e)) is not None and (t := _num(r, "time")) is not None:
                     return t - w, "matched"
     for f in _dicts(s.get("faults")):
-        due = [t for r in logged.get("fault_due", []) if r.get("fault") == f.get("spec") and (t := _num(r, "time")) is not None]
+        due = [t for r in logged.get("fault_due", [])
+               if r.get("fault") == f.get("spec") and (t := _num(r, "time")) is not None]
         if due and (w := _wall_of(f)) is not None:
             return min(due) - w, "matched"
     starts = [t for r in logged.get("start", []) if (t := _num(r, "time")) is not None]

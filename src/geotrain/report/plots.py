@@ -250,13 +250,14 @@ def _loss_ylim(ax: Axes, series: Sequence[np.ndarray], *, raw: Sequence[np.ndarr
 
 
 def _loss_panel(ax: Axes, run: Run, *, x: str, origin: float | None = None,
-                time_scale: tuple[float, str] | None = None) -> bool:
+                time_scale: tuple[float, str] | None = None, idle: Sequence[tuple[float, float]] = ()) -> bool:
     """Draw train (per site) and eval loss against ``x`` ("tokens" or "wall_s"); False when nothing to draw.
 
     With ``origin`` (Unix seconds), wall time is the run's clock: seconds since then, from each record's
     ``time``. A site that started again (healed or resumed) then goes on where it was, its line broken over
     the time it was away, where its own ``wall_s`` would start again from zero. ``time_scale`` fixes the unit
-    (to share an axis with another panel)."""
+    (to share an axis with another panel). The eval line is broken over the ``idle`` periods (seconds, on that
+    clock) in which no site was in the run."""
     drawn = False
     smoothed_all: list[np.ndarray] = []
     raw_all: list[np.ndarray] = []
@@ -314,6 +315,9 @@ def _loss_panel(ax: Axes, run: Run, *, x: str, origin: float | None = None,
     if ex.size:
         if x == "wall_s":
             ex = ex / scale
+        if clock and idle:
+            cuts = np.unique(np.searchsorted(ex, [stop / scale for _, stop in idle]))
+            ex, ey = _joined(np.split(ex, cuts)), _joined(np.split(ey, cuts))
         ax.plot(ex, ey, color=EVAL_COLOR, linewidth=1.8, marker="o", markersize=6.5 if ex.size <= 30 else 4.5,
                 markerfacecolor=EVAL_COLOR, markeredgecolor="white", markeredgewidth=1.2 if ex.size <= 30 else 0.6,
                 label="eval (held-out)", zorder=4)
@@ -410,21 +414,28 @@ def marks_membership(run: Run, m: Membership | None = None) -> bool:
     return m.changed and m.origin is not None and bool(np.isfinite(run.column("step", None, "time")).any())
 
 
+def _is_site(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _marks(m: Membership) -> list[_Mark]:
+    """What to mark: the membership changes, the injected faults and the rejected updates whose time and site
+    are known (a damaged entry is left to the tables, which show what was written)."""
     marks: list[_Mark] = []
     for e in m.changes:
         site, kind, wall = e.get("site"), e.get("kind"), e.get("wall")
-        if wall is None:
+        if wall is None or not _is_site(site):
             continue
         if kind == "left":
             marks.append(_Mark(wall, site, f"site {site} left", "site left", LEFT_COLOR, "-", "X"))
         elif kind == "healed":
-            marks.append(_Mark(wall, site, f"site {site} healed", "site healed (state received)", HEALED_COLOR, "-", "D"))
+            marks.append(_Mark(wall, site, f"site {site} healed", "site healed (state received)", HEALED_COLOR, "-",
+                               "D"))
         else:
             marks.append(_Mark(wall, site, f"site {site} {kind}", "site joined / rejoined", JOINED_COLOR, "-", "^"))
     for f in m.faults:
         action, site, wall = str(f.get("action")), f.get("site"), f.get("wall")
-        if wall is None:
+        if wall is None or not (site is None or _is_site(site)):
             continue
         if site is None:
             marks.append(_Mark(wall, None, f"{action} coordinator", f"fault: {action} coordinator",
@@ -433,7 +444,7 @@ def _marks(m: Membership) -> list[_Mark]:
             marks.append(_Mark(wall, site, f"{action} site {site}", f"fault: {action}",
                                FAULT_COLORS.get(action, "#4a5568"), "--", "v"))
     for r in m.rejected:
-        if r.get("wall") is not None:
+        if r.get("wall") is not None and _is_site(r.get("site")):
             marks.append(_Mark(r["wall"], r.get("site"), f"site {r.get('site')} rejected", "update rejected",
                                REJECTED_COLOR, ":", "s"))
     return sorted(marks, key=lambda mk: mk.x)
@@ -501,8 +512,8 @@ def _lanes(ax: Axes, run: Run, m: Membership, marks: Sequence[_Mark], *, scale: 
     ax.spines["left"].set_visible(False)
 
 
-def _membership_legend(fig: Figure, marks: Sequence[_Mark], spans: dict[int, list[Any]]) -> None:
-    """One entry per kind of mark and lane state present, below the figure."""
+def _membership_legend(marks: Sequence[_Mark], spans: dict[int, list[Any]]) -> dict[str, Any]:
+    """Legend handles by label: one per lane state and kind of mark present."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -520,8 +531,21 @@ def _membership_legend(fig: Figure, marks: Sequence[_Mark], spans: dict[int, lis
     for mk in sorted(marks, key=_legend_rank):
         handles.setdefault(mk.legend, Line2D([], [], color=mk.color, linestyle=mk.line, linewidth=1.1, marker=mk.marker,
                                              markersize=6, markeredgecolor="white"))
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(4, len(handles)),
-               frameon=False, fontsize=8.5)
+    return handles
+
+
+def _idle(spans: dict[int, list[Any]]) -> list[tuple[float, float]]:
+    """The periods between the first site joining and the last leaving in which no site was in the run (all of
+    them stopped, say, and the run resumed later)."""
+    busy = sorted((start, stop) for intervals in spans.values() for start, stop, state in intervals
+                  if state in ("member", "healing"))
+    idle: list[tuple[float, float]] = []
+    reach = None
+    for start, stop in busy:
+        if reach is not None and start > reach:
+            idle.append((reach, start))
+        reach = stop if reach is None else max(reach, stop)
+    return idle
 
 
 def _legend_rank(mk: _Mark) -> tuple[int, int]:
@@ -538,7 +562,8 @@ def _loss_with_membership_png(run: Run, m: Membership) -> bytes:
     spans = m.intervals()
     lanes = len({*sites_in(run), *spans}) + (1 if any(mk.site is None for mk in marks) else 0)
     lane_height = 0.35 + 0.3 * lanes
-    legend_rows = -(-len({mk.legend for mk in marks} | {s for v in spans.values() for *_, s in v} - {"member"}) // 4)
+    legend = _membership_legend(marks, spans)
+    legend_rows = -(-len(legend) // 4)
     end = m.end or 0.0
     scale, unit = _time_scale(end)
     with _style():
@@ -552,12 +577,14 @@ def _loss_with_membership_png(run: Run, m: Membership) -> bytes:
         ax = fig.add_subplot(grid[1], sharex=lane_ax)
         _title(lane_ax, PLOT_TITLES["loss_wall"], run)
         _lanes(lane_ax, run, m, marks, scale=scale)
-        drawn = _loss_panel(ax, run, x="wall_s", origin=m.origin, time_scale=(scale, unit))
+        drawn = _loss_panel(ax, run, x="wall_s", origin=m.origin, time_scale=(scale, unit), idle=_idle(spans))
         lo = min([0.0, *(mk.x / scale for mk in marks), *(a / scale for v in spans.values() for a, *_ in v)])
         ax.set_xlim(lo, end / scale * 1.02 if end > 0 else 1)
         if drawn:
             _mark_lines(ax, marks, scale=scale, labels=True)
-        _membership_legend(fig, marks, spans)
+        if legend:  # below the figure, outside the panels
+            fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(4, len(legend)),
+                       frameon=False, fontsize=8.5)
         return _png(fig)
 
 
