@@ -238,6 +238,8 @@ def build_summary(
         "data": (start.get("meta") or {}).get("data"),
         "seed": run["seed"],
         "sites_in_sync": figures.get("sites_in_sync"),
+        # Unix seconds at which every ``wall`` below starts counting (the report puts records on this clock).
+        "started_at": t0,
         "membership": _membership(membership or [], t0),
         "rejected_updates": _rejected_updates(records),
         "failures": [{"site": r.get("site"), "message": r.get("message"),
