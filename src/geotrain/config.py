@@ -192,7 +192,8 @@ class RunConfig:
     eval_batches: int = 8
     """Batches of the held-out split used for each evaluation (the same windows for every algorithm)."""
     collective_timeout_s: float = 300.0
-    """Seconds a cross-site collective may block before the run fails instead of hanging."""
+    """Seconds a collective inside a site (between its workers) may block before the site fails instead of
+    hanging. Cross-site transfers have deadlines of their own that follow their size (``[membership]``)."""
 
     def __post_init__(self) -> None:
         from geotrain.algorithms import get_algorithm

@@ -28,6 +28,18 @@ ELASTIC = {"run.sites": 4, "model.d_model": 64, "model.seq_len": 64, "data.batch
            "checkpoint.every_rounds": 0}
 
 
+def _processes_naming(text: str) -> list[int]:
+    """PIDs whose command line contains ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def _events(summary, kind):
     return [e for e in summary["membership"] if e["kind"] == kind]
 
@@ -119,6 +131,11 @@ def test_resume_after_the_whole_run_was_killed_is_exact(tmp_path):
         proc.wait(timeout=60)
     summary = json.loads((killed / "summary.json").read_text()) if (killed / "summary.json").exists() else None
     assert summary is None  # nothing finished
+    # the coordinator runs in a session of its own; with its launcher gone it stops by itself
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _processes_naming(str(killed / "membership.jsonl")):
+        time.sleep(0.1)
+    assert not _processes_naming(str(killed / "membership.jsonl")), "the coordinator outlived its launcher"
     resumed = subprocess.run([sys.executable, "-m", "geotrain.cli", "run", "--quiet", "--resume", str(killed)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -148,3 +165,32 @@ def test_a_new_run_refuses_to_overwrite_checkpoints_and_resume_needs_some(tmp_pa
     assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
     assert list((tmp_path / "r" / "checkpoints").glob("round-*")), "nothing is lost"
     assert run("--out", str(tmp_path / "r"), "--overwrite").returncode == 0
+
+
+def _random_schedule(seed: int, *, sites: int, kills: int, first: int, gap: int) -> list[str]:
+    """``kills`` kill-and-rejoin pairs at random sites, one in each window of ``gap`` rounds from round
+    ``first``: the kill in the window's first 5 rounds, its rejoin 1 to 3 rounds later. A window is long
+    enough for the restarted site to boot and be admitted before the next kill."""
+    import random
+
+    rng = random.Random(seed)
+    faults = []
+    for i in range(kills):
+        site = rng.randrange(sites)
+        at = first + i * gap + rng.randrange(5)
+        faults += [f"kill:{site}@{at}", f"rejoin:{site}@{at + 1 + rng.randrange(3)}"]
+    return faults
+
+
+def test_a_seeded_random_schedule_of_five_kills_and_rejoins_ends_in_sync_at_the_no_fault_loss(tmp_path):
+    settings = {**ELASTIC, "run.tokens": 4 * 8 * 64 * 1000}  # 200 rounds of 5 steps
+    schedule = _random_schedule(7, sites=4, kills=5, first=3, gap=36)  # the last rejoin by round 155
+    assert len({f.split(":")[1].split("@")[0] for f in schedule}) > 1  # more than one site is struck
+    base = run_tiny(tmp_path / "base", **settings)
+    assert base.exit_code == 0
+    outcome = run_tiny(tmp_path / "faults", faults=schedule, **settings)
+    s = outcome.summary
+    assert outcome.exit_code == 0 and s["ok"] is True, s["error"]  # no hang: launch returned, every wait bounded
+    assert len(_events(s, "left")) == 5 and len(_events(s, "healed")) == 5, s["membership"]
+    assert s["sites_in_sync"] is True and all(p["complete"] for p in s["per_site"])
+    assert s["eval_loss"] <= 1.05 * base.summary["eval_loss"], (s["eval_loss"], base.summary["eval_loss"])

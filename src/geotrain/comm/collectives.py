@@ -282,6 +282,8 @@ class CrossSiteComm:
     # -- generations -----------------------------------------------------------------------------------------
     def _regroup(self, generation: int, members: list[int]) -> None:
         """Build this worker's transport for a new generation (its gloo group on the generation's prefix)."""
+        if self.site not in members:  # the coordinator dropped this site meanwhile: join again, be healed
+            raise Evicted(f"generation {generation} of sites {list(members)} no longer holds site {self.site}")
         old = self.sites
         self.transport = None  # the old group's sockets close with it
         self.transport = self.make_transport(generation, list(members))
@@ -523,8 +525,15 @@ class CrossSiteComm:
         if q["joined"] and q["healer"] == self.site:
             blob = build_state()
             self._pool.submit(self._send_state, blob, [self.members.index(j) for j in q["joined"]]).result()
+        if q["joined"]:
+            self.healed_barrier(q["gen"])
         self.stats.wait_seconds += self.clock.now() - t0
         return q
+
+    def healed_barrier(self, generation: int) -> None:
+        """Members and joiners start the next round together, once the state has arrived: the healer's link
+        is busy while it sends, so a round begun meanwhile would wait on it past its transfer deadline."""
+        self.control_sum(f"healed/{generation}", [0.0], count_wait=False)
 
     def _admission(self) -> dict[str, Any]:
         q = self.membership.admit(self.syncs)

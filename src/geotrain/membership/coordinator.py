@@ -33,6 +33,7 @@ import contextlib
 import hmac
 import json
 import math
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -464,8 +465,9 @@ class Coordinator:
                     self._site_gone(s.id, f"no heartbeat from worker {w.index} for "
                                           f"{self.heartbeat_timeout:g} s (membership.heartbeat_timeout_s)")
                     break
+            # after a restart every worker of every site reconnects at once: twice the usual grace
             if s.status == "member" and len(s.workers) < self.workers and self.adopted_at is not None \
-                    and t - self.adopted_at > self.heartbeat_timeout:
+                    and t - self.adopted_at > 2 * self.heartbeat_timeout:
                 self._site_gone(s.id, "did not reconnect after the coordinator restarted")
             if s.status == "waiting" and self.formed and t - s.joined_at > self.join_timeout:
                 for fut in self._admission_waiters.pop(s.id, []):
@@ -668,7 +670,10 @@ class Coordinator:
                 reply = {"refused": f"malformed join ({e})"}
             await send(reply)
             if "refused" in reply:
+                self.log(f"refused site {first.get('site')}: {reply['refused']}")
                 return
+            if op == "join":
+                self.log(f"site {first['site']} worker {first['worker']} connected ({reply['status']})")
             who = (int(first["site"]), int(first["worker"]))
             incarnation = str(first.get("incarnation", ""))
             while True:
@@ -712,19 +717,25 @@ class Coordinator:
 
 
 def serve(secret: bytes, host: str, port: int, *, events_path: Path | None = None, hours: float = math.inf,
-          log: Callable[[str], None] | None = None, ready: Callable[[int], None] | None = None) -> None:
-    """Run a coordinator until ``hours`` pass or the process is interrupted."""
+          log: Callable[[str], None] | None = None, ready: Callable[[int], None] | None = None,
+          parent: int | None = None) -> None:
+    """Run a coordinator until ``hours`` pass or the process is interrupted, or, given ``parent`` (the
+    launcher's PID), until this process is no longer its child (a launcher killed with SIGKILL leaves no
+    coordinator behind)."""
 
     async def main() -> None:
         c = Coordinator(secret, events_path=events_path, log=log)
         bound = await c.start(host, port)
         if ready is not None:
             ready(bound)
+        end = time.monotonic() + hours * 3600
         try:
-            if math.isinf(hours):
-                await asyncio.Event().wait()
-            else:
-                await asyncio.sleep(hours * 3600)
+            while time.monotonic() < end:  # hours may be inf: bounded by the parent or an interrupt
+                await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+                if parent is not None and os.getppid() != parent:
+                    if log is not None:
+                        log(f"the launcher (PID {parent}) is gone; stopping")
+                    break
         finally:
             await c.stop()
 

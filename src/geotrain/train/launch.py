@@ -222,7 +222,7 @@ class _Coordinator:
         log = open(self.log, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "geotrain.membership", "--host", "127.0.0.1", "--port", str(self.port),
-             "--token-file", str(self.token), "--events", str(self.events)],
+             "--token-file", str(self.token), "--events", str(self.events), "--parent", str(os.getpid())],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + 60.0
@@ -404,8 +404,10 @@ def launch(
                                 with contextlib.suppress(ProcessLookupError):
                                     os.kill(p.pid, signal.SIGKILL)
                 running = [k for k, ps in group.procs.items() if any(_alive(p) for p in ps)]
-                rejoins = any(f.action == "rejoin" for f in pending)
-                if not running and not rejoins:
+                if not running:  # a rejoin still pending has no run left to join, nor a peer to heal from
+                    for f in pending:
+                        print(f"warning: --fault {f} was not carried out: the run ended before it was due",
+                              file=sys.stderr)
                     done = [k for k, ps in group.procs.items()
                             if k not in group.killed and all(_exitcode(p) == 0 for p in ps)]
                     if not done:
