@@ -252,6 +252,8 @@ class CrossSiteComm:
         """Fault injection: the next pseudo-gradient this site sends is multiplied by this."""
         self.admission_due = False
         """Set when the training thread waits for a sync whose quorum saw joiners: admit them at this step."""
+        self.heal_errors: list[str] = []
+        """Transfers of the state to a joiner that failed (the joiner is dropped; the healer goes on)."""
         self.outcomes: list[SyncOutcome] = []
         """Outcomes waited for and not yet read by the loop (membership changes, rejected updates)."""
         self._feedback: dict[str, Any] = {}
@@ -539,6 +541,8 @@ class CrossSiteComm:
         q = self.membership.admit(self.syncs)
         if q["gen"] != self.generation:
             self._regroup(q["gen"], q["members"])
+        elif q["joined"]:  # the decision of an admission this worker already took part in (asked again at the
+            q = {**q, "joined": [], "healer": None}  # same sync count): its joiners are members and healed
         self.observed_members = list(self.members)
         return q
 
@@ -554,10 +558,13 @@ class CrossSiteComm:
         shard = torch.frombuffer(bytearray(blob[start:end]), dtype=torch.uint8) if end > start else torch.zeros(
             0, dtype=torch.uint8)
         for r in ranks:
-            self.transport.send(header, r)
-            if shard.numel():
-                traffic = self.transport.send(shard, r)
-                self.stats.record(traffic, key="heal")
+            try:
+                self.transport.send(header, r)
+                if shard.numel():
+                    traffic = self.transport.send(shard, r)
+                    self.stats.record(traffic, key="heal")
+            except _TRANSFER_ERRORS as e:  # the joiner went away: it is dropped and joins again; the run goes on
+                self.heal_errors.append(f"sending the state to site {self.members[r]} failed: {e}")
 
     def receive_state(self, healer: int) -> bytes:
         """A joiner's side of :meth:`admit`: this worker's shard from the healer, then the site's shards put

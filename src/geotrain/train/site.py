@@ -488,6 +488,9 @@ def _admit(comm: Any, snapshot: Callable[[], Any], recorder: Any, site: int) -> 
     if q["joined"]:
         recorder.write("admitted", site=site, joined=q["joined"], healer=q["healer"], generation=q["gen"],
                        members=q["members"], seconds=time.time() - t0)
+    for message in comm.heal_errors:
+        recorder.write("warning", site=site, message=message)
+    comm.heal_errors.clear()
 
 
 def _load_factory(ref: str) -> Callable[..., Any]:
