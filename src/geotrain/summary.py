@@ -245,6 +245,8 @@ def build_summary(
         "failures": [{"site": r.get("site"), "message": r.get("message"),
                       "wall": None if t0 is None or not _is_number(r.get("time")) else r["time"] - t0}
                      for _, rows in sorted(records.items()) for r in rows if r.get("kind") == "error"],
+        "warnings": [{"site": r.get("site"), "message": r.get("message")}
+                     for _, rows in sorted(records.items()) for r in rows if r.get("kind") == "warning"],
         "faults": [{**{k: f.get(k) for k in ("spec", "action", "site")},
                     "wall": None if t0 is None or not _is_number(f.get("time")) else f["time"] - t0}
                    for f in faults or []],
