@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import platform
 import random
 import resource
 import signal
@@ -479,7 +480,7 @@ def report(results: list[Result], args: argparse.Namespace, *, load: tuple[tuple
         f"reply, the default membership.heartbeat_s) and a request connection (attach, form, then per round a "
         f"quorum and a commit vote carrying the guard's statistics, 3 floats per site, and the data position). "
         f"{args.rounds} rounds, {args.round_gap_s:g} s apart; handshakes run {args.join_concurrency} at a time.  ",
-        f"Machine: {os.cpu_count()} cores, shared with other work while this ran (load average "
+        f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, shared with other work while this ran (load average "
         f"{load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end); coordinator and driver share those cores. "
         f"Total {wall_s:.0f} s.",
         "",
@@ -511,6 +512,18 @@ def report(results: list[Result], args: argparse.Namespace, *, load: tuple[tuple
             f"({'met' if quorum_max < 1.0 else 'not met'}: under 1 s); coordinator {big.cpu_steady:.2f} cores "
             f"steady, {big.cpu_peak:.2f} peak ({'met' if big.cpu_steady < 1.0 else 'not met'}: under one core).",
         ]
+    if done:
+        lines += [
+            "",
+            "In the tables per N below, first answer: from the last request to the first site holding the answer (the decision and one "
+            "reply); the rest of the quorum (vote) time is the coordinator sending N replies and this one "
+            "process reading them. Coordinator CPU per quorum (vote): the time its event loop ran (/proc/PID/schedstat) from just before "
+            "the first request to the last answer, heartbeats in that span included: what the step costs it, "
+            "whatever the machine's load. Driver: this process's CPU over the same span (building, sealing and "
+            "sending the N requests, reading the N answers); the span itself starts before the first request, "
+            "so it is longer than the quorum (vote) time. A heartbeat's round trip is measured here, so it "
+            "includes this process's own delays.",
+        ]
     for r in done:
         lines += [
             "",
@@ -520,14 +533,6 @@ def report(results: list[Result], args: argparse.Namespace, *, load: tuple[tuple
             f"connection (coordinator {r.cpu_join:.2f} cores meanwhile). Heartbeats in the steady phase: "
             f"{r.heartbeats}, round trip median {_num(1e3 * r.heartbeat_rtt_median_s, '.2f')} ms, "
             f"max {_num(1e3 * r.heartbeat_rtt_max_s, '.1f')} ms.",
-            "",
-            "First answer: from the last request to the first site holding the answer (the decision and one "
-            "reply); the rest of the quorum (vote) time is the coordinator sending N replies and this one "
-            "process reading them. Coordinator CPU per quorum (vote): the time its event loop ran (/proc/PID/schedstat) from just before "
-            "the first request to the last answer, heartbeats in that span included: what the step costs it, "
-            "whatever the machine's load. Driver: this process's CPU over the same span (building, sealing and "
-            "sending the N requests, reading the N answers); the span itself starts before the first request, "
-            "so it is longer than the quorum (vote) time.",
             "",
             "| round | quorum requests spread over (ms) | quorum: first answer / all (ms) "
             "| vote: first answer / all (ms) | coordinator CPU, quorum (ms) | vote (ms) | driver CPU, quorum (ms) "
