@@ -74,7 +74,7 @@ class CoordinatorProcess:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
         prefix = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile is not None else [])
         cmd = [*prefix, "-m", "geotrain.membership", "--token-file", str(token), "--host", HOST, "--port", "0",
-               "--events", str(workdir / "events.jsonl"), "--hours", f"{hours:.6f}"]
+               "--events", str(workdir / "events.jsonl"), "--hours", f"{hours:.6f}", "--parent", str(os.getpid())]
         self._log = open(self.log_path, "wb")  # a file, not a pipe: a pipe nobody reads would stall it
         # Its own session: a Ctrl+C in the terminal reaches the benchmark, which stops it in order.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -637,7 +637,8 @@ def main() -> int:
                 workdir = Path(tmp) / f"n{n}"
                 workdir.mkdir()
                 profile = None if args.profile is None else args.profile.resolve() / f"coordinator-{n}.prof"
-                # --hours: it ends by itself even if this process is killed without a chance to stop it.
+                # --parent and --hours: it ends by itself even if this process is killed without a chance to
+                # stop it.
                 coordinator = CoordinatorProcess(workdir, token, hours=(left + 60) / 3600, profile=profile)
                 print(f"[N={n}] coordinator pid {coordinator.pid}", flush=True)
                 try:
