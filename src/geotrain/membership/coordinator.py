@@ -49,6 +49,7 @@ from geotrain.membership.wire import (
     PROTOCOL_VERSION,
     Channel,
     client_proof,
+    encode_body,
     server_proof,
     session_key,
 )
@@ -93,6 +94,22 @@ class _Barrier:
     arrived: dict[tuple[int, int], dict] = field(default_factory=dict)
     waiters: list[tuple[tuple[int, int], asyncio.Future]] = field(default_factory=list)
     result: dict | None = None
+    waiting_at: int = 0
+    """Where in the members the last member still awaited was found (``Coordinator._awaiting_member``)."""
+
+
+class _Decision(dict):
+    """A barrier's result. Everyone who asks gets the same reply, so its frame body is encoded once: at 1,000
+    sites a vote's summed statistics make each reply tens of kilobytes of JSON."""
+
+    __slots__ = ("_body",)
+
+    def body(self) -> bytes:
+        try:
+            return self._body
+        except AttributeError:
+            self._body = encode_body(self)
+            return self._body
 
 
 class Refused(Exception):
@@ -227,11 +244,15 @@ class Coordinator:
         return await fut
 
     def _decide(self, b: _Barrier, result: dict) -> None:
-        b.result = result
+        b.result = result = _Decision(result)
         for _, fut in b.waiters:
             if not fut.done():
                 fut.set_result(result)
         b.waiters.clear()
+        # Decided barriers are kept (up to _DECIDED_KEEP per kind) for late askers; with their payloads, 256
+        # votes of 1,000 sites would hold 256,000 statistics vectors of 3,000 floats. Who arrived stays: a
+        # check that was going through the late sites when this decision came still asks.
+        b.arrived = dict.fromkeys(b.arrived)
 
     def _recheck(self) -> None:
         for table in self.barriers.values():
@@ -244,13 +265,32 @@ class Coordinator:
 
     def _arrived_sites(self, b: _Barrier, sites: list[int], *, worker: int | None = None) -> bool:
         need = range(self.workers) if worker is None else [worker]
+        if len(b.arrived) < len(need) * len(set(sites)):
+            return False  # fewer arrivals than requests awaited: checked on every arrival, so count first
         return all((k, w) in b.arrived for k in sites for w in need)
+
+    def _awaiting_member(self, b: _Barrier, *, worker: int | None = None) -> bool:
+        """Whether a live member has not arrived at ``b`` yet: ``not self._arrived_sites(b, self._alive_members(),
+        worker=worker)``, but checked on every arrival, so it does not list the members. It looks first where
+        it last found one still awaited (usually still awaited, or followed by one that is) and goes round
+        the members from there."""
+        need = range(self.workers) if worker is None else (worker,)
+        members, n = self.members, len(self.members)
+        for j in range(b.waiting_at, b.waiting_at + n):
+            k = members[j % n]
+            s = self.sites.get(k)
+            if s is not None and s.status == "member" and not all((k, w) in b.arrived for w in need):
+                b.waiting_at = j % n
+                return True
+        return False
 
     # form: the first generation
     def _check_form(self, b: _Barrier) -> None:
+        late = self.now() >= b.deadline
+        if not late and len(b.arrived) < self.sites_max * self.workers:
+            return  # not every site has asked yet (this runs on every join and every arrival)
         ready = [k for k, s in sorted(self.sites.items()) if s.status == "waiting" and self._present(s)
                  and self._arrived_sites(b, [k])]
-        late = self.now() >= b.deadline
         if len(ready) < self.sites_max and not (late and len(ready) >= self.min_sites):
             if late:
                 self._decide(b, {"error": f"only {len(ready)} of {self.sites_max} sites joined within "
@@ -282,6 +322,8 @@ class Coordinator:
 
     # quorum: before each sync
     def _check_quorum(self, b: _Barrier) -> None:
+        if self._awaiting_member(b) and self.now() < b.deadline:
+            return  # the common case, answered without listing the live members
         alive = self._alive_members()
         late = self.now() >= b.deadline
         if not self._arrived_sites(b, alive):
@@ -334,6 +376,8 @@ class Coordinator:
 
     # admit: joiners come in at a round boundary
     def _check_admit(self, b: _Barrier) -> None:
+        if self._awaiting_member(b) and self.now() < b.deadline:
+            return
         alive = self._alive_members()
         if not self._arrived_sites(b, alive):
             if self.now() < b.deadline:
@@ -368,6 +412,8 @@ class Coordinator:
     # sum: a few floats over the members (per worker index)
     def _check_sum(self, b: _Barrier) -> None:
         _, worker = b.key
+        if self._awaiting_member(b, worker=worker) and self.now() < b.deadline:
+            return
         alive = self._alive_members()
         if not self._arrived_sites(b, alive, worker=worker):
             if self.now() < b.deadline:
@@ -651,7 +697,7 @@ class Coordinator:
                 return channel.open(await reader.readexactly(n))
 
             async def send(obj: Any) -> None:
-                writer.write(channel.seal(obj))
+                writer.write(channel.seal_body(obj.body()) if isinstance(obj, _Decision) else channel.seal(obj))
                 await writer.drain()
 
             first = await recv()
