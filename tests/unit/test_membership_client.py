@@ -428,13 +428,15 @@ def test_a_gloo_process_group_forms_over_the_coordinator_store_and_reduces():
 
         def rank(k: int) -> tuple[list[float], list[float]]:
             torch.set_num_threads(1)
-            store = dist.PrefixStore("cross/0/gen0/", CoordinatorStore(clients[k], timeout_s=30.0))
-            pg = dist.ProcessGroupGloo(store, k, 2, datetime.timedelta(seconds=30))
+            # the Python store must outlive the group: gloo's C++ side calls back into this very object
+            base = CoordinatorStore(clients[k], timeout_s=30.0)
+            pg = dist.ProcessGroupGloo(dist.PrefixStore("cross/0/gen0/", base), k, 2, datetime.timedelta(seconds=30))
             summed = torch.tensor([1.0 + k, 10.0 * k, -2.0])
             pg.allreduce([summed]).wait()
             sent = torch.tensor([7.0, 8.0]) if k == 0 else torch.zeros(2)
-            pg.broadcast([sent], 0).wait()
+            pg.broadcast(sent, 0).wait()
             pg.barrier().wait()
+            assert base.client is clients[k]
             return summed.tolist(), sent.tolist()
 
         ranks = [background(rank, k) for k in (0, 1)]
