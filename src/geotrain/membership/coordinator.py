@@ -219,6 +219,8 @@ class Coordinator:
         w = s.workers.get(index)
         if w is None or w.incarnation != incarnation:
             return  # an older incarnation's connection closing after the site was replaced
+        if index in s.finished_workers:
+            return  # it said done: its process ending is not its site leaving (the others may still be at work)
         self._site_gone(site, reason)
 
     # -- barriers ---------------------------------------------------------------------------------------------
@@ -507,6 +509,8 @@ class Coordinator:
             if s.status in ("gone", "finished"):
                 continue
             for w in list(s.workers.values()):
+                if w.index in s.finished_workers:
+                    continue  # done, and quiet because its process has ended
                 if t - w.last_seen > self.heartbeat_timeout:
                     self._site_gone(s.id, f"no heartbeat from worker {w.index} for "
                                           f"{self.heartbeat_timeout:g} s (membership.heartbeat_timeout_s)")
