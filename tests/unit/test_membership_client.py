@@ -61,6 +61,12 @@ def _form(*clients: MembershipClient) -> list[dict[str, Any]]:
     return [c.result() for c in calls]
 
 
+def _admission(client: MembershipClient, sync: int) -> dict[str, Any]:
+    """A member's admission at ``sync``, without the launch name."""
+    reply = client.admit(sync)
+    return {k: reply[k] for k in ("gen", "members", "joined", "healer")}
+
+
 def _all(fn: Any, *clients: MembershipClient, **kwargs: Any) -> list[Any]:
     calls = [background(fn(c), **kwargs) for c in clients]
     return [c.result() for c in calls]
@@ -205,6 +211,40 @@ def test_a_silent_site_is_dropped_sees_evicted_rejoins_and_is_admitted_with_its_
         assert (silent.view.gen, silent.view.members) == (2, [0, 1]) == (live.view.gen, live.view.members)
         assert _events(rc)[-1] == (1, "rejoined")
         assert rc.call(lambda: rc.coordinator.events[-1]["healed_from"]) == 0
+
+
+def test_a_dropped_site_whose_heartbeats_return_is_admitted_only_after_it_learns_it_was_dropped():
+    """Site 1 is cut off mid-round, dropped at the heartbeat timeout, and the cut heals before its training
+    thread talks to the coordinator again. Its heartbeat thread re-joins at once; the members' next
+    admission must not take it in unhealed. Its training thread sees Evicted, rejoins, and is healed."""
+    clock = FakeClock()
+    with coordinator(clock) as rc, closing_clients(rc.address, SECRET, settings=SETTINGS) as cs:
+        a, b = cs.new(0), cs.new(1)
+        a.join()
+        b.join()
+        _form(a, b)
+        t0 = clock()
+        b.cut(True)
+        with b._session_lock:  # and no heartbeat of b's already under way can land while time moves
+            clock.advance(6.0)
+            wait_until(lambda: _last_seen(rc, 0) == t0 + 6.0, what="a heartbeat from site 0 at the new time")
+            clock.advance(4.25)
+            rc.call(rc.coordinator.tick)
+        assert _status(rc)["sites"][1]["status"] == "gone"
+        b.cut(False)
+        wait_until(lambda: _status(rc)["sites"][1] == {"status": "waiting", "workers": [0], "reason": ""},
+                   what="site 1's heartbeat thread to join again")
+
+        assert _admission(a, 1) == {"gen": 0, "members": [0, 1], "joined": [], "healer": None}
+        with pytest.raises(Evicted, match="site 1 is not a member of the run"):
+            b.quorum(1, round=1)
+        b.rejoin()
+        waiting = background(b.await_admission)
+        wait_until(lambda: rc.call(lambda: bool(rc.coordinator._admission_waiters.get(1))),
+                   what="site 1 waiting to be admitted")
+        assert _admission(a, 2) == {"gen": 1, "members": [0, 1], "joined": [1], "healer": 0}
+        assert waiting.result()["healer"] == 0 and b.view.gen == 1
+        assert _events(rc) == [(0, "joined"), (1, "joined"), (1, "left"), (1, "rejoined")]
 
 
 def test_heartbeats_keep_a_quiet_site_in_the_run_for_as_long_as_it_lives():

@@ -433,8 +433,14 @@ async def test_below_min_sites_a_quorum_waits_for_a_joiner_to_make_up_the_minimu
     await settle()
     assert not quorum.done() and r.status(0) == "member"
     r.join(2)
+    await settle()
+    assert not quorum.done()  # joined, but not yet asking to be admitted (and healed)
+    waiting = r.ask(2, "await_admission")
     (reply,) = await r.answers([quorum])
     assert reply == {"gen": 1, "members": [0], "left": [1], "admit": True}
+    (admitted,) = await r.answers([r.ask(0, "admit", sync=5)])
+    assert (admitted["members"], admitted["joined"], admitted["healer"]) == ([0, 2], [2], 0)
+    assert (await r.answers([waiting]))[0]["healer"] == 0
 
 
 @in_loop
@@ -591,6 +597,31 @@ async def test_a_site_that_comes_back_is_admitted_healed_by_a_live_peer_and_resu
     # asked again after admission, the site is told it is a member
     (again,) = await r.answers([r.ask(1, "await_admission")])
     assert again == {"gen": 2, "members": [0, 1], "joined": [], "healer": None, "launch": r.c.launch}
+
+
+@in_loop
+async def test_a_site_is_admitted_only_once_every_one_of_its_workers_asks_to_be():
+    """A dropped site's sessions can come back on their own (its heartbeat threads re-join) while its
+    training threads are still mid-round. Such a site is not ready to take a healer's state: admitting it
+    would make it a member that was never healed, and its training would never learn it had been dropped."""
+    r = Run(workers=2)
+    await r.form()
+    await r.answers([r.ask(1, "leave")])
+    await r.answers(r.ask_all([0], "quorum", sync=1))
+    for w in (0, 1):
+        assert r.join(1, w, intent="member", incarnation=f"b{w}")["status"] == "waiting"
+    assert await r.answers(r.ask_all([0], "quorum", sync=2)) == [
+        {"gen": 1, "members": [0], "left": [], "admit": False}] * 2
+    asking = [r.ask(1, "await_admission", worker=0)]
+    none = await r.answers(r.ask_all([0], "admit", sync=2))
+    assert none == [{"gen": 1, "members": [0], "joined": [], "healer": None, "launch": r.c.launch}] * 2
+    asking.append(r.ask(1, "await_admission", worker=1))
+    assert (await r.answers(r.ask_all([0], "quorum", sync=3)))[0]["admit"] is True
+    admitted = await r.answers(r.ask_all([0], "admit", sync=3))
+    expected = {"gen": 2, "members": [0, 1], "joined": [1], "healer": 0, "launch": r.c.launch}
+    assert admitted == [expected] * 2
+    assert await r.answers(asking) == [{**expected, "position": None}] * 2
+    assert r.events("rejoined") == [(1, "rejoined")]
 
 
 @in_loop
