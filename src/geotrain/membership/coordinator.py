@@ -152,6 +152,8 @@ class Coordinator:
             k: OrderedDict() for k in ("form", "quorum", "vote", "admit", "sum")}
         self.adopted_at: float | None = None
         self._admission_waiters: dict[int, list[asyncio.Future]] = {}
+        self._asking: dict[tuple[int, int, str], int] = {}
+        """(site, worker, incarnation) -> its await_admission requests waiting now."""
         self.launch = secrets.token_hex(8)
         """Names this start of the run: every site of it writes its checkpoints under the same launch."""
 
@@ -193,7 +195,10 @@ class Coordinator:
         return [k for k in self.members if self.sites.get(k) is not None and self.sites[k].status == "member"]
 
     def _joiners(self) -> list[int]:
-        return sorted(k for k, s in self.sites.items() if s.status == "waiting" and self._present(s))
+        """Waiting sites whose every worker is asking to be admitted: only they will take a healer's state (a
+        dropped site's session can come back on its own, from its heartbeat thread, while it trains on)."""
+        return sorted(k for k, s in self.sites.items() if s.status == "waiting" and self._present(s)
+                      and all(self._asking.get((k, w.index, w.incarnation)) for w in s.workers.values()))
 
     def _site_gone(self, site: int, reason: str) -> None:
         s = self.sites.get(site)
@@ -573,7 +578,16 @@ class Coordinator:
                                  "with geotrain run --resume"}
             fut = asyncio.get_running_loop().create_future()
             self._admission_waiters.setdefault(site, []).append(fut)
-            result = dict(await fut)
+            asking = (site, worker, w.incarnation)
+            self._asking[asking] = self._asking.get(asking, 0) + 1
+            self._recheck()  # a quorum short of min_sites may be waiting for this joiner
+            try:
+                result = dict(await fut)
+            finally:
+                if self._asking.get(asking, 0) > 1:
+                    self._asking[asking] -= 1
+                else:
+                    self._asking.pop(asking, None)
             if "error" not in result:
                 result["position"] = self.positions.get(f"{site}/{worker}")
             return result
