@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from _utils.coordinator import RunningCoordinator, running_coordinator
 from geotrain.membership.client import MembershipClient
 
-__all__ = ["Background", "Clients", "FakeClock", "background", "closing_clients", "wait_until"]
+__all__ = ["Background", "Clients", "FakeClock", "background", "closing_clients", "serving", "wait_until"]
 
 WAIT_S = 30.0
 """The longest a test waits for something that happens at once on an idle machine (a bound, never a measure)."""
@@ -109,3 +110,16 @@ def closing_clients(address: str, secret: bytes, **kwargs: Any) -> Iterator[Clie
         yield clients
     finally:
         clients.close_all()
+
+
+@contextmanager
+def serving(secret: bytes | None = None, **kwargs: Any) -> Iterator[RunningCoordinator]:
+    """``running_coordinator`` whose event loop is also closed at the end (it holds a selector and sockets)."""
+    box: list[RunningCoordinator] = []
+    try:
+        with running_coordinator(secret, **kwargs) as rc:
+            box.append(rc)
+            yield rc
+    finally:
+        if box and not box[0].loop.is_running():
+            box[0].loop.close()

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _utils.coordinator import RunningCoordinator, running_coordinator
-from _utils.membership import FakeClock, background, closing_clients, wait_until
+from _utils.coordinator import RunningCoordinator
+from _utils.membership import FakeClock, background, closing_clients, serving, wait_until
 from geotrain.errors import ConfigError
 from geotrain.membership.client import Evicted, MembershipClient, MembershipError, Refused
 from geotrain.membership.fingerprint import fingerprint
@@ -36,7 +36,7 @@ seconds."""
 
 @contextlib.contextmanager
 def coordinator(clock: FakeClock | None = None, **kwargs: Any) -> Iterator[RunningCoordinator]:
-    with running_coordinator(SECRET, now=clock or FakeClock(), **kwargs) as rc:
+    with serving(SECRET, now=clock or FakeClock(), **kwargs) as rc:
         yield rc
 
 
@@ -350,7 +350,7 @@ def test_sums_run_per_worker_index_and_a_site_s_first_finished_worker_does_not_e
 
 def _first_coordinator(stack: contextlib.ExitStack) -> tuple[RunningCoordinator, Any]:
     """A coordinator and a function that stops it (once; ``stack`` stops it if the test does not)."""
-    manager = running_coordinator(SECRET, now=FakeClock())
+    manager = serving(SECRET, now=FakeClock())
     first = manager.__enter__()
     stopped: list[bool] = []
 
@@ -375,7 +375,7 @@ def test_a_new_coordinator_on_the_same_port_and_secret_adopts_the_membership_the
         launch = first.call(lambda: first.coordinator.launch)
         stop_first()
 
-        second = stack.enter_context(running_coordinator(SECRET, port=first.port, now=FakeClock()))
+        second = stack.enter_context(serving(SECRET, port=first.port, now=FakeClock()))
         assert second.port == first.port
         replies = _all(lambda c: lambda: c.quorum(1, round=1), a, b)
         assert replies == [{"gen": 0, "members": [0, 1], "left": [], "admit": False}] * 2
@@ -400,7 +400,7 @@ def test_a_site_that_died_while_the_coordinator_was_down_is_dropped_after_the_he
         b.cut(True)  # site 1 dies during the outage: it never comes back
         b.close()
 
-        second = stack.enter_context(running_coordinator(SECRET, port=first.port, now=clock))
+        second = stack.enter_context(serving(SECRET, port=first.port, now=clock))
         t0 = clock()
         quorum = background(a.quorum, 1, round=1)
         wait_until(lambda: second.call(lambda: bool(second.coordinator.barriers["quorum"].get((1, 0)))),

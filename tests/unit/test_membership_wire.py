@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from _utils.coordinator import running_coordinator
+from _utils.membership import serving
 from geotrain.errors import ConfigError
 from geotrain.membership import wire
 from geotrain.membership.__main__ import main as coordinator_main
@@ -113,7 +113,7 @@ def _read_plain(sock: socket.socket) -> dict:
 # -- the handshake against a real coordinator ------------------------------------------------------------------
 
 def test_the_right_secret_opens_a_channel_that_carries_requests_without_the_secret_on_the_wire():
-    with running_coordinator(SECRET) as rc:
+    with serving(SECRET) as rc:
         rec = _connect(rc.port)
         try:
             channel = client_handshake(rec, SECRET, address=rc.address)
@@ -134,7 +134,7 @@ def test_the_right_secret_opens_a_channel_that_carries_requests_without_the_secr
 
 
 def test_each_handshake_has_fresh_nonces_so_a_recorded_frame_cannot_be_replayed_on_another_connection():
-    with running_coordinator(SECRET) as rc:
+    with serving(SECRET) as rc:
         first, second = _connect(rc.port), _connect(rc.port)
         try:
             a = client_handshake(first, SECRET, address=rc.address)
@@ -157,7 +157,7 @@ def test_each_handshake_has_fresh_nonces_so_a_recorded_frame_cannot_be_replayed_
 
 
 def test_a_site_with_another_secret_is_told_so_before_it_proves_anything():
-    with running_coordinator(SECRET) as rc:
+    with serving(SECRET) as rc:
         rec = _connect(rc.port)
         try:
             with pytest.raises(AuthError) as info:
@@ -175,7 +175,7 @@ def test_a_site_with_another_secret_is_told_so_before_it_proves_anything():
 
 
 def test_the_coordinator_refuses_a_proof_made_with_another_secret_and_hangs_up():
-    with running_coordinator(SECRET) as rc:
+    with serving(SECRET) as rc:
         rec = _connect(rc.port)
         try:
             nonce = os.urandom(32)
@@ -200,7 +200,7 @@ def test_the_coordinator_refuses_a_proof_made_with_another_secret_and_hangs_up()
     {"hello": "http", "version": PROTOCOL_VERSION, "nonce": "00" * 32},
 ])
 def test_a_peer_that_does_not_speak_the_protocol_is_refused_with_the_reason(hello):
-    with running_coordinator(SECRET) as rc:
+    with serving(SECRET) as rc:
         rec = _connect(rc.port)
         try:
             rec.sendall(_plain(hello))
@@ -220,7 +220,7 @@ def test_a_peer_that_does_not_speak_the_protocol_is_refused_with_the_reason(hell
 
 
 def test_a_tampered_frame_on_a_real_connection_is_not_executed_and_ends_the_connection():
-    with running_coordinator(SECRET) as rc:
+    with serving(SECRET) as rc:
         rec = _connect(rc.port)
         try:
             channel = client_handshake(rec, SECRET, address=rc.address)
