@@ -276,6 +276,25 @@ def test_closing_a_client_says_why_it_left_and_stops_its_heartbeat():
             b.call("status", retry_s=0.0)
 
 
+def test_a_closed_client_opens_no_connection_for_a_thread_that_asks_afterwards():
+    """After close(), nothing of the client may reach the coordinator again: not a request from a thread
+    that never had a connection, and not the heartbeat thread re-joining a session that close() cut under
+    it (both open a new connection the same way, after close() has closed the ones it knew)."""
+    with coordinator() as rc, closing_clients(rc.address, SECRET, settings=SETTINGS) as cs:
+        a, b = cs.new(0), cs.new(1)
+        a.join()
+        b.join()
+        _form(a, b)
+        b.close(done=True)
+        connections = rc.call(lambda: len(rc.coordinator._tasks))
+        requests = rc.call(lambda: rc.coordinator.requests)
+        late = background(b.call, "status", retry_s=0.0)
+        with pytest.raises(MembershipError, match="closed"):
+            late.result()
+        assert b._channels == []
+        assert rc.call(lambda: (len(rc.coordinator._tasks), rc.coordinator.requests)) == (connections, requests)
+
+
 def test_a_killed_worker_s_closed_connection_drops_its_site_at_once():
     with coordinator() as rc, closing_clients(rc.address, SECRET, settings=SETTINGS) as cs:
         a, b = cs.new(0), cs.new(1)
