@@ -286,13 +286,17 @@ def test_a_closed_client_opens_no_connection_for_a_thread_that_asks_afterwards()
         b.join()
         _form(a, b)
         b.close(done=True)
-        connections = rc.call(lambda: len(rc.coordinator._tasks))
+
+        def only_site_0_connected() -> bool:
+            return rc.call(lambda: len(rc.coordinator._tasks)) == len(a._channels)
+
+        wait_until(only_site_0_connected, what="the coordinator to see site 1's connections close")
         requests = rc.call(lambda: rc.coordinator.requests)
         late = background(b.call, "status", retry_s=0.0)
         with pytest.raises(MembershipError, match="closed"):
             late.result()
-        assert b._channels == []
-        assert rc.call(lambda: (len(rc.coordinator._tasks), rc.coordinator.requests)) == (connections, requests)
+        assert b._channels == [] and rc.call(lambda: rc.coordinator.requests) == requests
+        wait_until(only_site_0_connected, what="no connection of site 1 left open")
 
 
 def test_a_killed_worker_s_closed_connection_drops_its_site_at_once():
