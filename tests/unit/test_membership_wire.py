@@ -14,7 +14,6 @@ import socket
 import stat
 import struct
 import threading
-from pathlib import Path
 
 import pytest
 
