@@ -67,8 +67,9 @@ def _admission(client: MembershipClient, sync: int) -> dict[str, Any]:
     return {k: reply[k] for k in ("gen", "members", "joined", "healer")}
 
 
-def _all(fn: Any, *clients: MembershipClient, **kwargs: Any) -> list[Any]:
-    calls = [background(fn(c), **kwargs) for c in clients]
+def _on_each(fn: Any, *clients: MembershipClient) -> list[Any]:
+    """``fn(client)`` for every client at once (each on its own thread), as the sites of a run call it."""
+    calls = [background(fn, c) for c in clients]
     return [c.result() for c in calls]
 
 
@@ -320,7 +321,7 @@ def test_a_vote_that_fails_is_retried_on_a_new_generation_and_commits():
         a.join()
         b.join()
         _form(a, b)
-        assert _all(lambda c: lambda: c.quorum(5, round=5), a, b) == [
+        assert _on_each(lambda c: c.quorum(5, round=5), a, b) == [
             {"gen": 0, "members": [0, 1], "left": [], "admit": False}] * 2
         calls = [background(a.vote, 5, gen=0, attempt=0, phase="commit", ok=True, stats=[1.0, 2.0]),
                  background(b.vote, 5, gen=0, attempt=0, phase="commit", ok=False, stats=[3.0, 4.0],
@@ -328,7 +329,7 @@ def test_a_vote_that_fails_is_retried_on_a_new_generation_and_commits():
         failed = [c.result() for c in calls]
         assert failed == [{"commit": False, "failed": [1], "gone": [], "stats": [4.0, 6.0],
                            "errors": {"site 1 worker 0": "the update from site 0 did not decode"}}] * 2
-        retry = _all(lambda c: lambda: c.quorum(5, round=5, attempt=1), a, b)
+        retry = _on_each(lambda c: c.quorum(5, round=5, attempt=1), a, b)
         assert retry == [{"gen": 1, "members": [0, 1], "left": [], "admit": False}] * 2
         assert a.view.gen == b.view.gen == 1
         calls = [background(c.vote, 5, gen=1, attempt=1, phase="commit", ok=True) for c in (a, b)]
@@ -394,13 +395,13 @@ def test_a_new_coordinator_on_the_same_port_and_secret_adopts_the_membership_the
         a.join()
         b.join()
         _form(a, b)
-        _all(lambda c: lambda: c.quorum(0, round=0), a, b)
+        _on_each(lambda c: c.quorum(0, round=0), a, b)
         launch = first.call(lambda: first.coordinator.launch)
         stop_first()
 
         second = stack.enter_context(serving(SECRET, port=first.port, now=FakeClock()))
         assert second.port == first.port
-        replies = _all(lambda c: lambda: c.quorum(1, round=1), a, b)
+        replies = _on_each(lambda c: c.quorum(1, round=1), a, b)
         assert replies == [{"gen": 0, "members": [0, 1], "left": [], "admit": False}] * 2
         c = second.coordinator
         assert second.call(lambda: (c.gen, c.members, c.formed, c.launch, c.round, c.adopted_at is not None)) == (
