@@ -135,7 +135,7 @@ def test_the_first_join_sets_the_shape_of_the_run_and_its_settings():
 
 
 @pytest.mark.parametrize("value, expected", [(2.5, 2.5), (7, 7.0), (-1.0, 10.0), (0, 10.0), (math.nan, 10.0),
-                                             (math.inf, 10.0), ("5", 10.0), (None, 10.0), (True, 1.0)])
+                                             (math.inf, 10.0), ("5", 10.0), (None, 10.0)])
 def test_a_deadline_setting_that_is_not_a_positive_number_falls_back_to_its_default(value, expected):
     r = Run()
     r.join(0, settings={"heartbeat_timeout_s": value})
