@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import stat
@@ -17,7 +18,7 @@ import threading
 
 import pytest
 
-from _utils.membership import serving
+from _utils.membership import serving, wait_until
 from geotrain.errors import ConfigError
 from geotrain.membership import wire
 from geotrain.membership.__main__ import main as coordinator_main
@@ -216,6 +217,29 @@ def test_a_peer_that_does_not_speak_the_protocol_is_refused_with_the_reason(hell
             assert channel.recv() == {"ok": True}
         finally:
             good.close()
+
+
+@pytest.mark.parametrize("opening", [
+    [{"hello": "geotrain", "version": PROTOCOL_VERSION}],  # no nonce
+    [{"hello": "geotrain", "version": PROTOCOL_VERSION, "nonce": 5}],  # a nonce that is not text
+    "attach without a site",  # authenticated, then a first message the coordinator cannot read
+])
+def test_a_peer_that_opens_with_a_malformed_message_is_hung_up_on_without_an_unhandled_error(opening, caplog):
+    with serving(SECRET) as rc:
+        sock = socket.create_connection(("127.0.0.1", rc.port), timeout=30)
+        try:
+            with caplog.at_level(logging.ERROR, logger="asyncio"):
+                if opening == "attach without a site":
+                    channel = client_handshake(sock, SECRET, address=rc.address)
+                    channel.send({"op": "attach"})
+                    assert channel.recv() == {"ok": True}
+                else:
+                    sock.sendall(_plain(opening[0]))
+                assert sock.recv(1) == b""  # hung up on
+                wait_until(lambda: rc.call(lambda: not rc.coordinator._tasks), what="the connection to end")
+            assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+        finally:
+            sock.close()
 
 
 def test_a_tampered_frame_on_a_real_connection_is_not_executed_and_ends_the_connection():
