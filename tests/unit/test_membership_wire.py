@@ -220,11 +220,12 @@ def test_a_peer_that_does_not_speak_the_protocol_is_refused_with_the_reason(hell
 
 
 @pytest.mark.parametrize("opening", [
-    [{"hello": "geotrain", "version": PROTOCOL_VERSION}],  # no nonce
-    [{"hello": "geotrain", "version": PROTOCOL_VERSION, "nonce": 5}],  # a nonce that is not text
+    {"hello": "geotrain", "version": PROTOCOL_VERSION},  # no nonce
+    {"hello": "geotrain", "version": PROTOCOL_VERSION, "nonce": 5},  # a nonce that is not text
     "attach without a site",  # authenticated, then a first message the coordinator cannot read
 ])
-def test_a_peer_that_opens_with_a_malformed_message_is_hung_up_on_without_an_unhandled_error(opening, caplog):
+def test_a_peer_that_opens_with_a_malformed_message_is_told_and_hung_up_on_without_an_unhandled_error(
+        opening, caplog):
     with serving(SECRET) as rc:
         sock = socket.create_connection(("127.0.0.1", rc.port), timeout=30)
         try:
@@ -232,9 +233,11 @@ def test_a_peer_that_opens_with_a_malformed_message_is_hung_up_on_without_an_unh
                 if opening == "attach without a site":
                     channel = client_handshake(sock, SECRET, address=rc.address)
                     channel.send({"op": "attach"})
-                    assert channel.recv() == {"ok": True}
+                    assert channel.recv() == {"refused": "malformed attach ('site')"}
                 else:
-                    sock.sendall(_plain(opening[0]))
+                    sock.sendall(_plain(opening))
+                    assert _read_plain(sock) == {"error": f"expected a geotrain site speaking protocol "
+                                                          f"{PROTOCOL_VERSION}"}
                 assert sock.recv(1) == b""  # hung up on
                 wait_until(lambda: rc.call(lambda: not rc.coordinator._tasks), what="the connection to end")
             assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []

@@ -673,7 +673,8 @@ class Coordinator:
             return len(body).to_bytes(4, "big") + body
 
         hello = await read_plain()
-        if hello.get("hello") != "geotrain" or hello.get("version") != PROTOCOL_VERSION:
+        if hello.get("hello") != "geotrain" or hello.get("version") != PROTOCOL_VERSION \
+                or not isinstance(hello.get("nonce"), str):
             writer.write(plain({"error": f"expected a geotrain site speaking protocol {PROTOCOL_VERSION}"}))
             await writer.drain()
             return None
@@ -728,17 +729,18 @@ class Coordinator:
                     reply = {"ok": True}
                 else:
                     reply = {"refused": f"expected join or attach, got {op!r}"}
+                if "refused" not in reply:
+                    who = (int(first["site"]), int(first["worker"]))
             except Refused as e:
                 reply = {"refused": str(e)}
             except (KeyError, TypeError, ValueError) as e:
-                reply = {"refused": f"malformed join ({e})"}
+                reply = {"refused": f"malformed {op} ({e})"}
             await send(reply)
             if "refused" in reply:
                 self.log(f"refused site {first.get('site')}: {reply['refused']}")
                 return
             if op == "join":
                 self.log(f"site {first['site']} worker {first['worker']} connected ({reply['status']})")
-            who = (int(first["site"]), int(first["worker"]))
             incarnation = str(first.get("incarnation", ""))
             while True:
                 msg = await recv()
