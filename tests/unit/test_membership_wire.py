@@ -224,25 +224,36 @@ def test_a_peer_that_does_not_speak_the_protocol_is_refused_with_the_reason(hell
     {"hello": "geotrain", "version": PROTOCOL_VERSION, "nonce": 5},  # a nonce that is not text
     "attach without a site",  # authenticated, then a first message the coordinator cannot read
 ])
-def test_a_peer_that_opens_with_a_malformed_message_is_told_and_hung_up_on_without_an_unhandled_error(
-        opening, caplog):
+def test_a_peer_that_opens_with_a_malformed_message_is_told_and_hung_up_on_without_an_unhandled_error(opening):
+    errors = _Collect()
     with serving(SECRET) as rc:
         sock = socket.create_connection(("127.0.0.1", rc.port), timeout=30)
+        logging.getLogger("asyncio").addHandler(errors)  # where the coordinator's event loop reports
         try:
-            with caplog.at_level(logging.ERROR, logger="asyncio"):
-                if opening == "attach without a site":
-                    channel = client_handshake(sock, SECRET, address=rc.address)
-                    channel.send({"op": "attach"})
-                    assert channel.recv() == {"refused": "malformed attach ('site')"}
-                else:
-                    sock.sendall(_plain(opening))
-                    assert _read_plain(sock) == {"error": f"expected a geotrain site speaking protocol "
-                                                          f"{PROTOCOL_VERSION}"}
-                assert sock.recv(1) == b""  # hung up on
-                wait_until(lambda: rc.call(lambda: not rc.coordinator._tasks), what="the connection to end")
-            assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+            if opening == "attach without a site":
+                channel = client_handshake(sock, SECRET, address=rc.address)
+                channel.send({"op": "attach"})
+                assert channel.recv() == {"refused": "malformed attach ('site')"}
+            else:
+                sock.sendall(_plain(opening))
+                assert _read_plain(sock) == {"error": f"expected a geotrain site speaking protocol {PROTOCOL_VERSION}"}
+            assert sock.recv(1) == b""  # hung up on
+            wait_until(lambda: rc.call(lambda: not rc.coordinator._tasks), what="the connection to end")
         finally:
+            logging.getLogger("asyncio").removeHandler(errors)
             sock.close()
+    assert errors.messages == []
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages of the errors logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_a_tampered_frame_on_a_real_connection_is_not_executed_and_ends_the_connection():
