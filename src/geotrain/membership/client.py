@@ -127,6 +127,9 @@ class MembershipClient:
             raise
         sock.settimeout(None)  # requests block as long as their barrier; deadlines live in the coordinator
         with self._channels_lock:
+            if self._stop.is_set():  # close() has closed every channel it knew: this one would outlive it
+                channel.close()
+                raise WireError("the membership client was closed")
             self._channels.append(channel)
         return channel
 

@@ -152,6 +152,8 @@ class Coordinator:
             k: OrderedDict() for k in ("form", "quorum", "vote", "admit", "sum")}
         self.adopted_at: float | None = None
         self._admission_waiters: dict[int, list[asyncio.Future]] = {}
+        self._asking: dict[tuple[int, int, str], int] = {}
+        """(site, worker, incarnation) -> its await_admission requests waiting now."""
         self.launch = secrets.token_hex(8)
         """Names this start of the run: every site of it writes its checkpoints under the same launch."""
 
@@ -193,7 +195,10 @@ class Coordinator:
         return [k for k in self.members if self.sites.get(k) is not None and self.sites[k].status == "member"]
 
     def _joiners(self) -> list[int]:
-        return sorted(k for k, s in self.sites.items() if s.status == "waiting" and self._present(s))
+        """Waiting sites whose every worker is asking to be admitted: only they will take a healer's state (a
+        dropped site's session can come back on its own, from its heartbeat thread, while it trains on)."""
+        return sorted(k for k, s in self.sites.items() if s.status == "waiting" and self._present(s)
+                      and all(self._asking.get((k, w.index, w.incarnation)) for w in s.workers.values()))
 
     def _site_gone(self, site: int, reason: str) -> None:
         s = self.sites.get(site)
@@ -219,6 +224,8 @@ class Coordinator:
         w = s.workers.get(index)
         if w is None or w.incarnation != incarnation:
             return  # an older incarnation's connection closing after the site was replaced
+        if index in s.finished_workers:
+            return  # it said done: its process ending is not its site leaving (the others may still be at work)
         self._site_gone(site, reason)
 
     # -- barriers ---------------------------------------------------------------------------------------------
@@ -507,6 +514,8 @@ class Coordinator:
             if s.status in ("gone", "finished"):
                 continue
             for w in list(s.workers.values()):
+                if w.index in s.finished_workers:
+                    continue  # done, and quiet because its process has ended
                 if t - w.last_seen > self.heartbeat_timeout:
                     self._site_gone(s.id, f"no heartbeat from worker {w.index} for "
                                           f"{self.heartbeat_timeout:g} s (membership.heartbeat_timeout_s)")
@@ -569,7 +578,16 @@ class Coordinator:
                                  "with geotrain run --resume"}
             fut = asyncio.get_running_loop().create_future()
             self._admission_waiters.setdefault(site, []).append(fut)
-            result = dict(await fut)
+            asking = (site, worker, w.incarnation)
+            self._asking[asking] = self._asking.get(asking, 0) + 1
+            self._recheck()  # a quorum short of min_sites may be waiting for this joiner
+            try:
+                result = dict(await fut)
+            finally:
+                if self._asking.get(asking, 0) > 1:
+                    self._asking[asking] -= 1
+                else:
+                    self._asking.pop(asking, None)
             if "error" not in result:
                 result["position"] = self.positions.get(f"{site}/{worker}")
             return result
@@ -655,7 +673,8 @@ class Coordinator:
             return len(body).to_bytes(4, "big") + body
 
         hello = await read_plain()
-        if hello.get("hello") != "geotrain" or hello.get("version") != PROTOCOL_VERSION:
+        if hello.get("hello") != "geotrain" or hello.get("version") != PROTOCOL_VERSION \
+                or not isinstance(hello.get("nonce"), str):
             writer.write(plain({"error": f"expected a geotrain site speaking protocol {PROTOCOL_VERSION}"}))
             await writer.drain()
             return None
@@ -710,17 +729,18 @@ class Coordinator:
                     reply = {"ok": True}
                 else:
                     reply = {"refused": f"expected join or attach, got {op!r}"}
+                if "refused" not in reply:
+                    who = (int(first["site"]), int(first["worker"]))
             except Refused as e:
                 reply = {"refused": str(e)}
             except (KeyError, TypeError, ValueError) as e:
-                reply = {"refused": f"malformed join ({e})"}
+                reply = {"refused": f"malformed {op} ({e})"}
             await send(reply)
             if "refused" in reply:
                 self.log(f"refused site {first.get('site')}: {reply['refused']}")
                 return
             if op == "join":
                 self.log(f"site {first['site']} worker {first['worker']} connected ({reply['status']})")
-            who = (int(first["site"]), int(first["worker"]))
             incarnation = str(first.get("incarnation", ""))
             while True:
                 msg = await recv()
