@@ -362,8 +362,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from geotrain.membership.coordinator import serve
     from geotrain.membership.wire import create_token_file, read_token_file
 
-    if not 1 <= args.port <= 65535:
-        raise ConfigError(f"must be a TCP port from 1 to 65535, got {args.port}; for example --port 29400",
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"must be a TCP port from 1 to 65535 (0: any free one), got {args.port}; for example "
+                          "--port 29400",
                           field="--port")
     if not args.hours > 0:  # NaN fails too
         raise ConfigError(f"must be a positive number of hours, got {args.hours}; for example --hours 72",
@@ -473,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on: 0.0.0.0 for every interface, or one of this machine's addresses "
                         "(default %(default)s)")
     p.add_argument("--port", type=int, default=29400,
-                   help="TCP port, 1 to 65535; sites join with --coordinator HOST:PORT (default %(default)s)")
+                   help="TCP port, 1 to 65535, or 0 for any free one (printed); sites join with --coordinator HOST:PORT (default %(default)s)")
     p.add_argument("--token-file", required=True,
                    help="the run's secret (required); written fresh (mode 600) if the file does not exist, then "
                         "copy it to every site")

@@ -192,7 +192,8 @@ class RunConfig:
     eval_batches: int = 8
     """Batches of the held-out split used for each evaluation (the same windows for every algorithm)."""
     collective_timeout_s: float = 300.0
-    """Seconds a cross-site collective may block before the run fails instead of hanging."""
+    """Seconds a collective inside a site (between its workers) may block before the site fails instead of
+    hanging. Cross-site transfers have deadlines of their own that follow their size (``[membership]``)."""
 
     def __post_init__(self) -> None:
         from geotrain.algorithms import get_algorithm
@@ -680,7 +681,9 @@ class PlanConfig:
 
 @dataclass(kw_only=True, slots=True)
 class SimulateConfig:
-    """``geotrain plan --simulate``: the run played round by round with noise, power caps and failures."""
+    """``geotrain plan --simulate``: the run played round by round with noise, power caps and failures
+    (``geotrain.planner.simulate``). An elastic failure's costs come from the run's own settings:
+    ``[membership]`` (heartbeat timeout, transfer deadlines, min_sites), the links, and the state a healer sends."""
 
     enabled: bool = False
     """Simulate as well as plan (set by any failure setting given on the command line)."""
@@ -689,15 +692,26 @@ class SimulateConfig:
     mtbf_hours: float | list[float] | None = None
     """Mean time between failures of each site in hours: one number, one per site (0: never fails), or unset."""
     restart_hours: float = 0.5
-    """Time a failed site (elastic) or the whole job (restart) needs to come back."""
-    recovery: str = "restart"
-    """"restart": every site rolls back to the last checkpoint (checkpoint_every_hours); "elastic": the others
-    go on and the failed site rejoins, as geotrain's fault-tolerance work will do (training today stops on a
-    failure and writes no checkpoint)."""
+    """How long a failure keeps its site down. Elastic: the failed site comes back after this long, then joins
+    at the next round boundary and is healed from a live peer; restart: the whole job is down this long."""
+    recovery: str = "elastic"
+    """"elastic" (what geotrain's elastic membership does, ``geotrain.membership``): the survivors detect the
+    failure, redo a sync it interrupted without the failed site, re-form their cross-site group and go on with
+    a smaller global batch; the failed site rejoins and is healed from a live peer over its link. "restart":
+    every site rolls back to the last checkpoint (checkpoint_every_hours) and the job restarts."""
     checkpoint_every_hours: float = 1.0
-    """Checkpoint interval of the restart model."""
-    rebuild_seconds: float = 30.0
-    """Stall of the survivors when the cross-site group is rebuilt after a failure or a rejoin (elastic)."""
+    """Checkpoint interval. Restart rolls back to the last checkpoint at every failure; elastic only when every
+    site is down at once, since no live site is then left to heal from."""
+    silent_fraction: float = 1.0
+    """Share of failures that are silent (a machine, power or network failure: no connection closes, so the
+    survivors learn of it after membership.heartbeat_timeout_s, or at the transfer's deadline when it hits a
+    sync); the rest are crashes of the site's processes, whose closed connections drop the site at once.
+    1 (the default) is the pessimistic case."""
+    reform_seconds: float | None = None
+    """Seconds the survivors need to re-form their cross-site group on a new generation, after a failure and
+    again when a site joins. Unset: 3 round trips of the slowest link among the members (the quorum or
+    admission request to the coordinator, the new group's rendezvous through the coordinator's store, and
+    gloo's connection handshake)."""
     jitter: float = 0.0
     """Coefficient of variation of a site's compute time per round (lognormal noise); 0 for none."""
 
@@ -713,7 +727,9 @@ class SimulateConfig:
         _number("simulate.restart_hours", self.restart_hours, 0, 1e6)
         _choice("simulate.recovery", self.recovery, ("restart", "elastic"))
         _number("simulate.checkpoint_every_hours", self.checkpoint_every_hours, 0, 1e6, lo_open=True)
-        _number("simulate.rebuild_seconds", self.rebuild_seconds, 0, 1e6)
+        _number("simulate.silent_fraction", self.silent_fraction, 0, 1, what=" (1: every failure is silent)")
+        if self.reform_seconds is not None:
+            _number("simulate.reform_seconds", self.reform_seconds, 0, 1e6, what=" seconds (unset: from the links)")
         _number("simulate.jitter", self.jitter, 0, 10)
 
 

@@ -238,11 +238,15 @@ def build_summary(
         "data": (start.get("meta") or {}).get("data"),
         "seed": run["seed"],
         "sites_in_sync": figures.get("sites_in_sync"),
+        # Unix seconds at which every ``wall`` below starts counting (the report puts records on this clock).
+        "started_at": t0,
         "membership": _membership(membership or [], t0),
         "rejected_updates": _rejected_updates(records),
         "failures": [{"site": r.get("site"), "message": r.get("message"),
                       "wall": None if t0 is None or not _is_number(r.get("time")) else r["time"] - t0}
                      for _, rows in sorted(records.items()) for r in rows if r.get("kind") == "error"],
+        "warnings": [{"site": r.get("site"), "message": r.get("message")}
+                     for _, rows in sorted(records.items()) for r in rows if r.get("kind") == "warning"],
         "faults": [{**{k: f.get(k) for k in ("spec", "action", "site")},
                     "wall": None if t0 is None or not _is_number(f.get("time")) else f["time"] - t0}
                    for f in faults or []],

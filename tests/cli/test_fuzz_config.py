@@ -935,7 +935,7 @@ def test_found_failure_setting_by_set_turns_on_the_simulation(tmp_path, capsys, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "f.toml").write_text("[simulate]\nmtbf_hours = 24.0\n")
     code, out, _ = cli(["plan", "--json", "--config", "f.toml"], capsys)
-    assert code == 0 and json.loads(out)["simulation"]["recovery"] == "restart"
+    assert code == 0 and json.loads(out)["simulation"]["recovery"] == "elastic"
     code, out, err = cli(["plan", "--json", "--set", "simulate.mtbf_hours=24"], capsys)
     assert code == 0, err
     assert "simulation" in json.loads(out), "--set simulate.mtbf_hours=24 planned without simulating"

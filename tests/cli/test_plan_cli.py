@@ -183,10 +183,36 @@ def test_simulation_is_seeded(capsys):
     assert first == again and first != other
     assert first["failures"] > 0 and first["lost_hours"] > 0
     assert first["recovery"] == "elastic" and first["mtbf_hours"] == 24.0 and first["jitter"] == 0.05
-    # the default recovery is restart
-    restart = plan_json([*WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--simulate",
+    # the default recovery is elastic, and its costs are reported per failure and in all
+    default = plan_json([*WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--simulate",
                          "--mtbf-hours", "24"], capsys)["simulation"]
-    assert restart["recovery"] == "restart"
+    assert default["recovery"] == "elastic" and default["silent_fraction"] == 1.0
+    for key in ("detection", "reform"):
+        assert default[f"{key}_seconds_per_failure"] == pytest.approx(default[f"{key}_seconds"] / default["failures"])
+    assert default["heal_seconds_per_rejoin"] == pytest.approx(default["heal_seconds"] / default["rejoins"])
+    assert default["heal_seconds"] > 0 and default["heal_bytes"] == 6 * 4 * 70 * 10**9
+    costs = default["failure_costs"]
+    assert costs["detection_silent_seconds"] == 10.0 and costs["heal_bytes"] == default["heal_bytes"]
+    assert costs["heal_seconds"] == pytest.approx(0.03 + 8 * 1.68e12 / 10e9)  # 1.68 TB over 10 Gbit/s, 30 ms
+    restart = plan_json([*WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--simulate",
+                         "--mtbf-hours", "24", "--recovery", "restart"], capsys)["simulation"]
+    assert restart["recovery"] == "restart" and "failure_costs" not in restart and restart["heal_seconds"] == 0
+    crash = plan_json([*WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--simulate",
+                       "--mtbf-hours", "24", "--silent-fraction", "0"], capsys)["simulation"]
+    assert crash["silent_failures"] == 0 and crash["detection_seconds"] == 0
+
+
+def test_simulation_prints_the_failure_costs(capsys):
+    code, out, err = geotrain(["plan", *WORLD, "--accelerators-per-site", "16384", "--codec", "int4", "--simulate",
+                               "--mtbf-hours", "24", "--sim-seed", "1"], capsys)
+    assert code == 0, err
+    for text in ("elastic recovery", "detection per failure / in all", "re-forming per failure / in all",
+                 "healing per rejoin / in all", "stall of the running sites", "One failure of site2",
+                 "membership.heartbeat_timeout_s", "1.68 TB of state from site0 over 10gbit/30ms"):
+        assert text in out, text
+    code, out, err = geotrain(["plan", *WORLD, "--simulate", "--mtbf-hours", "24", "--recovery", "restart"], capsys)
+    assert code == 0, err
+    assert "restart recovery" in out and "detection per failure" not in out and "One failure of" not in out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -257,3 +283,17 @@ def test_the_worked_example_figures_in_the_docs_are_current(capsys):
             assert fmt_pct(r["utilization"]) in doc, (extra, name)
             assert f"{r['energy_mwh']:,.0f}" in doc, (extra, name)
             assert fmt_bps(obj["bandwidth_needed_bps_by_algorithm"][name]) in doc, (extra, name)
+
+
+def test_the_docs_failure_table_is_what_the_simulation_gives(capsys):
+    """docs/planner.md's table of failures, row by row, from the commands above it."""
+    doc = (ROOT / "docs" / "planner.md").read_text()
+    base = ["--config", str(ROOT / "configs" / "plan-three-datacenters.toml"), "--accelerators-per-site", "16384",
+            "--simulate", "--mtbf-hours", "24", "--sim-seed", "1"]
+    rows = {"elastic, every failure silent (the default)": [], "elastic, every failure a crash": ["--silent-fraction", "0"],
+            "restart from hourly checkpoints": ["--recovery", "restart"]}
+    for label, extra in rows.items():
+        s = plan_json([*base, *extra], capsys)["simulation"]
+        row = (f"| {label} | {s['time_to_train_days']:.1f} days | {100 * s['utilization']:.1f}% | "
+               f"{s['energy_mwh']:,.0f} | {s['failures']} | {s['lost_progress_hours']:.1f} / {s['downtime_hours']:.1f} |")
+        assert row in doc, row

@@ -248,7 +248,7 @@ def _free_port() -> int:
 
 
 BAD_COORDINATOR = [
-    ("port-zero", ["--port", "0"], ["--port", "1 to 65535"]),
+    ("port-negative", ["--port", "-1"], ["--port", "1 to 65535"]),
     ("port-too-large", ["--port", "70000"], ["--port"]),
     ("hours-zero", ["--hours", "0"], ["--hours", "positive"]),
     ("hours-nan", ["--hours", "nan"], ["--hours"]),
@@ -290,7 +290,7 @@ def test_coordinator_on_a_port_in_use(capsys, tmp_path):
 @pytest.mark.slow  # starts a process
 def test_coordinator_from_a_real_process(tmp_path):
     token = tmp_path / "token"
-    proc = geotrain("coordinator", "--token-file", str(token), "--port", "0")
+    proc = geotrain("coordinator", "--token-file", str(token), "--port", "65536")
     assert proc.returncode == 2 and "--port" in proc.stderr and "Traceback" not in proc.stderr
     # A clean start and stop: --hours 0.0003 is about a second. It writes a fresh secret, private to its owner.
     proc = geotrain("coordinator", "--token-file", str(token), "--host", "127.0.0.1", "--port", str(_free_port()),

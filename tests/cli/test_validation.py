@@ -232,39 +232,42 @@ def test_compare_set_loses_to_a_variant_and_a_variant_is_checked_before_any_run(
 # -- the planner's failure model --------------------------------------------------------------------------------
 
 
-def test_plan_simulation_defaults_to_restart(tmp_path, capsys, monkeypatch):
+def test_plan_simulation_defaults_to_elastic(tmp_path, capsys, monkeypatch):
+    """Elastic membership is what training does when a site fails, so it is what a simulation plays unless
+    told otherwise."""
     monkeypatch.chdir(tmp_path)
-    assert defaults().simulate.recovery == "restart"
+    assert defaults().simulate.recovery == "elastic"
     code, out, err = cli(["plan", "--simulate", "--mtbf-hours", "24", "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out)["simulation"]["recovery"] == "restart"
+    assert json.loads(out)["simulation"]["recovery"] == "elastic"
     # --mtbf-hours alone turns the simulation on, with the same default
     code, out, err = cli(["plan", "--mtbf-hours", "24", "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out)["simulation"]["recovery"] == "restart"
-    # elastic only when asked for
-    code, out, err = cli(["plan", "--simulate", "--mtbf-hours", "24", "--recovery", "elastic", "--json"], capsys)
-    assert code == 0, err
     assert json.loads(out)["simulation"]["recovery"] == "elastic"
+    # checkpoint/restart when asked for
+    code, out, err = cli(["plan", "--simulate", "--mtbf-hours", "24", "--recovery", "restart", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["simulation"]["recovery"] == "restart"
 
 
-def test_plan_help_does_not_call_elastic_what_training_does(capsys, monkeypatch):
+def test_plan_help_describes_elastic_as_what_training_does(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     code, out, _ = cli(["plan", "--help"], capsys)
     assert code == 0
     recovery = _help_blocks(out)["--recovery"]
-    assert re.search(r"restart \(default", recovery), recovery
-    elastic = recovery[recovery.index("elastic"):]
-    assert re.search(r"is to do|not yet|today stops", elastic), recovery
-    assert not re.search(r"elastic[^.;]*\(geotrain's behaviour\)|what geotrain does", out)
+    assert re.search(r"elastic \(default", recovery), recovery
+    assert "membership" in recovery and "restart" in recovery
+    assert not re.search(r"is to do|not yet|today stops", recovery), recovery
+    assert "heartbeat_timeout_s" in _help_blocks(out)["--silent-fraction"]
 
 
-def test_planner_docs_agree_that_restart_is_the_default():
-    """docs/planner.md states the same default and does not call elastic what geotrain does."""
+def test_planner_docs_agree_that_elastic_is_the_default():
+    """docs/planner.md states the same default and no longer calls elastic recovery future work."""
     doc = (ROOT / "docs" / "planner.md").read_text(encoding="utf-8")
     row = next(line for line in doc.splitlines() if "--recovery MODE" in line)
-    assert "elastic, 0" not in row and "restart" in row.split("|")[-2], row
-    assert "(geotrain's behaviour)" not in doc
+    assert "elastic" in row.split("|")[-2], row
+    for stale in ("not what geotrain does today", "training stops when a site fails", "is meant to do"):
+        assert stale not in doc, stale
 
 
 # -- the planner's former vocabulary -------------------------------------------------------------------------------

@@ -199,14 +199,16 @@ def test_every_flag_sets_its_key():
     args = flags(model_params="1b", tokens="1t", batch_tokens="1m", seq_len="2048", sites="3",
                  workers_per_site="2", algorithm="streaming", sync_every="40", fragments="2", overlap_steps="3",
                  codec="topk+int8", topk_fraction="0.05", target_utilization="0.9", sweep="1gbit,10gbit",
-                 plot="x.png", mtbf_hours="24", sim_seed="5", recovery="elastic", jitter="0.1")
+                 plot="x.png", mtbf_hours="24", sim_seed="5", recovery="restart", jitter="0.1",
+                 silent_fraction="0.5")
     config = plan_inputs(None, args).config
     expected = {"model.params": 10**9, "run.tokens": 10**12, "plan.batch_tokens": 10**6, "model.seq_len": 2048,
                 "run.sites": 3, "run.workers_per_site": 2, "run.algorithm": "streaming", "outer.sync_every": 40,
                 "streaming.fragments": 2, "streaming.overlap_steps": 3, "comm.codec": "topk+int8",
                 "comm.topk_fraction": 0.05, "plan.target_utilization": 0.9, "plan.sweep": "1gbit,10gbit",
                 "plan.plot": "x.png", "simulate.mtbf_hours": 24.0, "simulate.seed": 5,
-                "simulate.recovery": "elastic", "simulate.jitter": 0.1}
+                "simulate.recovery": "restart", "simulate.jitter": 0.1,
+                "simulate.silent_fraction": 0.5}
     assert set(expected) == set(FLAG_KEYS.values()) - {"comm.overlap"}
     tree = config.to_dict()
     for key, value in expected.items():

@@ -255,6 +255,8 @@ class CrossSiteComm:
         """Fault injection: the next pseudo-gradient this site sends is multiplied by this."""
         self.admission_due = False
         """Set when the training thread waits for a sync whose quorum saw joiners: admit them at this step."""
+        self.heal_errors: list[str] = []
+        """Transfers of the state to a joiner that failed (the joiner is dropped; the healer goes on)."""
         self.outcomes: list[SyncOutcome] = []
         """Outcomes waited for and not yet read by the loop (membership changes, rejected updates)."""
         self._feedback: dict[str, Any] = {}
@@ -285,6 +287,8 @@ class CrossSiteComm:
     # -- generations -----------------------------------------------------------------------------------------
     def _regroup(self, generation: int, members: list[int]) -> None:
         """Build this worker's transport for a new generation (its gloo group on the generation's prefix)."""
+        if self.site not in members:  # the coordinator dropped this site meanwhile: join again, be healed
+            raise Evicted(f"generation {generation} of sites {list(members)} no longer holds site {self.site}")
         old = self.sites
         self.transport = None  # the old group's sockets close with it
         self.transport = self.make_transport(generation, list(members))
@@ -537,13 +541,22 @@ class CrossSiteComm:
         if q["joined"] and q["healer"] == self.site:
             blob = build_state()
             self._pool.submit(self._send_state, blob, [self.members.index(j) for j in q["joined"]]).result()
+        if q["joined"]:
+            self.healed_barrier(q["gen"])
         self.stats.wait_seconds += self.clock.now() - t0
         return q
+
+    def healed_barrier(self, generation: int) -> None:
+        """Members and joiners start the next round together, once the state has arrived: the healer's link
+        is busy while it sends, so a round begun meanwhile would wait on it past its transfer deadline."""
+        self.control_sum(f"healed/{generation}", [0.0], count_wait=False)
 
     def _admission(self) -> dict[str, Any]:
         q = self.membership.admit(self.syncs)
         if q["gen"] != self.generation:
             self._regroup(q["gen"], q["members"])
+        elif q["joined"]:  # the decision of an admission this worker already took part in (asked again at the
+            q = {**q, "joined": [], "healer": None}  # same sync count): its joiners are members and healed
         self.observed_members = list(self.members)
         return q
 
@@ -559,10 +572,13 @@ class CrossSiteComm:
         shard = torch.frombuffer(bytearray(blob[start:end]), dtype=torch.uint8) if end > start else torch.zeros(
             0, dtype=torch.uint8)
         for r in ranks:
-            self.transport.send(header, r)
-            if shard.numel():
-                traffic = self.transport.send(shard, r)
-                self.stats.record(traffic, key="heal")
+            try:
+                self.transport.send(header, r)
+                if shard.numel():
+                    traffic = self.transport.send(shard, r)
+                    self.stats.record(traffic, key="heal")
+            except _TRANSFER_ERRORS as e:  # the joiner went away: it is dropped and joins again; the run goes on
+                self.heal_errors.append(f"sending the state to site {self.members[r]} failed: {e}")
 
     def receive_state(self, healer: int) -> bytes:
         """A joiner's side of :meth:`admit`: this worker's shard from the healer, then the site's shards put

@@ -73,7 +73,13 @@ def init_site_group(*, device: str, timeout_s: float) -> Any:
     """Join this worker's site group: the default process group of the site's job."""
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = os.environ.get("GEOTRAIN_SITE_STORE")  # geotrain run: a file; torchrun: MASTER_ADDR/PORT
+        if store:
+            dist.init_process_group(backend=backend, init_method=f"file://{store}", rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return dist.group.WORLD
 
 

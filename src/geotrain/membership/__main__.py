@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", help="append membership events here (JSON lines)")
     p.add_argument("--hours", type=float, default=math.inf)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--parent", type=int, help="stop when this process (the launcher) is gone")
     args = p.parse_args(argv)
     try:
         secret = read_token_file(Path(args.token_file))
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         serve(secret, args.host, args.port, events_path=Path(args.events) if args.events else None,
-              hours=args.hours, log=log, ready=ready)
+              hours=args.hours, log=log, ready=ready, parent=args.parent)
     except KeyboardInterrupt:
         return 0
     except OSError as e:

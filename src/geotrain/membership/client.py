@@ -94,6 +94,8 @@ class MembershipClient:
         """Time this worker spent in blocking requests (quorums, votes, sums, admissions)."""
         self._local = threading.local()
         self._session: Channel | None = None
+        self.joined = False
+        """Whether the coordinator ever accepted this site (only then is there anyone to say goodbye to)."""
         self._session_lock = threading.Lock()
         self._stop = threading.Event()
         self._cut = threading.Event()
@@ -125,6 +127,9 @@ class MembershipClient:
             raise
         sock.settimeout(None)  # requests block as long as their barrier; deadlines live in the coordinator
         with self._channels_lock:
+            if self._stop.is_set():  # close() has closed every channel it knew: this one would outlive it
+                channel.close()
+                raise WireError("the membership client was closed")
             self._channels.append(channel)
         return channel
 
@@ -163,6 +168,7 @@ class MembershipClient:
                                           "running, and is the address right?") from None
                 time.sleep(delay)
                 delay = min(1.0, delay * 2)
+        self.joined = True
         if self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._beat, name="geotrain-heartbeat", daemon=True)
             self._heartbeat.start()
@@ -341,8 +347,8 @@ class MembershipClient:
     # -- the end ----------------------------------------------------------------------------------------------
     def close(self, *, done: bool = False, reason: str | None = None) -> None:
         """Say goodbye (``done``: finished training; otherwise leaving with ``reason``) and close everything."""
-        if not self._stop.is_set() and not self._cut.is_set():
-            with contextlib.suppress(MembershipError, Evicted, Refused, WireError, OSError):
+        if self.joined and not self._stop.is_set() and not self._cut.is_set():
+            with contextlib.suppress(MembershipError, Evicted, ConfigError, WireError, OSError):
                 # through call(): a coordinator restarted since this thread last spoke is reconnected to
                 self.call("done", retry_s=min(self.retry_s, 60.0)) if done else self.call(
                     "leave", reason=reason or "left", retry_s=10.0)

@@ -33,6 +33,7 @@ import contextlib
 import hmac
 import json
 import math
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -48,6 +49,7 @@ from geotrain.membership.wire import (
     PROTOCOL_VERSION,
     Channel,
     client_proof,
+    encode_body,
     server_proof,
     session_key,
 )
@@ -92,6 +94,22 @@ class _Barrier:
     arrived: dict[tuple[int, int], dict] = field(default_factory=dict)
     waiters: list[tuple[tuple[int, int], asyncio.Future]] = field(default_factory=list)
     result: dict | None = None
+    waiting_at: int = 0
+    """Where in the members the last member still awaited was found (``Coordinator._awaiting_member``)."""
+
+
+class _Decision(dict):
+    """A barrier's result. Everyone who asks gets the same reply, so its frame body is encoded once: at 1,000
+    sites a vote's summed statistics make each reply tens of kilobytes of JSON."""
+
+    __slots__ = ("_body",)
+
+    def body(self) -> bytes:
+        try:
+            return self._body
+        except AttributeError:
+            self._body = encode_body(self)
+            return self._body
 
 
 class Refused(Exception):
@@ -134,6 +152,8 @@ class Coordinator:
             k: OrderedDict() for k in ("form", "quorum", "vote", "admit", "sum")}
         self.adopted_at: float | None = None
         self._admission_waiters: dict[int, list[asyncio.Future]] = {}
+        self._asking: dict[tuple[int, int, str], int] = {}
+        """(site, worker, incarnation) -> its await_admission requests waiting now."""
         self.launch = secrets.token_hex(8)
         """Names this start of the run: every site of it writes its checkpoints under the same launch."""
 
@@ -175,7 +195,10 @@ class Coordinator:
         return [k for k in self.members if self.sites.get(k) is not None and self.sites[k].status == "member"]
 
     def _joiners(self) -> list[int]:
-        return sorted(k for k, s in self.sites.items() if s.status == "waiting" and self._present(s))
+        """Waiting sites whose every worker is asking to be admitted: only they will take a healer's state (a
+        dropped site's session can come back on its own, from its heartbeat thread, while it trains on)."""
+        return sorted(k for k, s in self.sites.items() if s.status == "waiting" and self._present(s)
+                      and all(self._asking.get((k, w.index, w.incarnation)) for w in s.workers.values()))
 
     def _site_gone(self, site: int, reason: str) -> None:
         s = self.sites.get(site)
@@ -202,7 +225,7 @@ class Coordinator:
         if w is None or w.incarnation != incarnation:
             return  # an older incarnation's connection closing after the site was replaced
         if index in s.finished_workers:
-            return  # it said it was done: its connection closing is no failure, while the site's others finish
+            return  # it said done: its process ending is not its site leaving (the others may still be at work)
         self._site_gone(site, reason)
 
     # -- barriers ---------------------------------------------------------------------------------------------
@@ -228,11 +251,15 @@ class Coordinator:
         return await fut
 
     def _decide(self, b: _Barrier, result: dict) -> None:
-        b.result = result
+        b.result = result = _Decision(result)
         for _, fut in b.waiters:
             if not fut.done():
                 fut.set_result(result)
         b.waiters.clear()
+        # Decided barriers are kept (up to _DECIDED_KEEP per kind) for late askers; with their payloads, 256
+        # votes of 1,000 sites would hold 256,000 statistics vectors of 3,000 floats. Who arrived stays: a
+        # check that was going through the late sites when this decision came still asks.
+        b.arrived = dict.fromkeys(b.arrived)
 
     def _recheck(self) -> None:
         for table in self.barriers.values():
@@ -245,13 +272,32 @@ class Coordinator:
 
     def _arrived_sites(self, b: _Barrier, sites: list[int], *, worker: int | None = None) -> bool:
         need = range(self.workers) if worker is None else [worker]
+        if len(b.arrived) < len(need) * len(set(sites)):
+            return False  # fewer arrivals than requests awaited: checked on every arrival, so count first
         return all((k, w) in b.arrived for k in sites for w in need)
+
+    def _awaiting_member(self, b: _Barrier, *, worker: int | None = None) -> bool:
+        """Whether a live member has not arrived at ``b`` yet: ``not self._arrived_sites(b, self._alive_members(),
+        worker=worker)``, but checked on every arrival, so it does not list the members. It looks first where
+        it last found one still awaited (usually still awaited, or followed by one that is) and goes round
+        the members from there."""
+        need = range(self.workers) if worker is None else (worker,)
+        members, n = self.members, len(self.members)
+        for j in range(b.waiting_at, b.waiting_at + n):
+            k = members[j % n]
+            s = self.sites.get(k)
+            if s is not None and s.status == "member" and not all((k, w) in b.arrived for w in need):
+                b.waiting_at = j % n
+                return True
+        return False
 
     # form: the first generation
     def _check_form(self, b: _Barrier) -> None:
+        late = self.now() >= b.deadline
+        if not late and len(b.arrived) < self.sites_max * self.workers:
+            return  # not every site has asked yet (this runs on every join and every arrival)
         ready = [k for k, s in sorted(self.sites.items()) if s.status == "waiting" and self._present(s)
                  and self._arrived_sites(b, [k])]
-        late = self.now() >= b.deadline
         if len(ready) < self.sites_max and not (late and len(ready) >= self.min_sites):
             if late:
                 self._decide(b, {"error": f"only {len(ready)} of {self.sites_max} sites joined within "
@@ -283,6 +329,8 @@ class Coordinator:
 
     # quorum: before each sync
     def _check_quorum(self, b: _Barrier) -> None:
+        if self._awaiting_member(b) and self.now() < b.deadline:
+            return  # the common case, answered without listing the live members
         alive = self._alive_members()
         late = self.now() >= b.deadline
         if not self._arrived_sites(b, alive):
@@ -335,6 +383,8 @@ class Coordinator:
 
     # admit: joiners come in at a round boundary
     def _check_admit(self, b: _Barrier) -> None:
+        if self._awaiting_member(b) and self.now() < b.deadline:
+            return
         alive = self._alive_members()
         if not self._arrived_sites(b, alive):
             if self.now() < b.deadline:
@@ -369,6 +419,8 @@ class Coordinator:
     # sum: a few floats over the members (per worker index)
     def _check_sum(self, b: _Barrier) -> None:
         _, worker = b.key
+        if self._awaiting_member(b, worker=worker) and self.now() < b.deadline:
+            return
         alive = self._alive_members()
         if not self._arrived_sites(b, alive, worker=worker):
             if self.now() < b.deadline:
@@ -463,13 +515,14 @@ class Coordinator:
                 continue
             for w in list(s.workers.values()):
                 if w.index in s.finished_workers:
-                    continue  # done: it heartbeats no more while the site's other workers finish
+                    continue  # done, and quiet because its process has ended
                 if t - w.last_seen > self.heartbeat_timeout:
                     self._site_gone(s.id, f"no heartbeat from worker {w.index} for "
                                           f"{self.heartbeat_timeout:g} s (membership.heartbeat_timeout_s)")
                     break
+            # after a restart every worker of every site reconnects at once: twice the usual grace
             if s.status == "member" and len(s.workers) < self.workers and self.adopted_at is not None \
-                    and t - self.adopted_at > self.heartbeat_timeout:
+                    and t - self.adopted_at > 2 * self.heartbeat_timeout:
                 self._site_gone(s.id, "did not reconnect after the coordinator restarted")
             if s.status == "waiting" and self.formed and t - s.joined_at > self.join_timeout:
                 for fut in self._admission_waiters.pop(s.id, []):
@@ -525,7 +578,16 @@ class Coordinator:
                                  "with geotrain run --resume"}
             fut = asyncio.get_running_loop().create_future()
             self._admission_waiters.setdefault(site, []).append(fut)
-            result = dict(await fut)
+            asking = (site, worker, w.incarnation)
+            self._asking[asking] = self._asking.get(asking, 0) + 1
+            self._recheck()  # a quorum short of min_sites may be waiting for this joiner
+            try:
+                result = dict(await fut)
+            finally:
+                if self._asking.get(asking, 0) > 1:
+                    self._asking[asking] -= 1
+                else:
+                    self._asking.pop(asking, None)
             if "error" not in result:
                 result["position"] = self.positions.get(f"{site}/{worker}")
             return result
@@ -611,7 +673,8 @@ class Coordinator:
             return len(body).to_bytes(4, "big") + body
 
         hello = await read_plain()
-        if hello.get("hello") != "geotrain" or hello.get("version") != PROTOCOL_VERSION:
+        if hello.get("hello") != "geotrain" or hello.get("version") != PROTOCOL_VERSION \
+                or not isinstance(hello.get("nonce"), str):
             writer.write(plain({"error": f"expected a geotrain site speaking protocol {PROTOCOL_VERSION}"}))
             await writer.drain()
             return None
@@ -653,7 +716,7 @@ class Coordinator:
                 return channel.open(await reader.readexactly(n))
 
             async def send(obj: Any) -> None:
-                writer.write(channel.seal(obj))
+                writer.write(channel.seal_body(obj.body()) if isinstance(obj, _Decision) else channel.seal(obj))
                 await writer.drain()
 
             first = await recv()
@@ -666,14 +729,18 @@ class Coordinator:
                     reply = {"ok": True}
                 else:
                     reply = {"refused": f"expected join or attach, got {op!r}"}
+                if "refused" not in reply:
+                    who = (int(first["site"]), int(first["worker"]))
             except Refused as e:
                 reply = {"refused": str(e)}
             except (KeyError, TypeError, ValueError) as e:
-                reply = {"refused": f"malformed join ({e})"}
+                reply = {"refused": f"malformed {op} ({e})"}
             await send(reply)
             if "refused" in reply:
+                self.log(f"refused site {first.get('site')}: {reply['refused']}")
                 return
-            who = (int(first["site"]), int(first["worker"]))
+            if op == "join":
+                self.log(f"site {first['site']} worker {first['worker']} connected ({reply['status']})")
             incarnation = str(first.get("incarnation", ""))
             while True:
                 msg = await recv()
@@ -716,19 +783,25 @@ class Coordinator:
 
 
 def serve(secret: bytes, host: str, port: int, *, events_path: Path | None = None, hours: float = math.inf,
-          log: Callable[[str], None] | None = None, ready: Callable[[int], None] | None = None) -> None:
-    """Run a coordinator until ``hours`` pass or the process is interrupted."""
+          log: Callable[[str], None] | None = None, ready: Callable[[int], None] | None = None,
+          parent: int | None = None) -> None:
+    """Run a coordinator until ``hours`` pass or the process is interrupted, or, given ``parent`` (the
+    launcher's PID), until this process is no longer its child (a launcher killed with SIGKILL leaves no
+    coordinator behind)."""
 
     async def main() -> None:
         c = Coordinator(secret, events_path=events_path, log=log)
         bound = await c.start(host, port)
         if ready is not None:
             ready(bound)
+        end = time.monotonic() + hours * 3600
         try:
-            if math.isinf(hours):
-                await asyncio.Event().wait()
-            else:
-                await asyncio.sleep(hours * 3600)
+            while time.monotonic() < end:  # hours may be inf: bounded by the parent or an interrupt
+                await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+                if parent is not None and os.getppid() != parent:
+                    if log is not None:
+                        log(f"the launcher (PID {parent}) is gone; stopping")
+                    break
         finally:
             await c.stop()
 

@@ -43,6 +43,7 @@ __all__ = [
     "WireError",
     "client_handshake",
     "create_token_file",
+    "encode_body",
     "read_token_file",
     "server_proof",
 ]
@@ -122,6 +123,11 @@ def session_key(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> byte
     return _mac(secret, b"session", client_nonce, server_nonce)
 
 
+def encode_body(obj: Any) -> bytes:
+    """The body of a frame: compact UTF-8 JSON."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def _plain_frame(obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj, separators=(",", ":")).encode()
     return _LEN.pack(len(body)) + body
@@ -190,7 +196,11 @@ class Channel:
 
     def seal(self, obj: Any) -> bytes:
         """One outgoing frame (advances the send sequence)."""
-        body = json.dumps(obj, separators=(",", ":")).encode()
+        return self.seal_body(encode_body(obj))
+
+    def seal_body(self, body: bytes) -> bytes:
+        """One outgoing frame around a body already encoded by ``encode_body`` (advances the send sequence):
+        a reply that many peers receive is encoded once, and only its MAC is computed per peer."""
         mac = _mac(self._key, self._out, self._sent.to_bytes(8, "big"), body)
         self._sent += 1
         return _LEN.pack(_MAC + len(body)) + mac + body

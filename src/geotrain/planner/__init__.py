@@ -9,6 +9,9 @@ load).
     from geotrain.config import load_config
     from geotrain.planner import plan, plan_spec
     result = plan(plan_spec(load_config("configs/plan-three-datacenters.toml")))
+
+``failure_costs(config)`` predicts what one failure costs an elastic run (detection, re-forming, healing),
+from the same configuration a fault benchmark runs.
 """
 
 from geotrain.hardware import ACCELERATORS, Accelerator
@@ -32,12 +35,13 @@ from geotrain.planner.questions import (
     sweep,
     with_bandwidth,
 )
-from geotrain.planner.simulate import SimulationResult, simulate
+from geotrain.planner.simulate import FailureCosts, SimulationResult, failure_costs, simulate
 from geotrain.topology import LINK_PRESETS
 
 __all__ = [
     "ACCELERATORS",
     "Accelerator",
+    "FailureCosts",
     "LINK_PRESETS",
     "ModelSpec",
     "PlanInputs",
@@ -48,6 +52,7 @@ __all__ = [
     "SiteSpec",
     "bandwidth_needed",
     "compare_variants",
+    "failure_costs",
     "mildest_codec",
     "plan",
     "plan_inputs",

@@ -22,7 +22,7 @@ from geotrain.hardware import ACCELERATORS
 from geotrain.planner.config import PlanInputs, plan_inputs
 from geotrain.planner.model import PlanResult, plan
 from geotrain.planner.questions import bandwidth_needed, compare_variants, mildest_codec, smallest_sync_every, sweep
-from geotrain.planner.simulate import simulate
+from geotrain.planner.simulate import failure_costs, simulate
 from geotrain.topology import LINK_PRESETS
 
 __all__ = ["add_parser", "plan_output", "run"]
@@ -34,6 +34,7 @@ _EPILOG = """examples:
   geotrain plan --config configs/demo.toml --model-params 10b --accelerators-per-site 4096 --link internet
   geotrain plan --model-params 7b --tokens 1t --accelerators-per-site 1024 --sweep 100mbit:100gbit:30 --plot sweep.png
   geotrain plan --config plan.toml --simulate --mtbf-hours 24 --sim-seed 1
+  geotrain plan --config plan.toml --simulate --mtbf-hours 24 --recovery restart   # checkpoint/restart instead
 """
 
 
@@ -103,8 +104,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sim-seed", metavar="S",
                    help=f"seed of the simulation, simulate.seed (default {d.simulate.seed}; a run's seed is run.seed)")
     g.add_argument("--recovery", metavar="MODE",
-                   help="restart (default: roll back to the last checkpoint) or elastic (the others go on; what "
-                   "geotrain's elastic membership is to do, training today stops on a failure)")
+                   help="elastic (default: the others go on and the failed site rejoins, healed from a peer, as "
+                   "geotrain's elastic membership does; its costs come from [membership] and the links) or "
+                   "restart (every site rolls back to the last checkpoint)")
+    g.add_argument("--silent-fraction", metavar="F",
+                   help=f"share of failures that are silent, found after membership.heartbeat_timeout_s; the rest "
+                   f"crash and are found at once (default {d.simulate.silent_fraction:g})")
     g.add_argument("--jitter", metavar="CV", help=f"coefficient of variation of a site's round time (default {d.simulate.jitter:g})")
     p.set_defaults(func=run)
     return p
@@ -161,11 +166,16 @@ def plan_output(inputs: PlanInputs) -> tuple[dict, dict[str, PlanResult], object
     simulated = None
     if inputs.simulation is not None:
         simulated = simulate(spec, inputs.simulation)
+        sim = inputs.simulation
         out["simulation"] = simulated.to_dict() | {
-            "recovery": inputs.simulation.recovery,
-            "mtbf_hours": inputs.simulation.mtbf_hours,
-            "jitter": inputs.simulation.jitter,
+            "recovery": sim.recovery,
+            "mtbf_hours": sim.mtbf_hours,
+            "jitter": sim.jitter,
+            "restart_hours": sim.restart_hours,
+            "silent_fraction": sim.silent_fraction,
         }
+        if sim.recovery == "elastic":
+            out["simulation"]["failure_costs"] = failure_costs(spec, sim=sim).to_dict()
     return out, results, swept, simulated
 
 

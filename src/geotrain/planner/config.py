@@ -44,6 +44,7 @@ FLAG_KEYS = {
     "mtbf_hours": "simulate.mtbf_hours",
     "sim_seed": "simulate.seed",
     "recovery": "simulate.recovery",
+    "silent_fraction": "simulate.silent_fraction",
     "jitter": "simulate.jitter",
 }
 """Flag (argparse dest) -> the dotted key it sets."""

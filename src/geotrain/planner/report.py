@@ -51,6 +51,10 @@ def fmt_pct(x: float) -> str:
     return f"{100 * x:.1f}%" if x >= 0.001 else f"{100 * x:.3f}%"
 
 
+def _seconds(seconds: float) -> str:
+    return "0 s" if seconds == 0 else fmt_duration(seconds)
+
+
 def _count(x: float) -> str:
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:
@@ -177,7 +181,38 @@ def render(out: dict, *, results: dict[str, PlanResult], sweep: Sweep | None,
         s.add_row("lost progress (site-hours)", "-", f"{simulation.lost_progress_hours:,.1f}")
         s.add_row("downtime (site-hours)", "-", f"{simulation.downtime_hours:,.1f}")
         s.add_row("lost hours in all (site-hours)", "-", f"{simulation.lost_hours:,.1f}")
+        if sim["recovery"] == "elastic":
+            r = simulation
+            s.add_row("  silent failures", "-", f"{r.silent_failures:,}")
+            s.add_row("detection per failure / in all", "-",
+                      f"{_seconds(r.detection_seconds_per_failure)} / {_seconds(r.detection_seconds)}")
+            s.add_row("re-forming per failure / in all", "-",
+                      f"{_seconds(r.reform_seconds_per_failure)} / {_seconds(r.reform_seconds)}")
+            s.add_row("healing per rejoin / in all", "-",
+                      f"{_seconds(r.heal_seconds_per_rejoin)} / {_seconds(r.heal_seconds)} ({r.rejoins:,} rejoins)")
+            s.add_row("stall of the running sites", "-", _seconds(r.stall_seconds))
+            if r.outages:
+                s.add_row("every site down at once (resumed from a checkpoint)", "-", f"{r.outages:,}")
         console.print(s)
+        costs = sim.get("failure_costs")
+        if costs:
+            names = [site["name"] for site in out["inputs"]["sites"]]
+            healer = "no other site" if costs["healer"] is None else names[costs["healer"]]
+            link = "no emulated link" if costs["link"] is None else costs["link"]
+            f = Table(title=f"One failure of {names[costs['site']]}, from the configuration", header_style="bold")
+            f.add_column("cost")
+            f.add_column("time", justify="right")
+            f.add_column("where it comes from")
+            f.add_row("detection of a crash", _seconds(costs["detection_crash_seconds"]), "its connections close")
+            f.add_row("detection of a silent failure", _seconds(costs["detection_silent_seconds"]),
+                      "membership.heartbeat_timeout_s")
+            f.add_row("  ... as a sync starts", _seconds(costs["detection_hung_seconds"]),
+                      f"the transfer deadline of a {_seconds(costs['sync_seconds'])} sync")
+            f.add_row("re-forming (after the failure, and at the rejoin)", _seconds(costs["reform_seconds"]),
+                      costs["reform_source"])
+            f.add_row("healing", _seconds(costs["heal_seconds"]),
+                      f"{fmt_bytes(costs['heal_bytes'])} of state from {healer} over {link}")
+            console.print(f)
 
 
 def plot_sweep(sweep: Sweep, *, path: str | Path, target: float | None = None, title: str = "") -> Path:

@@ -9,16 +9,39 @@ one *round* at a time (one step for DDP, H inner steps for DiLoCo and Streaming 
 * **Power caps.** A site runs only the accelerators its cap can feed: min(planned, floor(cap / (W * PUE))).
 * **Failures.** Each site fails after an exponential time with mean ``mtbf_hours``. Two recovery models:
 
-  - ``restart`` (the default; classic checkpoint/restart): any failure stops every site, rolls the job back
-    to its last checkpoint and costs ``restart_hours``. Checkpoints are taken every N rounds, N being
-    ``checkpoint_every_hours`` over the full-membership round time, as trainers checkpoint every N steps.
-  - ``elastic`` (after DiLoCo's robustness to dropped workers, arXiv 2311.08105; what geotrain's elastic
-    membership is to do, while training today stops on a failure): the failed site loses its work since
-    its last sync; the others finish the round without it, pay ``rebuild_seconds`` to rebuild the
-    cross-site group, and go on with a smaller global batch. The failed site is down ``restart_hours`` and
-    rejoins at the next round boundary, healed from its peers.
+  - ``elastic`` (the default): what geotrain's elastic membership does (``geotrain.membership``,
+    ``geotrain.comm.collectives``), which DiLoCo's robustness to dropped workers makes worth doing
+    (arXiv 2311.08105). Every cost comes from the run's own configuration, with the definitions training uses:
 
-The settings are the configuration's ``[simulate]`` section (``geotrain.config.SimulateConfig``).
+    * *Detection.* A crash closes the site's connections and the coordinator drops it at once (0 s). A silent
+      failure (a machine, power or network loss) is noticed ``membership.heartbeat_timeout_s`` after it; if
+      it hits a sync, the survivors' transfer hangs until its deadline, ``transfer_floor_s + transfer_margin
+      x`` the sync's predicted time (``geotrain.membership.deadlines``). ``silent_fraction`` sets the mix;
+      1, every failure silent, is the default and the pessimistic case.
+    * *The round in flight.* A failure during inner steps loses the failed site's work since its last sync;
+      the survivors go on and wait at the next sync's quorum only for a detection that has not come yet. A
+      failure mid-sync fails the commit vote: the attempt is lost for every site, and the sync is redone
+      without the failed site (the survivors keep their pseudo-gradients; the failed site's round is lost,
+      and with overlapped syncs the round that was travelling too).
+    * *Re-forming.* The survivors build their cross-site group again on a new generation, and once more when
+      the site joins: ``reform_seconds``, by default :data:`REFORM_ROUND_TRIPS` round trips of the slowest
+      link among the members (:func:`reform_seconds`).
+    * *Healing.* The failed site is down ``restart_hours``, waits for the next round boundary and is admitted;
+      the lowest live site (the coordinator's choice) sends it its state point to point,
+      :func:`heal_state_bytes` over the link between the two at the cost the WAN emulator charges
+      (``geotrain.topology.point_to_point``). The next sync waits for the healer, so every site stalls that
+      long; syncs in flight (overlapped DiLoCo, Streaming DiLoCo) are drained first. If every site is down at
+      once, no live site is left to heal from: the run resumes from its last checkpoint, as training does.
+    * While sites are down the survivors' global batch shrinks; with fewer than ``membership.min_sites``
+      members the run waits for sites to come back.
+
+  - ``restart`` (classic checkpoint/restart): any failure stops every site, rolls the job back to its last
+    checkpoint and costs ``restart_hours``. Checkpoints are taken every N rounds, N being
+    ``checkpoint_every_hours`` over the full-membership round time, as trainers checkpoint every N steps.
+
+:func:`failure_costs` gives the per-event figures (detection, re-forming, healing) of a run configuration, so
+that what a fault benchmark measures can be set beside what the planner predicts. The settings are the
+configuration's ``[simulate]`` section (``geotrain.config.SimulateConfig``).
 
 Everything random comes from one ``numpy.random.Generator`` seeded with ``seed``: the same inputs give the
 same run. Rounds between two events (a failure, a rejoin, a checkpoint) are processed as numpy blocks, so
@@ -30,21 +53,197 @@ final sync of every fragment), which the simulation leaves out. The tests check 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from geotrain.algorithms import ModelLayout
 from geotrain.algorithms.timing import lognormal_sigma, period_seconds
-from geotrain.config import SimulateConfig
+from geotrain.config import Config, SimulateConfig
 from geotrain.errors import ConfigError
-from geotrain.planner.model import PlanSpec, resolve, site_step_seconds, sync_comm
+from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
+from geotrain.topology import Topology, point_to_point
 
-__all__ = ["SimulationResult", "mtbf_seconds", "simulate"]
+__all__ = [
+    "REFORM_ROUND_TRIPS",
+    "FailureCosts",
+    "SimulationResult",
+    "failure_costs",
+    "heal_seconds",
+    "heal_state_bytes",
+    "hung_transfer_seconds",
+    "mtbf_seconds",
+    "reform_seconds",
+    "simulate",
+]
 
 _BLOCK = 1 << 16  # rounds sampled at once between events
 _MAX_EVENTS = 500_000
 _MAX_BLOCKS = 2_000  # rounds a simulation plays without failures: 2,000 blocks of 65,536 take a few seconds
+
+REFORM_ROUND_TRIPS = 3
+"""Round trips over the slowest link among the members that re-forming takes when ``simulate.reform_seconds``
+is unset: the quorum (or admission) request to the coordinator and its answer; the new group's rendezvous
+through the coordinator's store; gloo's connection handshake between the members. The work on each machine
+(destroying the old gloo group, building the new one) took 3-40 ms in our measurements on one machine and
+is left out."""
+
+_VALUE_BYTES = 4
+"""Training keeps every tensor of a site's state in fp32."""
+
+
+# -- the costs of one failure ------------------------------------------------------------------------------------
+
+
+def heal_state_bytes(config: Config, layout: ModelLayout | None = None) -> int:
+    """Bytes of the state a healer sends a joining site: the tensors ``geotrain.train.loop`` packs for it (its
+    ``snapshot`` without the worker's own counters), all in fp32, for a model of N values (``layout``, the
+    configuration's by default):
+
+    * the model's parameters: N;
+    * the inner optimizer's state (``optim.name``): AdamW's two moments, 2N; SGD's momentum, N (none without
+      momentum);
+    * the strategy's state: DiLoCo's global parameters, the start of the round and the outer momentum, 3N
+      (2N without outer momentum); Streaming DiLoCo's global fragments and their outer momentum, 2N (or N);
+      nothing for ddp; an algorithm not listed here is taken to keep global parameters and outer momentum.
+
+    Syncs in flight are drained before an admission, so none travels with the state, and error-feedback
+    residuals stay with their sender (``CrossSiteComm.shared_state``). Headers, counters and the configuration
+    (tens of kB) are left out: about 1% of the demo model's state.
+    """
+    n = (layout if layout is not None else config.layout()).params
+    inner = 2 if config.optim.name == "adamw" else int(config.optim.momentum > 0)
+    momentum = int(config.outer.momentum > 0)
+    strategy = {"ddp": 0, "diloco": 2 + momentum, "streaming": 1 + momentum}.get(config.run.algorithm, 1 + momentum)
+    return _VALUE_BYTES * n * (1 + inner + strategy)
+
+
+def heal_seconds(spec: PlanSpec, *, healer: int, joiner: int, nbytes: int | None = None) -> float:
+    """Seconds for ``healer`` to send its state (``nbytes``, :func:`heal_state_bytes` by default) to ``joiner``:
+    each of its W workers sends one shard over the link between the two sites, the W streams sharing it
+    (``CrossSiteComm.admit``), at the cost the WAN emulator charges (``geotrain.topology.point_to_point``):
+    latency + 8 x bytes / bandwidth. No link (no emulation): no time."""
+    if nbytes is None:
+        nbytes = heal_state_bytes(spec.config, spec.model.layout)
+    workers = spec.config.run.workers_per_site
+    shard = -(-nbytes // workers)
+    return point_to_point(shard, spec.topology.link(healer, joiner), streams=workers).seconds
+
+
+def reform_seconds(sim: SimulateConfig, topology: Topology, members: Sequence[int]) -> float:
+    """Seconds the ``members`` need to re-form their cross-site group on a new generation:
+    ``sim.reform_seconds`` when set, else :data:`REFORM_ROUND_TRIPS` round trips (twice the one-way latency)
+    of the slowest link among them."""
+    if sim.reform_seconds is not None:
+        return float(sim.reform_seconds)
+    latency = 0.0
+    for a in members:
+        for b in members:
+            link = topology.link(a, b) if a < b else None
+            if link is not None:
+                latency = max(latency, link.latency_s)
+    return REFORM_ROUND_TRIPS * 2.0 * latency
+
+
+def _reform_source(sim: SimulateConfig, topology: Topology, members: Sequence[int]) -> str:
+    if sim.reform_seconds is not None:
+        return "simulate.reform_seconds"
+    rtt = reform_seconds(sim, topology, members) / REFORM_ROUND_TRIPS
+    return f"{REFORM_ROUND_TRIPS} round trips of {rtt * 1e3:.3g} ms (the slowest link among the sites)"
+
+
+def hung_transfer_seconds(membership: Any, sync_seconds: float) -> float:
+    """How long a sync can hang on a silent site before the survivors' transfer fails: its deadline,
+    ``transfer_floor_s + transfer_margin x`` its predicted time (``geotrain.membership.deadlines``; training
+    gives each transfer of a sync its own deadline, the simulation one for the whole sync)."""
+    return membership.transfer_floor_s + membership.transfer_margin * sync_seconds
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FailureCosts:
+    """What one failure of a site costs an elastic run, predicted from the run's configuration: the figures a
+    fault benchmark measures (from the fault until the site is dropped, the survivors' re-forming, the joiner's
+    healing), each from the definition training uses."""
+
+    site: int
+    """The site that fails and rejoins."""
+    healer: int | None
+    """The site that heals it: the lowest other site, as the coordinator picks (None with one site)."""
+    link: str | None
+    """The link between the two as BANDWIDTH/LATENCY (None: no emulated link, and healing takes no time)."""
+    detection_crash_seconds: float
+    """A crash: the site's processes die, their connections close and the coordinator drops the site at once."""
+    detection_silent_seconds: float
+    """A silent failure during inner steps: ``membership.heartbeat_timeout_s``."""
+    detection_hung_seconds: float
+    """A silent failure as a sync of all sites starts: the survivors' transfer fails at its deadline
+    (:func:`hung_transfer_seconds`); one that strikes later in the sync is found that much sooner."""
+    detection_seconds: float
+    """The configured mix during inner steps: ``simulate.silent_fraction`` x ``detection_silent_seconds``."""
+    reform_seconds: float
+    """One re-forming of the group of all sites (:func:`reform_seconds`). A failure costs two: the survivors
+    drop the site, then admit it again."""
+    reform_source: str
+    """Where ``reform_seconds`` comes from: the setting, or the round trips of the slowest link."""
+    heal_bytes: int
+    """The state the healer sends (:func:`heal_state_bytes`)."""
+    heal_seconds: float
+    """Its transfer over the link (:func:`heal_seconds`)."""
+    sync_seconds: float
+    """One sync of all sites over the links (the plan's ``comm_seconds_per_sync``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def failure_costs(config: Config | PlanSpec, *, site: int | None = None,
+                  sim: SimulateConfig | None = None) -> FailureCosts:
+    """The predicted detection, re-forming and healing of one failure of ``site`` in the run ``config``
+    describes (a run configuration at its own scale, or a plan), under ``sim`` (the configuration's
+    ``[simulate]`` section by default). ``site`` unset: the site whose healing takes longest (the last of
+    several alike)."""
+    spec = config if isinstance(config, PlanSpec) else plan_spec(config)
+    sim = spec.config.simulate if sim is None else sim
+    k = len(spec.sites)
+    nbytes = heal_state_bytes(spec.config, spec.model.layout)
+
+    def healer_of(j: int) -> int | None:
+        return next((i for i in range(k) if i != j), None)
+
+    def heal_of(j: int) -> float:
+        h = healer_of(j)
+        return 0.0 if h is None else heal_seconds(spec, healer=h, joiner=j, nbytes=nbytes)
+
+    if site is None:
+        site = max(range(k), key=lambda j: (heal_of(j), j))
+    elif isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < k:
+        raise ConfigError(f"site {site!r} is not in the run: its sites are 0 to {k - 1}", field="site")
+    healer = healer_of(site)
+    link = spec.topology.link(site, healer) if healer is not None else None
+    everyone = list(range(k))
+    sync_s = sync_comm(spec, members=everyone).seconds if k > 1 else 0.0
+    membership = spec.config.membership
+    return FailureCosts(
+        site=site,
+        healer=healer,
+        link=None if link is None else str(link),
+        detection_crash_seconds=0.0,
+        detection_silent_seconds=float(membership.heartbeat_timeout_s),
+        detection_hung_seconds=hung_transfer_seconds(membership, sync_s),
+        detection_seconds=sim.silent_fraction * membership.heartbeat_timeout_s,
+        reform_seconds=reform_seconds(sim, spec.topology, everyone),
+        reform_source=_reform_source(sim, spec.topology, everyone),
+        heal_bytes=nbytes,
+        heal_seconds=heal_of(site),
+        sync_seconds=sync_s,
+    )
+
+
+# -- the simulation ------------------------------------------------------------------------------------------------
 
 
 def mtbf_seconds(sim: SimulateConfig, sites: int) -> np.ndarray:
@@ -72,19 +271,51 @@ class SimulationResult:
     failures: int
     lost_progress_hours: float
     """Site-hours of progress thrown away by failures: since the last checkpoint for every site (restart),
-    since its last sync for the failed site (elastic)."""
+    since its last committed sync for the failed site (elastic)."""
     lost_compute_hours: float
     """The compute part of that progress, in site-hours."""
     downtime_hours: float
-    """Site-hours spent down or restarting."""
+    """Site-hours spent down or restarting (elastic: from the failure until the site is healed)."""
     energy_mwh: float
     """Energy over the run; a site draws its power for the whole run, down or not."""
     per_site: list[dict] = field(default_factory=list)
+    silent_failures: int = 0
+    """Elastic: failures that were silent (the rest were crashes)."""
+    rejoins: int = 0
+    """Elastic: sites healed from a live peer and admitted again."""
+    outages: int = 0
+    """Elastic: times the last live site failed, so that the run resumed from its last checkpoint (these failures
+    have no survivors to detect them, re-form or heal)."""
+    detection_seconds: float = 0.0
+    """Elastic: detection delays summed over failures: 0 for a crash, ``heartbeat_timeout_s`` for a silent
+    failure during inner steps, what was left of the transfer deadline for one that hit a sync."""
+    reform_seconds: float = 0.0
+    """Elastic: re-forming summed over failures and admissions."""
+    heal_seconds: float = 0.0
+    """Elastic: healing summed over rejoins."""
+    heal_bytes: int = 0
+    """Elastic: the state a healer sends one joiner."""
+    stall_seconds: float = 0.0
+    """Elastic: wall time the running sites lost to failures, beyond the failed site's own lost work: waiting at
+    a sync for a detection, the aborted part of an interrupted sync, re-forming, draining and healing."""
 
     @property
     def lost_hours(self) -> float:
         """Lost progress plus downtime, in site-hours."""
         return self.lost_progress_hours + self.downtime_hours
+
+    @property
+    def detection_seconds_per_failure(self) -> float:
+        return self.detection_seconds / self.failures if self.failures else 0.0
+
+    @property
+    def reform_seconds_per_failure(self) -> float:
+        """Re-forming per failure: after it and, usually, when the site is admitted again."""
+        return self.reform_seconds / self.failures if self.failures else 0.0
+
+    @property
+    def heal_seconds_per_rejoin(self) -> float:
+        return self.heal_seconds / self.rejoins if self.rejoins else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +330,17 @@ class SimulationResult:
             "lost_compute_hours": self.lost_compute_hours,
             "downtime_hours": self.downtime_hours,
             "energy_mwh": self.energy_mwh,
+            "silent_failures": self.silent_failures,
+            "rejoins": self.rejoins,
+            "outages": self.outages,
+            "detection_seconds": self.detection_seconds,
+            "detection_seconds_per_failure": self.detection_seconds_per_failure,
+            "reform_seconds": self.reform_seconds,
+            "reform_seconds_per_failure": self.reform_seconds_per_failure,
+            "heal_seconds": self.heal_seconds,
+            "heal_seconds_per_rejoin": self.heal_seconds_per_rejoin,
+            "heal_bytes": self.heal_bytes,
+            "stall_seconds": self.stall_seconds,
             "per_site": [dict(s) for s in self.per_site],
         }
 
@@ -111,6 +353,8 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
     rng = np.random.default_rng(sim.seed)
     pattern = spec.algorithm.pattern(spec.config, spec.model.layout)
     k = len(spec.sites)
+    elastic = sim.recovery == "elastic"
+    membership = spec.config.membership
 
     # Power caps limit what runs; the formula plans what was asked and only flags it.
     active = [
@@ -132,6 +376,7 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
     restart_s = sim.restart_hours * 3600.0
     checkpoint_s = sim.checkpoint_every_hours * 3600.0
     sigma = lognormal_sigma(sim.jitter)
+    min_members = max(1, min(membership.min_sites, k))
 
     def draw_failure(now: float, i: int) -> float:
         return now + rng.exponential(mtbf[i]) if math.isfinite(mtbf[i]) else math.inf
@@ -142,6 +387,21 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
         if members not in comm_cache:
             comm_cache[members] = sync_comm(spec, members=list(members)).seconds if len(members) > 1 else 0.0
         return comm_cache[members]
+
+    reform_cache: dict[tuple[int, ...], float] = {}
+
+    def reform(members: tuple[int, ...]) -> float:
+        if members not in reform_cache:
+            reform_cache[members] = reform_seconds(sim, spec.topology, members)
+        return reform_cache[members]
+
+    heal_bytes = heal_state_bytes(spec.config, spec.model.layout) if elastic else 0
+    heal_cache: dict[tuple[int, int], float] = {}
+
+    def heal(healer: int, joiner: int) -> float:
+        if (healer, joiner) not in heal_cache:
+            heal_cache[(healer, joiner)] = heal_seconds(spec, healer=healer, joiner=joiner, nbytes=heal_bytes)
+        return heal_cache[(healer, joiner)]
 
     t = 0.0
     tokens = 0.0
@@ -155,6 +415,8 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
     lost_wall = np.zeros(k)  # wall seconds of progress thrown away
     downtime = np.zeros(k)
     failures = np.zeros(k, dtype=int)
+    silent_failures = rejoins = outages = 0
+    detect_total = reform_total = heal_total = stall_total = 0.0
     # Trainers checkpoint every N steps, not every N seconds: N rounds of the full-membership round time.
     full_round = float(period_seconds(pattern, step_seconds=step_c.max(), comm_seconds=comm_seconds(tuple(range(k))))) * periods_per_round
     ckpt_rounds = max(1, round(checkpoint_s / full_round))
@@ -188,6 +450,28 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
     progress = 0  # rounds of kept progress (restored on a rollback)
     ckpt_t, ckpt_progress, ckpt_tokens, ckpt_useful = 0.0, 0, 0.0, useful.copy()
 
+    def admit(now: float) -> float:
+        """Sites whose downtime is over join at this round boundary: the members re-form with them and the
+        lowest live site heals each in turn (syncs in flight drained first). Returns when the run goes on."""
+        nonlocal rejoins, reform_total, heal_total, stall_total
+        joiners = [int(i) for i in np.flatnonzero(~alive & (down_until <= now))]
+        live = [int(i) for i in np.flatnonzero(alive)]
+        for i in joiners:
+            alive[i] = True
+            next_fail[i] = draw_failure(now, i)
+        seconds = reform(tuple(sorted(live + joiners)))
+        reform_total += seconds
+        if live:  # else no live site is left: the sites back resume from the last checkpoint, healed by none
+            healing = sum(heal(live[0], i) for i in joiners)
+            drain = 0.0 if pattern.blocking else comm_seconds(tuple(live))
+            rejoins += len(joiners)
+            heal_total += healing
+            seconds += drain + healing
+            stall_total += seconds
+        for i in joiners:
+            downtime[i] += now + seconds - failed_at[i]
+        return now + seconds
+
     events = 0
     while tokens < total_tokens * (1 - 1e-12):
         events += 1
@@ -199,14 +483,13 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
                 field="simulate.mtbf_hours",
             )
         if not alive.all() and (down_until[~alive] <= t).any():
-            _rejoin(t, alive, down_until, failed_at, downtime, next_fail, draw_failure)
-            t += sim.rebuild_seconds  # the group is rebuilt with the joiner
+            t = admit(t)
         members = tuple(int(i) for i in np.flatnonzero(alive))
-        if not members:  # every site is down: wait for the first to come back
-            t = float(down_until[~alive].min())
+        if len(members) < min_members:  # every site down, or fewer than membership.min_sites: wait for one back
+            t = max(t, float(down_until[~alive].min()))
             continue
         m = np.array(members)
-        # A site that "failed" during a stall (a rebuild, a restart) fails now, at the round boundary.
+        # A site that "failed" during a stall (re-forming, healing, a restart) fails now, at the round boundary.
         next_fail[m] = np.maximum(next_fail[m], t)
         comm = comm_seconds(members)
         tokens_per_round = float(round_tokens[m].sum())
@@ -228,15 +511,15 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
         n_clean = int(np.searchsorted(ends, fail_t, side="right"))  # rounds that end before the failure
         n_done = min(n, int(np.searchsorted(ends, rejoin_t, side="left")) + 1)  # stop where a site rejoins
         completed = min(n_clean, n_done)
-        if sim.recovery == "restart":
-            # The latest checkpoint among the rounds this block completes (one every ckpt_rounds rounds).
-            last_ckpt = (progress + completed) // ckpt_rounds * ckpt_rounds
-            if last_ckpt > progress:
-                last = last_ckpt - progress - 1  # block index of the checkpointed round
-                ckpt_t, ckpt_progress = float(ends[last]), last_ckpt
-                ckpt_tokens = tokens + (last + 1) * tokens_per_round
-                ckpt_useful = useful.copy()
-                ckpt_useful[m] += comp[: last + 1].sum(axis=0)
+        # The latest checkpoint among the rounds this block completes (one every ckpt_rounds rounds). An elastic
+        # run needs one only when every site is down at once.
+        last_ckpt = (progress + completed) // ckpt_rounds * ckpt_rounds
+        if last_ckpt > progress:
+            last = last_ckpt - progress - 1  # block index of the checkpointed round
+            ckpt_t, ckpt_progress = float(ends[last]), last_ckpt
+            ckpt_tokens = tokens + (last + 1) * tokens_per_round
+            ckpt_useful = useful.copy()
+            ckpt_useful[m] += comp[: last + 1].sum(axis=0)
 
         useful[m] += comp[:completed].sum(axis=0)
         tokens += completed * tokens_per_round
@@ -253,30 +536,7 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
         j = members[jj]
         failures[j] += 1
         rounds += 1
-        if sim.recovery == "elastic":
-            # The failed site keeps what it synced: everything up to its last sync inside this round
-            # (earlier fragment syncs for streaming); the rest is lost. The others finish the round without it.
-            period_w = float(walls[n_clean]) / periods_per_round
-            done_j = min(elapsed, float(comp[n_clean, jj]))
-            since_sync = elapsed % period_w
-            lost_j = min(since_sync, done_j)
-            useful[j] += done_j - lost_j
-            lost_compute[j] += lost_j
-            lost_wall[j] += since_sync
-            tokens += round_tokens[j] * (done_j - lost_j) / float(comp[n_clean, jj])
-            others = [i for i in range(len(members)) if i != jj]
-            if others:
-                useful[m[others]] += comp[n_clean, others]
-                tokens += float(round_tokens[m[others]].sum())
-                progress += 1
-                t = float(ends[n_clean]) + sim.rebuild_seconds
-            else:
-                t = fail_t
-            alive[j] = False
-            failed_at[j] = fail_t
-            down_until[j] = fail_t + restart_s
-            next_fail[j] = math.inf
-        else:
+        if not elastic:
             # Every site rolls back to the last checkpoint; the partial round is lost too.
             partial = np.minimum(elapsed, comp[n_clean])
             lost_compute[m] += (useful[m] - ckpt_useful[m]) + partial
@@ -288,6 +548,80 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
             for i in range(k):  # memoryless: redrawing from the restart is exact
                 next_fail[i] = draw_failure(t, i)
             ckpt_t = t  # the restored state counts as the latest checkpoint
+            continue
+
+        silent = sim.silent_fraction >= 1 or (sim.silent_fraction > 0 and float(rng.random()) < sim.silent_fraction)
+        silent_failures += int(silent)
+        comp_j = float(comp[n_clean, jj])
+        done_j = min(elapsed, comp_j)  # compute the failed site did in this round
+        alive[j] = False
+        failed_at[j] = fail_t
+        down_until[j] = fail_t + restart_s
+        next_fail[j] = math.inf
+        others = [i for i in range(len(members)) if i != jj]
+        if not others:
+            # The last member failed: no live site is left to heal from, and the run resumes from its last
+            # checkpoint when a site is back (training's coordinator says so and ``geotrain run --resume`` does it).
+            outages += 1
+            lost_compute += np.maximum(useful - ckpt_useful, 0.0)
+            lost_compute[j] += done_j
+            lost_wall[j] += fail_t - ckpt_t
+            useful[:] = ckpt_useful
+            tokens, progress = ckpt_tokens, ckpt_progress
+            t = fail_t
+            ckpt_t = float(down_until.min())  # the state is restored when the first site is back
+            continue
+
+        survivors = tuple(members[i] for i in others)
+        comm_after = comm_seconds(survivors)
+        reform_s = reform(survivors)
+        period_w = float(walls[n_clean]) / periods_per_round
+        pos = elapsed % period_w  # where in its sync period the failure struck
+        c_gate = float(comp[n_clean].max()) / round_steps
+        compute_end = pattern.period_steps * c_gate  # a blocking sync starts here; an overlapped one lands by
+        hide = pattern.hide_steps * c_gate  # ... its start plus this much compute (or its own time, if longer)
+        if pattern.blocking:
+            mid_sync = comm > 0 and pos >= compute_end
+        else:  # the previous period's sync travels during [0, comm) of this one (none in the first period)
+            mid_sync = comm > 0 and pos < comm and (progress > 0 or elapsed >= period_w)
+        if mid_sync:
+            # The commit vote fails: the attempt is lost for everyone and redone without the failed site.
+            in_sync = pos - compute_end if pattern.blocking else pos
+            detect = max(0.0, hung_transfer_seconds(membership, comm) - in_sync) if silent else 0.0
+            if pattern.blocking:
+                stall = in_sync + detect + reform_s
+                extra = stall + comm_after - comm  # the redone sync, among fewer sites, replaces the rest of this one
+            else:
+                extra = stall = max(0.0, pos + detect + reform_s + comm_after - max(hide, comm))
+                # The sync that failed carried the failed site's previous period: lost as well.
+                prev = min(float(round_compute[j]) / periods_per_round, float(useful[j]))
+                useful[j] -= prev
+                lost_compute[j] += prev
+                lost_wall[j] += period_w
+                tokens -= float(round_tokens[j]) * prev / float(round_compute[j])
+        else:
+            # During inner steps: the survivors go on and wait at the next sync's quorum for the detection.
+            detect = float(membership.heartbeat_timeout_s) if silent else 0.0
+            wait = max(0.0, pos + detect - compute_end)
+            if pattern.blocking:
+                stall = wait + reform_s
+                extra = stall + comm_after - comm
+            else:
+                extra = stall = max(0.0, wait + reform_s + comm_after - max(hide, comm_after))
+        # The failed site keeps what it synced: its work up to its last sync in this round (earlier fragment
+        # syncs for streaming); the rest is lost. The others finish the round without it.
+        lost_j = min(pos, done_j)
+        useful[j] += done_j - lost_j
+        lost_compute[j] += lost_j
+        lost_wall[j] += pos
+        tokens += round_tokens[j] * (done_j - lost_j) / comp_j
+        useful[m[others]] += comp[n_clean, others]
+        tokens += float(round_tokens[m[others]].sum())
+        progress += 1
+        t = max(fail_t, float(ends[n_clean]) + extra)
+        detect_total += detect
+        reform_total += reform_s
+        stall_total += stall
 
     for i in np.flatnonzero(~alive):  # still down when the run ends
         downtime[i] += t - failed_at[i]
@@ -317,12 +651,12 @@ def simulate(spec: PlanSpec, sim: SimulateConfig | None = None) -> SimulationRes
         downtime_hours=float(downtime.sum() / 3600.0),
         energy_mwh=float(sum(energy)),
         per_site=per_site,
+        silent_failures=silent_failures,
+        rejoins=rejoins,
+        outages=outages,
+        detection_seconds=detect_total,
+        reform_seconds=reform_total,
+        heal_seconds=heal_total,
+        heal_bytes=heal_bytes,
+        stall_seconds=stall_total,
     )
-
-
-def _rejoin(now, alive, down_until, failed_at, downtime, next_fail, draw_failure) -> None:
-    """Sites whose restart is over rejoin at this round boundary, healed from their peers."""
-    for i in np.flatnonzero(~alive & (down_until <= now)):
-        alive[i] = True
-        downtime[i] += now - failed_at[i]
-        next_fail[i] = draw_failure(now, int(i))

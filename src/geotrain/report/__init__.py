@@ -16,4 +16,9 @@ The records of ``metrics.jsonl`` that the report reads (one JSON object a line; 
   "comm_s", "wan_bytes" (sent by the site, cumulative), "outer_rounds", "utilization"}``
 - ``{"kind": "eval", "step", "tokens" (all sites), "wall_s", "eval_loss", "wan_bytes" (all sites), "outer_rounds"}``
 - ``{"kind": "sync", "site", "transfer", "step", "bytes" (this collective), "seconds", "wall_s"}``
+
+Every record also has ``time`` (Unix seconds). For a run whose membership changed, the report places records
+by it, counting from the summary's ``started_at``, and reads ``start``, ``done``, ``rejected``, ``fault``,
+``fault_due``, ``healed`` and ``error`` records beside the summary's ``membership``, ``rejected_updates``,
+``faults`` and ``failures`` (see :func:`geotrain.report.metrics.membership_of`).
 """

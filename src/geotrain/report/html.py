@@ -4,8 +4,10 @@ The file has no scripts and no external assets (figures are PNGs inlined as base
 inline), so it can be mailed, attached to an issue or opened from a cluster's scratch disk as it is.
 
 It shows a header (algorithm, sites, link, codec and an ok / partial / failed badge), the headline figures in
-human units, a per-site table, the four figures of :mod:`geotrain.report.plots`, and the resolved config and
-raw summary in collapsed ``<details>``. A run stopped by Ctrl+C or a crash still gets a report: figures the
+human units, a per-site table, what happened to the run's membership (only when something did: sites that
+left, came back and were healed, updates the guards rejected, injected faults, failures; otherwise one line),
+the four figures of :mod:`geotrain.report.plots`, and the resolved config and raw summary in collapsed
+``<details>``. A run stopped by Ctrl+C or a crash still gets a report: figures the
 summary lacks are rebuilt from ``metrics.jsonl`` where the log supports them, and marked as such.
 
 Every string that comes from a run (names, error messages, config values) is passed through ``html.escape``.
@@ -17,12 +19,22 @@ import base64
 import datetime as _dt
 import html
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from geotrain.files import write_text_atomic
-from geotrain.report.metrics import Run, derived_summary, merged_summary, read_run, run_status
+from geotrain.report.metrics import (
+    Membership,
+    Run,
+    derived_summary,
+    membership_of,
+    merged_summary,
+    read_run,
+    run_status,
+    sites_in,
+)
 from geotrain.report.units import (
     MISSING,
     as_float,
@@ -88,6 +100,16 @@ summary { cursor: pointer; font-weight: 600; }
 pre { font: 12.5px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-x: auto; }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px; }
 footer { margin-top: 36px; color: #a0aec0; font-size: 12px; }
+h3 { font-size: 15px; margin: 18px 0 6px; }
+.kind { font-weight: 600; }
+.kind.left, .kind.kill { color: #c53030; }
+.kind.joined, .kind.rejoined, .kind.rejoin { color: #2f855a; }
+.kind.healed, .kind.heal { color: #2b6cb0; }
+.kind.partition { color: #c05621; }
+.kind.rejected, .kind.nan, .kind.outlier { color: #b83280; }
+.kind.coordinator { color: #6b46c1; }
+tr.formation td { color: var(--muted); }
+td.msg { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px; word-break: break-word; }
 """
 
 FIGURE_CAPTIONS = {
@@ -100,6 +122,22 @@ FIGURE_CAPTIONS = {
     "utilization": (
         "Where each site's wall time went: compute, waiting on cross-site communication, and the rest. "
         "Utilization = compute / wall time."
+    ),
+}
+
+
+# With membership marked (plots.loss_vs_wall_png draws it only for a run whose membership changed).
+MEMBERSHIP_CAPTIONS = {
+    "loss_wall": (
+        "Top: each site's membership: solid while in the run, hatched while being healed (receiving the state "
+        "from a peer), hatched red while out, a dashed box while partitioned; triangles from above are injected "
+        "faults. Below: the losses against time since the run started, each record placed by the moment it was "
+        "written, so a site that came back goes on where it was. Vertical lines: membership events (solid), "
+        "injected faults (dashed), rejected updates (dotted)."
+    ),
+    "wan_bytes": (
+        "Cumulative payload bytes sent over cross-site links, per site and in total (decimal units: 1 MB = 10⁶ B), "
+        "against time since the run started; the vertical lines are the membership marks of the loss plot."
     ),
 }
 
@@ -179,6 +217,8 @@ SITE_COLUMNS: list[_Row] = [
 _NUMERIC_KEYS = {
     "tokens", "eval_loss", "steps", "outer_rounds", "wan_bytes", "payload_bytes_per_sync", "param_bytes",
     "peak_bandwidth_bps", "wall_seconds", "utilization", "predicted_utilization", "compute_seconds", "comm_seconds",
+    # the membership tables
+    "wall", "seconds", "coordination_seconds", "incarnations", "failed_attempts",
 }
 
 
@@ -287,6 +327,147 @@ def _site_table(entries: list[dict[str, Any]], filled: set[tuple[int, str]]) -> 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _kind(text: str, css: str) -> str:
+    return f'<span class="kind {esc(css)}">{esc(text)}</span>'
+
+
+def _site_name(site: Any) -> str:
+    return MISSING if site is None else f"site {site}"
+
+
+def _fmt_wall(value: Any) -> str:
+    """Seconds since the run started, in one unit all down a column so the rows compare at a glance."""
+    v = as_float(value)
+    return MISSING if v is None or not math.isfinite(v) else f"{v:,.1f} s"
+
+
+def _wall_cell(wall: Any) -> str:
+    return _cell(wall, _fmt_wall, _seconds_title, derived=False, key="wall")
+
+
+def _table(head: list[tuple[str, bool]], rows: list[str]) -> str:
+    """A table with ``head`` as (header, numeric) and ``rows`` of ready cells."""
+    cells = "".join(f'<th class="num">{esc(h)}</th>' if num else f"<th>{esc(h)}</th>" for h, num in head)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _events_table(m: Membership) -> str:
+    reasons = any(e.get("reason") for e in m.events)
+    head = [("Wall", True), ("Round", True), ("Site", False), ("Event", False), ("Healed from", False),
+            ("Healing took", True)] + ([("Reason", False)] if reasons else [])
+    changes = {id(e) for e in m.changes}
+    rows = []
+    for e in m.events:
+        kind = str(e.get("kind"))
+        cells = [
+            _wall_cell(e.get("wall")),
+            f'<td class="num">{esc(_plain(e.get("round")))}</td>',
+            f"<td>{esc(_site_name(e.get('site')))}</td>",
+            f"<td>{_kind(kind, kind)}</td>",
+            f"<td>{esc(_site_name(e.get('healed_from')))}</td>",
+            _cell(e.get("seconds"), fmt_seconds, _seconds_title, derived=False, key="seconds"),
+        ]
+        if reasons:
+            cells.append(f'<td class="msg">{esc(e.get("reason") or "")}</td>')
+        formation = "" if id(e) in changes else ' class="formation" title="the run forming"'
+        rows.append(f"<tr{formation}>{''.join(cells)}</tr>")
+    return _table(head, rows)
+
+
+def _rejected_table(m: Membership) -> str:
+    rows = [
+        f"<tr>{_wall_cell(r.get('wall'))}<td class=\"num\">{esc(_plain(r.get('round')))}</td>"
+        f"<td>{esc(_site_name(r.get('site')))}</td><td class=\"msg\">{esc(_plain(r.get('reason')))}</td></tr>"
+        for r in m.rejected
+    ]
+    return _table([("Wall", True), ("Round", True), ("Site", False), ("Reason", False)], rows)
+
+
+def _faults_table(m: Membership) -> str:
+    rows = []
+    for f in m.faults:
+        action, site = str(f.get("action")), f.get("site")
+        target = "coordinator" if site is None else _site_name(site)
+        css = "coordinator" if site is None else action
+        rows.append(f"<tr>{_wall_cell(f.get('wall'))}<td>{_kind(action, css)}</td><td>{esc(target)}</td>"
+                    f"<td><code>{esc(_plain(f.get('spec')))}</code></td></tr>")
+    return _table([("Wall", True), ("Fault", False), ("Target", False), ("As given", False)], rows)
+
+
+def _failures_table(m: Membership) -> str:
+    rows = [f"<tr>{_wall_cell(f.get('wall'))}<td>{esc(_site_name(f.get('site')))}</td>"
+            f"<td class=\"msg\">{esc(_plain(f.get('message')))}</td></tr>" for f in m.failures]
+    return _table([("Wall", True), ("Site", False), ("Message", False)], rows)
+
+
+# (header, key, formatter, tooltip) for the per-site membership figures.
+MEMBERSHIP_COLUMNS: list[_Row] = [
+    ("Coordination", "coordination_seconds", fmt_seconds, _seconds_title),
+    ("Processes run", "incarnations", _plain, None),
+    ("Failed sync attempts", "failed_attempts", _plain, None),
+]
+
+
+def _coordination_table(m: Membership) -> str:
+    columns = [c for c in MEMBERSHIP_COLUMNS if any(e.get(c[1]) is not None for e in m.per_site)]
+    rows = []
+    for e in m.per_site:
+        # summary.json counts processes only for a site that ran more than one, and only for one that finished
+        values = {"incarnations": 1, **e} if "coordination_seconds" in e else e
+        cells = "".join(_cell(values.get(key), fmt, tip, derived=False, key=key) for _label, key, fmt, tip in columns)
+        rows.append(f"<tr><td>{esc(_site_name(e['site']))}</td>{cells}</tr>")
+    return _table([("Site", False), *((label, True) for label, *_ in columns)], rows)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _membership_section(run: Run) -> list[str]:
+    """The Membership section, or one line for a run whose membership never changed, or nothing for a run
+    from before membership was recorded."""
+    m = membership_of(run)
+    sites = m.sites if m.sites is not None else len(sites_in(run))
+    if not m.changed:
+        if not m.recorded:
+            return []
+        return [f'<p class="footnote">Membership: {_count(sites, "site")}, no changes.</p>']
+    kinds: dict[str, int] = {}
+    for e in m.changes:
+        kinds[str(e.get("kind"))] = kinds.get(str(e.get("kind")), 0) + 1
+    said = [_count(sites, "site")] if sites else []
+    if kinds:
+        said.append(", ".join(f"{n} {esc(k)}" for k, n in kinds.items()))
+    for items, word in ((m.rejected, "rejected update"), (m.faults, "injected fault"), (m.failures, "failure")):
+        if items:
+            said.append(_count(len(items), word))
+    if m.sites_in_sync is not None:
+        said.append("the sites that finished hold " + ("the same parameters" if m.sites_in_sync else
+                                                        "<strong>different parameters</strong>"))
+    parts = ["<h2>Membership</h2>", f'<p class="meta">{"".join(f"<span>{x}</span>" for x in said)}</p>']
+    if m.events:
+        parts += ["<h3>Events</h3>", _events_table(m)]
+    if m.rejected:
+        parts += ["<h3>Rejected updates</h3>", _rejected_table(m)]
+    if m.faults:
+        parts += ["<h3>Injected faults</h3>", _faults_table(m)]
+    if m.failures:
+        parts += ["<h3>Failures</h3>", _failures_table(m)]
+    if any(len(e) > 1 for e in m.per_site):
+        parts += ["<h3>Per site</h3>", _coordination_table(m),
+                  '<p class="footnote">Coordination: time each site spent waiting on the coordinator (quorums, '
+                  "votes, admissions), over its last process.</p>"]
+    note = {
+        "matched": "summary.json does not say when the run started (an older run); its times were matched with "
+                   "the records of metrics.jsonl, to within a fraction of a second.",
+        "start": "summary.json does not say when the run started (an older run); times from metrics.jsonl count "
+                 "from the first site's start, and may sit some seconds off those from summary.json.",
+    }.get(m.origin_source or "")
+    parts.append('<p class="footnote">Wall: seconds since the run started. Round: the coordinator&#x27;s, when it '
+                 f'logged the event (the latest any site had reported to it).{" " + esc(note) if note else ""}</p>')
+    return parts
+
+
 def _meta_items(merged: dict[str, Any]) -> Iterable[str]:
     if merged.get("algorithm"):
         yield f"<span><strong>{esc(merged['algorithm'])}</strong></span>"
@@ -305,7 +486,7 @@ def _meta_items(merged: dict[str, Any]) -> Iterable[str]:
 
 def render_report(run: Run, *, figures: dict[str, bytes] | None = None) -> str:
     """The report of ``run`` as an HTML string. ``figures`` defaults to :func:`plots.run_figures`."""
-    from geotrain.report.plots import PLOT_TITLES, run_figures
+    from geotrain.report.plots import PLOT_TITLES, marks_membership, run_figures
 
     if figures is None:
         figures = run_figures(run)
@@ -349,11 +530,13 @@ def render_report(run: Run, *, figures: dict[str, bytes] | None = None) -> str:
     if filled:
         parts.append('<p class="footnote"><span class="derived">*</span> not in summary.json; rebuilt from metrics.jsonl.</p>')
     parts += ["<h2>Per site</h2>", _site_table(per_site, site_filled)]
+    parts += _membership_section(run)
 
     parts.append("<h2>Plots</h2>")
+    marked = marks_membership(run)
     for key, png in figures.items():
         label = PLOT_TITLES.get(key, key)
-        caption = FIGURE_CAPTIONS.get(key, "")
+        caption = (marked and MEMBERSHIP_CAPTIONS.get(key)) or FIGURE_CAPTIONS.get(key, "")
         parts.append(
             f'<figure><img src="{png_data_uri(png)}" alt="{esc(label)}" width="1200">'
             f"<figcaption>{esc(caption)}</figcaption></figure>"

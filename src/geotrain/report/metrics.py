@@ -10,7 +10,12 @@ everything here degrades instead of raising:
 
 Record kinds (one JSON object per line; see the report package docstring for the full field lists):
 ``step`` (per site, ``tokens``/``wan_bytes`` cumulative for that site), ``eval`` (global, ``tokens``/``wan_bytes``
-cumulative over all sites) and ``sync`` (one per cross-site collective, ``bytes`` for that collective).
+cumulative over all sites) and ``sync`` (one per cross-site collective, ``bytes`` for that collective); for
+membership, ``start`` (a site's process started), ``done``, ``rejected``, ``fault`` and ``error``.
+
+:func:`membership_of` gathers what happened to the run's membership (the coordinator's events, rejected
+updates, injected faults, failures) on one clock: seconds since the launch, ``summary.started_at``. A site
+that left and came back starts its own ``wall_s`` again from zero, so only that clock can place it.
 
 Series helpers return numpy arrays sorted by their x value, with non-finite y values dropped.
 """
@@ -28,13 +33,17 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = [
+    "EVENT_KINDS",
+    "Membership",
     "Run",
     "SiteTimes",
     "derived_summary",
     "eval_series",
     "global_tokens_at_steps",
+    "membership_of",
     "merged_summary",
     "read_run",
+    "run_clock_series",
     "run_status",
     "site_times",
     "sites_in",
@@ -276,25 +285,36 @@ def global_tokens_at_steps(run: Run, site: int) -> tuple[np.ndarray, np.ndarray,
     return total[order], loss[order], wall[order]
 
 
-def wan_series(run: Run, site: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative WAN bytes sent by one site against wall time.
+def wan_series(run: Run, site: int, *, origin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative WAN bytes sent by one site against wall time: the site's own ``wall_s``, or with ``origin``
+    seconds since that Unix time (the run's clock, on which a site that started again goes on where it was).
 
     Sync records are preferred when the log has any: they are written at each collective, so the curve
     steps exactly when bytes moved. Otherwise the cumulative ``wan_bytes`` of step records is used.
     """
     if run.syncs:
-        x, y = _sorted_finite(run.column("sync", site, "wall_s"), run.column("sync", site, "bytes"))
+        x, y = _sorted_finite(_clock(run, "sync", site, origin), run.column("sync", site, "bytes"))
         if x.size:
             return x, np.cumsum(y)
-    x, y = step_series(run, site, x="wall_s", y="wan_bytes")
+    x, y = _sorted_finite(_clock(run, "step", site, origin), run.column("step", site, "wan_bytes"))
     if x.size:
         y = np.maximum.accumulate(y)
     return x, y
 
 
-def total_wan_series(run: Run) -> tuple[np.ndarray, np.ndarray]:
+def _clock(run: Run, kind: str, site: int | None, origin: float | None) -> np.ndarray:
+    """The records' ``wall_s``, or with ``origin`` their ``time`` less it."""
+    return run.column(kind, site, "wall_s") if origin is None else run.column(kind, site, "time") - origin
+
+
+def run_clock_series(run: Run, kind: str, site: int | None, y: str, *, origin: float) -> tuple[np.ndarray, np.ndarray]:
+    """``y`` of the records of ``kind`` (one site's, or all with ``site=None``) against seconds since ``origin``."""
+    return _sorted_finite(_clock(run, kind, site, origin), run.column(kind, site, y))
+
+
+def total_wan_series(run: Run, *, origin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative WAN bytes over all sites against wall time (the sum of the per-site step curves)."""
-    curves = {s: wan_series(run, s) for s in sites_in(run)}
+    curves = {s: wan_series(run, s, origin=origin) for s in sites_in(run)}
     curves = {s: c for s, c in curves.items() if c[0].size}
     if not curves:
         return np.empty(0), np.empty(0)
@@ -436,3 +456,242 @@ def run_status(summary: dict[str, Any]) -> tuple[Status, str]:
     if not summary:
         return "partial", "no summary.json"
     return "partial", "summary has no ok flag"
+
+
+# -- membership ---------------------------------------------------------------------------------------------------
+
+EVENT_KINDS = ("joined", "left", "rejoined", "healed")
+"""The coordinator's events that summary.json lists under ``membership``."""
+
+Interval = tuple[float, float, str]
+"""(from, to, state) in seconds since the launch; state: member, healing, out or partitioned."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Membership:
+    """What happened to a run's membership. Every ``wall`` counts seconds since the launch, None when unknown.
+
+    Read from summary.json; the times the summary does not give (when each rejected update was decided, the
+    faults the sites carried out themselves) come from metrics.jsonl.
+    """
+
+    recorded: bool
+    """Whether summary.json records membership at all (runs from before elastic membership do not)."""
+    sites: int | None
+    events: list[dict[str, Any]]
+    """The coordinator's events in time order: site, kind (one of :data:`EVENT_KINDS`), round, wall,
+    healed_from, seconds (the healing transfer), reason (why a site left)."""
+    rejected: list[dict[str, Any]]
+    """Updates the guards left out: site, round, sync, step, reason, norm, wall (when the first member decided)."""
+    faults: list[dict[str, Any]]
+    """Injected faults in time order: spec, action, site (None: the coordinator), wall. The launcher's (kill,
+    rejoin, partition, heal) from summary.json; the sites' own (slow, nan, outlier) from their fault records."""
+    failures: list[dict[str, Any]]
+    """Sites that failed: site, message, wall."""
+    per_site: list[dict[str, Any]]
+    """Per site, the membership figures it recorded (coordination_seconds, incarnations, failed_attempts; a
+    site that did not finish has none)."""
+    sites_in_sync: bool | None
+    """Whether the sites that finished hold the same parameters."""
+    origin: float | None
+    """Unix seconds at which ``wall`` starts (see :func:`_origin`)."""
+    origin_source: str | None
+    """Where ``origin`` comes from: ``summary`` (exact), ``matched`` (to within a fraction of a second) or
+    ``start`` (the first start record: the log's times may then sit some seconds off the summary's)."""
+    end: float | None
+    """The run's last moment on the same clock (its last record or event, or the launcher's elapsed time)."""
+    finished: dict[int, float] = field(default_factory=dict)
+    """When each site finished (its last ``done`` record), on the same clock."""
+
+    @property
+    def changes(self) -> list[dict[str, Any]]:
+        """The events after the run formed: every site joining at the start is not a change."""
+        return [e for e in self.events if not _formation(e)]
+
+    @property
+    def changed(self) -> bool:
+        """Anything to show: a membership change, a rejected update, a fault, a failure, a site started again."""
+        restarted = any((_num(e, "incarnations") or 1) > 1 for e in self.per_site)
+        return bool(self.changes or self.rejected or self.faults or self.failures or restarted)
+
+    def intervals(self) -> dict[int, list[Interval]]:
+        """Each site's states over the run, from its events: ``member`` from joining (or being healed) to
+        leaving, ``healing`` from being admitted again to holding the state it was sent, ``out`` from leaving
+        to coming back (or the end), and ``partitioned`` between a partition fault and its heal."""
+        end = self.end
+        out: dict[int, list[Interval]] = defaultdict(list)
+        if end is None:
+            return {}
+        state: dict[int, tuple[str, float]] = {}
+        for e in self.events:
+            site, wall, kind = e.get("site"), e.get("wall"), e.get("kind")
+            if not isinstance(site, int) or wall is None:
+                continue
+            now = state.pop(site, None)
+            if now is not None:
+                out[site].append((now[1], wall, now[0]))
+            if kind == "left":
+                state[site] = ("out", wall)
+            elif kind == "healed" or (kind == "joined" and e.get("healed_from") is None):
+                state[site] = ("member", wall)
+            else:  # admitted (again), healed from a peer: the state is on its way
+                state[site] = ("healing", wall)
+        for site, (name, since) in state.items():
+            stop = self.finished.get(site, end) if name != "out" else end
+            out[site].append((since, max(since, stop), name))
+        cut: dict[int, float] = {}
+        for f in self.faults:
+            site, wall = f.get("site"), f.get("wall")
+            if not isinstance(site, int) or wall is None:
+                continue
+            if f.get("action") == "partition":
+                cut.setdefault(site, wall)
+            elif f.get("action") == "heal" and site in cut:
+                out[site].append((cut.pop(site), wall, "partitioned"))
+        for site, since in cut.items():
+            out[site].append((since, end, "partitioned"))
+        return {site: sorted(v) for site, v in sorted(out.items())}
+
+
+def _formation(event: dict[str, Any]) -> bool:
+    """A site joining as the run forms (round 0, not healed from a peer) rather than later."""
+    return event.get("kind") == "joined" and event.get("healed_from") is None and not event.get("round")
+
+
+def _wall_of(entry: dict[str, Any]) -> float | None:
+    v = _num(entry, "wall")
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
+def _by_wall(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stable sort by wall time, entries without one last."""
+    return sorted(entries, key=lambda e: (e["wall"] is None, e["wall"] or 0.0))
+
+
+def membership_of(run: Run) -> Membership:
+    """The run's membership history (see :class:`Membership`), tolerant of old and partial run directories."""
+    if "membership" in run._cache:
+        return run._cache["membership"]
+    s = run.summary
+    origin, origin_source = _origin(run)
+
+    def wall_at(record: dict[str, Any]) -> float | None:
+        t = _num(record, "time")
+        return None if t is None or origin is None else t - origin
+
+    events = []
+    for e in _dicts(s.get("membership")):
+        if e.get("kind") not in EVENT_KINDS:
+            continue
+        entry = {k: e.get(k) for k in ("site", "kind", "round", "healed_from", "seconds", "reason")}
+        entry["wall"] = _wall_of(e)
+        events.append(entry)
+
+    # A rejection is recorded by every member that took part in the sync; it happened when the first did.
+    decided: dict[tuple[Any, Any], float] = {}
+    logged: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for r in run.records.get("rejected", []):
+        key = (r.get("sync"), r.get("rejected_site"))
+        logged.setdefault(key, r)
+        w = wall_at(r)
+        if w is not None and (key not in decided or w < decided[key]):
+            decided[key] = w
+    if isinstance(s.get("rejected_updates"), list):
+        rejected = [{k: e.get(k) for k in ("site", "round", "sync", "step", "reason", "norm")}
+                    for e in _dicts(s["rejected_updates"])]
+    else:  # a summary from before rejections were listed, or none at all: the log's own
+        rejected = [{"site": r.get("rejected_site"), "round": r.get("round"), "sync": r.get("sync"),
+                     "step": r.get("step"), "reason": r.get("reason"), "norm": r.get("norm")}
+                    for r in logged.values()]
+    for e in rejected:
+        e["wall"] = decided.get((e.get("sync"), e.get("site")))
+
+    faults = [{"spec": f.get("spec"), "action": f.get("action"), "site": f.get("site"), "wall": _wall_of(f)}
+              for f in _dicts(s.get("faults"))]
+    known = {f["spec"] for f in faults}
+    for r in run.records.get("fault", []):  # slow, nan and outlier act inside the sites, at their step
+        spec = r.get("fault")
+        if not isinstance(spec, str) or spec in known:
+            continue
+        known.add(spec)
+        faults.append({"spec": spec, **_fault_parts(spec), "wall": wall_at(r)})
+
+    if isinstance(s.get("failures"), list):
+        failures = [{"site": f.get("site"), "message": f.get("message"), "wall": _wall_of(f)}
+                    for f in _dicts(s["failures"])]
+    else:
+        failures = [{"site": r.get("site"), "message": r.get("message"), "wall": wall_at(r)}
+                    for r in run.records.get("error", [])]
+
+    per_site = [{"site": e["site"], **{k: e[k] for k in ("coordination_seconds", "incarnations", "failed_attempts")
+                                       if _num(e, k) is not None}}
+                for e in _per_site(s) if isinstance(e.get("site"), int)]
+
+    finished: dict[int, float] = {}
+    for r in run.records.get("done", []):
+        site, w = _site_of(r), wall_at(r)
+        if site is not None and w is not None:
+            finished[site] = max(w, finished.get(site, w))
+    ends = [w for w in (wall_at(r) for recs in run.records.values() for r in recs) if w is not None]
+    ends += [e["wall"] for e in events + faults + failures + rejected if e["wall"] is not None]
+    if origin_source == "summary" and _num(s, "elapsed_seconds") is not None:
+        ends.append(float(s["elapsed_seconds"]))
+    sites = s.get("sites")
+    m = Membership(
+        recorded=isinstance(s.get("membership"), list),
+        sites=sites if isinstance(sites, int) and not isinstance(sites, bool) else None,
+        events=_by_wall(events), rejected=rejected, faults=_by_wall(faults), failures=_by_wall(failures),
+        per_site=per_site, sites_in_sync=s.get("sites_in_sync") if isinstance(s.get("sites_in_sync"), bool) else None,
+        origin=origin, origin_source=origin_source, end=max(ends) if ends else None, finished=finished,
+    )
+    run._cache["membership"] = m
+    return m
+
+
+def _origin(run: Run) -> tuple[float | None, str | None]:
+    """The Unix time the summary's ``wall`` values count from, and how it is known.
+
+    ``summary.started_at`` where the summary has it. An older summary counts from the launch too but does not
+    say when that was; the offset then comes from something both files hold: a failure and its error record
+    (the same record), a site healed and its own healed record, or a fault and the sites' note that it was
+    due (the launcher carries a fault out as soon as it reads that note). Else the first start record.
+    """
+    s = run.summary
+    if (t0 := _num(s, "started_at")) is not None:
+        return t0, "summary"
+    logged = run.records
+    for failure in _dicts(s.get("failures")):
+        for r in logged.get("error", []):
+            if (r.get("site"), r.get("message")) == (failure.get("site"), failure.get("message")):
+                if (w := _wall_of(failure)) is not None and (t := _num(r, "time")) is not None:
+                    return t - w, "matched"
+    for e in _dicts(s.get("membership")):
+        if e.get("kind") != "healed":
+            continue
+        for r in logged.get("healed", []):
+            if (r.get("site"), r.get("healed_from")) == (e.get("site"), e.get("healed_from")):
+                if (w := _wall_of(e)) is not None and (t := _num(r, "time")) is not None:
+                    return t - w, "matched"
+    for f in _dicts(s.get("faults")):
+        due = [t for r in logged.get("fault_due", [])
+               if r.get("fault") == f.get("spec") and (t := _num(r, "time")) is not None]
+        if due and (w := _wall_of(f)) is not None:
+            return min(due) - w, "matched"
+    starts = [t for r in logged.get("start", []) if (t := _num(r, "time")) is not None]
+    return (min(starts), "start") if starts else (None, None)
+
+
+def _fault_parts(spec: str) -> dict[str, Any]:
+    """A fault's action and target site from its spec (``outlier:100:2@5``)."""
+    from geotrain.errors import ConfigError
+    from geotrain.faults import parse_fault
+
+    try:
+        f = parse_fault(spec)
+    except ConfigError:
+        return {"action": spec.split(":", 1)[0], "site": None}
+    return {"action": f.action, "site": f.site}

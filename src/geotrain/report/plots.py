@@ -23,14 +23,18 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from geotrain.report.metrics import (
+    Membership,
     Run,
     eval_series,
     global_tokens_at_steps,
+    membership_of,
+    run_clock_series,
     site_times,
     sites_in,
     step_series,
@@ -49,6 +53,7 @@ __all__ = [
     "ema",
     "loss_vs_tokens_png",
     "loss_vs_wall_png",
+    "marks_membership",
     "run_figures",
     "utilization_png",
     "wan_bytes_png",
@@ -64,6 +69,18 @@ TOTAL_COLOR = "#111111"
 COMPUTE_COLOR = "#2b6cb0"
 COMM_COLOR = "#dd6b20"
 OTHER_COLOR = "#cbd5e0"
+
+# Membership marks, distinct by kind: red for a site lost, green for one back, blue for one healed. Events the
+# coordinator saw are solid lines, the faults injected to cause them dashed, rejected updates dotted.
+LEFT_COLOR = "#e53e3e"
+JOINED_COLOR = "#38a169"
+HEALED_COLOR = "#3182ce"
+REJECTED_COLOR = "#d53f8c"
+FAULT_COLORS = {"kill": "#c53030", "rejoin": "#2f855a", "partition": "#dd6b20", "heal": "#319795",
+                "slow": "#b7791f", "nan": "#97266d", "outlier": "#97266d"}
+COORDINATOR_COLOR = "#805ad5"
+OUT_COLOR = "#fed7d7"
+RUN_CLOCK_LABEL = "time since the run started"
 
 PLOT_TITLES = {
     "loss_tokens": "Loss vs tokens",
@@ -162,6 +179,15 @@ def _thin(*arrays: np.ndarray, limit: int = MAX_POINTS) -> tuple[np.ndarray, ...
     return tuple(a[idx] for a in arrays)
 
 
+def _joined(pieces: list[np.ndarray]) -> np.ndarray:
+    """The pieces end to end with a NaN between each two, where matplotlib breaks a line."""
+    pieces = [p for p in pieces if p.size]
+    if len(pieces) < 2:
+        return pieces[0] if pieces else np.empty(0)
+    gap = np.array([np.nan])
+    return np.concatenate([a for p in pieces for a in (p, gap)][:-1])
+
+
 def _from_origin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start a cumulative curve at (0, 0): nothing was sent before the run started."""
     if x.size and x[0] > 0:
@@ -223,34 +249,58 @@ def _loss_ylim(ax: Axes, series: Sequence[np.ndarray], *, raw: Sequence[np.ndarr
             bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="#e2e8f0", alpha=0.9))
 
 
-def _loss_panel(ax: Axes, run: Run, *, x: str) -> bool:
-    """Draw train (per site) and eval loss against ``x`` ("tokens" or "wall_s"); False when nothing to draw."""
+def _loss_panel(ax: Axes, run: Run, *, x: str, origin: float | None = None,
+                time_scale: tuple[float, str] | None = None, idle: Sequence[tuple[float, float]] = ()) -> bool:
+    """Draw train (per site) and eval loss against ``x`` ("tokens" or "wall_s"); False when nothing to draw.
+
+    With ``origin`` (Unix seconds), wall time is the run's clock: seconds since then, from each record's
+    ``time``. A site that started again (healed or resumed) then goes on where it was, its line broken over
+    the time it was away, where its own ``wall_s`` would start again from zero. ``time_scale`` fixes the unit
+    (to share an axis with another panel). The eval line is broken over the ``idle`` periods (seconds, on that
+    clock) in which no site was in the run."""
     drawn = False
     smoothed_all: list[np.ndarray] = []
     raw_all: list[np.ndarray] = []
     sites = sites_in(run)
+    clock = x == "wall_s" and origin is not None
+
+    def site_xy(site: int) -> tuple[np.ndarray, np.ndarray]:
+        if x == "tokens":
+            return global_tokens_at_steps(run, site)[:2]
+        if clock:
+            return run_clock_series(run, "step", site, "loss", origin=origin)
+        return step_series(run, site, x="wall_s")
+
+    def eval_xy() -> tuple[np.ndarray, np.ndarray]:
+        if clock:
+            return run_clock_series(run, "eval", None, "eval_loss", origin=origin)
+        return eval_series(run, x="tokens" if x == "tokens" else "wall_s")
+
     t_max = 0.0
-    if x == "wall_s":
+    if x == "wall_s" and time_scale is None:
         for site in sites:
-            xs, _ = step_series(run, site, x="wall_s")
+            xs, _ = site_xy(site)
             if xs.size:
                 t_max = max(t_max, float(xs.max()))
-        ex, _ = eval_series(run, x="wall_s")
+        ex, _ = eval_xy()
         if ex.size:
             t_max = max(t_max, float(ex.max()))
-    scale, unit = _time_scale(t_max)
+    scale, unit = time_scale or _time_scale(t_max)
 
     for site in sites:
-        if x == "tokens":
-            xs, ys, _ = global_tokens_at_steps(run, site)
-        else:
-            xs, ys = step_series(run, site, x="wall_s")
-            xs = xs / scale
+        xs, ys = site_xy(site)
         if not xs.size:
             continue
-        smooth = ema(ys)
-        smoothed_all.append(smooth)
+        if x == "wall_s":
+            xs = xs / scale
+        cuts: np.ndarray = np.empty(0, dtype=int)
+        if clock:  # one piece per process the site ran, each smoothed on its own
+            starts = run_clock_series(run, "start", site, "time", origin=origin)[0][1:] / scale
+            cuts = np.unique(np.searchsorted(xs, starts))
+        smooth = _joined([ema(piece) for piece in np.split(ys, cuts)])
+        smoothed_all.append(smooth[np.isfinite(smooth)])
         raw_all.append(ys)
+        xs, ys = _joined(np.split(xs, cuts)), _joined(np.split(ys, cuts))
         color = _site_color(site)
         rx, ry, rs = _thin(xs, ys, smooth)
         if xs.size > 1:
@@ -261,10 +311,13 @@ def _loss_panel(ax: Axes, run: Run, *, x: str) -> bool:
                 marker="o" if xs.size <= 40 else None, markersize=2.5)
         drawn = True
 
-    ex, ey = eval_series(run, x="tokens" if x == "tokens" else "wall_s")
+    ex, ey = eval_xy()
     if ex.size:
         if x == "wall_s":
             ex = ex / scale
+        if clock and idle:
+            cuts = np.unique(np.searchsorted(ex, [stop / scale for _, stop in idle]))
+            ex, ey = _joined(np.split(ex, cuts)), _joined(np.split(ey, cuts))
         ax.plot(ex, ey, color=EVAL_COLOR, linewidth=1.8, marker="o", markersize=6.5 if ex.size <= 30 else 4.5,
                 markerfacecolor=EVAL_COLOR, markeredgecolor="white", markeredgewidth=1.2 if ex.size <= 30 else 0.6,
                 label="eval (held-out)", zorder=4)
@@ -280,9 +333,10 @@ def _loss_panel(ax: Axes, run: Run, *, x: str) -> bool:
         ax.set_xlabel("tokens trained, all sites")
         _token_axis(ax.xaxis)
     else:
-        ax.set_xlabel(f"wall time ({unit})")
+        ax.set_xlabel(f"{RUN_CLOCK_LABEL} ({unit})" if clock else f"wall time ({unit})")
     ax.set_xlim(left=0)
-    _legend(ax, loc="upper right")
+    # With membership marks, their labels take the top of the panel.
+    _legend(ax, loc="lower left" if clock else "upper right")
     return True
 
 
@@ -324,11 +378,213 @@ def loss_vs_tokens_png(run: Run) -> bytes:
 
 
 def loss_vs_wall_png(run: Run) -> bytes:
-    """Train loss per site and eval loss against wall time."""
+    """Train loss per site and eval loss against wall time; for a run whose membership changed, on the run's
+    clock, under a lane per site that shows when it was in the run, and with its events marked."""
+    m = membership_of(run)
+    if marks_membership(run, m):
+        return _loss_with_membership_png(run, m)
     with _style():
         fig, (ax,) = _figure(4.5)
         _title(ax, PLOT_TITLES["loss_wall"], run)
         _loss_panel(ax, run, x="wall_s")
+        return _png(fig)
+
+
+# -- membership -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """One thing that happened to the run's membership, as drawn: a vertical line at ``x`` (seconds since the
+    launch) with ``label`` beside it, and ``marker`` on the lane of ``site`` (None: the coordinator's)."""
+
+    x: float
+    site: int | None
+    label: str
+    legend: str
+    color: str
+    line: str
+    marker: str
+
+
+def marks_membership(run: Run, m: Membership | None = None) -> bool:
+    """Whether the wall-time figures mark membership: something happened, and the records can be put on the
+    run's clock (they carry Unix times; a hand-written or very old log may not)."""
+    m = membership_of(run) if m is None else m
+    return m.changed and m.origin is not None and bool(np.isfinite(run.column("step", None, "time")).any())
+
+
+def _is_site(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _marks(m: Membership) -> list[_Mark]:
+    """What to mark: the membership changes, the injected faults and the rejected updates whose time and site
+    are known (a damaged entry is left to the tables, which show what was written)."""
+    marks: list[_Mark] = []
+    for e in m.changes:
+        site, kind, wall = e.get("site"), e.get("kind"), e.get("wall")
+        if wall is None or not _is_site(site):
+            continue
+        if kind == "left":
+            marks.append(_Mark(wall, site, f"site {site} left", "site left", LEFT_COLOR, "-", "X"))
+        elif kind == "healed":
+            marks.append(_Mark(wall, site, f"site {site} healed", "site healed (state received)", HEALED_COLOR, "-",
+                               "D"))
+        else:
+            marks.append(_Mark(wall, site, f"site {site} {kind}", "site joined / rejoined", JOINED_COLOR, "-", "^"))
+    for f in m.faults:
+        action, site, wall = str(f.get("action")), f.get("site"), f.get("wall")
+        if wall is None or not (site is None or _is_site(site)):
+            continue
+        if site is None:
+            marks.append(_Mark(wall, None, f"{action} coordinator", f"fault: {action} coordinator",
+                               COORDINATOR_COLOR, "--", "v"))
+        else:
+            marks.append(_Mark(wall, site, f"{action} site {site}", f"fault: {action}",
+                               FAULT_COLORS.get(action, "#4a5568"), "--", "v"))
+    for r in m.rejected:
+        if r.get("wall") is not None and _is_site(r.get("site")):
+            marks.append(_Mark(r["wall"], r.get("site"), f"site {r.get('site')} rejected", "update rejected",
+                               REJECTED_COLOR, ":", "s"))
+    return sorted(marks, key=lambda mk: mk.x)
+
+
+def _mark_lines(ax: Axes, marks: Sequence[_Mark], *, scale: float, labels: bool) -> None:
+    """A vertical line per mark across ``ax``; with ``labels``, its label beside it at the top, the labels
+    of marks too close to read apart set side by side. Without, the lines are fainter: they only echo a
+    figure that has them."""
+    from matplotlib.transforms import ScaledTranslation, blended_transform_factory
+
+    for mk in marks:
+        ax.axvline(mk.x / scale, color=mk.color, linestyle=mk.line, linewidth=1.1, alpha=0.75 if labels else 0.5,
+                   zorder=0.8)
+    if not labels:
+        return
+    left, right = ax.get_xlim()
+    close = 0.018 * (right - left)  # about one rotated label's width at 1200 px
+    base = blended_transform_factory(ax.transData, ax.transAxes)
+    slot, previous = 0, None
+    for mk in marks:
+        x = mk.x / scale
+        slot = slot + 1 if previous is not None and x - previous < close * (slot + 1) else 0
+        previous = x if slot == 0 else previous
+        # right of the line, a label's width further for each neighbour already there
+        shift = ScaledTranslation((2 + 11 * slot) / 72, 0, ax.figure.dpi_scale_trans)
+        ax.text(x, 0.985, mk.label, transform=base + shift, rotation=90, ha="left", va="top", fontsize=7.5,
+                color=mk.color, zorder=6, bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none",
+                                                    alpha=0.75))
+
+
+def _lanes(ax: Axes, run: Run, m: Membership, marks: Sequence[_Mark], *, scale: float) -> None:
+    """One lane per site over the run: solid while a member, faint and hatched while being healed, hatched
+    red while out, a dashed box while partitioned; the marks on the lane they concern."""
+    spans = m.intervals()
+    sites = sorted(set(sites_in(run)) | set(spans) | {mk.site for mk in marks if mk.site is not None})
+    lanes: list[int | None] = [*sites, *([None] if any(mk.site is None for mk in marks) else [])]
+    y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}  # site 0 on top
+    for site, intervals in spans.items():
+        color = _site_color(site)
+        for start, stop, state in intervals:
+            left, width = start / scale, (stop - start) / scale
+            if state == "member":
+                ax.barh(y[site], width, left=left, height=0.5, color=color, linewidth=0)
+            elif state == "healing":
+                ax.barh(y[site], width, left=left, height=0.5, facecolor="white", edgecolor=color, hatch="////",
+                        linewidth=0.8)
+            elif state == "out":
+                ax.barh(y[site], width, left=left, height=0.5, facecolor=OUT_COLOR, edgecolor=LEFT_COLOR, hatch="xx",
+                        linewidth=0.8)
+            else:  # partitioned
+                ax.barh(y[site], width, left=left, height=0.82, fill=False, edgecolor=FAULT_COLORS["partition"],
+                        linestyle="--", linewidth=1.1)
+    if None in y and m.end is not None:
+        ax.plot([0, m.end / scale], [y[None], y[None]], color="#a0aec0", linewidth=1.2, zorder=1)
+    for mk in marks:
+        above = 0.42 if mk.marker == "v" else 0.0  # a fault strikes the lane from above
+        ax.scatter([mk.x / scale], [y[mk.site] + above], marker=mk.marker, s=42 if mk.marker != "s" else 30,
+                   color=mk.color, edgecolors="white", linewidths=0.7, zorder=5)
+    ax.set_yticks(list(y.values()), ["coordinator" if lane is None else f"site {lane}" for lane in y])
+    ax.set_ylim(-0.6, len(lanes) - 0.4 + 0.25)
+    ax.grid(axis="y", visible=False)
+    ax.tick_params(axis="x", labelbottom=False)
+    ax.tick_params(axis="y", length=0)
+    ax.spines["left"].set_visible(False)
+
+
+def _membership_legend(marks: Sequence[_Mark], spans: dict[int, list[Any]]) -> dict[str, Any]:
+    """Legend handles by label: one per lane state and kind of mark present."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: dict[str, Any] = {}
+    states = {state for intervals in spans.values() for *_, state in intervals}
+    if "member" in states:
+        handles["in the run"] = Patch(facecolor="#718096", linewidth=0)
+    if "healing" in states:
+        handles["being healed"] = Patch(facecolor="white", edgecolor="#4a5568", hatch="////", linewidth=0.8)
+    if "out" in states:
+        handles["out of the run"] = Patch(facecolor=OUT_COLOR, edgecolor=LEFT_COLOR, hatch="xx", linewidth=0.8)
+    if "partitioned" in states:
+        handles["partitioned"] = Patch(fill=False, edgecolor=FAULT_COLORS["partition"], linestyle="--")
+    # events first, then rejected updates, then the faults, each kind once
+    for mk in sorted(marks, key=_legend_rank):
+        handles.setdefault(mk.legend, Line2D([], [], color=mk.color, linestyle=mk.line, linewidth=1.1, marker=mk.marker,
+                                             markersize=6, markeredgecolor="white"))
+    return handles
+
+
+def _idle(spans: dict[int, list[Any]]) -> list[tuple[float, float]]:
+    """The periods between the first site joining and the last leaving in which no site was in the run (all of
+    them stopped, say, and the run resumed later)."""
+    busy = sorted((start, stop) for intervals in spans.values() for start, stop, state in intervals
+                  if state in ("member", "healing"))
+    idle: list[tuple[float, float]] = []
+    reach = None
+    for start, stop in busy:
+        if reach is not None and start > reach:
+            idle.append((reach, start))
+        reach = stop if reach is None else max(reach, stop)
+    return idle
+
+
+def _legend_rank(mk: _Mark) -> tuple[int, int]:
+    events = ("site left", "site joined / rejoined", "site healed (state received)", "update rejected")
+    if mk.legend in events:
+        return 0, events.index(mk.legend)
+    actions = list(FAULT_COLORS)
+    action = mk.legend.removeprefix("fault: ")
+    return 1, actions.index(action) if action in actions else len(actions)
+
+
+def _loss_with_membership_png(run: Run, m: Membership) -> bytes:
+    marks = _marks(m)
+    spans = m.intervals()
+    lanes = len({*sites_in(run), *spans}) + (1 if any(mk.site is None for mk in marks) else 0)
+    lane_height = 0.35 + 0.3 * lanes
+    legend = _membership_legend(marks, spans)
+    legend_rows = -(-len(legend) // 4)
+    end = m.end or 0.0
+    scale, unit = _time_scale(end)
+    with _style():
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(WIDTH_IN, 4.5 + lane_height + 0.25 * legend_rows), layout="constrained")
+        FigureCanvasAgg(fig)
+        grid = fig.add_gridspec(2, 1, height_ratios=[lane_height, 4.5])
+        lane_ax = fig.add_subplot(grid[0])
+        ax = fig.add_subplot(grid[1], sharex=lane_ax)
+        _title(lane_ax, PLOT_TITLES["loss_wall"], run)
+        _lanes(lane_ax, run, m, marks, scale=scale)
+        drawn = _loss_panel(ax, run, x="wall_s", origin=m.origin, time_scale=(scale, unit), idle=_idle(spans))
+        lo = min([0.0, *(mk.x / scale for mk in marks), *(a / scale for v in spans.values() for a, *_ in v)])
+        ax.set_xlim(lo, end / scale * 1.02 if end > 0 else 1)
+        if drawn:
+            _mark_lines(ax, marks, scale=scale, labels=True)
+        if legend:  # below the figure, outside the panels
+            fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(4, len(legend)),
+                       frameon=False, fontsize=8.5)
         return _png(fig)
 
 
@@ -337,30 +593,41 @@ def wan_bytes_png(run: Run) -> bytes:
     with _style():
         fig, (ax,) = _figure(4.5)
         _title(ax, PLOT_TITLES["wan_bytes"], run)
-        curves = {site: wan_series(run, site) for site in sites_in(run)}
+        # A run whose membership changed is drawn on the run's clock, as its loss is, with the same marks.
+        m = membership_of(run)
+        origin = m.origin if marks_membership(run, m) else None
+        curves = {site: wan_series(run, site, origin=origin) for site in sites_in(run)}
         curves = {s: c for s, c in curves.items() if c[0].size}
-        tx, ty = total_wan_series(run)
+        tx, ty = total_wan_series(run, origin=origin)
         if not curves or not tx.size:
             _placeholder(ax, "no WAN traffic recorded")
             return _png(fig)
-        scale, unit = _time_scale(float(tx.max()))
+        end = float(tx.max()) if origin is None else max(float(tx.max()), m.end or 0.0)
+        scale, unit = _time_scale(end)
         for site, (x, y) in curves.items():
             x, y = _thin(*_from_origin(x, y))
             ax.step(x / scale, y, where="post", color=_site_color(site), linewidth=1.3, label=f"site {site}")
         if len(curves) > 1:
             tx, ty = _thin(*_from_origin(tx, ty))
             ax.step(tx / scale, ty, where="post", color=TOTAL_COLOR, linewidth=2.2, label="all sites")
-        ax.set_xlabel(f"wall time ({unit})")
+        ax.set_xlabel(f"wall time ({unit})" if origin is None else f"{RUN_CLOCK_LABEL} ({unit})")
         ax.set_ylabel("bytes sent (cumulative)")
         _byte_axis(ax.yaxis)
         final = float(ty[-1]) if ty.size else 0.0
-        ax.set_xlim(0, float(tx[-1]) / scale * 1.02 if tx[-1] > 0 else 1)
+        ax.set_xlim(0, end / scale * 1.02 if end > 0 else 1)
+        if origin is not None:
+            _mark_lines(ax, _marks(m), scale=scale, labels=False)
         # Headroom above the final total for its label.
         ax.set_ylim(0, final * 1.12 if final > 0 else 1)
+        # On a white ground: membership lines may run behind the label and the legend.
+        ground = dict(boxstyle="square,pad=0.15", facecolor="white", edgecolor="none", alpha=0.85)
         ax.annotate(f"total {fmt_bytes(final)}", xy=(tx[-1] / scale, final), xytext=(-4, 5),
                     textcoords="offset points", ha="right", va="bottom", fontsize=9.5, fontweight="bold",
-                    color=TOTAL_COLOR)
-        _legend(ax, loc="upper left")
+                    color=TOTAL_COLOR, bbox=ground if origin is not None else None)
+        if origin is None:
+            _legend(ax, loc="upper left")
+        else:
+            _legend(ax, loc="upper left", frameon=True, facecolor="white", edgecolor="none", framealpha=0.85)
         return _png(fig)
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,12 +54,6 @@ class RunOutcome:
     summary: dict[str, Any]
     exit_code: int
     out: Path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_out_dir(out: Path) -> None:
@@ -219,17 +213,23 @@ class _Coordinator:
     restarts: int = 0
 
     def start(self) -> None:
+        """Start it: the first time on a port the system picks (read back from its log), again on that port."""
         log = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        seen = self.log.stat().st_size
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "geotrain.membership", "--host", "127.0.0.1", "--port", str(self.port),
-             "--token-file", str(self.token), "--events", str(self.events)],
+             "--token-file", str(self.token), "--events", str(self.events), "--parent", str(os.getpid())],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + 60.0
-        while time.monotonic() < deadline:  # listening once a connection succeeds
+        while time.monotonic() < deadline:  # listening once it says so
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the coordinator exited at start; see {self.log}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+            with open(self.log, "rb") as f:
+                f.seek(seen)
+                m = re.search(rb"listening on 127\.0\.0\.1:(\d+)", f.read())
+            if m:
+                self.port = int(m.group(1))
                 return
             time.sleep(0.02)
         raise RuntimeError(f"the coordinator did not start listening within 60 s; see {self.log}")
@@ -249,6 +249,8 @@ class _Sites:
     sites: int
     workers: int
     env: dict[str, str]
+    stores: Path
+    """Where each start of a site gets the file its workers meet on."""
     procs: dict[int, list[mp.Process]] = field(default_factory=dict)
     killed: set[int] = field(default_factory=set)
     """Sites killed by a fault (their exit is expected)."""
@@ -257,14 +259,15 @@ class _Sites:
 
     def start(self, k: int) -> None:
         ctx = mp.get_context("spawn")
-        master_port = _free_port()
+        # The site's workers meet on a file, new for each start of the site: a free port picked here could be
+        # taken by another process before worker 0 binds it.
+        store = Path(tempfile.mkdtemp(prefix=f"site{k}-", dir=self.stores)) / "store"
         if k in self.procs:
             self.finished += self.procs[k]
         self.procs[k] = []
         for local in range(self.workers):
-            env = {**self.env, "GEOTRAIN_SITE_RANK": str(k), "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(master_port), "RANK": str(local), "LOCAL_RANK": str(local),
-                   "WORLD_SIZE": str(self.workers)}
+            env = {**self.env, "GEOTRAIN_SITE_RANK": str(k), "GEOTRAIN_SITE_STORE": str(store),
+                   "RANK": str(local), "LOCAL_RANK": str(local), "WORLD_SIZE": str(self.workers)}
             log = self.out / "logs" / (f"site{k}.log" if local == 0 else f"site{k}-worker{local}.log")
             p = ctx.Process(target=_worker_entry, args=(self.task, env, str(log)), name=f"site{k}-w{local}")
             p.start()
@@ -344,14 +347,13 @@ def launch(
     secret_dir = Path(tempfile.mkdtemp(prefix="geotrain-"))  # mode 0700: the run's secret stays ours
     token = secret_dir / "token"
     create_token_file(token)
-    coordinator = _Coordinator(_free_port(), token, out / "membership.jsonl", out / "logs" / "coordinator.log")
+    coordinator = _Coordinator(0, token, out / "membership.jsonl", out / "logs" / "coordinator.log")
     task = SiteTask.of(config, workload_factory, kwargs, faults)
     sites, workers = config.run.sites, config.run.workers_per_site
-    env = {"GEOTRAIN_SITES": str(sites), "GEOTRAIN_COORDINATOR": f"127.0.0.1:{coordinator.port}",
-           "GEOTRAIN_TOKEN_FILE": str(token), "GEOTRAIN_RESUME": "1" if resume else "",
+    env = {"GEOTRAIN_SITES": str(sites), "GEOTRAIN_TOKEN_FILE": str(token), "GEOTRAIN_RESUME": "1" if resume else "",
            "GEOTRAIN_LOCAL_LAUNCHER": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
            "OMP_NUM_THREADS": "1"}
-    group = _Sites(task, out, sites, workers, env)
+    group = _Sites(task, out, sites, workers, env, stores=secret_dir)
     pending = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.site is None]
     t_start, started_at = time.monotonic(), time.time()
     exit_code, interrupted, error = 0, False, None
@@ -364,6 +366,7 @@ def launch(
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # a killed launcher still stops its workers
     try:
         coordinator.start()
+        env["GEOTRAIN_COORDINATOR"] = f"127.0.0.1:{coordinator.port}"
         for k in range(sites):
             group.start(k)
         last_progress = time.monotonic()
@@ -382,6 +385,8 @@ def launch(
                             train_start = time.monotonic()
                         if r.get("kind") == "fault_due":
                             due.append(str(r.get("fault")))
+                        if r.get("kind") == "warning":  # shown even with --quiet, and kept in the summary
+                            print(f"warning: site {r.get('site')}: {r.get('message')}", file=sys.stderr)
                     live.update(new)
                 elapsed = None if train_start is None else time.monotonic() - train_start
                 for f in list(pending):
@@ -404,8 +409,15 @@ def launch(
                                 with contextlib.suppress(ProcessLookupError):
                                     os.kill(p.pid, signal.SIGKILL)
                 running = [k for k, ps in group.procs.items() if any(_alive(p) for p in ps)]
-                rejoins = any(f.action == "rejoin" for f in pending)
-                if not running and not rejoins:
+                if failures and train_start is None:  # a site failed before the run formed: it cannot form
+                    records = read_site_records(out, sites)
+                    error = _first_error(out, records, sorted(failures))
+                    exit_code = 2 if all(c == 2 for c in failures.values()) else 1
+                    break
+                if not running:  # a rejoin still pending has no run left to join, nor a peer to heal from
+                    for f in pending:
+                        print(f"warning: --fault {f} was not carried out: the run ended before it was due",
+                              file=sys.stderr)
                     done = [k for k, ps in group.procs.items()
                             if k not in group.killed and all(_exitcode(p) == 0 for p in ps)]
                     if not done:

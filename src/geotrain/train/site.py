@@ -260,21 +260,32 @@ class _SiteFaults:
     """The faults that act inside this site at its step (slow, nan, outlier), and the records that tell the
     launcher when one of its own (kill, rejoin, partition, heal) is due."""
 
-    def __init__(self, faults: list[Any], *, site: int, sync_every: int, recorder: Any, conditions: Any) -> None:
-        from geotrain.faults import LAUNCHER_ACTIONS, trigger_step
+    def __init__(self, faults: list[Any], *, site: int, recorder: Any, conditions: Any) -> None:
+        from geotrain.faults import LAUNCHER_ACTIONS
 
         self.site, self.recorder, self.conditions = site, recorder, conditions
-        self.by_step: dict[int, list[Any]] = {}
-        for f in faults:
-            at = trigger_step(f, sync_every)
-            if at is not None and (f.action in LAUNCHER_ACTIONS or f.action == "slow" or f.site == site):
-                self.by_step.setdefault(at, []).append(f)
+        self.faults = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.action == "slow" or f.site == site]
+        self.fired: set[int] = set()
+        self.by_step: dict[int, list[int]] = {}
         self.comm: Any = None
+
+    def schedule(self, round_steps: int) -> None:
+        """Place the faults not yet fired on inner steps, once the run's round length is known (a run that
+        chooses its own H knows it only after measuring)."""
+        from geotrain.faults import trigger_step
+
+        self.by_step = {}
+        for i, f in enumerate(self.faults):
+            at = trigger_step(f, round_steps)
+            if at is not None and i not in self.fired:
+                self.by_step.setdefault(at, []).append(i)
 
     def __call__(self, step: int, wall: float) -> None:
         from geotrain.faults import LAUNCHER_ACTIONS
 
-        for f in self.by_step.pop(step, []):
+        for i in self.by_step.pop(step, []):
+            self.fired.add(i)
+            f = self.faults[i]
             if f.action in LAUNCHER_ACTIONS:
                 self.recorder.write("fault_due", site=self.site, step=step, fault=str(f))
             elif f.action == "slow":
@@ -342,8 +353,7 @@ def site_main(task: SiteTask) -> int:
         _install_partition_signals(client)
         joined = client.join(intent="resume" if env.resume else "start", resume_rounds=resume_rounds)
         conditions = LinkConditions()
-        faults = _SiteFaults(task.faults, site=env.site_rank, sync_every=config.algorithm().round_steps(config),
-                             recorder=recorder, conditions=conditions)
+        faults = _SiteFaults(task.faults, site=env.site_rank, recorder=recorder, conditions=conditions)
         first = not joined.get("formed")
         for _ in range(MAX_REJOINS + 1):
             restore = None
@@ -366,6 +376,7 @@ def site_main(task: SiteTask) -> int:
             if healer is not None:
                 t0 = time.time()
                 blob = comm.receive_state(healer)
+                comm.healed_barrier(generation)
                 restore = unpack(blob)
                 seconds = time.time() - t0
                 if admitted.get("position") is not None and workload.load_data_state is not None:
@@ -381,6 +392,7 @@ def site_main(task: SiteTask) -> int:
 
             every = run_config.checkpoint.every_rounds or 0
             round_steps = run_config.algorithm().round_steps(run_config)
+            faults.schedule(round_steps)
             boundary = Boundary(checkpoint=checkpoints.save if every else None, every_steps=every * round_steps,
                                 admit=lambda snapshot: _admit(comm, snapshot, recorder, env.site_rank),
                                 at_step=faults, round_steps=round_steps)
@@ -476,6 +488,9 @@ def _admit(comm: Any, snapshot: Callable[[], Any], recorder: Any, site: int) -> 
     if q["joined"]:
         recorder.write("admitted", site=site, joined=q["joined"], healer=q["healer"], generation=q["gen"],
                        members=q["members"], seconds=time.time() - t0)
+    for message in comm.heal_errors:
+        recorder.write("warning", site=site, message=message)
+    comm.heal_errors.clear()
 
 
 def _load_factory(ref: str) -> Callable[..., Any]:
@@ -506,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "RANK" not in os.environ:  # started without torchrun: a site of one worker, its group on loopback
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.update(GEOTRAIN_SITE_RANK=str(args.site_rank), GEOTRAIN_SITES=str(args.sites),
                       GEOTRAIN_COORDINATOR=args.coordinator, GEOTRAIN_TOKEN_FILE=args.token_file,
                       GEOTRAIN_RESUME="1" if args.resume else "")
