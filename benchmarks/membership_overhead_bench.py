@@ -26,14 +26,13 @@ Writes benchmarks/results/DATE-membership-overhead.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import os
 import shlex
 import shutil
+import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,12 +45,6 @@ from _common import command_line, write_result
 
 SITES = 2
 PHASES = ("quorum", "guard_vote", "commit_vote", "all_to_all", "all_gather", "encode", "decode", "guard_stats")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Phases:
@@ -203,19 +196,20 @@ def _measure(pattern: str, numels: list[int], rounds: int, warmup: int, timeout_
     tmp = Path(tempfile.mkdtemp(prefix="geotrain-bench-"))  # mode 0700: the secret stays ours
     token = tmp / "token"
     create_token_file(token)
-    port = _free_port()
-    coordinator = subprocess.Popen([sys.executable, "-m", "geotrain.membership", "--host", "127.0.0.1", "--port",
-                                    str(port), "--token-file", str(token), "--quiet"],
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    log = tmp / "coordinator.log"
+    with open(log, "wb") as out:  # port 0: the system picks one; the coordinator says which (no port race)
+        coordinator = subprocess.Popen([sys.executable, "-m", "geotrain.membership", "--host", "127.0.0.1", "--port",
+                                        "0", "--token-file", str(token), "--quiet", "--parent", str(os.getpid())],
+                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
     procs: list[Any] = []
     try:
         deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                break
+        while not (m := re.search(rb"listening on 127\.0\.0\.1:(\d+)", log.read_bytes())):
             if coordinator.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the coordinator did not start")
+                raise SystemExit(f"the coordinator did not start: {log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
+        port = int(m.group(1))
         # the environment geotrain run gives its site processes (train/launch.py): one OpenMP thread in every
         # thread of a site, the comm thread's included, and gloo on loopback
         os.environ.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
