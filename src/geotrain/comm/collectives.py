@@ -36,6 +36,7 @@ finished, so on a virtual clock overlapped communication costs exactly ``max(com
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 import threading
 import time
@@ -55,6 +56,8 @@ from geotrain.membership.client import Evicted, MembershipClient, MembershipErro
 
 __all__ = ["CommStats", "ControlPending", "CrossSiteComm", "Pending", "SyncOutcome"]
 
+_REPORT_SLICE = 1 << 16
+"""Values the guard's report converts to float64 at a time (512 KiB: stays in cache)."""
 _TRANSFER_ERRORS = (RuntimeError, CodecError, OSError, ValueError)
 """What a failed exchange raises: gloo's errors (a closed connection, a timeout), an emulated deadline, a
 payload that does not decode as a whole."""
@@ -422,7 +425,18 @@ class CrossSiteComm:
 
     @staticmethod
     def _report(values: torch.Tensor) -> list[float]:
-        """The guard's report on decoded values: [0, non-finite count, sum of squares of the finite ones]."""
+        """The guard's report on decoded values: [0, non-finite count, sum of squares of the finite ones].
+
+        The sum of squares is taken in float64 a slice at a time: a finiteness mask and float64 copies of the
+        whole payload took about 40 ms per 1.7M values on one core, the slices about 1.5 ms. A float32 value
+        squared cannot overflow a float64, so the sum is finite exactly when every value is: the non-finite values
+        are counted only when it is not."""
+        flat = values.reshape(-1)
+        squares = 0.0
+        for i in range(0, flat.numel(), _REPORT_SLICE):
+            squares += float(flat[i: i + _REPORT_SLICE].double().square_().sum())
+        if math.isfinite(squares):
+            return [0.0, 0.0, squares]
         finite = torch.isfinite(values)
         nonfinite = float(values.numel() - int(finite.sum()))
         kept = values if not nonfinite else torch.where(finite, values, 0.0)

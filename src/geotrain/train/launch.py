@@ -446,9 +446,12 @@ def launch(
 
 
 def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path) -> None:
-    """Do one fault to the run from outside, and note when."""
+    """Do one fault to the run from outside, and note when: ``time`` is the instant it struck (a kill's
+    SIGKILL), taken before waiting for the killed processes to end, so that it precedes what it causes (the
+    coordinator's ``left`` event); ``carry_out_seconds`` is how long carrying it out took."""
     import json
 
+    struck = time.time()
     if f.action == "kill" and f.site is None:
         coordinator.kill()  # the watch loop starts it again
     elif f.action == "kill":
@@ -462,7 +465,7 @@ def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], 
         group.signal(f.site, signal.SIGUSR2)
         cut.discard(f.site)
     with open(out / "faults.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({**f.to_dict(), "time": time.time()}) + "\n")
+        fh.write(json.dumps({**f.to_dict(), "time": struck, "carry_out_seconds": time.time() - struck}) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
