@@ -365,6 +365,8 @@ def launch(
     with contextlib.suppress(ValueError):  # only possible from the main thread
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # a killed launcher still stops its workers
     try:
+        events = out / "membership.jsonl"  # the coordinator's events: the first ones when the run forms
+        events_at_start = events.stat().st_size if events.is_file() else 0
         coordinator.start()
         env["GEOTRAIN_COORDINATOR"] = f"127.0.0.1:{coordinator.port}"
         for k in range(sites):
@@ -409,7 +411,7 @@ def launch(
                                 with contextlib.suppress(ProcessLookupError):
                                     os.kill(p.pid, signal.SIGKILL)
                 running = [k for k, ps in group.procs.items() if any(_alive(p) for p in ps)]
-                if failures and train_start is None:  # a site failed before the run formed: it cannot form
+                if failures and not _grew(events, events_at_start):  # a site failed before the run formed
                     records = read_site_records(out, sites)
                     error = _first_error(out, records, sorted(failures))
                     exit_code = 2 if all(c == 2 for c in failures.values()) else 1
@@ -466,6 +468,10 @@ def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], 
         cut.discard(f.site)
     with open(out / "faults.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({**f.to_dict(), "time": struck, "carry_out_seconds": time.time() - struck}) + "\n")
+
+
+def _grew(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size > size
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
