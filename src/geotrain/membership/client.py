@@ -26,10 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from geotrain.config import MembershipConfig
 from geotrain.errors import ConfigError
 from geotrain.membership.wire import AuthError, Channel, WireError, client_handshake
 
 __all__ = ["Evicted", "MembershipClient", "MembershipError", "Refused", "View"]
+
+_DEFAULTS = MembershipConfig()
+"""What a setting is when the sites did not send it: the one definition, in geotrain.config."""
 
 
 class MembershipError(RuntimeError):
@@ -109,12 +113,12 @@ class MembershipClient:
 
     @property
     def heartbeat_s(self) -> float:
-        return self._setting("heartbeat_s", 1.0)
+        return self._setting("heartbeat_s", _DEFAULTS.heartbeat_s)
 
     @property
     def retry_s(self) -> float:
         """How long a request keeps trying to reach a coordinator that went away."""
-        return self._setting("join_timeout_s", 1800.0)
+        return self._setting("join_timeout_s", _DEFAULTS.join_timeout_s)
 
     # -- connections ------------------------------------------------------------------------------------------
     def _open(self, timeout: float = 10.0) -> Channel:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geotrain.config import MembershipConfig
 from geotrain.membership.fingerprint import describe_difference
 from geotrain.membership.wire import (
     MAX_FRAME,
@@ -58,6 +59,10 @@ __all__ = ["Coordinator", "serve"]
 
 _DECIDED_KEEP = 256
 """Decided barriers kept per kind, for late or repeated requests."""
+
+
+_DEFAULTS = MembershipConfig()
+"""What a setting is when the sites did not send it: the one definition, in geotrain.config."""
 
 
 @dataclass
@@ -164,19 +169,19 @@ class Coordinator:
 
     @property
     def heartbeat_timeout(self) -> float:
-        return self._s("heartbeat_timeout_s", 10.0)
+        return self._s("heartbeat_timeout_s", _DEFAULTS.heartbeat_timeout_s)
 
     @property
     def quorum_timeout(self) -> float:
-        return self._s("quorum_timeout_s", 600.0)
+        return self._s("quorum_timeout_s", _DEFAULTS.quorum_timeout_s)
 
     @property
     def join_timeout(self) -> float:
-        return self._s("join_timeout_s", 1800.0)
+        return self._s("join_timeout_s", _DEFAULTS.join_timeout_s)
 
     @property
     def min_sites(self) -> int:
-        return max(1, int(self._s("min_sites", 1)))
+        return max(1, int(self._s("min_sites", _DEFAULTS.min_sites)))
 
     # -- events -----------------------------------------------------------------------------------------------
     def event(self, kind: str, site: int, **fields: Any) -> None:
