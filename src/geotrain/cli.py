@@ -64,6 +64,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="text file or directory of text files (default: Python's stdlib)")
     p.add_argument("--seed", type=int, help=f"seed of initialisation and sampling (default {d.run.seed})")
     p.add_argument("--device", help=f"cpu or cuda (default {d.run.device})")
+    p.add_argument("--precision", help=f"fp32, or bf16: autocast forward and backward, fp32 weights, optimizer "
+                   f"state and payloads (default {d.run.precision})")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard the model over a site's workers with FSDP2 instead of replicating it with DDP")
 
 
 def _config_from_args(args: argparse.Namespace, *, out: str | None = None, variant: list[str] | None = None) -> Any:
@@ -101,7 +105,8 @@ def _resume_config(args: argparse.Namespace) -> Any:
 
     given = [f"--{k.replace('_', '-')}" for k in ("config", "sites", "workers_per_site", "algorithm", "sync_every",
                                                   "codec", "overlap", "fragments", "overlap_steps", "mix_alpha",
-                                                  "tokens", "wall_seconds", "link", "data", "seed", "device", "out")
+                                                  "tokens", "wall_seconds", "link", "data", "seed", "device", "precision",
+                                                  "fsdp", "out")
              if getattr(args, k, None) is not None] + (["--set"] if args.set else [])
     if given:
         raise ConfigError(f"continues the run as it was configured; drop {', '.join(given)}", field="--resume")

@@ -74,6 +74,8 @@ SHORT_KEYS = {
     "seed": "run.seed",
     "out": "run.out",
     "device": "run.device",
+    "precision": "run.precision",
+    "fsdp": "run.fsdp",
     "sync_every": "outer.sync_every",
     "H": "outer.sync_every",
     "codec": "comm.codec",
@@ -185,6 +187,13 @@ class RunConfig:
     """Output directory for summary.json, metrics.jsonl, report.html and model.safetensors."""
     device: str = "cpu"
     """"cpu" or "cuda" (NCCL inside a site; cross-site traffic always goes over gloo)."""
+    precision: str = "fp32"
+    """"fp32", or "bf16": forward and backward under bf16 autocast; weights, gradients, the inner and outer
+    optimizers' state and every cross-site payload stay fp32. Evaluation is always fp32."""
+    fsdp: bool = False
+    """Shard the model over the site's workers with FSDP2 (``fully_shard``) instead of replicating it with
+    DistributedDataParallel: for models whose weights and optimizer state do not fit one device. Each worker
+    then carries its own shard across sites."""
     log_every: int = 10
     """Inner steps between training-loss records in metrics.jsonl."""
     eval_every_tokens: int = 0
@@ -213,6 +222,9 @@ class RunConfig:
             _number("run.wall_seconds", self.wall_seconds, 0, 10**8, lo_open=True)
         _integer("run.seed", self.seed, 0, 2**63 - 1)
         _choice("run.device", self.device, ("cpu", "cuda"))
+        _choice("run.precision", self.precision, ("fp32", "bf16"))
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"must be true or false, got {self.fsdp!r}", field="run.fsdp")
         _integer("run.log_every", self.log_every, 1, 10**9)
         _integer("run.eval_every_tokens", self.eval_every_tokens, 0, 10**18, what=" (0: ten evaluations per run)")
         _integer("run.eval_batches", self.eval_batches, 1, 100_000)

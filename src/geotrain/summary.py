@@ -237,6 +237,12 @@ def build_summary(
         "model_params": (start.get("meta") or {}).get("model_params"),
         "data": (start.get("meta") or {}).get("data"),
         "seed": run["seed"],
+        "device": run.get("device", "cpu"),
+        "precision": run.get("precision", "fp32"),
+        "fsdp": run.get("fsdp", False),
+        # The most device memory any site's worker 0 allocated at once (CUDA only; null on CPU).
+        "peak_memory_bytes": max((d["peak_memory_bytes"] for rows in records.values() for d in rows
+                                  if d.get("kind") == "done" and _is_number(d.get("peak_memory_bytes"))), default=None),
         "sites_in_sync": figures.get("sites_in_sync"),
         # Unix seconds at which every ``wall`` below starts counting (the report puts records on this clock).
         "started_at": t0,

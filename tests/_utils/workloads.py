@@ -23,3 +23,30 @@ def crashing_workload(config: Any, *, worker: int, device: str, crash_site: int 
 
     w.loss = loss
     return w
+
+
+def site_batch_workload(config: Any, *, worker: int, device: str, site_rows: int = 8, **kwargs: Any) -> Workload:
+    """The demo GPT on random tokens where each site draws one batch of ``site_rows`` sequences per step and its
+    workers split it: a site of W workers sees the same data as a site of one worker, so data parallelism inside
+    the site may change only the arithmetic's rounding."""
+    import torch
+
+    from geotrain.models.gpt import init_gpt
+
+    workers = config.run.workers_per_site
+    site, local = divmod(worker, workers)
+    rows = site_rows // workers
+    seq = config.model.seq_len
+    model = init_gpt(config.model, seed=config.run.seed).to(device)
+
+    def stream():
+        for step in range(1_000_000):
+            g = torch.Generator().manual_seed(config.run.seed * 1_000_003 + site * 10_007 + step)
+            tokens = torch.randint(0, 256, (site_rows, seq + 1), generator=g)[local * rows: (local + 1) * rows]
+            yield tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+    g = torch.Generator().manual_seed(12345)
+    evals = [torch.randint(0, 256, (4, seq + 1), generator=g) for _ in range(2)]
+    return Workload(model=model, loss=lambda m, b: m(b[0], b[1])[1], batches=stream(), tokens_per_batch=rows * seq,
+                    eval_batches=[(e[:, :-1].to(device), e[:, 1:].to(device)) for e in evals],
+                    meta={"model_params": sum(p.numel() for p in model.parameters())})

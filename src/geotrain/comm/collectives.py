@@ -7,7 +7,8 @@ blocked in ``wait()`` counts as communication wait; that is what makes overlap m
 
 With ``W`` workers per site, worker ``l`` carries shard ``l`` of the payload over cross-site group ``l``;
 the reduced shards are then all-gathered inside the site over the fast fabric (on the training thread, so
-the order of site-group collectives is the same on every worker).
+the order of site-group collectives is the same on every worker). Under FSDP (``sharded=True``) a worker's
+payload is already its own shard of the model: it travels whole and is not gathered.
 
 **One sync, on the communication thread** (each step a request to the coordinator or a gloo collective):
 
@@ -224,6 +225,7 @@ class CrossSiteComm:
         max_attempts: int = 3,
         vote_deadline: Callable[[int], float] | None = None,
         clock: Clock = REAL_CLOCK,
+        sharded: bool = False,
     ) -> None:
         self.membership = membership
         self.make_transport = make_transport
@@ -231,6 +233,8 @@ class CrossSiteComm:
         self.site_pg = site_pg
         self.local_rank = local_rank
         self.workers = workers
+        self.sharded = sharded
+        """Each worker's payloads and state are its own (FSDP shards), not a replica's slice to cut and gather."""
         self.choice = codec
         self.codec = codec.build()
         """The torch codec of every payload (fp32 included, so every payload carries its checksums)."""
@@ -318,15 +322,19 @@ class CrossSiteComm:
         data position after the batches that made ``flat`` (kept by the coordinator for a site that rejoins)."""
         assert flat.dim() == 1 and flat.dtype == torch.float32, "cross-site payloads are flat fp32"
         n = flat.numel()
-        shard_len = shard_numel(n, self.workers)
-        padded = flat if shard_len * self.workers == n else torch.cat([flat, flat.new_zeros(shard_len * self.workers - n)])
-        shard = padded[self.local_rank * shard_len : (self.local_rank + 1) * shard_len].clone()
+        if self.sharded:
+            shard = flat.clone()
+        else:
+            shard_len = shard_numel(n, self.workers)
+            padded = flat if shard_len * self.workers == n else torch.cat(
+                [flat, flat.new_zeros(shard_len * self.workers - n)])
+            shard = padded[self.local_rank * shard_len : (self.local_rank + 1) * shard_len].clone()
         sync = self.syncs
         self.syncs += 1
         future = self._pool.submit(self._sync, shard, key, self.clock.now(), sync, position)
 
         def finish(reduced: torch.Tensor) -> torch.Tensor:
-            if self.workers == 1:
+            if self.workers == 1 or self.sharded:
                 return reduced[:n]
             parts = [torch.empty_like(reduced) for _ in range(self.workers)]
             self.site_pg.allgather([parts], [reduced]).wait()
@@ -561,6 +569,8 @@ class CrossSiteComm:
         return q
 
     def _shard_bounds(self, total: int) -> tuple[int, int]:
+        if self.sharded:  # each worker's state is its own: it travels whole
+            return 0, total
         size = -(-total // self.workers)
         start = min(total, self.local_rank * size)
         return start, min(total, start + size)
@@ -587,10 +597,10 @@ class CrossSiteComm:
         header, shard = self._pool.submit(self._recv_state, self.members.index(healer)).result()
         total, start, end = (int(v) for v in header[:3])
         sha = struct.pack("<4q", *(int(v) for v in header[3:]))
-        size = -(-total // self.workers)
+        size = total if self.sharded else -(-total // self.workers)
         padded = torch.zeros(size, dtype=torch.uint8)
         padded[: end - start] = shard
-        if self.workers > 1:
+        if self.workers > 1 and not self.sharded:
             parts = [torch.empty_like(padded) for _ in range(self.workers)]
             self.site_pg.allgather([parts], [padded]).wait()
             blob = bytes(torch.cat(parts)[:total].numpy())

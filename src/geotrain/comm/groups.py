@@ -1,6 +1,7 @@
 """Process groups of a run: one group inside each site, and cross-site groups between sites, one per generation.
 
-A site is a set of ``W`` workers joined by fast fabric (gloo on CPU, NCCL on GPU). Sites are joined by slow
+A site is a set of ``W`` workers joined by fast fabric (gloo on CPU; NCCL for GPU tensors and gloo for CPU
+tensors on GPUs). Sites are joined by slow
 links. Worker ``l`` of every member site belongs to cross-site group ``l`` of the current generation, so each
 site's cross-site traffic is split over its ``W`` workers (each carries a 1/W shard of every payload). When
 membership changes, every member builds its cross-site group again on the new generation's key prefix of the
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from geotrain.comm.site_parallel import site_backend
 from geotrain.errors import ConfigError
 
 __all__ = ["SiteEnv", "cross_site_group", "init_site_group"]
@@ -72,7 +74,7 @@ class SiteEnv:
 def init_site_group(*, device: str, timeout_s: float) -> Any:
     """Join this worker's site group: the default process group of the site's job."""
     if not dist.is_initialized():
-        backend = "nccl" if device == "cuda" else "gloo"
+        backend = site_backend(device)  # on GPUs both: NCCL for CUDA tensors, gloo for CPU-side sums
         timeout = datetime.timedelta(seconds=timeout_s)
         store = os.environ.get("GEOTRAIN_SITE_STORE")  # geotrain run: a file; torchrun: MASTER_ADDR/PORT
         if store:

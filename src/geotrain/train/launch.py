@@ -96,6 +96,30 @@ def check_launch(config: Config, *, demo: bool = True) -> None:
                               "files, or leave data.path unset for Python's standard library", field="data.path")
     if demo:  # the demo GPT is the model config.layout() describes: its settings must fit it
         config.algorithm().pattern(config, config.layout())
+    if config.run.device == "cuda":
+        gpus_for(config)
+
+
+def gpus_for(config: Config) -> tuple[int, str | None]:
+    """GPUs the local launcher spreads the workers over (round-robin: global worker g gets GPU g mod n), and a
+    note when several workers share one. ConfigError when there is no GPU, or when a site has more workers
+    than GPUs (NCCL needs a GPU per worker of a group)."""
+    import torch
+
+    from geotrain.train.site import check_cuda
+
+    check_cuda()
+    n = torch.cuda.device_count()
+    workers = config.run.workers_per_site
+    if workers > n:
+        raise ConfigError(f"{workers} workers per site need {workers} GPUs (NCCL puts each worker of a site on its "
+                          f"own), but {n} {'is' if n == 1 else 'are'} visible; lower --workers-per-site",
+                          field="run.workers_per_site")
+    total = config.run.sites * workers
+    if total <= n:
+        return n, None
+    return n, (f"note: {total} workers on {n} GPU{'s' if n > 1 else ''}: sites share GPUs round-robin (each worker "
+               "of a site on its own), so they compute in turn and each site's speed is not its own")
 
 
 def _worker_entry(task: SiteTask, env: dict[str, str], log_path: str) -> None:
@@ -251,6 +275,8 @@ class _Sites:
     env: dict[str, str]
     stores: Path
     """Where each start of a site gets the file its workers meet on."""
+    gpus: int = 0
+    """GPUs to spread the workers over, round-robin (0: CPU)."""
     procs: dict[int, list[mp.Process]] = field(default_factory=dict)
     killed: set[int] = field(default_factory=set)
     """Sites killed by a fault (their exit is expected)."""
@@ -268,6 +294,8 @@ class _Sites:
         for local in range(self.workers):
             env = {**self.env, "GEOTRAIN_SITE_RANK": str(k), "GEOTRAIN_SITE_STORE": str(store),
                    "RANK": str(local), "LOCAL_RANK": str(local), "WORLD_SIZE": str(self.workers)}
+            if self.gpus:
+                env["GEOTRAIN_CUDA_DEVICE"] = str((k * self.workers + local) % self.gpus)
             log = self.out / "logs" / (f"site{k}.log" if local == 0 else f"site{k}-worker{local}.log")
             p = ctx.Process(target=_worker_entry, args=(self.task, env, str(log)), name=f"site{k}-w{local}")
             p.start()
@@ -353,7 +381,12 @@ def launch(
     env = {"GEOTRAIN_SITES": str(sites), "GEOTRAIN_TOKEN_FILE": str(token), "GEOTRAIN_RESUME": "1" if resume else "",
            "GEOTRAIN_LOCAL_LAUNCHER": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
            "OMP_NUM_THREADS": "1"}
-    group = _Sites(task, out, sites, workers, env, stores=secret_dir)
+    gpus = 0
+    if config.run.device == "cuda":
+        gpus, note = gpus_for(config)
+        if note:
+            print(note, file=sys.stderr, flush=True)
+    group = _Sites(task, out, sites, workers, env, stores=secret_dir, gpus=gpus)
     pending = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.site is None]
     t_start, started_at = time.monotonic(), time.time()
     exit_code, interrupted, error = 0, False, None

@@ -10,8 +10,14 @@ vote to stop; at the step where a sync that saw joiners lands, every site drains
 healer sends its state to the joiners (``Boundary.admit``). A site that was dropped from the run sees
 :class:`geotrain.membership.client.Evicted` come out of a sync and leaves the loop to join again.
 
+Inside a site, the forward pass runs on ``module``: the model wrapped in DistributedDataParallel, or sharded
+by FSDP2 (``geotrain.comm.site_parallel``), which average gradients during backward. With
+``run.precision = "bf16"`` forward and backward run under autocast; weights, optimizer state and evaluation
+stay fp32.
+
 Timekeeping (``train/timing.py``): ``compute`` is time spent in forward, backward, gradient averaging inside
-the site and the inner optimizer step; ``comm wait`` is time the loop was blocked on cross-site
+the site and the inner optimizer step (on GPUs the loop synchronizes once per step before reading the clock,
+so queued kernels are counted where they run); ``comm wait`` is time the loop was blocked on cross-site
 communication; evaluation and checkpoints pause the clock, so utilization = compute / training wall time is
 not diluted by measurement. The time comes from the cross-site collective's clock, so a test on a virtual
 clock checks it exactly.
@@ -31,6 +37,7 @@ import torch
 
 from geotrain.algorithms.strategies.base import Strategy
 from geotrain.comm.collectives import CrossSiteComm
+from geotrain.comm.site_parallel import is_sharded, load_model_state, local, reshard, reshard_optimizer_state
 from geotrain.config import Config, inner_steps
 from geotrain.train.budget import BudgetVote
 from geotrain.train.recorder import Recorder
@@ -72,10 +79,22 @@ def params_sha256(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def site_params_sha256(strategy: Strategy) -> str:
+    """:func:`params_sha256` of the global model. Under FSDP each worker holds a shard: the hash of the
+    workers' shard hashes in order (a collective of the site's workers)."""
+    digest = params_sha256(strategy.global_parameters())
+    if strategy.ctx.workers == 1 or not any(is_sharded(p) for p in strategy.ctx.params):
+        return digest
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+    rows = [torch.empty_like(mine) for _ in range(strategy.ctx.workers)]
+    strategy.ctx.site_pg.allgather([rows], [mine]).wait()
+    return hashlib.sha256(b"".join(bytes(r.tolist()) for r in rows)).hexdigest()
+
+
 @contextlib.contextmanager
 def global_model(strategy: Strategy) -> Iterator[None]:
     """Temporarily load the global parameters into the model (DiLoCo's local ones may have moved on)."""
-    params = strategy.ctx.params
+    params = [local(p) for p in strategy.ctx.params]
     global_params = strategy.global_parameters()
     if all(g.data_ptr() == p.data_ptr() for g, p in zip(global_params, params)):
         yield
@@ -94,19 +113,27 @@ def global_model(strategy: Strategy) -> Iterator[None]:
 
 @torch.no_grad()
 def evaluate(workload: Workload, strategy: Strategy, comm: CrossSiteComm, *, step: int) -> float:
-    """Mean held-out loss of the global model. Workers split the fixed eval batches and add up the sums."""
+    """Mean held-out loss of the global model. Workers split the fixed eval batches and add up the sums. Under
+    FSDP a site's workers take each of its batches together (a forward pass gathers the shards) and the first
+    one counts it."""
     model = workload.model
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
     members = comm.observed_members  # the live sites share the batches: every one is evaluated once
-    world = len(members) * strategy.ctx.workers
-    worker = members.index(comm.site) * strategy.ctx.workers + comm.local_rank
+    shards = any(is_sharded(p) for p in strategy.ctx.params)
+    per_site = 1 if shards else strategy.ctx.workers
+    world = len(members) * per_site
+    worker = members.index(comm.site) * per_site + (0 if shards else comm.local_rank)
     with global_model(strategy):
         for i, batch in enumerate(workload.eval_batches):
             if i % world == worker:
-                total += float(workload.loss(model, batch))
-                count += 1
+                loss = float(workload.loss(model, batch))
+                if not shards or comm.local_rank == 0:
+                    total += loss
+                    count += 1
+        if shards:
+            reshard(model)
     model.train(was_training)
     sums = torch.tensor([total, count], dtype=torch.float64)
     strategy.ctx.site_pg.allreduce([sums]).wait()  # sum over the site's workers
@@ -142,9 +169,16 @@ def train_loop(
     worker: int,
     restore: dict[str, Any] | None = None,
     boundary: Boundary | None = None,
+    module: torch.nn.Module | None = None,
 ) -> LoopResult:
-    """Train from the start, or from ``restore`` (a state tree from a checkpoint or a healer), to the end."""
+    """Train from the start, or from ``restore`` (a state tree from a checkpoint or a healer), to the end.
+    ``module``: what forward runs on (the model wrapped for data parallelism inside the site; default the
+    model itself)."""
     model = workload.model
+    module = model if module is None else module
+    device = config.run.device
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config.run.precision == "bf16")
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     params = strategy.ctx.params
     world = config.run.sites * strategy.ctx.workers  # the configured run: steps and the eval schedule
     steps = inner_steps(config.run.tokens, workload.tokens_per_batch * world)
@@ -176,8 +210,9 @@ def train_loop(
 
     if restore is not None:
         with torch.no_grad():
-            model.load_state_dict(restore["model"])
+            load_model_state(model, restore["model"])
         optimizer.load_state_dict(restore["optimizer"])
+        reshard_optimizer_state(optimizer)
         scheduler.load_state_dict(restore["scheduler"])
         strategy.load_state_dict(restore["strategy"])
         if budget is not None and restore.get("budget") is not None:
@@ -203,19 +238,18 @@ def train_loop(
         if boundary.at_step is not None:
             boundary.at_step(step, timer.wall())  # faults due at this step
         t0 = timer.now()
-        batch = next(workload.batches)
-        loss = workload.loss(model, batch)
-        loss.backward()
-        timer.compute += timer.now() - t0
-
         wait_before = comm.stats.wait_seconds
-        t0 = timer.now()
-        strategy.reduce_gradients()  # ddp: cross-site all-reduce; others: inside the site only
+        batch = next(workload.batches)
+        with autocast:
+            loss = workload.loss(module, batch)
+        loss.backward()  # DDP or FSDP average the gradients inside the site meanwhile
+        strategy.reduce_gradients()  # ddp across sites: the cross-site all-reduce; others: nothing
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize()
         timer.compute += timer.now() - t0 - (comm.stats.wait_seconds - wait_before)
 
         last = step == steps - 1
@@ -236,7 +270,7 @@ def train_loop(
             if check_next_sync:  # the first sync point after an admission: every site shows its global model
                 check_next_sync = False
                 recorder.write("sync_check", site=site, step=step, generation=comm.generation,
-                               params_sha256=params_sha256(strategy.global_parameters()))
+                               params_sha256=site_params_sha256(strategy))
             if tokens_all >= state.next_eval or last:
                 t_eval = timer.now()
                 state.eval_loss = evaluate(workload, strategy, comm, step=step)
@@ -296,12 +330,13 @@ def train_loop(
         "max_transfer_bytes": comm.stats.max_transfer_bytes * strategy.ctx.workers,
         "outer_rounds": strategy.outer_rounds,
         "round_compute_cv": timer.round_cv(),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
     }
     return LoopResult(
         steps=steps_done,
         tokens=state.trained * workload.tokens_per_batch * world,
         eval_loss=state.eval_loss,
         stopped_early=stopped_early,
-        params_sha256=params_sha256(strategy.global_parameters()),
+        params_sha256=site_params_sha256(strategy),
         figures=figures,
     )

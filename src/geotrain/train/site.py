@@ -72,7 +72,7 @@ def _register(definitions: list[Any]) -> None:
             register_codec(d)
 
 
-def measure_step_seconds(workload: Any, *, clock: Any, repeats: int = 3) -> float:
+def measure_step_seconds(workload: Any, *, clock: Any, repeats: int = 3, precision: str = "fp32") -> float:
     """Compute seconds of one forward and backward pass on a training batch (the median of ``repeats`` after a
     warm-up), for the settings a run chooses itself. The batch goes back to the stream, the gradients and the
     buffers the passes touched (batch-norm statistics) are restored, the random state is forked (dropout) and
@@ -87,11 +87,14 @@ def measure_step_seconds(workload: Any, *, clock: Any, repeats: int = 3) -> floa
     workload.batches = itertools.chain([batch], workload.batches)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     cuda = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+    autocast = torch.autocast("cuda" if cuda is not None else "cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
     with torch.random.fork_rng(devices=[cuda] if cuda is not None else []):
         for _ in range(repeats + 1):
             t0 = clock.now()
-            workload.loss(model, batch).backward()
+            with autocast:
+                loss = workload.loss(model, batch)
+            loss.backward()
             if cuda is not None:
                 torch.cuda.synchronize(cuda)  # kernels run asynchronously: time them, not their launch
             times.append(clock.now() - t0)
@@ -114,6 +117,18 @@ def _agree_on_step_seconds(seconds: float, comm: Any, site_pg: Any, *, site: int
     votes = [0.0] * sites
     votes[site] = float(mine[0])
     return min(v for v in comm.control_sum("step_seconds", votes, count_wait=False) if v > 0)
+
+
+def check_cuda() -> None:
+    """``device = "cuda"`` needs a CUDA build of torch and a visible GPU (ConfigError, exit 2, otherwise)."""
+    import torch
+
+    from geotrain.errors import ConfigError
+
+    if not torch.cuda.is_available():
+        why = ("this torch is a CPU build (torch.version.cuda is None); install a CUDA build" if torch.version.cuda
+               is None else "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
+        raise ConfigError(f"--device cuda, but {why}; or run with --device cpu", field="run.device")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -160,7 +175,7 @@ def connect(config: Any, env: Any, site_pg: Any, client: Any, *, generation: int
         generation=generation, members=members, pattern=config.comm.pattern, guard=config.guard,
         max_attempts=config.membership.max_attempts,
         vote_deadline=lambda nbytes: nominal("reduce_scatter", nbytes) + config.membership.transfer_floor_s,
-        clock=clock)
+        clock=clock, sharded=config.run.fsdp and env.workers > 1)
     comm.codec.decode(comm.codec.encode(torch.ones(4096)))
     return comm
 
@@ -176,7 +191,8 @@ def prepare(config: Any, workload: Any, comm: Any, site_pg: Any, *, measure: boo
     ctx = StrategyContext(model=workload.model, comm=comm, site_pg=site_pg, workers=comm.workers)
     chosen: list[Any] = []
     if measure and unset_settings(config):
-        seconds = _agree_on_step_seconds(measure_step_seconds(workload, clock=comm.clock), comm, site_pg,
+        seconds = _agree_on_step_seconds(measure_step_seconds(workload, clock=comm.clock,
+                                                              precision=config.run.precision), comm, site_pg,
                                          site=comm.site, sites=config.run.sites, workers=comm.workers)
         layout = ModelLayout.of([(n, p.numel()) for n, p in workload.model.named_parameters() if p.requires_grad])
         config, chosen = choose_unset(config, layout, step_seconds=seconds, checkpoints=True)
@@ -312,6 +328,7 @@ def site_main(task: SiteTask) -> int:
     import torch
 
     from geotrain.comm.groups import SiteEnv, init_site_group
+    from geotrain.comm.site_parallel import full_tensors, wrap_model
     from geotrain.config import config_from_tree
     from geotrain.errors import ConfigError
     from geotrain.faults import LinkConditions
@@ -333,10 +350,16 @@ def site_main(task: SiteTask) -> int:
     try:
         device = config.run.device
         if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", env.local_rank)))
+            check_cuda()
+            # the local launcher spreads all sites' workers over the GPUs; torchrun: one GPU per local rank
+            torch.cuda.set_device(int(os.environ.get("GEOTRAIN_CUDA_DEVICE") or os.environ.get("LOCAL_RANK", env.local_rank)))
         site_pg = init_site_group(device=device, timeout_s=config.run.collective_timeout_s)
         worker = env.site_rank * env.workers + env.local_rank
         workload = task.workload_factory(config, worker=worker, device=device, **task.factory_kwargs)
+        if config.run.fsdp and workload.optimizer is not None and env.workers > 1:
+            raise ConfigError("run.fsdp shards the parameters after the workload is built: leave Workload.optimizer "
+                              "unset so the inner optimizer is built on the shards ([optim])", field="run.fsdp")
+        module = wrap_model(workload.model, site_pg=site_pg, workers=env.workers, device=device, fsdp=config.run.fsdp)
         checkpoints = _Checkpoints(config, env, site_pg)
         resume_rounds: list[int] = []
         if env.resume:
@@ -407,7 +430,8 @@ def site_main(task: SiteTask) -> int:
                            healed_from=healer, resumed=restore is not None and healer is None)
             try:
                 result = train_loop(run_config, workload, strategy=strategy, comm=comm, recorder=recorder,
-                                    site=env.site_rank, worker=worker, restore=restore, boundary=boundary)
+                                    site=env.site_rank, worker=worker, restore=restore, boundary=boundary,
+                                    module=module)
             except Evicted as e:
                 recorder.write("evicted", site=env.site_rank, reason=str(e))
                 comm.close()
@@ -418,15 +442,16 @@ def site_main(task: SiteTask) -> int:
         else:
             raise RuntimeError(f"site {env.site_rank} was dropped from the run {MAX_REJOINS} times; giving up")
 
-        if env.local_rank == 0 and env.site_rank == min(comm.observed_members):
+        if env.site_rank == min(comm.observed_members) and (env.local_rank == 0 or comm.sharded):  # FSDP gathers
             from safetensors.torch import save_file
 
             from geotrain.files import replacing
 
             names = [n for n, p in workload.model.named_parameters() if p.requires_grad]
-            tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in zip(names, strategy.global_parameters())}
-            with replacing(out / "model.safetensors") as tmp:
-                save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
+            tensors = dict(zip(names, full_tensors(strategy.ctx.params, strategy.global_parameters()), strict=True))
+            if env.local_rank == 0:
+                with replacing(out / "model.safetensors") as tmp:
+                    save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
         recorder.write("done", site=env.site_rank, eval_loss=result.eval_loss, params_sha256=result.params_sha256,
                        stopped_early=result.stopped_early, **result.figures)
         if not env.local and env.local_rank == 0:  # under torchrun the lowest member writes the run's files

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from geotrain.comm.site_parallel import local
 from geotrain.errors import ConfigError
 
 __all__ = ["StateError", "flatten", "pack", "unflatten", "unpack"]
@@ -34,7 +35,7 @@ def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, torch.Tensor):
             key = path or "."
-            tensors[key] = node.detach().to("cpu").contiguous().clone()
+            tensors[key] = local(node).detach().to("cpu").contiguous().clone()  # a worker keeps its own shard
             return {"__tensor__": key}
         if isinstance(node, dict):
             if all(isinstance(k, str) for k in node) and "__tensor__" not in node and "__items__" not in node:

@@ -2,8 +2,8 @@
 
 The training loop (``geotrain.train.loop``) calls a strategy at three visible points of every inner step:
 
-1. ``reduce_gradients()`` after ``backward()``: DDP averages gradients across sites here; DiLoCo only
-   inside the site.
+1. ``reduce_gradients()`` after ``backward()`` (which already averaged gradients inside the site, with
+   PyTorch's DDP or FSDP): DDP across sites averages them across sites here; DiLoCo does nothing.
 2. ``after_inner_step(step, last=...)`` after the inner optimizer has stepped: DiLoCo runs an outer round
    every H steps here. It returns True at a sync point, where every site holds the same global parameters
    (``global_parameters()``; the local ones may differ under overlap or while fragments travel), which is
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from geotrain.comm.collectives import CrossSiteComm
+from geotrain.comm.site_parallel import local
 
 __all__ = ["Strategy", "StrategyContext"]
 
@@ -50,16 +51,15 @@ class Strategy:
         """Cross-site synchronisations of the model (or, for ddp, of the gradients) so far."""
 
     def reduce_gradients(self) -> None:
-        from geotrain.comm.flat import average_in_site
-
-        grads = [p.grad for p in self.ctx.params if p.grad is not None]
-        average_in_site(grads, self.ctx.site_pg, self.ctx.workers)
+        """Average gradients across sites, if the method does at every step. Inside the site they are already
+        averaged: DDP or FSDP did it during backward (``geotrain.comm.site_parallel``)."""
 
     def after_inner_step(self, step: int, *, last: bool) -> bool:
         raise NotImplementedError
 
     def global_parameters(self) -> list[torch.Tensor]:
-        return [p.detach() for p in self.ctx.params]
+        """The global model's tensors, in parameter order (this worker's shards under FSDP)."""
+        return [local(p).detach() for p in self.ctx.params]
 
     def sync_payloads(self) -> list[int]:
         """Values in each distinct cross-site sync, in turn (the whole model once; fragments for streaming)."""

@@ -10,7 +10,6 @@ __all__ = ["DDPStrategy"]
 
 class DDPStrategy(Strategy):
     def reduce_gradients(self) -> None:
-        super().reduce_gradients()  # mean over the site's workers first (fast fabric)
         params = [p for p in self.ctx.params if p.grad is not None]
         grads = [p.grad for p in params]
         mean = self.ctx.comm.all_reduce_mean(flatten(grads), key="grads").wait()

@@ -19,6 +19,7 @@ from geotrain.algorithms.strategies.base import Strategy, StrategyContext
 from geotrain.algorithms.strategies.outer import OuterOptimizer
 from geotrain.comm.collectives import Pending
 from geotrain.comm.flat import flatten, unflatten_into
+from geotrain.comm.site_parallel import local
 from geotrain.config import OuterConfig
 
 __all__ = ["DiLoCoStrategy"]
@@ -61,7 +62,7 @@ class DiLoCoStrategy(Strategy):
     def global_parameters(self) -> list[torch.Tensor]:
         flat = self.outer.params.detach()
         out, offset = [], 0
-        for p in self.ctx.params:
+        for p in map(local, self.ctx.params):
             out.append(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         return out

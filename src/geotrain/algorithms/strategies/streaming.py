@@ -16,6 +16,7 @@ from geotrain.algorithms.strategies.base import Strategy, StrategyContext
 from geotrain.algorithms.strategies.outer import OuterOptimizer
 from geotrain.comm.collectives import Pending
 from geotrain.comm.flat import flatten, unflatten_into
+from geotrain.comm.site_parallel import local
 from geotrain.config import OuterConfig, StreamingConfig
 
 __all__ = ["StreamingStrategy"]
@@ -57,8 +58,9 @@ class StreamingStrategy(Strategy):
         for f in self.fragments:
             offset = 0
             for p in f.params:
-                self._views.append((order[id(p)], f.outer.params.detach()[offset : offset + p.numel()].view_as(p)))
-                offset += p.numel()
+                shard = local(p)
+                self._views.append((order[id(p)], f.outer.params.detach()[offset : offset + shard.numel()].view_as(shard)))
+                offset += shard.numel()
         self._views.sort(key=lambda t: t[0])
         self._rounds = 0
 
