@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from geotrain.cli import main
 
@@ -35,7 +36,10 @@ CASES = [
     ("bad-head-count", lambda t: ["--set", "model.n_head=3"], ["model.n_head"]),
     ("bad-override-form", lambda t: ["--set", "run.sites"], ["key=value"]),
     ("negative-tokens", lambda t: ["--tokens=-5"], ["run.tokens"]),
+    ("bad-precision", lambda t: ["--precision", "fp8"], ["run.precision", "bf16"]),
 ]
+if not torch.cuda.is_available():  # the case every CPU machine runs: asked for a GPU it does not have
+    CASES.append(("cuda-without-cuda", lambda t: ["--device", "cuda"], ["run.device", "--device cpu"]))
 
 
 def _write(path, text):
