@@ -542,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     if given is not None and given != world and os.environ.get("RANK", "0") == "0":
         print(f"note: the config sets run.workers_per_site = {given!r}, but this site's torchrun job has "
               f"WORLD_SIZE={world} workers; using {world}", file=sys.stderr, flush=True)
+    if config.run.out is None:  # one fixed directory per site, so that a site's job started again finds it
+        config = config.updated({"run.out": f"runs/site{args.site_rank}"})
     if "RANK" not in os.environ:  # started without torchrun: a site of one worker, its group on loopback
         import socket
 
