@@ -211,6 +211,7 @@ def test_two_torchrun_jobs_of_two_workers_each_write_the_run_files_as_geotrain_r
         kinds = {json.loads(line)["kind"] for line in (outs[0] / "metrics.jsonl").read_text().splitlines()}
         assert {"start", "step", "eval", "sync", "done"} <= kinds
         assert (outs[0] / "report.html").is_file()
+        assert json.loads((outs[0] / "config.json").read_text())["run"]["workers_per_site"] == 2
         with safe_open(str(outs[0] / "model.safetensors"), "pt") as f:
             assert f.metadata()["params_sha256"] == s["params_sha256"]
         assert not (outs[1] / "summary.json").exists()  # site 0 alone writes the run's files

@@ -544,6 +544,16 @@ def main(argv: list[str] | None = None) -> int:
               f"WORLD_SIZE={world} workers; using {world}", file=sys.stderr, flush=True)
     if config.run.out is None:  # one fixed directory per site, so that a site's job started again finds it
         config = config.updated({"run.out": f"runs/site{args.site_rank}"})
+    if os.environ.get("RANK", "0") == "0":  # config.json beside the run's files, as geotrain run writes it
+        from geotrain.files import write_json_atomic
+
+        try:
+            Path(config.run.out).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(config.run.out) / "config.json", config.to_dict())
+        except OSError as e:
+            print(f"error: run.out: cannot write to {config.run.out!r} ({e.strerror or e}); choose another with "
+                  "--set run.out=DIR", file=sys.stderr)
+            return 2
     if "RANK" not in os.environ:  # started without torchrun: a site of one worker, its group on loopback
         import socket
 
