@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.geotrain-installed
 # multi-GB CUDA wheel; any torch >= 2.6 works once installed.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench clean setup
+.PHONY: demo test bench clean setup gpu-check
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/geotrain run --out runs/demo
+
+# About two minutes on one GPU (2 sites x 1 worker, DiLoCo, int4, bf16 then fp32); skipped, exit 0, without CUDA.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
