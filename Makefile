@@ -1,5 +1,6 @@
 # The two Quick start commands: `make demo` and `make test`. Both build the virtual
-# environment on first use and are safe to run again.
+# environment on first use and are safe to run again. `make demo` writes to a fresh
+# runs/YYYYMMDD-HHMMSS each time; runs/latest points to the newest.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/geotrain run --out runs/demo
+	$(VENV)/bin/geotrain run
 
 # About two minutes on one GPU (2 sites x 1 worker, DiLoCo, int4, bf16 then fp32); skipped, exit 0, without CUDA.
 gpu-check: $(STAMP)
