@@ -119,7 +119,8 @@ def _row(v: Variant, s: dict[str, Any], *, cuda: bool) -> dict[str, Any]:
         peak = _gib(s["peak_memory_bytes"]) if s["peak_memory_bytes"] is not None else "n/a (CPU)"
     return {"variant": v.name, "precision": s.get("precision", f"{v.precision} (not in summary)"),
             "device": s.get("device", "cuda" if cuda else "cpu"), "eval_loss": f"{s['eval_loss']:.4f}",
-            "utilization": f"{100 * s['utilization']:.1f}%" if isinstance(s.get("utilization"), (int, float)) else "n/a",
+            "utilization": (f"{100 * s['utilization']:.1f}%" if isinstance(s.get("utilization"), (int, float))
+                            else "n/a"),
             "tokens": f"{s.get('tokens', 0):,}", "wall_s": f"{wall:.1f}",
             "tokens_per_s": f"{s.get('tokens', 0) / wall:,.0f}" if wall else "n/a", "peak_gpu_memory": peak,
             "outer_rounds": s.get("outer_rounds")}
@@ -200,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table), flush=True)
 
     what = "gpu-check" if cuda else "gpu-check-cpu-smoke"
+    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/gpu_check.py", *(argv or sys.argv[1:])])
     body = [f"# GPU check: 2 sites x 1 worker on one GPU, DiLoCo, int4{'' if cuda else ' (CPU smoke run)'}", "",
-            f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/gpu_check.py', *(argv or sys.argv[1:])])}`"
+            f"Command: `{command}`"
             f", started {datetime.datetime.fromtimestamp(started).isoformat(timespec='seconds')}, "
             f"{time.time() - started:.0f} s in all.", "", "Machine:", "", *_machine(cuda), "",
             "Runs (the two sites share the device; tokens/s is trained tokens over training wall time, "

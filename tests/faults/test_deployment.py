@@ -2,8 +2,9 @@
 site, a secret in a token file. Everything stays on loopback.
 
 Checks the torchrun path end to end (a killed site's job started again rejoins while the others go on, and
-site 0 writes the run's files; two jobs of two workers each train one run), and that a site that must not join is refused with exit code 2 and a
-message: a wrong secret, a different model, a site rank already taken, a join after the run has finished.
+site 0 writes the run's files; two jobs of two workers each train one run), and that a site that must not
+join is refused with exit code 2 and a message: a wrong secret, a different model, a site rank already taken,
+a join after the run has finished.
 """
 
 from __future__ import annotations
