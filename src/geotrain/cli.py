@@ -110,6 +110,9 @@ def _resume_config(args: argparse.Namespace) -> Any:
              if getattr(args, k, None) is not None] + (["--set"] if args.set else [])
     if given:
         raise ConfigError(f"continues the run as it was configured; drop {', '.join(given)}", field="--resume")
+    from geotrain.rundirs import follow_latest
+
+    args.resume = str(follow_latest(Path(args.resume)))  # through runs/latest: the run's own directory
     path = Path(args.resume) / "config.json"
     try:
         tree = json.loads(path.read_text(encoding="utf-8"))
@@ -420,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train across emulated sites on this machine", epilog=choices_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_flags(p)
-    p.add_argument("--out", help="output directory (default runs/latest)")
+    p.add_argument("--out", help="output directory (default: a fresh runs/YYYYMMDD-HHMMSS, with the link "
+                   "runs/latest pointing to it)")
     p.add_argument("--quiet", action="store_true", help="no live progress")
     p.add_argument("--dry-run", action="store_true",
                    help="check the configuration and print it resolved, without starting anything")
@@ -428,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject a fault (repeatable): kill, rejoin, partition, heal, slow:FACTOR, nan, outlier:FACTOR; "
                         "SITE a site index or 'coordinator' (kill only); WHEN an outer round (@3, its middle) or "
                         "seconds of training (@30s). Example: --fault kill:2@3 --fault rejoin:2@6")
-    p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR (its --out) from its last checkpoint, as it was configured")
+    p.add_argument("--resume", metavar="DIR", nargs="?", const="runs/latest",
+                   help="continue the run in DIR (its --out; default runs/latest, the newest run) from its last "
+                        "checkpoint, as it was configured")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that holds an earlier run's checkpoints (deletes them)")
     p.set_defaults(func=cmd_run)
@@ -452,13 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     p = sub.add_parser("report", help="render DIR/report.html again from a run's files")
-    p.add_argument("dir", metavar="DIR", help="a run's output directory (the --out of 'geotrain run')")
+    p.add_argument("dir", metavar="DIR", nargs="?", default="runs/latest",
+                   help="a run's output directory, the --out of 'geotrain run' (default %(default)s)")
     p.add_argument("--out", metavar="FILE", help="where to write the report (default DIR/report.html)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample", help="continue a prompt with a run's trained demo model")
-    p.add_argument("dir", metavar="DIR", help="a finished run's output directory (holds model.safetensors "
-                   "and config.json)")
+    p.add_argument("dir", metavar="DIR", nargs="?", default="runs/latest",
+                   help="a finished run's output directory, holding model.safetensors and config.json "
+                        "(default %(default)s)")
     p.add_argument("--prompt", required=True, help="text to continue (required; no default)")
     p.add_argument("--max-bytes", type=int, default=200, metavar="N",
                    help=f"bytes to generate after the prompt, 1 to {SAMPLE_MAX_BYTES} (default %(default)s)")

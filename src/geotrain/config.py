@@ -183,8 +183,10 @@ class RunConfig:
     """Optional training wall-time budget: stop at a sync point, before a round that would overrun it."""
     seed: int = 0
     """Seed of model initialisation and data sampling; the same seed gives the same run."""
-    out: str = "runs/latest"
-    """Output directory for summary.json, metrics.jsonl, report.html and model.safetensors."""
+    out: str | None = None
+    """Output directory for summary.json, metrics.jsonl, report.html and model.safetensors. Unset, ``geotrain
+    run`` writes to a fresh ``runs/YYYYMMDD-HHMMSS`` and points the link ``runs/latest`` at it, and a torchrun
+    site to ``runs/siteK``."""
     device: str = "cpu"
     """"cpu" or "cuda" (NCCL inside a site; cross-site traffic always goes over gloo)."""
     precision: str = "fp32"

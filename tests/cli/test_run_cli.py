@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,13 @@ CONTRACT = ["algorithm", "sites", "tokens", "eval_loss", "outer_rounds", "wan_by
             "utilization", "per_site", "params_sha256", "ok"]
 
 
-def geotrain(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def geotrain(*args: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = None
+    if cwd is not None:  # started elsewhere: the package must still import from this checkout
+        src = str(Path(__file__).resolve().parents[2] / "src")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, "-m", "geotrain.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd, env=env)
 
 
 def tiny_sets() -> list[str]:
@@ -64,13 +69,27 @@ def test_sample_continues_the_prompt(run_dir):
     assert proc.stdout.startswith("def ") and len(proc.stdout) > 10
 
 
-def test_same_seed_same_model(run_dir, tmp_path):
+def test_same_seed_same_model_and_without_out_a_fresh_run_directory(run_dir, tmp_path):
     first = json.loads((run_dir / "summary.json").read_text())
     overlap = "--overlap" if first["overlap"] else "--no-overlap"  # as the first run chose it for its link
+    (tmp_path / "runs" / "20000101-000000").mkdir(parents=True)  # an earlier run, which must stay untouched
+    (tmp_path / "runs" / "20000101-000000" / "summary.json").write_text("{}")
     proc = geotrain("run", "--quiet", "--sites", "2", "--tokens", "8192", "--sync-every", "4", "--link", "none",
-                    overlap, "--out", str(tmp_path), *tiny_sets())
+                    overlap, *tiny_sets(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    second = json.loads((tmp_path / "summary.json").read_text())
+    # no --out: a fresh runs/YYYYMMDD-HHMMSS, which runs/latest points to and the config names
+    latest = tmp_path / "runs" / "latest"
+    made = latest.parent / os.readlink(latest)
+    assert latest.is_symlink() and made.is_dir() and made.name != "20000101-000000"
+    assert (tmp_path / "runs" / "20000101-000000" / "summary.json").read_text() == "{}"
+    second = json.loads((made / "summary.json").read_text())
+    assert second["config"]["run"]["out"] == f"runs/{made.name}"
+    assert json.loads((made / "config.json").read_text())["run"]["out"] == f"runs/{made.name}"
+    (made / "report.html").unlink()
+    assert geotrain("report", cwd=tmp_path).returncode == 0 and (made / "report.html").is_file()  # DIR: runs/latest
+    resumed = geotrain("run", "--resume", "--dry-run", cwd=tmp_path)  # --resume alone: the newest run
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["run"]["out"] == f"runs/{made.name}"
     assert second["overlap"] == first["overlap"]
     assert [a for a in second["auto_settings"] if a["key"] != "checkpoint.every_rounds"] == []  # nothing else chosen
     # with the same settings, the emulated link changes timing, never the arithmetic

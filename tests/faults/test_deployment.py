@@ -2,14 +2,16 @@
 site, a secret in a token file. Everything stays on loopback.
 
 Checks the torchrun path end to end (a killed site's job started again rejoins while the others go on, and
-site 0 writes the run's files), and that a site that must not join is refused with exit code 2 and a
-message: a wrong secret, a different model, a site rank already taken, a join after the run has finished.
+site 0 writes the run's files; two jobs of two workers each train one run), and that a site that must not
+join is refused with exit code 2 and a message: a wrong secret, a different model, a site rank already taken,
+a join after the run has finished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from _utils.runs import TINY
 
@@ -120,12 +123,12 @@ def start_coordinator(p: Processes, token: Path) -> tuple[subprocess.Popen, str]
 
 
 def site_args(site: int, sites: int, address: str, token: Path, out: Path, *extra: str, torchrun: bool = True,
-              settings: dict | None = None) -> list[str]:
+              settings: dict | None = None, nproc: int = 1) -> list[str]:
     sets = [f"--set={k}={json.dumps(v)}" for k, v in {**SETTINGS, **(settings or {})}.items()]
     site = ["--site-rank", str(site), "--sites", str(sites), "--coordinator", address, "--token-file", str(token),
             "--set", f"run.out={json.dumps(str(out))}", *sets, *extra]
     if torchrun:
-        return [str(TORCHRUN), "--standalone", "--nproc-per-node", "1", "-m", "geotrain.train.site", *site]
+        return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "geotrain.train.site", *site]
     return [sys.executable, "-m", "geotrain.train.site", *site]
 
 
@@ -172,6 +175,48 @@ def test_torchrun_sites_a_killed_job_started_again_rejoins_and_site0_writes_the_
         assert late.wait(timeout=120) == 2
         assert "the run has finished" in p.log("late") and "Traceback" not in p.log("late")
         assert coordinator.poll() is None  # a standalone coordinator outlives the run until stopped
+
+
+def _small_corpus(path: Path) -> Path:
+    """About 600 KB of the standard library's text: enough for a held-out split, quick for every worker to prepare."""
+    source = Path(os.__file__).parent
+    path.write_text("".join(f.read_text(encoding="utf-8", errors="replace") for f in sorted(source.glob("[a-c]*.py"))))
+    return path
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_two_torchrun_jobs_of_two_workers_each_write_the_run_files_as_geotrain_run_does(tmp_path):
+    """2 sites x 2 workers (torchrun --nproc-per-node 2): each site's world is its workers, the config says so
+    (a file that says otherwise is overruled, with a note), and site 0's first worker writes summary.json,
+    metrics.jsonl, report.html and model.safetensors."""
+    token = tmp_path / "run.token"
+    steps = 40
+    settings = {"data.path": str(_small_corpus(tmp_path / "corpus.txt")), "outer.sync_every": 5,
+                "run.tokens": steps * 2 * 2 * 4 * 32}  # steps x sites x workers x batch x seq_len
+    with processes(tmp_path) as p:
+        coordinator, address = start_coordinator(p, token)
+        outs = [tmp_path / f"site{k}" for k in range(2)]
+        jobs = [p.start("site0", site_args(0, 2, address, token, outs[0], settings=settings, nproc=2)),
+                p.start("site1", site_args(1, 2, address, token, outs[1], "--set", "run.workers_per_site=3",
+                                           settings=settings, nproc=2))]
+        for k, job in enumerate(jobs):
+            assert job.wait(timeout=400) == 0, p.log(f"site{k}")
+        assert "run.workers_per_site = 3" in p.log("site1") and "WORLD_SIZE=2" in p.log("site1")
+
+        s = json.loads((outs[0] / "summary.json").read_text())
+        assert s["ok"] is True and s["sites"] == 2 and s["workers_per_site"] == 2 and s["algorithm"] == "diloco"
+        assert s["config"]["run"]["workers_per_site"] == 2 and s["config"]["run"]["out"] == str(outs[0])
+        assert s["tokens"] == settings["run.tokens"] and s["outer_rounds"] == steps // 5
+        assert math.isfinite(s["eval_loss"]) and s["sites_in_sync"] is True
+        assert {d["site"] for d in s["per_site"]} == {0, 1}
+        kinds = {json.loads(line)["kind"] for line in (outs[0] / "metrics.jsonl").read_text().splitlines()}
+        assert {"start", "step", "eval", "sync", "done"} <= kinds
+        assert (outs[0] / "report.html").is_file()
+        assert json.loads((outs[0] / "config.json").read_text())["run"]["workers_per_site"] == 2
+        with safe_open(str(outs[0] / "model.safetensors"), "pt") as f:
+            assert f.metadata()["params_sha256"] == s["params_sha256"]
+        assert not (outs[1] / "summary.json").exists()  # site 0 alone writes the run's files
+        assert coordinator.poll() is None
 
 
 def test_sites_that_must_not_join_are_refused_with_a_message(tmp_path):

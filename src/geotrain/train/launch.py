@@ -335,16 +335,25 @@ def launch(
     """Run ``config`` with every site on this machine. Returns the summary and the CLI exit code.
 
     ``faults``: ``geotrain.faults.Fault`` to inject. ``resume``: continue the run in ``run.out`` from its last
-    checkpoint. ``overwrite``: start afresh in a directory that holds an earlier run's checkpoints."""
+    checkpoint. ``overwrite``: start afresh in a directory that holds an earlier run's checkpoints. With
+    ``run.out`` unset the run gets a fresh ``runs/YYYYMMDD-HHMMSS`` (``geotrain.rundirs``)."""
     from geotrain.checkpoint import CheckpointStore
     from geotrain.faults import LAUNCHER_ACTIONS, check_faults
     from geotrain.membership.wire import create_token_file
     from geotrain.train.workload import demo_workload, prepare_corpus
 
-    out = Path(config.run.out)
     faults = list(faults or [])
     check_launch(config, demo=workload_factory is None)
     check_faults(faults, config)
+    if config.run.out is None:  # no --out: a fresh directory, runs/latest points to it (geotrain.rundirs)
+        from geotrain.rundirs import fresh_run_dir
+
+        try:
+            config = config.updated({"run.out": str(fresh_run_dir())})
+        except OSError as e:
+            raise ConfigError(f"cannot create a run directory under 'runs' ({e.strerror or e}); choose one with "
+                              "--out", field="run.out") from None
+    out = Path(config.run.out)
     check_out_dir(out)
     checkpoints = CheckpointStore(out / "checkpoints")
     if resume and not checkpoints.has_checkpoints():

@@ -523,6 +523,19 @@ def _load_factory(ref: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name or "workload")
 
 
+def _workers_given(path: str | None, overrides: list[str]) -> Any:
+    """``run.workers_per_site`` as the config file or a ``--set`` gives it (the last wins), None if neither does."""
+    from geotrain.config import _parse_value, read_toml
+
+    run = read_toml(path).get("run") if path is not None else None
+    given = run.get("workers_per_site") if isinstance(run, dict) else None
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.strip() == "run.workers_per_site":
+            given = _parse_value(text.strip())
+    return given
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m geotrain.train.site``: one worker under torchrun (or any launcher that sets RANK etc.)."""
     from geotrain.config import load_config
@@ -538,14 +551,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-file", required=True, help="the run's secret, the file the coordinator wrote (mode 600)")
     p.add_argument("--resume", action="store_true", help="resume from this site's checkpoints under run.out")
     p.add_argument("--workload", default="geotrain.train.workload:demo_workload",
-                   help="MODULE:FUNCTION building the Workload (called with config, worker=, device=)")
+                   help="MODULE:FUNCTION building the Workload, called in every worker as FUNCTION(config, "
+                        "worker=, device=) with config.run.workers_per_site set to torchrun's WORLD_SIZE")
     p.add_argument("--data-dir", help="prepared corpus directory for the demo workload (default: OUT/data, prepared on first use)")
     args = p.parse_args(argv)
+    # The site's workers are torchrun's world (one process per worker): the config says so, the factory reads it.
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     try:
-        config = load_config(args.config, overrides=args.set, values={"run.sites": args.sites})
+        given = _workers_given(args.config, args.set)
+        config = load_config(args.config, overrides=args.set,
+                             values={"run.sites": args.sites, "run.workers_per_site": world})
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if given is not None and given != world and os.environ.get("RANK", "0") == "0":
+        print(f"note: the config sets run.workers_per_site = {given!r}, but this site's torchrun job has "
+              f"WORLD_SIZE={world} workers; using {world}", file=sys.stderr, flush=True)
+    if config.run.out is None:  # one fixed directory per site, so that a site's job started again finds it
+        config = config.updated({"run.out": f"runs/site{args.site_rank}"})
+    if os.environ.get("RANK", "0") == "0":  # config.json beside the run's files, as geotrain run writes it
+        from geotrain.files import write_json_atomic
+
+        try:
+            Path(config.run.out).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(config.run.out) / "config.json", config.to_dict())
+        except OSError as e:
+            print(f"error: run.out: cannot write to {config.run.out!r} ({e.strerror or e}); choose another with "
+                  "--set run.out=DIR", file=sys.stderr)
+            return 2
     if "RANK" not in os.environ:  # started without torchrun: a site of one worker, its group on loopback
         import socket
 
