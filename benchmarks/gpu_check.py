@@ -17,9 +17,6 @@ exits 0, so that ``make gpu-check`` can sit in a pipeline that also runs on CPU 
 the same steps with a tiny model on the CPU, to check the script's plumbing anywhere (the test suite does).
 Exit codes: 0 every run finished with a finite eval loss (or skipped); 1 a run failed, timed out, wrote no
 summary, or ended with a non-finite eval loss.
-
-Written against ``run.precision`` (``--precision fp32|bf16``) and summary.json's ``precision``, ``device`` and
-``peak_memory_bytes``; where this geotrain lacks them, the check says so and runs without them.
 """
 
 from __future__ import annotations
@@ -54,29 +51,20 @@ class Variant:
 
     name: str
     precision: str
-    """fp32 or bf16 (passed as --precision where this geotrain has it)."""
+    """fp32 or bf16 (--precision)."""
     seconds: float | None
     """Training wall time (--wall-seconds); None runs the whole token budget."""
 
 
-def _precision_supported() -> bool:
-    """Whether this geotrain has ``run.precision`` (and so ``geotrain run --precision``)."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from geotrain.config import RunConfig
-
-    return "precision" in {f.name for f in dataclasses.fields(RunConfig)}
-
-
-def _run_args(v: Variant, *, cuda: bool, out: Path, args: argparse.Namespace, precision: bool) -> list[str]:
+def _run_args(v: Variant, *, cuda: bool, out: Path, args: argparse.Namespace) -> list[str]:
     model = GPU_MODEL if cuda else TINY_MODEL
     cmd = [sys.executable, "-m", "geotrain.cli", "run", "--quiet", "--overwrite", "--out", str(out / v.name),
            "--device", "cuda" if cuda else "cpu", "--sites", "2", "--workers-per-site", "1",
            "--algorithm", "diloco", "--codec", "int4", "--link", args.link, "--tokens", args.tokens,
+           "--precision", v.precision,
            "--set", "checkpoint.every_rounds=0", *(f"--set={k}={json.dumps(x)}" for k, x in model.items())]
     if not cuda:
         cmd += ["--sync-every", "4"]
-    if precision:
-        cmd += ["--precision", v.precision]
     if v.seconds is not None:
         cmd += ["--wall-seconds", f"{v.seconds:g}"]
     return cmd + list(args.extra)
@@ -111,14 +99,10 @@ def _gib(n: Any) -> str:
     return f"{n / 2**30:.2f} GiB" if isinstance(n, (int, float)) else "n/a"
 
 
-def _row(v: Variant, s: dict[str, Any], *, cuda: bool) -> dict[str, Any]:
+def _row(v: Variant, s: dict[str, Any]) -> dict[str, Any]:
     wall = s.get("wall_seconds") or 0.0
-    if "peak_memory_bytes" not in s:
-        peak = "not reported (summary.json has no peak_memory_bytes)"
-    else:
-        peak = _gib(s["peak_memory_bytes"]) if s["peak_memory_bytes"] is not None else "n/a (CPU)"
-    return {"variant": v.name, "precision": s.get("precision", f"{v.precision} (not in summary)"),
-            "device": s.get("device", "cuda" if cuda else "cpu"), "eval_loss": f"{s['eval_loss']:.4f}",
+    peak = _gib(s["peak_memory_bytes"]) if s.get("peak_memory_bytes") is not None else "n/a (CPU)"
+    return {"variant": v.name, "precision": s["precision"], "device": s["device"], "eval_loss": f"{s['eval_loss']:.4f}",
             "utilization": (f"{100 * s['utilization']:.1f}%" if isinstance(s.get("utilization"), (int, float))
                             else "n/a"),
             "tokens": f"{s.get('tokens', 0):,}", "wall_s": f"{wall:.1f}",
@@ -153,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the dated result file is written (default benchmarks/results)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run the check's steps on the CPU with a tiny model and a few hundred steps' budget "
-                        "(the bf16 run only, in fp32), to check the script itself")
+                        "(the bf16 run only: CPU autocast), to check the script itself")
     p.add_argument("extra", nargs="*", help="after --: more 'geotrain run' flags, e.g. -- --set optim.lr=1e-3")
     args = p.parse_args(argv)
 
@@ -165,34 +149,26 @@ def main(argv: list[str] | None = None) -> int:
               f"{'built for CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU build'}); "
               "run with --cpu-smoke to check the script on the CPU", flush=True)
         return 0
-    precision = _precision_supported()
-    if not precision:
-        print("note: this geotrain has no --precision (run.precision): every run is fp32 and the fp32 "
-              "comparison run is skipped", flush=True)
     if cuda:
-        main_precision = "bf16" if precision else "fp32"
-        variants = [Variant(name=f"{main_precision}-int4", precision=main_precision, seconds=args.seconds)]
-        if precision and args.compare_seconds > 0:
+        variants = [Variant(name="bf16-int4", precision="bf16", seconds=args.seconds)]
+        if args.compare_seconds > 0:
             variants.append(Variant(name="fp32-int4", precision="fp32", seconds=args.compare_seconds))
     else:  # the same steps, tiny: a token budget rather than a minute
         args.tokens, args.link = "4096", "none"
-        variants = [Variant(name="cpu-smoke", precision="fp32", seconds=None)]
+        variants = [Variant(name="cpu-smoke", precision="bf16", seconds=None)]  # CPU autocast: the same path
 
     out = Path(args.out)
     started = time.time()
     rows, errors, commands = [], [], []
     for v in variants:
-        cmd = _run_args(v, cuda=cuda, out=out, args=args, precision=precision)
+        cmd = _run_args(v, cuda=cuda, out=out, args=args)
         commands.append(" ".join(shlex.quote(a) for a in ["geotrain", *cmd[3:]]))
         summary, error = _run(v, cmd, out)
         if error is not None:
             print(f"error: {error}", file=sys.stderr, flush=True)
             errors.append(error)
             continue
-        rows.append(_row(v, summary, cuda=cuda))
-        for key in ("precision", "device", "peak_memory_bytes"):
-            if key not in summary:
-                print(f"note: summary.json of {v.name} has no {key!r} (this geotrain predates it)", flush=True)
+        rows.append(_row(v, summary))
 
     columns = ["variant", "precision", "device", "eval_loss", "utilization", "tokens", "wall_s", "tokens_per_s",
                "peak_gpu_memory", "outer_rounds"]
