@@ -352,7 +352,8 @@ def site_main(task: SiteTask) -> int:
         if device == "cuda":
             check_cuda()
             # the local launcher spreads all sites' workers over the GPUs; torchrun: one GPU per local rank
-            torch.cuda.set_device(int(os.environ.get("GEOTRAIN_CUDA_DEVICE") or os.environ.get("LOCAL_RANK", env.local_rank)))
+            gpu = os.environ.get("GEOTRAIN_CUDA_DEVICE") or os.environ.get("LOCAL_RANK", str(env.local_rank))
+            torch.cuda.set_device(int(gpu))
         site_pg = init_site_group(device=device, timeout_s=config.run.collective_timeout_s)
         worker = env.site_rank * env.workers + env.local_rank
         workload = task.workload_factory(config, worker=worker, device=device, **task.factory_kwargs)

@@ -59,7 +59,8 @@ class StreamingStrategy(Strategy):
             offset = 0
             for p in f.params:
                 shard = local(p)
-                self._views.append((order[id(p)], f.outer.params.detach()[offset : offset + shard.numel()].view_as(shard)))
+                view = f.outer.params.detach()[offset : offset + shard.numel()].view_as(shard)
+                self._views.append((order[id(p)], view))
                 offset += shard.numel()
         self._views.sort(key=lambda t: t[0])
         self._rounds = 0
