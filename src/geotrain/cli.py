@@ -303,7 +303,7 @@ def _load_sample_model(run_dir: Path) -> Any:
     if not isinstance(m, dict):
         raise ConfigError(f"{str(cfg_path)!r} has no \"model\" object (the run's [model] section), so the model's "
                           f"size is unknown; {again}", field="DIR")
-    if m.get("arch", "gpt") != "gpt":
+    if isinstance(m.get("arch"), str) and m["arch"].startswith("hf:"):
         raise ConfigError(f"the run in {str(run_dir)!r} trained a Hugging Face model ({m.get('arch')}); sample it "
                           f"with transformers: AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained "
                           f"of {str(run_dir / 'hf')!r}", field="DIR")

@@ -304,7 +304,7 @@ def _new_hf_config(config: Config) -> Any:
             kwargs[name] = v
     for k, v in m.hf.items():
         name = aliases.get(k, k)
-        if name not in names and not hasattr(defaults, k):
+        if name not in names and not hasattr(defaults, k) and not _consumed(model_type, k, v):
             close = difflib.get_close_matches(k, sorted(names | set(aliases)), n=1)
             hint = f"did you mean model.hf.{close[0]}? " if close else ""
             raise ConfigError(f"is no setting of transformers' {cls.__name__}; {hint}see its documentation for the "
@@ -315,6 +315,17 @@ def _new_hf_config(config: Config) -> Any:
     except Exception as e:  # noqa: BLE001 - a value transformers refuses
         raise ConfigError(f"transformers refused the {model_type} config ({type(e).__name__}: {_short(e)}); check "
                           "the [model] sizes and [model.hf]", field="model.hf" if m.hf else "model.arch") from None
+
+
+def _consumed(model_type: str, key: str, value: Any) -> bool:
+    """Whether the config's constructor takes ``key`` although it is no field of it (a former name it
+    converts, such as rope_theta into rope_parameters); a key it only stores as an extra attribute is a typo."""
+    from transformers import AutoConfig
+
+    try:
+        return not hasattr(AutoConfig.for_model(model_type, **{key: value}), key)
+    except Exception:  # noqa: BLE001 - refused outright: not a setting it takes
+        return False
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -347,8 +358,13 @@ def hf_layout(config: Config) -> list[tuple[str, int]]:
     if key not in _LAYOUTS:
         transformers = _transformers()
         cfg = hf_config(config)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        try:
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(cfg)
+        except Exception as e:  # noqa: BLE001 - sizes the config took but the model cannot be built with
+            raise ConfigError(f"transformers cannot build this {cfg.model_type} model ({type(e).__name__}: "
+                              f"{_short(e)}); check the [model] sizes and [model.hf]",
+                              field="model.hf" if config.model.hf else "model.arch") from None
         _LAYOUTS[key] = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
     return list(_LAYOUTS[key])
 
