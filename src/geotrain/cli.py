@@ -105,7 +105,8 @@ def _resume_config(args: argparse.Namespace) -> Any:
 
     given = [f"--{k.replace('_', '-')}" for k in ("config", "sites", "workers_per_site", "algorithm", "sync_every",
                                                   "codec", "overlap", "fragments", "overlap_steps", "mix_alpha",
-                                                  "tokens", "wall_seconds", "link", "data", "model", "seed", "device", "out")
+                                                  "tokens", "wall_seconds", "link", "data", "model", "seed", "device",
+                                                  "out")
              if getattr(args, k, None) is not None] + (["--set"] if args.set else [])
     if given:
         raise ConfigError(f"continues the run as it was configured; drop {', '.join(given)}", field="--resume")

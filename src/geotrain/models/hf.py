@@ -264,17 +264,7 @@ def _new_hf_config(config: Config) -> Any:
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"cannot read the model config in {str(path)!r} ({type(e).__name__}: {_short(e)})",
                               field="model.arch") from None
-        model_vocab = getattr(hf, "vocab_size", None)
-        if isinstance(model_vocab, int) and model_vocab < vocab:
-            what = "byte-level ids (256)" if not special and config.data.tokenizer in (None, "bytes") else \
-                f"the tokenizer's {vocab} ids"
-            raise ConfigError(f"the model in {str(path)!r} has a vocabulary of {model_vocab}, too small for {what}; "
-                              "give its own tokenizer with data.tokenizer", field="data.tokenizer")
-        limit = getattr(hf, "max_position_embeddings", None)
-        if isinstance(limit, int) and m.seq_len > limit:
-            raise ConfigError(f"is {m.seq_len}, longer than the {limit} positions of the model in {str(path)!r}; "
-                              f"lower it to {limit} or less", field="model.seq_len")
-        return hf
+        return _fits(hf, config, vocab)
     model_type = m.arch.removeprefix("hf:").strip()
     types = _causal_types()
     if model_type not in types:
@@ -311,10 +301,27 @@ def _new_hf_config(config: Config) -> Any:
                               "settings of this model type", field=f"model.hf.{k}")
         kwargs[name] = v
     try:
-        return transformers.AutoConfig.for_model(model_type, **kwargs)
+        hf = transformers.AutoConfig.for_model(model_type, **kwargs)
     except Exception as e:  # noqa: BLE001 - a value transformers refuses
         raise ConfigError(f"transformers refused the {model_type} config ({type(e).__name__}: {_short(e)}); check "
                           "the [model] sizes and [model.hf]", field="model.hf" if m.hf else "model.arch") from None
+    return _fits(hf, config, vocab)
+
+
+def _fits(hf: Any, config: Config, vocab: int) -> Any:
+    """``hf``, once its vocabulary holds every id of the run's data and its positions a whole window."""
+    where = f"the model in {str(model_path(config))!r}" if model_path(config) else "the model"
+    model_vocab = getattr(hf, "vocab_size", None)
+    if isinstance(model_vocab, int) and model_vocab < vocab:
+        tok = tokenizer_dir(config)
+        what = "byte-level ids (256)" if tok is None else f"the {vocab} ids of the tokenizer in {str(tok)!r}"
+        raise ConfigError(f"{where} has a vocabulary of {model_vocab}, too small for {what}; give the model's own "
+                          "tokenizer with data.tokenizer (or a larger model.hf.vocab_size)", field="data.tokenizer")
+    limit = getattr(hf, "max_position_embeddings", None)
+    if isinstance(limit, int) and config.model.seq_len > limit:
+        raise ConfigError(f"is {config.model.seq_len}, longer than the {limit} positions of {where}; lower it to "
+                          f"{limit} or less", field="model.seq_len")
+    return hf
 
 
 def _consumed(model_type: str, key: str, value: Any) -> bool:
@@ -338,15 +345,17 @@ def build_model(config: Config, *, seed: int | None = None, device: str = "cpu")
     transformers = _transformers()
     cfg = hf_config(config)
     path = model_path(config)
-    if path is not None and _has_weights(path):
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=cfg, local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"cannot load the model in {str(path)!r} ({type(e).__name__}: {_short(e)})",
-                              field="model.arch") from None
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.run.seed if seed is None else seed)
+    # Seeded even when loading: tensors a checkpoint lacks are initialised, and must be the same on every site.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed if seed is None else seed)
+        if path is not None and _has_weights(path):
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=cfg,
+                                                                          local_files_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError(f"cannot load the model in {str(path)!r} ({type(e).__name__}: {_short(e)})",
+                                  field="model.arch") from None
+        else:
             model = transformers.AutoModelForCausalLM.from_config(cfg)
     return model.float().to(device).train()
 
@@ -434,11 +443,11 @@ def _encode(tokenizer: Any, data: np.ndarray, *, chunk: int = 1 << 20) -> np.nda
             end = nl + 1 if nl > start else end
         pieces.append(raw[start:end].decode("utf-8", errors="replace"))
         start = end
-    ids: list[int] = []
-    for i in range(0, len(pieces), 16):
-        for row in tokenizer(pieces[i:i + 16], add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
-    return np.asarray(ids, dtype=np.int64)
+    parts = [np.zeros(0, dtype=np.int64)]
+    for i in range(0, len(pieces), 16):  # a few MB of text at a time: the ids as Python ints stay small
+        rows = tokenizer(pieces[i:i + 16], add_special_tokens=False)["input_ids"]
+        parts += [np.asarray(row, dtype=np.int64) for row in rows]
+    return np.concatenate(parts)
 
 
 def prepare_tokens(config: Config, data_dir: Path) -> Path | None:

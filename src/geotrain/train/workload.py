@@ -90,7 +90,8 @@ def prepare_corpus(config: Config, directory: Path) -> Path:
     Files already in ``directory`` are reused only if they were prepared from the same source: the same
     ``data.path`` (resolved) and ``data.val_fraction``, with its files' names, sizes and modification times
     unchanged (``corpus_origin``). Otherwise, as when a second run into the same --out names another --data,
-    the corpus is read and saved again.
+    the corpus is read and saved again. A Hugging Face model with a tokenizer also gets the corpus's token ids,
+    in ``directory/tokens`` (``geotrain.models.hf.prepare_tokens``, reused the same way).
     """
     from geotrain.data.corpus import corpus_origin, load_corpus, open_corpus, save_corpus, saved_origin
 
