@@ -13,7 +13,8 @@ and hand it to :func:`train`::
     if __name__ == "__main__":
         summary = train(make_workload, sites=2, algorithm="diloco", sync_every=20, tokens=200_000, link="none")
 
-The factory runs inside every worker process, so it must be importable (defined at module level).
+The factory runs inside every worker process, so it must be importable (defined at module level). Without
+one, ``train`` trains the model the config names, as ``geotrain run`` does: ``train(model="hf:llama", ...)``.
 Settings are the short names of the CLI flags (``sites``, ``algorithm``, ``sync_every``, ``codec``, ``link``,
 ``tokens``, ``out``...) or dotted config keys given as ``settings={"optim.lr": 1e-3}``.
 """
@@ -43,7 +44,7 @@ def make_config(config: str | Path | None = None, *, settings: dict[str, Any] | 
 
 
 def train(
-    workload_factory: Callable[..., Workload],
+    workload_factory: Callable[..., Workload] | None = None,
     *,
     config: str | Path | Config | None = None,
     settings: dict[str, Any] | None = None,
@@ -54,6 +55,9 @@ def train(
     **short: Any,
 ) -> dict[str, Any]:
     """Train across sites on this machine; returns the run's summary (also written to OUT/summary.json).
+
+    ``workload_factory``: builds each worker's ``Workload``; None trains the model ``model.arch`` names (the
+    demo GPT, or a Hugging Face model such as ``model="hf:llama"``) on the configured corpus.
 
     ``faults``: ``--fault`` specs to inject, such as ``["kill:2@3", "rejoin:2@6"]``. ``resume``: continue the
     run in ``out`` from its last checkpoint. ``overwrite``: start afresh where an earlier run left checkpoints.

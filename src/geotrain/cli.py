@@ -62,6 +62,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", metavar="BANDWIDTH/LATENCY",
                    help=f"emulated link between sites, e.g. 10mbit/50ms, a preset, or none (default {d.wan.link})")
     p.add_argument("--data", metavar="PATH", help="text file or directory of text files (default: Python's stdlib)")
+    p.add_argument("--model", metavar="ARCH",
+                   help="gpt (the demo byte-level GPT), hf:TYPE for a transformers causal LM built from [model]'s "
+                        "sizes (hf:llama, hf:qwen2, hf:gpt2, ...) or hf:PATH for a local directory; hf: needs "
+                        f"pip install 'geotrain[hf]' (default {d.model.arch})")
     p.add_argument("--seed", type=int, help=f"seed of initialisation and sampling (default {d.run.seed})")
     p.add_argument("--device", help=f"cpu or cuda (default {d.run.device})")
     p.add_argument("--precision", help=f"fp32, or bf16: autocast forward and backward, fp32 weights, optimizer "
@@ -105,7 +109,7 @@ def _resume_config(args: argparse.Namespace) -> Any:
 
     given = [f"--{k.replace('_', '-')}" for k in ("config", "sites", "workers_per_site", "algorithm", "sync_every",
                                                   "codec", "overlap", "fragments", "overlap_steps", "mix_alpha",
-                                                  "tokens", "wall_seconds", "link", "data", "seed", "device",
+                                                  "tokens", "wall_seconds", "link", "data", "model", "seed", "device",
                                                   "precision", "fsdp", "out")
              if getattr(args, k, None) is not None] + (["--set"] if args.set else [])
     if given:
@@ -307,6 +311,10 @@ def _load_sample_model(run_dir: Path) -> Any:
     if not isinstance(m, dict):
         raise ConfigError(f"{str(cfg_path)!r} has no \"model\" object (the run's [model] section), so the model's "
                           f"size is unknown; {again}", field="DIR")
+    if isinstance(m.get("arch"), str) and m["arch"].startswith("hf:"):
+        raise ConfigError(f"the run in {str(run_dir)!r} trained a Hugging Face model ({m.get('arch')}); sample it "
+                          f"with transformers: AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained "
+                          f"of {str(run_dir / 'hf')!r}", field="DIR")
     try:
         config = _gpt_config(m)
     except ValueError as e:

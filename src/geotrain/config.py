@@ -76,6 +76,7 @@ SHORT_KEYS = {
     "device": "run.device",
     "precision": "run.precision",
     "fsdp": "run.fsdp",
+    "model": "model.arch",
     "sync_every": "outer.sync_every",
     "H": "outer.sync_every",
     "codec": "comm.codec",
@@ -236,8 +237,13 @@ class RunConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """The demo byte-level GPT (ignored when you train your own nn.Module through the API)."""
+    """The model a run trains when no workload of your own is given: the demo byte-level GPT, or a Hugging Face
+    causal language model (ignored when you train your own nn.Module through the API)."""
 
+    arch: str = "gpt"
+    """"gpt" (the demo byte-level GPT), "hf:TYPE" for a transformers model type built from the sizes below with
+    no download (hf:llama, hf:qwen2, hf:gpt2, ...), or "hf:PATH" for a local directory (a path with a "/", such
+    as hf:./my-model) loaded with from_pretrained. Needs the hf extra (pip install 'geotrain[hf]')."""
     n_layer: int = 2
     """Transformer blocks."""
     n_head: int = 4
@@ -248,11 +254,15 @@ class ModelConfig:
     """Context length in bytes."""
     dropout: float = 0.0
     """Dropout probability on embeddings, attention and residual branches, in [0, 1). 0 for small-data demos."""
+    hf: dict[str, Any] = field(default_factory=dict)
+    """hf: models only: more transformers config values, written over the ones mapped from the sizes above
+    (for example intermediate_size, rope_theta, tie_word_embeddings); ``[model.hf]`` in a file."""
     params: int | None = None
     """Planning only: the model's parameter count (70b); unset, it is the demo GPT's count from its shape.
     A run's size always comes from n_layer, n_head, d_model and seq_len."""
 
     def __post_init__(self) -> None:
+        _check_arch(self.arch, self.hf)
         _integer("model.n_layer", self.n_layer, 1, 1024)
         _integer("model.n_head", self.n_head, 1, 4096)
         _integer("model.d_model", self.d_model, 1, 1 << 17)
@@ -270,7 +280,8 @@ class ModelConfig:
             _integer("model.params", self.params, 1, 10**16)
 
     def layout(self) -> list[tuple[str, int]]:
-        """(name, numel) of every parameter of the demo GPT (``geotrain.models.gpt``), in its order: the
+        """(name, numel) of every parameter of the demo GPT (``geotrain.models.gpt``; ``Config.layout`` covers
+        hf: models too), in its order: the
         tied byte embedding, the position embedding, per block ln_1, attention (qkv and output projection),
         ln_2 and the MLP (4x wide), then the final LayerNorm."""
         c, out = self.d_model, [("wte.weight", 256 * self.d_model), ("wpe.weight", self.seq_len * self.d_model)]
@@ -285,6 +296,41 @@ class ModelConfig:
         return out + [("ln_f.weight", c), ("ln_f.bias", c)]
 
 
+def _check_arch(arch: Any, hf: dict[str, Any]) -> None:
+    """``model.arch`` names the demo GPT or an hf: model, and ``model.hf`` holds plain values for an hf: one.
+    Whether transformers knows the type is checked where a run needs the model (``geotrain.models.hf``)."""
+    if not isinstance(arch, str):
+        raise ConfigError(f"expected a string, got {arch!r}", field="model.arch")
+    if arch != "gpt" and not (arch.startswith("hf:") and arch[3:].strip()):
+        shown = arch if len(arch) <= 80 else arch[:77] + "..."
+        bare = arch.strip().lower()
+        hint = ("; did you mean 'gpt'?" if bare == "gpt" else f"; did you mean 'hf:{bare}'?"
+                if bare.isidentifier() else "")
+        raise ConfigError(f"unknown model {shown!r}: use gpt (the demo byte-level GPT), hf:TYPE for a transformers "
+                          "model type such as hf:llama, hf:qwen2 or hf:gpt2, or hf:PATH for a local directory"
+                          + hint, field="model.arch")
+    if hf and arch == "gpt":
+        raise ConfigError("holds transformers config values, which only an hf: model reads; set model.arch (for "
+                          "example --model hf:llama) or drop [model.hf]", field="model.hf")
+    for key, value in hf.items():
+        if not _plain(value):
+            raise ConfigError(f"must be a string, a finite number, true or false, or a list or table of them, got "
+                              f"{value!r}", field=f"model.hf.{key}")
+
+
+def _plain(value: Any) -> bool:
+    """A JSON value (what config.json and a transformers config.json can hold)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Where training bytes come from and how each site samples them."""
@@ -295,11 +341,17 @@ class DataConfig:
     """Sequences per inner step per worker."""
     val_fraction: float = 0.05
     """Share of files (or bytes, for one file) held out for evaluation."""
+    tokenizer: str | None = None
+    """hf: models only: a local tokenizer directory (what AutoTokenizer.from_pretrained reads), or "bytes" for
+    byte-level ids (0-255). Unset: the tokenizer in an hf:PATH model's directory if it holds one, else bytes."""
 
     def __post_init__(self) -> None:
         if self.path is not None and not self.path.strip():
             raise ConfigError("is empty; give a text file or a directory, or leave it unset for Python's standard "
                               "library", field="data.path")
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            raise ConfigError('is empty; give a tokenizer directory or "bytes", or leave it unset',
+                              field="data.tokenizer")
         _integer("data.batch_size", self.batch_size, 1, 1 << 20)
         if not (isinstance(self.val_fraction, float | int) and 0 < self.val_fraction < 0.5):
             raise ConfigError(f"must lie in (0, 0.5), got {self.val_fraction!r}", field="data.val_fraction")
@@ -783,6 +835,9 @@ class Config:
         names = self.site_names()
         if len(set(names)) != len(names):
             raise ConfigError(f"site names must be unique, got {names}", field="sites.names")
+        if self.data.tokenizer not in (None, "bytes") and self.model.arch == "gpt":
+            raise ConfigError("the demo GPT reads bytes; a tokenizer needs a Hugging Face model (for example "
+                              "--model hf:llama), or leave data.tokenizer unset", field="data.tokenizer")
         self.topology()  # checks the per-pair links name real sites
         self.algorithm().check(self)
 
@@ -798,12 +853,17 @@ class Config:
         return self.comm.choice()
 
     def layout(self) -> Any:
-        """The parameters a run synchronises (``geotrain.algorithms.ModelLayout``): the demo GPT's tensors,
-        or a bare count when ``model.params`` sets the planning size."""
+        """The parameters a run synchronises (``geotrain.algorithms.ModelLayout``): the demo GPT's tensors, an
+        hf: model's (read from the model built on the meta device, which imports torch and transformers), or a
+        bare count when ``model.params`` sets the planning size."""
         from geotrain.algorithms import ModelLayout
 
         if self.model.params is not None:
             return ModelLayout(params=self.model.params)
+        if self.model.arch != "gpt":
+            from geotrain.models.hf import hf_layout
+
+            return ModelLayout.of(hf_layout(self))
         return ModelLayout.of(self.model.layout())
 
     def site_names(self) -> list[str]:
@@ -883,6 +943,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"expected a table of settings, got {value!r}", field=name)
         _, item = typing.get_args(tp)
         return {str(k): _coerce(v, item, f"{name}.{k}") for k, v in value.items()}
+    if tp is Any:  # checked by the section's own __post_init__
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"expected a table of settings, got {value!r}", field=name)

@@ -398,6 +398,8 @@ def _values_for(leaf: Leaf, rng: random.Random) -> tuple[Any, str]:
         return rng.choice([5, "metro", [5], ["x"], table, [{**sample, "no_such_key": 1}], [[sample]]]), BAD
     if kind == "dict[str,table]":
         return rng.choice([5, "H100", [1], {"H100": 5}, {"H100": [1]}, {"H100": {"flops": 1}}]), BAD
+    if kind == "dict[str,Any]":  # [model.hf]: free transformers values, read only by an hf: model (not the base's)
+        return rng.choice([5, "llama", [1], {"rope_theta": 1e4}, {"x": NAN}, {"x": DATE}, {"x": [INF]}]), BAD
     raise AssertionError(f"no values for {leaf}")
 
 
@@ -501,6 +503,10 @@ def _cross_field_cases() -> list[Case]:
              label="cross-heads-divide-width"),
         Case(kind="cross", tree={"simulate": {"mtbf_hours": 0}}, words=["simulate.mtbf_hours"],
              label="cross-mtbf-zero"),
+        Case(kind="cross", tree={"model": {"hf": {"rope_theta": 1e4}}}, words=["model.hf"],
+             label="cross-hf-values-for-the-gpt"),
+        Case(kind="cross", sets=['data.tokenizer="tok"'], words=["data.tokenizer"], label="cross-tokenizer-for-the-gpt"),
+        Case(kind="cross", sets=['model.arch="llama"'], words=["hf:llama"], label="cross-arch-without-hf"),
         # Limits of one command only.
         Case(kind="cross", sets=["run.sites=40", "run.workers_per_site=2"], run=BAD, plan=ANY, words=["run.sites"],
              label="cross-too-many-processes"),

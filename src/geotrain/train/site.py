@@ -453,6 +453,8 @@ def site_main(task: SiteTask) -> int:
             if env.local_rank == 0:
                 with replacing(out / "model.safetensors") as tmp:
                     save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
+                if getattr(workload, "export", None) is not None:  # the workload's own format (an hf/ directory)
+                    workload.export(out, [tensors[n] for n in names])
         recorder.write("done", site=env.site_rank, eval_loss=result.eval_loss, params_sha256=result.params_sha256,
                        stopped_early=result.stopped_early, **result.figures)
         if not env.local and env.local_rank == 0:  # under torchrun the lowest member writes the run's files

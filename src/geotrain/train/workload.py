@@ -47,6 +47,10 @@ class Workload:
     to go on where it left off); None: the stream cannot say, and a resumed run restarts it."""
     load_data_state: Callable[[Any], None] | None = None
     """Go back to a position ``data_state`` returned."""
+    export: Callable[[Path, list[torch.Tensor]], None] | None = None
+    """Called once at the end of a run, where ``OUT/model.safetensors`` is written, as ``export(OUT, params)``
+    with the global trainable parameters in ``named_parameters()`` order: write the model in a format of
+    your own (the Hugging Face workload writes ``OUT/hf/``). None: nothing more."""
 
 
 def inner_optimizer(params: Sequence[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
@@ -86,25 +90,37 @@ def prepare_corpus(config: Config, directory: Path) -> Path:
     Files already in ``directory`` are reused only if they were prepared from the same source: the same
     ``data.path`` (resolved) and ``data.val_fraction``, with its files' names, sizes and modification times
     unchanged (``corpus_origin``). Otherwise, as when a second run into the same --out names another --data,
-    the corpus is read and saved again.
+    the corpus is read and saved again. A Hugging Face model with a tokenizer also gets the corpus's token ids,
+    in ``directory/tokens`` (``geotrain.models.hf.prepare_tokens``, reused the same way).
     """
     from geotrain.data.corpus import corpus_origin, load_corpus, open_corpus, save_corpus, saved_origin
 
     origin = corpus_origin(config.data.path, val_fraction=config.data.val_fraction)
-    if saved_origin(directory) == origin:
+    fresh = saved_origin(directory) == origin
+    if fresh:
         try:
             open_corpus(directory)  # cheap (sizes only); catches .bin files left by a crash mid-save
-            return directory
         except ConfigError:
-            pass
-    save_corpus(load_corpus(config.data.path, val_fraction=config.data.val_fraction), directory, origin=origin)
+            fresh = False
+    if not fresh:
+        save_corpus(load_corpus(config.data.path, val_fraction=config.data.val_fraction), directory, origin=origin)
+    if config.model.arch != "gpt":  # a tokenizer's ids, once for every worker (geotrain.models.hf)
+        from geotrain.models.hf import prepare_tokens
+
+        prepare_tokens(config, directory)
     return directory
 
 
 def demo_workload(config: Config, *, worker: int, device: str = "cpu", data_dir: Path | None = None) -> Workload:
-    """The byte-level GPT on a prepared corpus. ``worker`` is the worker's index in the whole run."""
+    """The model ``model.arch`` names on a prepared corpus: the byte-level GPT, or a Hugging Face causal LM
+    (``geotrain.models.hf.hf_workload``). ``worker`` is the worker's index in the whole run."""
     from geotrain.data.corpus import BatchSampler, eval_batches, open_corpus
     from geotrain.models.gpt import init_gpt
+
+    if config.model.arch != "gpt":
+        from geotrain.models.hf import hf_workload
+
+        return hf_workload(config, worker=worker, device=device, data_dir=data_dir)
 
     if data_dir is None:  # under torchrun each site prepares its own copy
         data_dir = prepare_corpus(config, Path(config.run.out) / "data")
