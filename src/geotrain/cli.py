@@ -72,6 +72,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    f"state and payloads (default {d.run.precision})")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="shard the model over a site's workers with FSDP2 instead of replicating it with DDP")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write live TensorBoard scalars under OUT/tensorboard (needs pip install "
+                   "'geotrain[tensorboard]'; default off)")
 
 
 def _config_from_args(args: argparse.Namespace, *, out: str | None = None, variant: list[str] | None = None) -> Any:
@@ -127,7 +130,10 @@ def _resume_config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"cannot read {str(path)!r} ({e})", field="--resume") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{str(path)!r} is not a run configuration", field="--resume")
-    return load_config(values={**tree, "run": {**tree.get("run", {}), "out": str(args.resume)}})
+    run = {**tree.get("run", {}), "out": str(args.resume)}
+    if args.tensorboard is not None:  # the one setting a resume may change: it only adds output
+        run["tensorboard"] = args.tensorboard
+    return load_config(values={**tree, "run": run})
 
 
 def cmd_run(args: argparse.Namespace) -> int:

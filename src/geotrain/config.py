@@ -77,6 +77,7 @@ SHORT_KEYS = {
     "precision": "run.precision",
     "fsdp": "run.fsdp",
     "model": "model.arch",
+    "tensorboard": "run.tensorboard",
     "sync_every": "outer.sync_every",
     "H": "outer.sync_every",
     "codec": "comm.codec",
@@ -206,6 +207,9 @@ class RunConfig:
     collective_timeout_s: float = 300.0
     """Seconds a collective inside a site (between its workers) may block before the site fails instead of
     hanging. Cross-site transfers have deadlines of their own that follow their size (``[membership]``)."""
+    tensorboard: bool = False
+    """Also write the records as TensorBoard scalars, live, under OUT/tensorboard/ (one run per site and a
+    ``global`` one); needs ``pip install 'geotrain[tensorboard]'``."""
 
     def __post_init__(self) -> None:
         from geotrain.algorithms import get_algorithm

@@ -243,6 +243,8 @@ def build_summary(
         # The most device memory any site's worker 0 allocated at once (CUDA only; null on CPU).
         "peak_memory_bytes": max((d["peak_memory_bytes"] for rows in records.values() for d in rows
                                   if d.get("kind") == "done" and _is_number(d.get("peak_memory_bytes"))), default=None),
+        # TensorBoard event files of the run, relative to its output directory (None without --tensorboard)
+        "tensorboard": "tensorboard" if run.get("tensorboard") else None,
         "sites_in_sync": figures.get("sites_in_sync"),
         # Unix seconds at which every ``wall`` below starts counting (the report puts records on this clock).
         "started_at": t0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,9 @@ import pytest
 from _utils.runs import TINY
 
 pytestmark = pytest.mark.slow  # starts processes
+
+# The shared run also writes TensorBoard event files when the optional extra is installed (make test installs it).
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 CONTRACT = ["algorithm", "sites", "tokens", "eval_loss", "outer_rounds", "wan_bytes", "wall_seconds",
             "utilization", "per_site", "params_sha256", "ok"]
@@ -35,7 +39,7 @@ def tiny_sets() -> list[str]:
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     proc = geotrain("run", "--sites", "2", "--tokens", "8192", "--sync-every", "4", "--link", "100mbit/5ms",
-                    "--out", str(out), *tiny_sets())
+                    "--out", str(out), *tiny_sets(), *(["--tensorboard"] if TENSORBOARD else []))
     assert proc.returncode == 0, proc.stderr
     assert "site 0" in proc.stdout  # progress and the final per-site table were shown
     return out
@@ -54,6 +58,37 @@ def test_run_writes_the_contract_files(run_dir):
     assert s["per_site"][0]["wan_bytes"] == 8 * s["payload_bytes_per_sync"]
     kinds = {json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert {"start", "step", "eval", "sync", "done"} <= kinds
+
+
+@pytest.mark.skipif(not TENSORBOARD, reason="the tensorboard extra is not installed")
+def test_tensorboard_event_files_hold_the_records(run_dir):
+    """TensorBoard's own reader finds one run per site and a global one, with the records' values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(run: str) -> dict[str, list[tuple[int, float]]]:
+        acc = EventAccumulator(str(run_dir / "tensorboard" / run))
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["tensorboard"] == "tensorboard"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    site_tags = {"loss/train", "optim/lr", "progress/tokens", "progress/outer_rounds", "wan/bytes",
+                 "time/utilization", "time/compute_seconds", "time/comm_wait_seconds", "time/wall_seconds"}
+    for k in range(2):
+        got = scalars(f"site{k}")
+        assert set(got) == site_tags
+        steps = [r for r in records if r["kind"] == "step" and r["site"] == k]
+        assert [st for st, _ in got["loss/train"]] == [r["step"] for r in steps]
+        assert [v for _, v in got["loss/train"]] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+        assert got["wan/bytes"][-1][1] == pytest.approx(s["per_site"][k]["wan_bytes"], rel=1e-6)
+        assert got["progress/outer_rounds"][-1][1] == s["outer_rounds"]
+    run = scalars("global")
+    assert set(run) == {"loss/eval", "progress/tokens", "progress/outer_rounds", "wan/bytes", "time/wall_seconds"}
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [st for st, _ in run["loss/eval"]] == [r["step"] for r in evals]
+    assert run["loss/eval"][-1][1] == pytest.approx(s["eval_loss"], rel=1e-6)
+    assert run["progress/tokens"][-1][1] == s["tokens"]
 
 
 def test_report_renders_again(run_dir):

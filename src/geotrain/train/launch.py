@@ -94,6 +94,10 @@ def check_launch(config: Config, *, demo: bool = True) -> None:
         if not found:
             raise ConfigError(f"{config.data.path!r} does not exist; give a text file or a directory of text "
                               "files, or leave data.path unset for Python's standard library", field="data.path")
+    if config.run.tensorboard:  # before any worker starts: each would fail on its own
+        from geotrain.train.sinks import check_tensorboard
+
+        check_tensorboard()
     if demo:  # the demo GPT is the model config.layout() describes: its settings must fit it
         config.algorithm().pattern(config, config.layout())
     if config.run.device == "cuda":
@@ -372,8 +376,11 @@ def launch(
             for f in (out / d).glob("*"):
                 f.unlink()
     if not resume:
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # an earlier run's event files; a resume appends
         (out / "membership.jsonl").unlink(missing_ok=True)
         (out / "faults.jsonl").unlink(missing_ok=True)
+    if config.run.tensorboard and progress:
+        print(f"live scalars: tensorboard --logdir {out / 'tensorboard'}", file=sys.stderr)
     config_dict = config.to_dict()
     write_json_atomic(out / "config.json", config_dict)
     kwargs = dict(factory_kwargs or {})

@@ -11,6 +11,7 @@ only), ``sync`` (one per cross-site transfer, numbered in ``transfer``), ``membe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -27,10 +28,13 @@ def _clean(value: Any) -> Any:
 
 
 class Recorder:
-    """Appends records to a JSONL file; a Recorder without a path drops them (workers other than the first)."""
+    """Appends records to a JSONL file; a Recorder without a path drops them (workers other than the first).
+    ``sinks`` (``geotrain.train.sinks``) get each record as written too (TensorBoard); a sink that fails is
+    dropped with a ``warning`` record, and training goes on."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, sinks: list[Any] | None = None) -> None:
         self.path = path
+        self.sinks: list[Any] = list(sinks or [])
         self._file = None
         self._transfers = 0
         if path is not None:
@@ -42,6 +46,17 @@ class Recorder:
             return
         record = {"kind": kind, "time": time.time(), **{k: _clean(v) for k, v in fields.items()}}
         self._file.write(json.dumps(record) + "\n")
+        for sink in list(self.sinks):
+            try:
+                sink.record(record)
+            except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop training
+                self._drop(sink, e, site=record.get("site"))
+
+    def _drop(self, sink: Any, error: BaseException, *, site: Any) -> None:
+        self.sinks.remove(sink)
+        with contextlib.suppress(Exception):
+            sink.close()
+        self.write("warning", site=site, message=f"{type(sink).__name__} stopped: {type(error).__name__}: {error}")
 
     def step(self, *, step: int, tokens: int, loss: float, lr: float, timer: Any, comm: Any, outer_rounds: int,
              site: int, trained_tokens: int = 0) -> None:
@@ -87,8 +102,17 @@ class Recorder:
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
+        for sink in list(self.sinks):
+            try:
+                sink.flush()
+            except Exception as e:  # noqa: BLE001
+                self._drop(sink, e, site=None)
 
     def close(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            with contextlib.suppress(Exception):  # the records are safe in the JSONL file
+                sink.close()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -348,6 +348,10 @@ def site_main(task: SiteTask) -> int:
     recorder = Recorder(out / "sites" / f"site{env.site_rank}.jsonl" if env.local_rank == 0 else None)
     client = None
     try:
+        if config.run.tensorboard and env.local_rank == 0:  # live scalars beside the records (train/sinks.py)
+            from geotrain.train.sinks import TensorBoardSink
+
+            recorder.sinks.append(TensorBoardSink(out / "tensorboard"))
         device = config.run.device
         if device == "cuda":
             check_cuda()
