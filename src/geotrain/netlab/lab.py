@@ -260,6 +260,8 @@ class Lab:
     router: subprocess.Popen | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     """Commands started in the lab (``popen``), stopped at close."""
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    """After close: per directed link ``"a->b"``, the packets and bytes the router forwarded and dropped."""
     _closed: bool = False
 
     def __post_init__(self) -> None:
@@ -397,6 +399,10 @@ class Lab:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.router.wait(timeout=GRACE_S)
         if self.router is not None and self.router.stdout is not None:
+            with contextlib.suppress(OSError, ValueError):
+                for line in self.router.stdout.read().splitlines():  # the router has exited: bounded
+                    if line.startswith('{"router_stats"'):
+                        self.stats = json.loads(line)["router_stats"]
             self.router.stdout.close()
         with _locked():
             _remove(self.owner)

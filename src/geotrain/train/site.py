@@ -163,7 +163,7 @@ def connect(config: Any, env: Any, site_pg: Any, client: Any, *, generation: int
         deadline = transfer_deadline(config, group_members, streams=env.workers)
         transport: Any = GlooTransport(pg, rank=group_members.index(env.site_rank), size=len(group_members),
                                        members=group_members, clock=clock, deadline=deadline)
-        if topology.emulated:
+        if topology.emulated and not env.real_network:
             transport = EmulatedWan(transport, topology=lambda: topology.slowed(conditions.slow),
                                     streams=env.workers, clock=clock, deadline=deadline)
         return transport
