@@ -40,6 +40,8 @@ MAX_READS_PER_WAKE = 256
 """Packets read from one device before the others get their turn (a bound on each pass)."""
 MAX_WAIT_S = 0.2
 """Longest poll when nothing is due: the loop wakes at least this often."""
+POLL_RESOLUTION_S = 0.001
+"""epoll's timeout is whole milliseconds, rounded up; the last millisecond before a delivery is slept instead."""
 
 
 @dataclass(slots=True)
@@ -108,7 +110,14 @@ def forward(fds: list[int], pipes: dict[tuple[int, int], _Pipe], *, prefix: byte
                     return
                 next_owner_check = now + OWNER_POLL_S
             wait = MAX_WAIT_S if not due else min(MAX_WAIT_S, max(0.0, due[0][0] - now))
-            for fd, _ in poller.poll(wait):
+            if 0.0 < wait < POLL_RESOLUTION_S:  # epoll counts whole milliseconds, rounded up: sleep the rest
+                events = poller.poll(0)
+                if not events:
+                    time.sleep(wait)
+                    continue
+            else:
+                events = poller.poll(max(0.0, wait - POLL_RESOLUTION_S) if due else wait)
+            for fd, _ in events:
                 src = site_of[fd]
                 for _ in range(MAX_READS_PER_WAKE):
                     try:
