@@ -20,7 +20,7 @@ import pytest
 
 from geotrain.cli import main
 from geotrain.netlab import PREFIX, Lab, clean_stale, lab_links
-from geotrain.netlab.router import _Pipe
+from geotrain.netlab.router import Conditions, _Pipe
 from geotrain.topology import Link, Topology, parse_link
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -46,6 +46,25 @@ def test_pipe_serialises_delays_and_drops_tail():
     assert pipe.admit(10.0, 1000, rng) is None  # 2000 bytes queued + 1000 > 2500: tail drop
     assert pipe.admit(11.5, 1000, rng) == pytest.approx(13.05)  # 500 bytes left in the queue: room again
     assert (pipe.packets, pipe.bytes, pipe.dropped) == (3, 3000, 1)
+
+
+def test_conditions_cut_and_slow_both_directions_of_a_sites_links():
+    pipes = {(a, b): _Pipe(bandwidth_bps=1e6, latency_s=0.0, loss=0.0, queue_bytes=1 << 20, nominal_bps=1e6)
+             for a in range(3) for b in range(3) if a != b}
+    c = Conditions(cut=set(), slow={})
+    c.apply({"op": "partition", "site": 1}, pipes)
+    assert {k for k, p in pipes.items() if p.cut} == {(0, 1), (1, 0), (1, 2), (2, 1)}
+    assert pipes[(1, 0)].admit(0.0, 100, random.Random(0)) is None
+    c.apply({"op": "slow", "site": 2, "factor": 4}, pipes)
+    c.apply({"op": "slow", "site": 0, "factor": 2}, pipes)
+    assert pipes[(0, 2)].bandwidth_bps == pipes[(2, 1)].bandwidth_bps == 0.25e6  # the larger factor of the ends
+    assert pipes[(0, 1)].bandwidth_bps == 0.5e6
+    c.apply({"op": "heal", "site": 1}, pipes)
+    c.apply({"op": "slow", "site": 2, "factor": 1}, pipes)
+    assert not any(p.cut for p in pipes.values())
+    assert pipes[(1, 2)].bandwidth_bps == 1e6 and pipes[(0, 2)].bandwidth_bps == 0.5e6
+    with pytest.raises(ValueError):
+        c.apply({"op": "slow", "site": 0, "factor": 0.5}, pipes)
 
 
 @pytest.mark.parametrize("argv", [["netlab", "--sites", "2", "--", "true"],
@@ -162,6 +181,36 @@ def test_all_reduce_across_namespaces_pays_the_links_latency_and_leaves_nothing(
     assert forwarded > 2 * 64 * 1024  # the payloads crossed the router, headers and all
     assert _leftovers(lab.owner) == []
     assert not _alive(lab.router.pid)
+
+
+_CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0).close()"
+
+
+@needs_lab
+def test_partition_and_heal_act_on_the_real_links():
+    topo = Topology(2, default=parse_link("100mbit/1ms"))
+    with Lab(sites=2, links=lab_links(topo)) as lab, socket.create_server((lab.control_address, 0)) as control:
+        peer = lab.popen(1, [sys.executable, "-c", "import socket, sys; s = socket.create_server((sys.argv[1], 0)); "
+                             "print(s.getsockname()[1], flush=True); [s.accept()[0].close() for _ in range(9)]",
+                             lab.wan_address(1)], stdout=subprocess.PIPE, text=True)
+        wan_port = int(peer.stdout.readline())
+        control_port = control.getsockname()[1]
+        control.listen(16)
+
+        def reaches(address: str, port: int) -> bool:
+            return lab.popen(0, [sys.executable, "-c", _CONNECT, address, str(port)],
+                             stderr=subprocess.DEVNULL).wait(timeout=30) == 0
+
+        assert reaches(lab.wan_address(1), wan_port) and reaches(lab.control_address, control_port)
+        lab.partition(0)
+        assert not reaches(lab.wan_address(1), wan_port)
+        assert not reaches(lab.control_address, control_port)  # cut off from the coordinator too
+        lab.heal(0)
+        assert reaches(lab.wan_address(1), wan_port) and reaches(lab.control_address, control_port)
+        lab.slow(1, 10.0)  # taken by the router; its effect on time is the benchmark's to measure
+        with pytest.raises(ValueError):
+            lab.slow(5, 2.0)
+    assert lab.stats["0->1"]["dropped"] >= 1  # the partitioned connection attempt's packets
 
 
 def _start_lab_command(tmp_path: Path) -> tuple[subprocess.Popen, list[int], dict]:

@@ -18,6 +18,10 @@ ours is cleaned)::
   emulator does not charge the coordinator's messages either (heartbeats, votes, the store gloo meets on), so
   they are not shaped here: the lab and the emulator then differ only in how the sites' payloads travel. A
   site reaches nothing but the control address over ``ctl0`` (a host route, no default route).
+* **Faults on the real links**: ``partition(k)`` makes the router drop every packet to or from site ``k`` and
+  takes its control link down; ``heal(k)`` undoes it; ``slow(k, factor)`` divides the rate of ``k``'s links.
+  (``geotrain run --fault`` does not use them yet: under ``--network netlab`` its partition, heal and slow still
+  act inside the sites, as under emulation.)
 * **Teardown** (``Lab.close``, also from ``__exit__`` on Ctrl+C or an exception): the commands started in the
   lab, the router, every process left in a namespace, the namespaces (which takes their interfaces, and the
   host ends of the veths, with them), the state file. A lab whose owner was SIGKILLed loses its router (it
@@ -357,7 +361,7 @@ class Lab:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                         os.environ.get("PYTHONPATH")]))}
         self.router = subprocess.Popen([sys.executable, "-m", "geotrain.netlab.router", str(config)],
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
                                        env=env, start_new_session=True, text=True)
         self._write_state()
         line = _read_line(self.router, SETUP_TIMEOUT_S)
@@ -368,6 +372,34 @@ class Lab:
                 self.router.kill()
                 rest = self.router.communicate(timeout=5)[0] or ""
             raise RuntimeError(f"the lab's router did not start: {(line + rest).strip() or 'no output'}")
+
+    # -- faults on the real links -------------------------------------------------------------------------
+    def partition(self, k: int) -> None:
+        """Cut site ``k`` off: the router drops every packet to or from it, and its control link goes down (a
+        real partition also parts a site from the coordinator). Nothing fails at once; peers find out as they
+        would (timeouts, missed heartbeats)."""
+        self._command({"op": "partition", "site": k})
+        _ip("link", "set", self.host_device(k), "down")
+
+    def heal(self, k: int) -> None:
+        """Undo ``partition(k)``."""
+        _ip("link", "set", self.host_device(k), "up")
+        self._command({"op": "heal", "site": k})
+
+    def slow(self, k: int, factor: float) -> None:
+        """From now on, site ``k``'s links carry ``factor`` times fewer bits per second (a pair of slowed sites
+        takes the larger factor; ``factor`` 1 restores them)."""
+        self._command({"op": "slow", "site": k, "factor": factor})
+
+    def _command(self, command: dict[str, Any]) -> None:
+        if not 0 <= int(command["site"]) < self.sites:
+            raise ValueError(f"site {command['site']} is not one of the lab's {self.sites} sites")
+        assert self.router is not None and self.router.stdin is not None, "the lab is not open"
+        self.router.stdin.write(json.dumps(command) + "\n")
+        self.router.stdin.flush()
+        answer = _read_line(self.router, SETUP_TIMEOUT_S).strip()
+        if answer != "ok":
+            raise RuntimeError(f"the lab's router refused {command}: {answer or 'no answer'}")
 
     def popen(self, k: int, args: Sequence[str], *, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
         """Start ``args`` inside site ``k``'s namespace, in a session of its own, dying with this process."""
@@ -390,6 +422,9 @@ class Lab:
             return
         self._closed = True
         _stop_all(self.procs)
+        if self.router is not None and self.router.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.router.stdin.close()  # its end of the commands: the router stops
         if self.router is not None and self.router.poll() is None:
             self.router.terminate()
             try:

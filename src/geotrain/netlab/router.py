@@ -12,8 +12,11 @@ The kernel has no netem here, so delay is applied in user space: the packet sits
 delivery time. Sizes are IP packet sizes (headers included; the MTU bounds them), so TCP/IP header overhead,
 acknowledgements and TCP's slow start all cost what they cost on a real link.
 
-The router stops by itself when its owner process is gone (it polls at least every ``OWNER_POLL_S``) and on
-SIGTERM. It is started by :class:`geotrain.netlab.lab.Lab`; run as ``python -m geotrain.netlab.router CONFIG``
+Faults act on the links here (``Conditions``): a partition drops every packet to or from a site, a slow site's
+links carry a fraction of their rate. The owner sends them as JSON lines on the router's stdin.
+
+The router stops by itself when its owner process is gone (it polls at least every ``OWNER_POLL_S``, and the
+end of its stdin says so at once) and on SIGTERM. It is started by :class:`geotrain.netlab.lab.Lab`; run as ``python -m geotrain.netlab.router CONFIG``
 where CONFIG is a JSON file (see ``Lab._router_config``). It prints ``ready`` once every device exists.
 """
 
@@ -53,6 +56,10 @@ class _Pipe:
     loss: float
     queue_bytes: int
     busy_until: float = 0.0
+    nominal_bps: float = 0.0
+    """The link's configured rate (``bandwidth_bps`` is it divided by a ``slow`` factor)."""
+    cut: bool = False
+    """A partition: every packet offered is dropped."""
     packets: int = 0
     bytes: int = 0
     dropped: int = 0
@@ -60,7 +67,7 @@ class _Pipe:
     def admit(self, now: float, size: int, rng: random.Random) -> float | None:
         """The delivery time of a ``size``-byte packet offered at ``now``, or None when it is dropped."""
         backlog = max(0.0, self.busy_until - now) * self.bandwidth_bps / 8.0  # bytes still queued
-        if backlog + size > self.queue_bytes or (self.loss and rng.random() < self.loss):
+        if self.cut or backlog + size > self.queue_bytes or (self.loss and rng.random() < self.loss):
             self.dropped += 1
             return None
         start = max(now, self.busy_until)
@@ -68,6 +75,34 @@ class _Pipe:
         self.packets += 1
         self.bytes += size
         return self.busy_until + self.latency_s
+
+
+@dataclass(slots=True)
+class Conditions:
+    """Faults on the lab's links: sites cut off (a partition) and sites whose links are slowed."""
+
+    cut: set[int]
+    slow: dict[int, float]
+
+    def apply(self, command: dict, pipes: dict[tuple[int, int], _Pipe]) -> None:
+        """Take one command, ``{"op": "partition" | "heal" | "slow", "site": K, "factor": F}``, and set every
+        pipe: a pipe is cut when either end is, and carries its rate divided by the larger factor of its ends
+        (as ``Topology.slowed``). A packet already on the wire still arrives."""
+        op, site = command["op"], int(command["site"])
+        if op == "partition":
+            self.cut.add(site)
+        elif op == "heal":
+            self.cut.discard(site)
+        elif op == "slow":
+            factor = float(command["factor"])
+            if not factor >= 1.0:
+                raise ValueError(f"a slow factor must be at least 1, got {factor!r}")
+            self.slow[site] = factor
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        for (a, b), pipe in pipes.items():
+            pipe.cut = a in self.cut or b in self.cut
+            pipe.bandwidth_bps = pipe.nominal_bps / max(self.slow.get(a, 1.0), self.slow.get(b, 1.0))
 
 
 def _alive(pid: int) -> bool:
@@ -81,13 +116,19 @@ def _alive(pid: int) -> bool:
 
 
 def forward(fds: list[int], pipes: dict[tuple[int, int], _Pipe], *, prefix: bytes, owner: int,
-            seed: int = 0, stop: list[bool] | None = None) -> None:
+            seed: int = 0, stop: list[bool] | None = None, control: int | None = None) -> None:
     """Forward packets between the sites' devices until ``owner`` is gone or ``stop[0]`` is set.
 
-    ``prefix``: the first three bytes of every site's address; site ``k`` is ``prefix + bytes([k + 1])``."""
+    ``prefix``: the first three bytes of every site's address; site ``k`` is ``prefix + bytes([k + 1])``.
+    ``control``: a descriptor of JSON commands, one a line (``Conditions.apply``); each is answered on stdout with
+    ``ok`` or ``error: ...``. Its end (the owner closed it) stops the router."""
     stop = [False] if stop is None else stop
     rng = random.Random(seed)
+    conditions = Conditions(cut=set(), slow={})
+    pending = b""
     poller = select.epoll()
+    if control is not None:
+        poller.register(control, select.EPOLLIN)
     site_of = {}
     for k, fd in enumerate(fds):
         poller.register(fd, select.EPOLLIN)
@@ -118,6 +159,19 @@ def forward(fds: list[int], pipes: dict[tuple[int, int], _Pipe], *, prefix: byte
             else:
                 events = poller.poll(max(0.0, wait - POLL_RESOLUTION_S) if due else wait)
             for fd, _ in events:
+                if fd == control:
+                    chunk = os.read(control, 4096)
+                    if not chunk:
+                        return
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in filter(None, lines):
+                        try:
+                            conditions.apply(json.loads(line), pipes)
+                            print("ok", flush=True)
+                        except (ValueError, KeyError, TypeError) as e:
+                            print(f"error: {e}", flush=True)
+                    continue
                 src = site_of[fd]
                 for _ in range(MAX_READS_PER_WAKE):
                     try:
@@ -169,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     os.close(home)
     pipes = {}
     for a, b, bw, lat, loss, queue in cfg["links"]:
-        pipes[(a, b)] = _Pipe(bandwidth_bps=float(bw), latency_s=float(lat), loss=float(loss), queue_bytes=int(queue))
+        pipes[(a, b)] = _Pipe(bandwidth_bps=float(bw), latency_s=float(lat), loss=float(loss), queue_bytes=int(queue),
+                              nominal_bps=float(bw))
     print("ready", flush=True)
-    forward(fds, pipes, prefix=bytes(cfg["prefix"]), owner=owner, seed=int(cfg.get("seed", 0)), stop=stop)
+    forward(fds, pipes, prefix=bytes(cfg["prefix"]), owner=owner, seed=int(cfg.get("seed", 0)), stop=stop,
+            control=sys.stdin.fileno())
     stats = {f"{a}->{b}": {"packets": p.packets, "bytes": p.bytes, "dropped": p.dropped} for (a, b), p in pipes.items()}
     print(json.dumps({"router_stats": stats}), flush=True)
     for fd in fds:
