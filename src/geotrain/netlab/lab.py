@@ -20,8 +20,7 @@ ours is cleaned)::
   site reaches nothing but the control address over ``ctl0`` (a host route, no default route).
 * **Faults on the real links**: ``partition(k)`` makes the router drop every packet to or from site ``k`` and
   takes its control link down; ``heal(k)`` undoes it; ``slow(k, factor)`` divides the rate of ``k``'s links.
-  (``geotrain run --fault`` does not use them yet: under ``--network netlab`` its partition, heal and slow still
-  act inside the sites, as under emulation.)
+  ``geotrain run --network netlab --fault`` carries out its partition, heal and slow with them.
 * **Teardown** (``Lab.close``, also from ``__exit__`` on Ctrl+C or an exception): the commands started in the
   lab, the router, every process left in a namespace, the namespaces (which takes their interfaces, and the
   host ends of the veths, with them), the state file. A lab whose owner was SIGKILLed loses its router (it

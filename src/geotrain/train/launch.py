@@ -413,7 +413,9 @@ def launch(
         env["GEOTRAIN_NETWORK"] = "netlab"
     group = _Sites(task, out, sites, workers, env, stores=secret_dir, gpus=gpus,
                    site_env=None if lab is None else lab.site_env)
-    pending = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.site is None]
+    # In the network lab the launcher acts on the real links: it carries out slow as well.
+    actions = (*LAUNCHER_ACTIONS, "slow") if lab is not None else LAUNCHER_ACTIONS
+    pending = [f for f in faults if f.action in actions or f.site is None]
     t_start, started_at = time.monotonic(), time.time()
     exit_code, interrupted, error = 0, False, None
     tail = _Tail([out / "sites" / f"site{k}.jsonl" for k in range(sites)])
@@ -453,7 +455,7 @@ def launch(
                 for f in list(pending):
                     if str(f) in due or (f.seconds is not None and elapsed is not None and elapsed >= f.seconds):
                         pending.remove(f)
-                        _carry_out(f, group, coordinator, cut, out)
+                        _carry_out(f, group, coordinator, cut, out, lab=lab)
                         last_progress = time.monotonic()
                 if coordinator.proc is not None and coordinator.proc.poll() is not None:
                     if coordinator.restarts >= MAX_COORDINATOR_RESTARTS:
@@ -506,7 +508,7 @@ def launch(
     return RunOutcome(summary=summary, exit_code=exit_code, out=out)
 
 
-def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path) -> None:
+def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path, *, lab: Any = None) -> None:
     """Do one fault to the run from outside, and note when: ``time`` is the instant it struck (a kill's
     SIGKILL), taken before waiting for the killed processes to end, so that it precedes what it causes (the
     coordinator's ``left`` event); ``carry_out_seconds`` is how long carrying it out took."""
@@ -520,10 +522,18 @@ def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], 
     elif f.action == "rejoin":
         group.start(f.site)
     elif f.action == "partition":
-        group.signal(f.site, signal.SIGUSR1)
+        if lab is not None:  # the network lab: the links themselves are cut; the site finds out as it would
+            lab.partition(f.site)
+        else:
+            group.signal(f.site, signal.SIGUSR1)
         cut.add(f.site)
+    elif f.action == "slow" and lab is not None:
+        lab.slow(f.site, f.factor)
     elif f.action == "heal":
-        group.signal(f.site, signal.SIGUSR2)
+        if lab is not None:
+            lab.heal(f.site)
+        else:
+            group.signal(f.site, signal.SIGUSR2)
         cut.discard(f.site)
     with open(out / "faults.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({**f.to_dict(), "time": struck, "carry_out_seconds": time.time() - struck}) + "\n")
