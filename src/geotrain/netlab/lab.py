@@ -68,6 +68,7 @@ MIN_QUEUE_BYTES = 64 * 1024
 MAX_SITES = 64
 SETUP_TIMEOUT_S = 20.0
 GRACE_S = 3.0
+LINK_UP_TIMEOUT_S = 10.0
 _NAME = re.compile(rf"^{PREFIX}(\d+)([sc])(\d+)$")
 
 
@@ -381,9 +382,21 @@ class Lab:
         _ip("link", "set", self.host_device(k), "down")
 
     def heal(self, k: int) -> None:
-        """Undo ``partition(k)``."""
+        """Undo ``partition(k)``; returns once the control link carries again (the kernel reports a veth's
+        carrier with a delay of up to about a second)."""
         _ip("link", "set", self.host_device(k), "up")
         self._command({"op": "heal", "site": k})
+        deadline = time.monotonic() + LINK_UP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            host = _ip("-o", "link", "show", self.host_device(k), check=False).stdout
+            site = _ip("-n", self.namespace(k), "-o", "link", "show", CONTROL_DEVICE, check=False).stdout
+            if "state UP" in host and "state UP" in site:
+                # Neighbour entries that failed while cut off would retry only after their timer (about 1 s).
+                _ip("neigh", "flush", "dev", self.host_device(k), check=False)
+                _ip("-n", self.namespace(k), "neigh", "flush", "dev", CONTROL_DEVICE, check=False)
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"site {k}'s control link did not come up within {LINK_UP_TIMEOUT_S:g} s")
 
     def slow(self, k: int, factor: float) -> None:
         """From now on, site ``k``'s links carry ``factor`` times fewer bits per second (a pair of slowed sites
