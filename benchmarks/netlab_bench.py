@@ -169,8 +169,9 @@ def main() -> None:
         f"Command: `{command_line()}`  ",
         f"One namespace per site, the link between every pair applied per direction by the lab's router (MTU 1500, "
         f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}). Median over {args.repeats} repeats of the "
-        "time from the last site's call to the last site's result. `transport`: all_to_all of S then all_gather of S/K, what a lossless geotrain sync "
-        "sends; `all_reduce`: gloo's all-reduce. Emulated: the ring all-reduce time the emulator charges both.",
+        "time from the last site's call to the last site's result. `transport`: all_to_all of S then all_gather of "
+        "S/K, what a lossless geotrain sync sends; `all_reduce`: gloo's all-reduce. Emulated: the ring all-reduce "
+        "time the emulator charges both.",
         "",
         "| sites | link | payload S | op | real median (s) | real min-max (s) | emulated (s) | real / emulated |",
         "|---|---|---|---|---|---|---|---|",
@@ -178,7 +179,36 @@ def main() -> None:
     for k, link, nbytes, op, real, emulated, lo, hi in table:
         lines.append(f"| {k} | {link} | {nbytes:,} B | {op} | {real:.3f} | {lo:.3f}-{hi:.3f} | {emulated:.3f} "
                      f"| {real / emulated:.2f} |")
-    write_result("netlab-real-vs-emulated", "\n".join(lines) + "\n")
+    path = write_result("netlab-real-vs-emulated", "\n".join(lines) + "\n")
+    plot(table, path.with_suffix(".png"))
+
+
+def plot(table: list[tuple], path: Path) -> None:
+    """Real / emulated against the payload, one panel per number of sites, one line per link and op."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = sorted({row[0] for row in table})
+    fig, axes = plt.subplots(1, len(sites), figsize=(6 * len(sites), 4.2), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], sites):
+        for link in dict.fromkeys(row[1] for row in table):
+            for op, style in zip(OPS, ("-o", "--s")):
+                pts = [(row[2], row[4] / row[5]) for row in table if row[0] == k and row[1] == link and row[3] == op]
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{link} {op}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("payload per site (bytes)")
+        ax.set_title(f"{k} sites")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("real / emulated time")
+    fig.suptitle("Network lab: one collective's real time against the emulator's")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ class LabLink:
     """The link's queue; a packet that finds it full is dropped."""
 
 
-def lab_links(topology: Topology, *, queue_bytes: int | None = None, loss: float = 0.0) -> dict[tuple[int, int], LabLink]:
+def lab_links(topology: Topology, *, queue_bytes: int | None = None,
+              loss: float = 0.0) -> dict[tuple[int, int], LabLink]:
     """Both directions of every pair of the topology's sites. A pair with no link (``none``) is unshaped.
     ``queue_bytes`` unset: one bandwidth-delay product of the round trip, at least 64 KB."""
     if not 0.0 <= loss < 1.0:
@@ -413,7 +414,8 @@ class Lab:
         if answer != "ok":
             raise RuntimeError(f"the lab's router refused {command}: {answer or 'no answer'}")
 
-    def popen(self, k: int, args: Sequence[str], *, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
+    def popen(self, k: int, args: Sequence[str], *, env: dict[str, str] | None = None,
+              **kwargs: Any) -> subprocess.Popen:
         """Start ``args`` inside site ``k``'s namespace, in a session of its own, dying with this process."""
         ns_path = f"/run/netns/{self.namespace(k)}"
 

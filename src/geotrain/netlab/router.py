@@ -16,8 +16,9 @@ Faults act on the links here (``Conditions``): a partition drops every packet to
 links carry a fraction of their rate. The owner sends them as JSON lines on the router's stdin.
 
 The router stops by itself when its owner process is gone (it polls at least every ``OWNER_POLL_S``, and the
-end of its stdin says so at once) and on SIGTERM. It is started by :class:`geotrain.netlab.lab.Lab`; run as ``python -m geotrain.netlab.router CONFIG``
-where CONFIG is a JSON file (see ``Lab._router_config``). It prints ``ready`` once every device exists.
+end of its stdin says so at once) and on SIGTERM. It is started by :class:`geotrain.netlab.lab.Lab`; run as
+``python -m geotrain.netlab.router CONFIG`` where CONFIG is a JSON file (see ``Lab._router_config``). It prints
+``ready`` once every device exists.
 """
 
 from __future__ import annotations
