@@ -98,7 +98,10 @@ def _lab_unavailable() -> str | None:
     return None
 
 
-needs_lab = pytest.mark.skipif("_lab_unavailable() is not None", reason="needs root and network namespaces")
+def needs_lab(test):
+    """Skipped without root and network namespaces; marked slow, as every test that starts processes is."""
+    return pytest.mark.slow(pytest.mark.skipif("_lab_unavailable() is not None",
+                                               reason="needs root and network namespaces")(test))
 
 
 def _leftovers(owner: int) -> list[str]:
