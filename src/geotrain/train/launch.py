@@ -348,8 +348,8 @@ def launch(
     ``faults``: ``geotrain.faults.Fault`` to inject. ``resume``: continue the run in ``run.out`` from its last
     checkpoint. ``overwrite``: start afresh in a directory that holds an earlier run's checkpoints. ``lab``: a
     :class:`geotrain.netlab.Lab`, open, to run each site in its namespace over the lab's links instead of the
-    WAN emulator. With
-    ``run.out`` unset the run gets a fresh ``runs/YYYYMMDD-HHMMSS`` (``geotrain.rundirs``)."""
+    WAN emulator; faults then act on its links. With ``run.out`` unset the run gets a fresh
+    ``runs/YYYYMMDD-HHMMSS`` (``geotrain.rundirs``)."""
     from geotrain.checkpoint import CheckpointStore
     from geotrain.faults import LAUNCHER_ACTIONS, check_faults
     from geotrain.membership.wire import create_token_file
@@ -508,7 +508,8 @@ def launch(
     return RunOutcome(summary=summary, exit_code=exit_code, out=out)
 
 
-def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path, *, lab: Any = None) -> None:
+def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path, *,
+               lab: Any = None) -> None:
     """Do one fault to the run from outside, and note when: ``time`` is the instant it struck (a kill's
     SIGKILL), taken before waiting for the killed processes to end, so that it precedes what it causes (the
     coordinator's ``left`` event); ``carry_out_seconds`` is how long carrying it out took."""
