@@ -595,7 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "then remove everything, also on Ctrl+C or an error. A lab left by a killed run is removed at "
                        "the next start, or with --clean. Root only. To train in the lab: geotrain run --network "
                        "netlab.")
-    _add_run_flags(p)
+    p.add_argument("--config", help="a run configuration file (TOML) whose [wan] links and sites to build")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set wan.link=10mbit/20ms (repeatable)")
+    from geotrain.config import defaults
+
+    d = defaults()
+    p.add_argument("--sites", type=int, help=f"number of sites (default {d.run.sites})")
+    p.add_argument("--link", metavar="BANDWIDTH/LATENCY",
+                   help=f"the link between every pair of sites, e.g. 10mbit/50ms or a preset (default {d.wan.link})")
     p.add_argument("--queue", metavar="BYTES",
                    help="each link's queue, e.g. 64kb (default: one round trip's bandwidth-delay product, at least "
                         "64kb)")
