@@ -1,4 +1,4 @@
-"""The ``geotrain`` command: run | compare | plan | report | sample | coordinator | site.
+"""The ``geotrain`` command: run | compare | plan | report | sample | coordinator | site | netlab.
 
 Exit codes: 0 success; 2 bad input (the message names the field and the fix, no traceback); 1 anything else.
 """
@@ -148,8 +148,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"valid: {config.algorithm().label(config)}, codec {config.comm.codec}, {config.run.sites} sites over "
               f"{config.wan.link}; nothing was started", file=sys.stderr)
         return 0
-    outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
-                     overwrite=args.overwrite)
+    if args.network == "netlab":
+        from geotrain.netlab import Lab, lab_links
+
+        lab = Lab(sites=config.run.sites, links=lab_links(config.topology()))
+        with _terminate_as_interrupt(), lab:
+            print(f"network lab: {config.run.sites} sites in namespaces {lab.namespace(0)}.., links "
+                  f"{config.wan.link}, coordinator on {lab.control_address}", file=sys.stderr, flush=True)
+            outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
+                             overwrite=args.overwrite, lab=lab)
+    else:
+        outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
+                         overwrite=args.overwrite)
     if not args.quiet:
         _print_summary(outcome.summary)
     out = outcome.out
@@ -161,6 +171,81 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {outcome.summary.get('error')}", file=sys.stderr)
         print(f"partial results in {out / 'summary.json'}", file=sys.stderr)
     return outcome.exit_code
+
+
+class _terminate_as_interrupt:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt while inside, so that a lab is torn down as on Ctrl+C."""
+
+    def __enter__(self) -> None:
+        import signal
+
+        def interrupt(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        self.previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _parse_bytes(text: str, *, field: str) -> int:
+    """``65536``, ``64kb`` or ``1mb`` (powers of 1024) into bytes; ConfigError otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(b|kb|k|mb|m)?\s*", str(text).lower())
+    if not m:
+        raise ConfigError(f"cannot read {text!r} as a size; write bytes such as 65536, 64kb or 1mb", field=field)
+    scale = {None: 1, "b": 1, "k": 1024, "kb": 1024, "m": 1 << 20, "mb": 1 << 20}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def cmd_netlab(args: argparse.Namespace) -> int:
+    """Build a network lab from the run's topology, run a command in every site's namespace, tear it down."""
+    import os
+    import subprocess
+
+    from geotrain.netlab import Lab, clean_stale, lab_links, require_root
+
+    if args.clean:
+        require_root()
+        owners = clean_stale()
+        print(f"removed {len(owners)} stale lab{'s' if len(owners) != 1 else ''}" +
+              (f" (owners {', '.join(map(str, owners))})" if owners else ""))
+        return 0
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise ConfigError("give the command to run in every site's namespace after --, e.g. geotrain netlab "
+                          "--sites 2 -- python my_script.py; to train, use geotrain run --network netlab",
+                          field="COMMAND")
+    config = _config_from_args(args)
+    links = lab_links(config.topology(), queue_bytes=None if args.queue is None else _parse_bytes(args.queue,
+                                                                                                   field="--queue"),
+                      loss=args.loss)
+    require_root()
+    lab = Lab(sites=config.run.sites, links=links, mtu=args.mtu)
+    codes: list[int | None] = []
+    with _terminate_as_interrupt(), lab:
+        print(f"network lab: {config.run.sites} sites over {config.wan.link}; site k is "
+              f"{lab.wan_address(0).rsplit('.', 1)[0]}.(k+1) in namespace {lab.namespace(0)[:-1]}K; control "
+              f"address {lab.control_address}", file=sys.stderr, flush=True)
+        procs = [lab.popen(k, [a.replace("{site}", str(k)) for a in command], env=dict(os.environ))
+                 for k in range(config.run.sites)]
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            print("interrupted: stopping the sites and removing the lab", file=sys.stderr)
+            return 1
+        except OSError as e:
+            raise ConfigError(f"cannot start {command[0]!r} ({e.strerror or e})", field="COMMAND") from None
+    bad = [(k, c) for k, c in enumerate(codes) if c != 0]
+    for k, c in bad:
+        print(f"site {k}: {command[0]} exited with {c}", file=sys.stderr)
+    return 0 if not bad else 1
 
 
 def _parse_variant(text: str) -> tuple[str, list[str]]:
@@ -451,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint, as it was configured")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that holds an earlier run's checkpoints (deletes them)")
+    p.add_argument("--network", choices=("emulated", "netlab"), default="emulated",
+                   help="emulated: the WAN emulator charges each collective its modelled time; netlab: every site in "
+                        "a network namespace of its own, the links applied to real packets by a router (root only; "
+                        "see 'geotrain netlab --help') (default %(default)s)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on the same budget and compare them",
@@ -509,6 +598,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float, default=72.0,
                    help="stop after this many hours, a positive number; inf runs until Ctrl+C (default %(default)s)")
     p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("netlab", help="run a command in every site's network namespace over real, shaped links",
+                       description="Build one Linux network namespace per site from the run's topology (--sites, "
+                       "--link, [[wan.links]] of --config), joined by a router process that applies each link's "
+                       "bandwidth, one-way latency, queue and loss to every packet in each direction; run COMMAND in "
+                       "every site's namespace (with NETLAB_SITE, NETLAB_SITES, NETLAB_ADDRESSES (the sites' "
+                       "addresses, comma-separated), NETLAB_CONTROL_ADDRESS (the host, unshaped) and "
+                       "GLOO_SOCKET_IFNAME=wan0 set, and {site} in its arguments replaced by the site's index); "
+                       "then remove everything, also on Ctrl+C or an error. A lab left by a killed run is removed at "
+                       "the next start, or with --clean. Root only. To train in the lab: geotrain run --network "
+                       "netlab.")
+    p.add_argument("--config", help="a run configuration file (TOML) whose [wan] links and sites to build")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set wan.link=10mbit/20ms (repeatable)")
+    from geotrain.config import defaults
+
+    d = defaults()
+    p.add_argument("--sites", type=int, help=f"number of sites (default {d.run.sites})")
+    p.add_argument("--link", metavar="BANDWIDTH/LATENCY",
+                   help=f"the link between every pair of sites, e.g. 10mbit/50ms or a preset (default {d.wan.link})")
+    p.add_argument("--queue", metavar="BYTES",
+                   help="each link's queue, e.g. 64kb (default: one round trip's bandwidth-delay product, at least "
+                        "64kb)")
+    p.add_argument("--loss", type=float, default=0.0, help="probability that a packet is lost (default 0)")
+    p.add_argument("--mtu", type=int, default=1500, help="MTU of the sites' WAN interfaces (default %(default)s)")
+    p.add_argument("--clean", action="store_true", help="only remove labs left by killed runs, then exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what every site runs")
+    p.set_defaults(func=cmd_netlab)
 
     p = sub.add_parser("site", help="one worker of one site (what torchrun starts); see --help")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -231,6 +231,9 @@ def build_summary(
         "codec": config["comm"]["codec"],
         "collective": start.get("collective"),
         "link": config["wan"]["link"],
+        # "emulated": the WAN emulator charged each collective its modelled time; "netlab": the links were real
+        # (geotrain run --network netlab), the emulator off.
+        "network": start.get("network", "emulated"),
         "param_bytes": start.get("param_bytes"),
         "payload_bytes_per_sync": start.get("payload_bytes_per_sync"),
         "sync_payloads": start.get("sync_payloads"),

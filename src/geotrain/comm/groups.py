@@ -47,6 +47,9 @@ class SiteEnv:
     """Resume from this site's checkpoints (``geotrain run --resume``)."""
     local: bool = False
     """Started by ``geotrain run`` on one machine (which writes the run's files), not by torchrun."""
+    real_network: bool = False
+    """The links are real (``GEOTRAIN_NETWORK=netlab``: the network lab shapes them), so the WAN emulator adds no
+    time; deadlines and predictions still use the configured links."""
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> SiteEnv:
@@ -68,6 +71,7 @@ class SiteEnv:
             token_file=env["GEOTRAIN_TOKEN_FILE"],
             resume=env.get("GEOTRAIN_RESUME", "") == "1",
             local=env.get("GEOTRAIN_LOCAL_LAUNCHER") == "1",
+            real_network=env.get("GEOTRAIN_NETWORK") == "netlab",
         )
 
 

@@ -135,6 +135,10 @@ def _worker_entry(task: SiteTask, env: dict[str, str], log_path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ.update(env)
+    if env.get("GEOTRAIN_NETNS"):  # geotrain run --network netlab: this site's namespace, before any socket
+        from geotrain.netlab import enter_namespace
+
+        enter_namespace(env["GEOTRAIN_NETNS"])
     from geotrain.train.site import site_main
 
     code = site_main(task)
@@ -237,6 +241,8 @@ class _Coordinator:
     token: Path
     events: Path
     log: Path
+    host: str = "127.0.0.1"
+    """Where it listens: loopback, or the network lab's control address."""
     proc: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -245,7 +251,7 @@ class _Coordinator:
         log = open(self.log, "ab")  # noqa: SIM115 - the child owns it
         seen = self.log.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "geotrain.membership", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "geotrain.membership", "--host", self.host, "--port", str(self.port),
              "--token-file", str(self.token), "--events", str(self.events), "--parent", str(os.getpid())],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -255,7 +261,7 @@ class _Coordinator:
                 raise RuntimeError(f"the coordinator exited at start; see {self.log}")
             with open(self.log, "rb") as f:
                 f.seek(seen)
-                m = re.search(rb"listening on 127\.0\.0\.1:(\d+)", f.read())
+                m = re.search(rb"listening on " + re.escape(self.host.encode()) + rb":(\d+)", f.read())
             if m:
                 self.port = int(m.group(1))
                 return
@@ -281,6 +287,8 @@ class _Sites:
     """Where each start of a site gets the file its workers meet on."""
     gpus: int = 0
     """GPUs to spread the workers over, round-robin (0: CPU)."""
+    site_env: Callable[[int], dict[str, str]] | None = None
+    """Extra environment of site k's workers (the network lab: its namespace and interface)."""
     procs: dict[int, list[mp.Process]] = field(default_factory=dict)
     killed: set[int] = field(default_factory=set)
     """Sites killed by a fault (their exit is expected)."""
@@ -298,6 +306,8 @@ class _Sites:
         for local in range(self.workers):
             env = {**self.env, "GEOTRAIN_SITE_RANK": str(k), "GEOTRAIN_SITE_STORE": str(store),
                    "RANK": str(local), "LOCAL_RANK": str(local), "WORLD_SIZE": str(self.workers)}
+            if self.site_env is not None:
+                env.update(self.site_env(k))
             if self.gpus:
                 env["GEOTRAIN_CUDA_DEVICE"] = str((k * self.workers + local) % self.gpus)
             log = self.out / "logs" / (f"site{k}.log" if local == 0 else f"site{k}-worker{local}.log")
@@ -335,12 +345,15 @@ def launch(
     faults: list[Any] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    lab: Any = None,
 ) -> RunOutcome:
     """Run ``config`` with every site on this machine. Returns the summary and the CLI exit code.
 
     ``faults``: ``geotrain.faults.Fault`` to inject. ``resume``: continue the run in ``run.out`` from its last
-    checkpoint. ``overwrite``: start afresh in a directory that holds an earlier run's checkpoints. With
-    ``run.out`` unset the run gets a fresh ``runs/YYYYMMDD-HHMMSS`` (``geotrain.rundirs``)."""
+    checkpoint. ``overwrite``: start afresh in a directory that holds an earlier run's checkpoints. ``lab``: a
+    :class:`geotrain.netlab.Lab`, open, to run each site in its namespace over the lab's links instead of the
+    WAN emulator; faults then act on its links. With ``run.out`` unset the run gets a fresh
+    ``runs/YYYYMMDD-HHMMSS`` (``geotrain.rundirs``)."""
     from geotrain.checkpoint import CheckpointStore
     from geotrain.faults import LAUNCHER_ACTIONS, check_faults
     from geotrain.membership.wire import create_token_file
@@ -391,7 +404,8 @@ def launch(
     secret_dir = Path(tempfile.mkdtemp(prefix="geotrain-"))  # mode 0700: the run's secret stays ours
     token = secret_dir / "token"
     create_token_file(token)
-    coordinator = _Coordinator(0, token, out / "membership.jsonl", out / "logs" / "coordinator.log")
+    coordinator = _Coordinator(0, token, out / "membership.jsonl", out / "logs" / "coordinator.log",
+                               host="127.0.0.1" if lab is None else lab.control_address)
     task = SiteTask.of(config, workload_factory, kwargs, faults)
     sites, workers = config.run.sites, config.run.workers_per_site
     env = {"GEOTRAIN_SITES": str(sites), "GEOTRAIN_TOKEN_FILE": str(token), "GEOTRAIN_RESUME": "1" if resume else "",
@@ -402,8 +416,13 @@ def launch(
         gpus, note = gpus_for(config)
         if note:
             print(note, file=sys.stderr, flush=True)
-    group = _Sites(task, out, sites, workers, env, stores=secret_dir, gpus=gpus)
-    pending = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.site is None]
+    if lab is not None:  # the lab's links are the network: no emulated time on top (train.site.connect)
+        env["GEOTRAIN_NETWORK"] = "netlab"
+    group = _Sites(task, out, sites, workers, env, stores=secret_dir, gpus=gpus,
+                   site_env=None if lab is None else lab.site_env)
+    # In the network lab the launcher acts on the real links: it carries out slow as well.
+    actions = (*LAUNCHER_ACTIONS, "slow") if lab is not None else LAUNCHER_ACTIONS
+    pending = [f for f in faults if f.action in actions or f.site is None]
     t_start, started_at = time.monotonic(), time.time()
     exit_code, interrupted, error = 0, False, None
     tail = _Tail([out / "sites" / f"site{k}.jsonl" for k in range(sites)])
@@ -417,7 +436,7 @@ def launch(
         events = out / "membership.jsonl"  # the coordinator's events: the first ones when the run forms
         events_at_start = events.stat().st_size if events.is_file() else 0
         coordinator.start()
-        env["GEOTRAIN_COORDINATOR"] = f"127.0.0.1:{coordinator.port}"
+        env["GEOTRAIN_COORDINATOR"] = f"{coordinator.host}:{coordinator.port}"
         for k in range(sites):
             group.start(k)
         last_progress = time.monotonic()
@@ -443,7 +462,7 @@ def launch(
                 for f in list(pending):
                     if str(f) in due or (f.seconds is not None and elapsed is not None and elapsed >= f.seconds):
                         pending.remove(f)
-                        _carry_out(f, group, coordinator, cut, out)
+                        _carry_out(f, group, coordinator, cut, out, lab=lab)
                         last_progress = time.monotonic()
                 if coordinator.proc is not None and coordinator.proc.poll() is not None:
                     if coordinator.restarts >= MAX_COORDINATOR_RESTARTS:
@@ -496,7 +515,8 @@ def launch(
     return RunOutcome(summary=summary, exit_code=exit_code, out=out)
 
 
-def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path) -> None:
+def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], out: Path, *,
+               lab: Any = None) -> None:
     """Do one fault to the run from outside, and note when: ``time`` is the instant it struck (a kill's
     SIGKILL), taken before waiting for the killed processes to end, so that it precedes what it causes (the
     coordinator's ``left`` event); ``carry_out_seconds`` is how long carrying it out took."""
@@ -510,10 +530,18 @@ def _carry_out(f: Any, group: _Sites, coordinator: _Coordinator, cut: set[int], 
     elif f.action == "rejoin":
         group.start(f.site)
     elif f.action == "partition":
-        group.signal(f.site, signal.SIGUSR1)
+        if lab is not None:  # the network lab: the links themselves are cut; the site finds out as it would
+            lab.partition(f.site)
+        else:
+            group.signal(f.site, signal.SIGUSR1)
         cut.add(f.site)
+    elif f.action == "slow" and lab is not None:
+        lab.slow(f.site, f.factor)
     elif f.action == "heal":
-        group.signal(f.site, signal.SIGUSR2)
+        if lab is not None:
+            lab.heal(f.site)
+        else:
+            group.signal(f.site, signal.SIGUSR2)
         cut.discard(f.site)
     with open(out / "faults.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({**f.to_dict(), "time": struck, "carry_out_seconds": time.time() - struck}) + "\n")

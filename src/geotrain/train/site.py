@@ -163,7 +163,7 @@ def connect(config: Any, env: Any, site_pg: Any, client: Any, *, generation: int
         deadline = transfer_deadline(config, group_members, streams=env.workers)
         transport: Any = GlooTransport(pg, rank=group_members.index(env.site_rank), size=len(group_members),
                                        members=group_members, clock=clock, deadline=deadline)
-        if topology.emulated:
+        if topology.emulated and not env.real_network:
             transport = EmulatedWan(transport, topology=lambda: topology.slowed(conditions.slow),
                                     streams=env.workers, clock=clock, deadline=deadline)
         return transport
@@ -274,12 +274,15 @@ class _Checkpoints:
 
 class _SiteFaults:
     """The faults that act inside this site at its step (slow, nan, outlier), and the records that tell the
-    launcher when one of its own (kill, rejoin, partition, heal) is due."""
+    launcher when one of its own (kill, rejoin, partition, heal) is due. In the network lab (``real_network``)
+    the launcher slows the real links too, so ``slow`` is its own there."""
 
-    def __init__(self, faults: list[Any], *, site: int, recorder: Any, conditions: Any) -> None:
+    def __init__(self, faults: list[Any], *, site: int, recorder: Any, conditions: Any,
+                 real_network: bool = False) -> None:
         from geotrain.faults import LAUNCHER_ACTIONS
 
         self.site, self.recorder, self.conditions = site, recorder, conditions
+        self.launcher_actions = (*LAUNCHER_ACTIONS, "slow") if real_network else LAUNCHER_ACTIONS
         self.faults = [f for f in faults if f.action in LAUNCHER_ACTIONS or f.action == "slow" or f.site == site]
         self.fired: set[int] = set()
         self.by_step: dict[int, list[int]] = {}
@@ -297,12 +300,10 @@ class _SiteFaults:
                 self.by_step.setdefault(at, []).append(i)
 
     def __call__(self, step: int, wall: float) -> None:
-        from geotrain.faults import LAUNCHER_ACTIONS
-
         for i in self.by_step.pop(step, []):
             self.fired.add(i)
             f = self.faults[i]
-            if f.action in LAUNCHER_ACTIONS:
+            if f.action in self.launcher_actions:
                 self.recorder.write("fault_due", site=self.site, step=step, fault=str(f))
             elif f.action == "slow":
                 self.conditions.slow[f.site] = f.factor
@@ -381,7 +382,8 @@ def site_main(task: SiteTask) -> int:
         _install_partition_signals(client)
         joined = client.join(intent="resume" if env.resume else "start", resume_rounds=resume_rounds)
         conditions = LinkConditions()
-        faults = _SiteFaults(task.faults, site=env.site_rank, recorder=recorder, conditions=conditions)
+        faults = _SiteFaults(task.faults, site=env.site_rank, recorder=recorder, conditions=conditions,
+                             real_network=env.real_network)
         first = not joined.get("formed")
         for _ in range(MAX_REJOINS + 1):
             restore = None
@@ -429,6 +431,7 @@ def site_main(task: SiteTask) -> int:
                                                      workload.tokens_per_batch * env.workers * run_config.run.sites),
                            param_bytes=4 * sum(p.numel() for p in ctx.params), sync_payloads=strategy.sync_payloads(),
                            payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern,
+                           network="netlab" if env.real_network else "emulated",
                            settings=run_config.algorithm().describe(run_config),
                            auto=[{"key": a.key, "value": a.value, "reason": a.reason} for a in chosen],
                            meta=workload.meta or {}, generation=generation, members=members,

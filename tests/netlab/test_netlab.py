@@ -1,0 +1,272 @@
+"""The network lab: links from the topology, the router's queue arithmetic, the root check, and (as root, where
+namespaces work) a gloo all-reduce across two namespaces over a delayed link, and teardown that leaves no
+namespace, interface or process behind: after a clean exit, after Ctrl+C and after SIGKILL of the lab's owner."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from geotrain.cli import main
+from geotrain.netlab import PREFIX, Lab, clean_stale, lab_links
+from geotrain.netlab.router import Conditions, _Pipe
+from geotrain.topology import Link, Topology, parse_link
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def test_links_both_directions_from_the_topology():
+    topo = Topology(3, default=parse_link("2mbit/50ms"), overrides={(2, 0): Link(100e6, 0.01)})
+    links = lab_links(topo)
+    assert sorted(links) == [(a, b) for a in range(3) for b in range(3) if a != b]
+    assert links[(0, 1)] == links[(1, 0)]
+    assert links[(0, 1)].bandwidth_bps == 2e6 and links[(0, 1)].latency_s == 0.05
+    assert links[(0, 1)].queue_bytes == 64 * 1024  # the round trip's BDP (25 KB) is below the floor
+    assert links[(2, 0)].bandwidth_bps == 100e6 and links[(0, 2)].latency_s == 0.01
+    assert links[(0, 2)].queue_bytes == int(2 * 0.01 * 100e6 / 8)  # 250 KB: one round trip in flight
+    assert lab_links(topo, queue_bytes=10_000, loss=0.01)[(1, 2)].queue_bytes == 10_000
+
+
+def test_pipe_serialises_delays_and_drops_tail():
+    rng = random.Random(0)
+    pipe = _Pipe(bandwidth_bps=8000.0, latency_s=0.05, loss=0.0, queue_bytes=2500)  # 1000 bytes/s
+    assert pipe.admit(10.0, 1000, rng) == pytest.approx(11.05)  # 1 s on the wire, then 50 ms of propagation
+    assert pipe.admit(10.0, 1000, rng) == pytest.approx(12.05)  # queued behind the first
+    assert pipe.admit(10.0, 1000, rng) is None  # 2000 bytes queued + 1000 > 2500: tail drop
+    assert pipe.admit(11.5, 1000, rng) == pytest.approx(13.05)  # 500 bytes left in the queue: room again
+    assert (pipe.packets, pipe.bytes, pipe.dropped) == (3, 3000, 1)
+
+
+def test_conditions_cut_and_slow_both_directions_of_a_sites_links():
+    pipes = {(a, b): _Pipe(bandwidth_bps=1e6, latency_s=0.0, loss=0.0, queue_bytes=1 << 20, nominal_bps=1e6)
+             for a in range(3) for b in range(3) if a != b}
+    c = Conditions(cut=set(), slow={})
+    c.apply({"op": "partition", "site": 1}, pipes)
+    assert {k for k, p in pipes.items() if p.cut} == {(0, 1), (1, 0), (1, 2), (2, 1)}
+    assert pipes[(1, 0)].admit(0.0, 100, random.Random(0)) is None
+    c.apply({"op": "slow", "site": 2, "factor": 4}, pipes)
+    c.apply({"op": "slow", "site": 0, "factor": 2}, pipes)
+    assert pipes[(0, 2)].bandwidth_bps == pipes[(2, 1)].bandwidth_bps == 0.25e6  # the larger factor of the ends
+    assert pipes[(0, 1)].bandwidth_bps == 0.5e6
+    c.apply({"op": "heal", "site": 1}, pipes)
+    c.apply({"op": "slow", "site": 2, "factor": 1}, pipes)
+    assert not any(p.cut for p in pipes.values())
+    assert pipes[(1, 2)].bandwidth_bps == 1e6 and pipes[(0, 2)].bandwidth_bps == 0.5e6
+    with pytest.raises(ValueError):
+        c.apply({"op": "slow", "site": 0, "factor": 0.5}, pipes)
+
+
+@pytest.mark.parametrize("argv", [["netlab", "--sites", "2", "--", "true"],
+                                  ["run", "--network", "netlab", "--sites", "2", "--quiet"]])
+def test_not_root_is_bad_input(argv, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs root" in err and "Traceback" not in err
+
+
+# -- as root, in real namespaces --------------------------------------------------------------------------
+
+
+@functools.cache
+def _lab_unavailable() -> str | None:
+    """Why this machine cannot build a lab (None when it can): not root, no TUN, or no namespaces."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    probe = f"{PREFIX}{os.getpid()}s63"
+    try:
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return "needs iproute2"
+    if not made:
+        return "cannot create network namespaces here"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+    return None
+
+
+def needs_lab(test):
+    """Skipped without root and network namespaces; marked slow, as every test that starts processes is."""
+    return pytest.mark.slow(pytest.mark.skipif("_lab_unavailable() is not None",
+                                               reason="needs root and network namespaces")(test))
+
+
+def _leftovers(owner: int) -> list[str]:
+    """Namespaces, interfaces and state files of the lab owned by ``owner`` that still exist."""
+    tag = f"{PREFIX}{owner}"
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout.split()
+    out += subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=10).stdout.split()
+    found = [w.rstrip(":").split("@")[0] for w in out if w.startswith(tag)]
+    found += [str(p) for p in Path("/run/geotrain-netlab").glob(f"{owner}.*")]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+_ALL_REDUCE = r"""
+import json, os, statistics, time
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+k, n = int(os.environ["NETLAB_SITE"]), int(os.environ["NETLAB_SITES"])
+host = os.environ["NETLAB_ADDRESSES"].split(",")[0]
+dist.init_process_group("gloo", init_method=f"tcp://{host}:29555", rank=k, world_size=n)
+x = torch.full((16_384,), float(k + 1))  # 64 KB
+times = []
+for _ in range(3):
+    y = x.clone()
+    dist.barrier()
+    t = time.perf_counter()
+    dist.all_reduce(y)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"site": k, "sum": float(y[0]), "median": statistics.median(times)}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@needs_lab
+def test_all_reduce_across_namespaces_pays_the_links_latency_and_leaves_nothing():
+    latency = 0.03
+    topo = Topology(2, default=parse_link(f"20mbit/{latency * 1000:g}ms"))
+    lab = Lab(sites=2, links=lab_links(topo))
+    try:
+        with lab:
+            # the control address is reachable from a site, unshaped, as the coordinator is
+            with socket.create_server((lab.control_address, 0)) as server:
+                port = server.getsockname()[1]
+                probe = lab.popen(1, [sys.executable, "-c", "import socket,sys; socket.create_connection("
+                                      f"({lab.control_address!r}, {port}), timeout=10).sendall(b'hi')"])
+                server.settimeout(20)
+                conn, _ = server.accept()
+                with conn:
+                    assert conn.recv(2) == b"hi"
+                assert probe.wait(timeout=20) == 0
+            env = {**os.environ, "PYTHONPATH": SRC}
+            procs = [lab.popen(k, [sys.executable, "-c", _ALL_REDUCE], env=env, stdout=subprocess.PIPE, text=True)
+                     for k in range(2)]
+            results = [json.loads(p.communicate(timeout=90)[0].strip().splitlines()[-1]) for p in procs]
+            assert [p.returncode for p in procs] == [0, 0]
+    finally:
+        lab.close()
+    assert all(r["sum"] == 3.0 for r in results)
+    # Physics, not a timing target: each packet waits `latency` in the router, and a ring all-reduce needs at
+    # least one exchange each way. The upper bound only catches a hang.
+    for r in results:
+        assert 2 * latency <= r["median"] < 30.0
+    forwarded = lab.stats["0->1"]["bytes"] + lab.stats["1->0"]["bytes"]
+    assert forwarded > 2 * 64 * 1024  # the payloads crossed the router, headers and all
+    assert _leftovers(lab.owner) == []
+    assert not _alive(lab.router.pid)
+
+
+_PROBE = r"""
+import socket, sys
+for line in sys.stdin:  # "HOST PORT TIMEOUT": can this site open a connection there within TIMEOUT seconds?
+    host, port, timeout = line.split()
+    try:
+        socket.create_connection((host, int(port)), timeout=float(timeout)).close()
+        print("yes", flush=True)
+    except OSError:
+        print("no", flush=True)
+"""
+
+
+@needs_lab
+def test_partition_and_heal_act_on_the_real_links():
+    topo = Topology(2, default=parse_link("100mbit/1ms"))
+    with Lab(sites=2, links=lab_links(topo)) as lab, socket.create_server((lab.control_address, 0)) as control:
+        peer = lab.popen(1, [sys.executable, "-c", "import socket, sys; s = socket.create_server((sys.argv[1], 0)); "
+                             "print(s.getsockname()[1], flush=True); [s.accept()[0].close() for _ in range(9)]",
+                             lab.wan_address(1)], stdout=subprocess.PIPE, text=True)
+        wan_port = int(peer.stdout.readline())
+        control_port = control.getsockname()[1]
+        control.listen(16)
+        probe = lab.popen(0, [sys.executable, "-c", _PROBE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def reaches(address: str, port: int, timeout: float = 10.0) -> bool:
+            probe.stdin.write(f"{address} {port} {timeout}\n")
+            probe.stdin.flush()
+            return probe.stdout.readline().strip() == "yes"
+
+        assert reaches(lab.wan_address(1), wan_port) and reaches(lab.control_address, control_port)
+        lab.partition(0)
+        assert not reaches(lab.wan_address(1), wan_port, timeout=0.7)
+        assert not reaches(lab.control_address, control_port, timeout=0.7)  # cut off from the coordinator too
+        lab.heal(0)
+        assert reaches(lab.wan_address(1), wan_port) and reaches(lab.control_address, control_port)
+        lab.slow(1, 10.0)  # taken by the router; its effect on time is the benchmark's to measure
+        with pytest.raises(ValueError):
+            lab.slow(5, 2.0)
+    assert lab.stats["0->1"]["dropped"] >= 1  # the partitioned connection attempt's packets
+
+
+def _start_lab_command(tmp_path: Path) -> tuple[subprocess.Popen, list[int], dict]:
+    """``geotrain netlab`` running a sleeper per site; returns it, the sleepers' PIDs and its state file."""
+    script = f"import os, time; open({str(tmp_path)!r} + f'/site{{os.environ[\"NETLAB_SITE\"]}}', 'w')" \
+             ".write(str(os.getpid())); time.sleep(120)"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    owner = subprocess.Popen([sys.executable, "-m", "geotrain.cli", "netlab", "--sites", "2", "--link", "10mbit/5ms",
+                              "--", sys.executable, "-c", script], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    files = [tmp_path / f"site{k}" for k in range(2)]
+    if not _wait_until(lambda: all(f.exists() and f.read_text() for f in files), 60):
+        owner.kill()
+        raise AssertionError(f"the lab did not start: {owner.communicate(timeout=30)[1].decode()}")
+    state = json.loads((Path("/run/geotrain-netlab") / f"{owner.pid}.json").read_text())
+    return owner, [int(f.read_text()) for f in files], state
+
+
+@needs_lab
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_teardown_leaves_nothing(how, tmp_path):
+    owner, sleepers, state = _start_lab_command(tmp_path)
+    try:
+        assert all(_alive(pid) for pid in [*sleepers, state["router_pid"]])
+        assert len(_leftovers(owner.pid)) >= 5  # two namespaces, two host interfaces, the state file
+        if how == "ctrl-c":
+            os.kill(owner.pid, signal.SIGINT)
+            assert owner.wait(timeout=60) == 1
+        else:
+            os.kill(owner.pid, signal.SIGKILL)
+            owner.wait(timeout=30)
+            # without its owner, the router stops by itself and the sites' commands die with their parent
+            assert _wait_until(lambda: not any(_alive(p) for p in [*sleepers, state["router_pid"]]), 30)
+            assert owner.pid in clean_stale()  # what the next lab does first
+        assert _leftovers(owner.pid) == []
+        assert not any(_alive(p) for p in [*sleepers, state["router_pid"]])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(timeout=30)
+        for pid in sleepers:
+            with contextlib.suppress(ProcessLookupError):
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        clean_stale()
