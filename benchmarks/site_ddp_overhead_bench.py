@@ -51,6 +51,7 @@ def _plain_worker(rank: int, store: str, values: dict, data_dir: str, steps: int
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from geotrain.comm.site_parallel import ddp_buffer_options
     from geotrain.config import load_config
     from geotrain.data.corpus import BatchSampler, open_corpus
     from geotrain.models.gpt import init_gpt
@@ -60,7 +61,7 @@ def _plain_worker(rank: int, store: str, values: dict, data_dir: str, steps: int
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORKERS)
     config = load_config(values=values)
     model = init_gpt(config.model, seed=config.run.seed)
-    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    ddp = DistributedDataParallel(model, **ddp_buffer_options())
     params = list(model.parameters())
     optimizer = inner_optimizer(params, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optim, steps))

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["full_tensors", "is_sharded", "load_model_state", "local", "reshard", "reshard_optimizer_state",
-           "site_backend", "wrap_model"]
+__all__ = ["ddp_buffer_options", "full_tensors", "is_sharded", "load_model_state", "local", "reshard",
+           "reshard_optimizer_state", "site_backend", "wrap_model"]
 
 
 def site_backend(device: str) -> str:
@@ -72,7 +72,19 @@ def wrap_model(model: nn.Module, *, site_pg: Any, workers: int, device: str, fsd
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.cuda.current_device()] if device == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, process_group=site_pg, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, process_group=site_pg, **ddp_buffer_options())
+
+
+def ddp_buffer_options() -> dict[str, bool]:
+    """DDP options that skip broadcasting buffers before every forward (every worker computes its own, as one
+    worker would): ``forward_sync_buffers=False`` where this torch has it, else ``broadcast_buffers=False``."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def reshard(model: nn.Module) -> None:
