@@ -229,3 +229,15 @@ def test_settings_that_cannot_work_are_refused(values, field):
     with pytest.raises(ConfigError) as info:
         load_config(values={"run.algorithm": "sparseloco", **values})
     assert info.value.field == field
+
+
+def test_the_planner_offers_sparseloco_its_own_codec_only():
+    from geotrain.planner.questions import compare_variants, mildest_codec
+    from test_planner_model import toy_spec
+
+    spec = toy_spec({"run.algorithm": "sparseloco", "outer.sync_every": 50})
+    assert spec.codec.name == "sparse+int2"
+    assert mildest_codec(spec, target=0.0) == "sparse+int2"  # never comm.codec's candidates, which it refuses
+    assert mildest_codec(spec, target=1.01) is None
+    plan_with_int4 = compare_variants(toy_spec({"comm.codec": "int4", "outer.sync_every": 50}))
+    assert plan_with_int4["sparseloco+overlap"].codec.name == "sparse+int2"

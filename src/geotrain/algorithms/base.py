@@ -96,6 +96,8 @@ class Algorithm:
     """One line for help texts."""
     settings: ClassVar[tuple[str, ...]] = ()
     """Dotted config keys the method reads, beyond the common ones."""
+    own_codec: ClassVar[bool] = False
+    """The method chooses its payload codec from its own settings (``codec``), not from ``comm.codec``."""
 
     # -- settings ------------------------------------------------------------------------------------------
     def check(self, config: Config) -> None:

@@ -43,6 +43,7 @@ class SparseLoCo(DiLoCo):
     summary = "H inner steps, then a 2-bit chunked top-k of a decayed error-feedback accumulator, averaged"
     settings = ("outer.sync_every", "comm.overlap", "sparseloco.density", "sparseloco.chunk", "sparseloco.bits",
                 "sparseloco.beta", "sparseloco.lr")
+    own_codec = True
 
     def check(self, config: Config) -> None:
         if config.comm.codec != "fp32":
@@ -63,8 +64,12 @@ class SparseLoCo(DiLoCo):
     def label(self, config: Config) -> str:
         s = config.sparseloco
         overlap = {True: "+overlap", False: "", None: " overlap=auto"}[config.comm.overlap]
-        return (f"sparseloco H={config.outer.sync_every} {100 * s.density:g}% {s.bits}-bit "
-                f"beta={s.beta:g}{overlap}")
+        return f"sparseloco H={config.outer.sync_every} {100 * s.density:g}% {s.bits}-bit{overlap}"
+
+    def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:
+        # its own payloads whatever [comm] names for the others
+        return {self.name: {"comm.overlap": False, "comm.codec": "fp32"},
+                f"{self.name}+overlap": {"comm.overlap": True, "comm.codec": "fp32"}}
 
     def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
         h = config.outer.sync_every
