@@ -400,7 +400,7 @@ class StreamingConfig:
 class SparseLoCoConfig:
     """SparseLoCo (arXiv 2508.15706): a decayed error-feedback accumulator in place of outer momentum, and
     chunked top-k with low-bit values on the wire. The paper reports 1-3% density with 2-bit values; the chunk,
-    beta and lr defaults are this project's choices, not the paper's (docs/algorithms.md)."""
+    beta and lr defaults are this project's guesses, not the paper's (``geotrain.algorithms.sparseloco``)."""
 
     density: float = 0.01
     """Share of each chunk of the accumulator that is sent (top-k by magnitude)."""
