@@ -3,8 +3,8 @@
 Issue 13's grid: DDP; for each H, DiLoCo with fp32 and int4 payloads, and ``sparseloco`` at densities 1%, 3%
 and 10% with 2- and 4-bit values. Several seeds each; the tables quote medians. 4 sites train the demo GPT on
 the standard-library corpus with no emulated link (the loss does not depend on the link, and bytes are counted
-from the payloads either way). Each run is kept under ``--out`` and skipped when run again, so a study stopped
-midway resumes where it stopped.
+from the payloads either way). Each run is kept under ``--out`` (by sites, tokens and extra settings) and
+read back when run again, so a study stopped midway resumes where it stopped.
 
     .venv/bin/python benchmarks/sparseloco_study.py                          # the whole grid: 8M tokens, 3 seeds
     .venv/bin/python benchmarks/sparseloco_study.py --grid pilot --tokens 2M --seeds 0
@@ -137,7 +137,10 @@ def main() -> None:
     variants = select(grid(hs), args.grid)
     extra = dict(s.split("=", 1) for s in args.set)
     common = {"run.sites": args.sites, "run.tokens": tokens, "wan.link": "none", **extra}
-    out = Path(args.out)
+    # Runs are kept per number of sites, token budget and extra settings, so that studies of other sizes never
+    # read each other's runs back.
+    tail = "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
+    out = Path(args.out) / f"{args.sites}sites-{tokens}tokens{tail}".replace("/", "_")
     t0 = time.time()
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, values in variants.items():
