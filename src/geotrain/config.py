@@ -55,6 +55,7 @@ __all__ = [
     "SimulateConfig",
     "SiteConfig",
     "SitesConfig",
+    "SparseLoCoConfig",
     "StreamingConfig",
     "WanConfig",
     "config_from_tree",
@@ -452,6 +453,32 @@ class StreamingConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class SparseLoCoConfig:
+    """SparseLoCo (arXiv 2508.15706): a decayed error-feedback accumulator in place of outer momentum, and
+    chunked top-k with low-bit values on the wire. The paper reports 1-3% density with 2-bit values; the chunk,
+    beta and lr defaults are this project's guesses, not the paper's (``geotrain.algorithms.sparseloco``)."""
+
+    density: float = 0.01
+    """Share of each chunk of the accumulator that is sent (top-k by magnitude)."""
+    chunk: int = 4096
+    """Values per chunk: one scale each, and indices of ceil(log2(chunk)) bits (12 for 4096)."""
+    bits: int = 2
+    """Bits per sent value: 2, 4 or 8 (a sign and 2^(bits-1) magnitude levels, scaled per chunk)."""
+    beta: float = 0.95
+    """Decay of the accumulator: e <- beta * e + pseudo-gradient before the top-k is taken."""
+    lr: float = 1.0
+    """Outer learning rate on the average of the sites' sparse updates (there is no outer momentum)."""
+
+    def __post_init__(self) -> None:
+        _number("sparseloco.density", self.density, 0, 1, lo_open=True)
+        _integer("sparseloco.chunk", self.chunk, 2, 1 << 24)
+        if isinstance(self.bits, bool) or self.bits not in (2, 4, 8):
+            raise ConfigError(f"must be 2, 4 or 8 bits per sent value, got {self.bits!r}", field="sparseloco.bits")
+        _number("sparseloco.beta", self.beta, 0, 1)
+        _number("sparseloco.lr", self.lr, 0, 10, lo_open=True)
+
+
+@dataclass(kw_only=True, slots=True)
 class LinkOverride:
     """One per-pair link, for sites joined by something other than the default link."""
 
@@ -816,6 +843,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    sparseloco: SparseLoCoConfig = field(default_factory=SparseLoCoConfig)
     wan: WanConfig = field(default_factory=WanConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
@@ -853,8 +881,9 @@ class Config:
         return get_algorithm(self.run.algorithm)
 
     def codec(self) -> Any:
-        """The codec with its options (``geotrain.comm.codecs.CodecChoice``)."""
-        return self.comm.choice()
+        """The codec with its options (``geotrain.comm.codecs.CodecChoice``): the algorithm's choice, which is
+        ``[comm]``'s for all but those that define their own payloads (sparseloco)."""
+        return self.algorithm().codec(self)
 
     def layout(self) -> Any:
         """The parameters a run synchronises (``geotrain.algorithms.ModelLayout``): the demo GPT's tensors, an

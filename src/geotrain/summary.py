@@ -228,7 +228,7 @@ def build_summary(
         "overlap_steps": settings.get("overlap_steps"),
         "overlap": settings.get("overlap"),
         "auto_settings": start.get("auto") or [],
-        "codec": config["comm"]["codec"],
+        "codec": start.get("codec") or config["comm"]["codec"],  # the algorithm may choose it (sparseloco)
         "collective": start.get("collective"),
         "link": config["wan"]["link"],
         # "emulated": the WAN emulator charged each collective its modelled time; "netlab": the links were real

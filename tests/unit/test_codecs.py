@@ -382,7 +382,8 @@ def test_out_buffers() -> None:
 
 
 def test_registry_names_and_options() -> None:
-    assert codec_names() == ["fp32", "bf16", "int8", "int4", "topk", "topk+bf16", "topk+int8", "topk+int4"]
+    assert codec_names() == ["fp32", "bf16", "int8", "int4", "topk", "topk+bf16", "topk+int8", "topk+int4",
+                             "sparse+int2", "sparse+int4", "sparse+int8"]
     for name in codec_names():
         assert get_codec(name).name == name
     assert get_codec("topk+fp32").name == "topk"

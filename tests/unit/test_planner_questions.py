@@ -24,7 +24,7 @@ try:  # the toy world is defined once, beside the formula tests (tests/ is not a
 except ImportError:  # pragma: no cover - if tests/ becomes a package
     from tests.unit.test_planner_model import toy_spec
 
-VARIANTS = {"ddp", "diloco", "diloco+overlap", "streaming"}
+VARIANTS = {"ddp", "diloco", "diloco+overlap", "streaming", "sparseloco", "sparseloco+overlap"}
 
 
 def test_bandwidth_needed_by_hand():
@@ -128,16 +128,18 @@ def test_mildest_codec():
 
 def test_compare_variants_come_from_each_algorithm_definition():
     variants = compare_variants(toy_spec({"outer.sync_every": 100, "comm.codec": "int4"}))
-    assert list(variants) == ["ddp", "diloco", "diloco+overlap", "streaming"]
+    assert list(variants) == ["ddp", "diloco", "diloco+overlap", "streaming", "sparseloco", "sparseloco+overlap"]
     assert {name: v.algorithm.name for name, v in variants.items()} == {
-        "ddp": "ddp", "diloco": "diloco", "diloco+overlap": "diloco", "streaming": "streaming"}
+        "ddp": "ddp", "diloco": "diloco", "diloco+overlap": "diloco", "streaming": "streaming",
+        "sparseloco": "sparseloco", "sparseloco+overlap": "sparseloco"}
     assert variants["ddp"].codec.name == "bf16"  # ddp sends bf16 gradients beside another method
     assert variants["diloco"].config.comm.overlap is False
     assert variants["diloco+overlap"].config.comm.overlap is True
     s = variants["streaming"].config
     # the plan's H and codec, streaming's default P = 4, and tau left for the plan to choose
     assert (s.outer.sync_every, s.streaming.fragments, s.streaming.overlap_steps) == (100, 4, None)
-    assert all(v.codec.name == "int4" for name, v in variants.items() if name != "ddp")
+    assert all(v.codec.name == "int4" for name, v in variants.items() if name in ("diloco", "streaming"))
+    assert variants["sparseloco"].codec.name == "sparse+int2"  # its own payloads whatever the plan's codec
     # A ddp plan keeps its own codec for its ddp variant.
     assert compare_variants(toy_spec({"run.algorithm": "ddp", "comm.codec": "int8"}))["ddp"].codec.name == "int8"
     # A streaming plan's P and tau carry over to its streaming variant.
@@ -148,7 +150,8 @@ def test_compare_variants_come_from_each_algorithm_definition():
 
 def test_a_variant_the_settings_cannot_take_is_left_out():
     # H=2 with streaming's 4 fragments: no staggered schedule, so no streaming variant.
-    assert list(compare_variants(toy_spec({"outer.sync_every": 2}))) == ["ddp", "diloco", "diloco+overlap"]
+    assert list(compare_variants(toy_spec({"outer.sync_every": 2}))) == ["ddp", "diloco", "diloco+overlap",
+                                                                         "sparseloco", "sparseloco+overlap"]
 
 
 def test_compare_variants_by_hand():

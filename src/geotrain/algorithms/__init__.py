@@ -11,6 +11,7 @@ from __future__ import annotations
 from geotrain.algorithms.base import Algorithm, AutoSetting, ModelLayout, SyncPattern
 from geotrain.algorithms.ddp import DDP
 from geotrain.algorithms.diloco import DiLoCo
+from geotrain.algorithms.sparseloco import SparseLoCo
 from geotrain.algorithms.streaming import StreamingDiLoCo
 from geotrain.errors import ConfigError
 from geotrain.registry import Registry
@@ -36,6 +37,7 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
 register_algorithm(DDP())
 register_algorithm(DiLoCo())
 register_algorithm(StreamingDiLoCo())
+register_algorithm(SparseLoCo())
 
 
 def algorithm_names() -> list[str]:

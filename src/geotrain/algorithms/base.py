@@ -8,6 +8,7 @@ An :class:`Algorithm` holds everything that is said about a method outside its t
   and over a whole run (``sync_counts``, ``sync_periods``, ``end_exposed``): the planner, a run's predicted
   utilization and a run's automatic overlap settings all read these;
 * the settings it chooses itself when the user leaves them unset (``auto_settings``);
+* the codec of its payloads (``codec``: ``[comm]``'s unless the method defines its own);
 * how it is built for a run (``build``, which imports the torch strategy only then).
 
 This module imports no torch, so the configuration and the planner can read every algorithm cheaply. A
@@ -95,6 +96,8 @@ class Algorithm:
     """One line for help texts."""
     settings: ClassVar[tuple[str, ...]] = ()
     """Dotted config keys the method reads, beyond the common ones."""
+    own_codec: ClassVar[bool] = False
+    """The method chooses its payload codec from its own settings (``codec``), not from ``comm.codec``."""
 
     # -- settings ------------------------------------------------------------------------------------------
     def check(self, config: Config) -> None:
@@ -129,6 +132,11 @@ class Algorithm:
         return []
 
     # -- communication ---------------------------------------------------------------------------------------
+    def codec(self, config: Config) -> Any:
+        """The codec of its payloads (``geotrain.comm.codecs.CodecChoice``): ``[comm]``'s, unless the method
+        defines its own payloads (sparseloco takes its compressor from its own settings)."""
+        return config.comm.choice()
+
     def pattern(self, config: Config, layout: ModelLayout) -> SyncPattern:
         raise NotImplementedError
 

@@ -264,6 +264,8 @@ class CrossSiteComm:
         self.outcomes: list[SyncOutcome] = []
         """Outcomes waited for and not yet read by the loop (membership changes, rejected updates)."""
         self._feedback: dict[str, Any] = {}
+        self._external: dict[str, Any] = {}
+        """Error feedback that callers own, per payload key (kept in their state, not in this one's)."""
         self._carry: dict[str, torch.Tensor] = {}
         self._layout: dict[str, tuple[int, int]] = {}
         """Per payload key in reduce_scatter: (values per chunk, chunks) of its residuals."""
@@ -317,10 +319,19 @@ class CrossSiteComm:
             del self._layout[key]
 
     # -- the collective ----------------------------------------------------------------------------------
-    def all_reduce_mean(self, flat: torch.Tensor, *, key: str = "all", position: Any = None) -> Pending:
+    def all_reduce_mean(self, flat: torch.Tensor, *, key: str = "all", position: Any = None,
+                        feedback: Any = None) -> Pending:
         """Start averaging ``flat`` (1-D float32 CPU) across sites; returns at once. ``position``: this worker's
-        data position after the batches that made ``flat`` (kept by the coordinator for a site that rejoins)."""
+        data position after the batches that made ``flat`` (kept by the coordinator for a site that rejoins).
+
+        ``feedback``: an ``ErrorFeedback`` the caller owns (an algorithm whose accumulator is its own state, as
+        SparseLoCo's), used for this key instead of the collective's own residual; it commits or rolls back
+        with the sync like any other. Only in the ``all_gather`` pattern, where a site encodes its payload once."""
         assert flat.dim() == 1 and flat.dtype == torch.float32, "cross-site payloads are flat fp32"
+        if feedback is not None:
+            if self.pattern != "all_gather":
+                raise ValueError(f"a caller's error feedback needs the all_gather pattern, not {self.pattern}")
+            self._external[key] = feedback
         n = flat.numel()
         if self.sharded:
             shard = flat.clone()
@@ -408,7 +419,11 @@ class CrossSiteComm:
     def _encode(self, x: torch.Tensor, key: str, touched: list, *, own: bool, poison: bool = False,
                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``x`` with the error feedback kept under ``key`` (one residual per key)."""
-        if not self.error_feedback:
+        external = self._external.get(key)
+        if external is not None:
+            payload = external.encode(x, out=out)
+            touched.append((external, own))
+        elif not self.error_feedback:
             payload = self.codec.encode(x, out=out)
         else:
             fb = self._feedback.get(key)

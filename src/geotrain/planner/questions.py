@@ -115,6 +115,8 @@ def smallest_sync_every(spec: PlanSpec, *, target: float, candidates: Iterable[i
 def mildest_codec(spec: PlanSpec, *, target: float, candidates: Iterable[str] | None = None) -> str | None:
     """The codec with the most bits (the least compression) among ``candidates`` (``plan.codec_candidates``)
     that reaches ``target`` at the plan's links."""
+    if spec.algorithm.own_codec:  # the method's payloads are its own (sparseloco): the only candidate
+        return spec.codec.name if plan(spec).utilization >= target else None
     names = spec.config.plan.codec_candidates if candidates is None else list(candidates)
     bits = {name: spec.with_config({"comm.codec": name}).codec.bits_per_value() for name in names}
     for name in sorted(names, key=lambda n: -bits[n]):

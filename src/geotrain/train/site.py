@@ -431,7 +431,7 @@ def site_main(task: SiteTask) -> int:
                                                      workload.tokens_per_batch * env.workers * run_config.run.sites),
                            param_bytes=4 * sum(p.numel() for p in ctx.params), sync_payloads=strategy.sync_payloads(),
                            payload_bytes_per_sync=strategy.sync_bytes_per_round(), collective=comm.pattern,
-                           network="netlab" if env.real_network else "emulated",
+                           network="netlab" if env.real_network else "emulated", codec=comm.choice.name,
                            settings=run_config.algorithm().describe(run_config),
                            auto=[{"key": a.key, "value": a.value, "reason": a.reason} for a in chosen],
                            meta=workload.meta or {}, generation=generation, members=members,

@@ -9,7 +9,7 @@ Payload layout (little-endian), shared by every codec::
     offset size field
     0      4    magic b"GTCP"
     4      1    format version (1)
-    5      1    codec id (1 fp32, 2 bf16, 3 int8, 4 int4, 5 fp4, 6 topk)
+    5      1    codec id (1 fp32, 2 bf16, 3 int8, 4 int4, 5 fp4, 6 topk, 7 sparse)
     6      1    value codec id (topk only: the codec of the kept values; 0 otherwise)
     7      1    reserved, 0
     8      8    numel
@@ -60,7 +60,7 @@ assert _HEADER.size == HEADER_SIZE
 _CRC_OFFSET = 28
 SEGMENT_WORDS = 4096
 
-CODEC_IDS: dict[str, int] = {"fp32": 1, "bf16": 2, "int8": 3, "int4": 4, "fp4": 5, "topk": 6}
+CODEC_IDS: dict[str, int] = {"fp32": 1, "bf16": 2, "int8": 3, "int4": 4, "fp4": 5, "topk": 6, "sparse": 7}
 _CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
 # Float dtypes that encode() converts to float32 (a copy). float64 values beyond the float32 range become

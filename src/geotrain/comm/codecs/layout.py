@@ -20,6 +20,10 @@ __all__ = [
     "check_topk",
     "pad8",
     "plain_body_size",
+    "SPARSE_BITS",
+    "check_sparse",
+    "sparse_body_size",
+    "sparse_index_bits",
     "topk_body_size",
     "topk_k",
     "topk_kept",
@@ -104,3 +108,29 @@ def topk_body_size(numel: int, *, fraction: float, chunk: int, values: str, bloc
     else:
         value_body = block_body_size(values, kept, block_size)
     return pad8(kept * topk_index_bytes(chunk)) + value_body
+
+
+SPARSE_BITS = (2, 4, 8)
+"""Bits per kept value the packed sparse codecs (``sparse+int2`` ...) store: one sign bit and the magnitude."""
+
+
+def check_sparse(fraction: object, chunk: object, bits: object) -> None:
+    """Raise ValueError unless ``fraction`` is in (0, 1], ``chunk`` an int in [2, 2^24] and ``bits`` in SPARSE_BITS."""
+    check_topk(fraction, chunk, "fp32")
+    if chunk < 2 or chunk > 1 << 24:
+        raise ValueError(f"chunk must be an int in [2, 16777216], got {chunk!r}")
+    if bits not in SPARSE_BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, SPARSE_BITS))}; got {bits!r}")
+
+
+def sparse_index_bits(chunk: int) -> int:
+    """Bits of one chunk-relative index: ceil(log2(chunk)) (12 for chunks of 4096)."""
+    return max(1, (chunk - 1).bit_length())
+
+
+def sparse_body_size(numel: int, *, fraction: float, chunk: int, bits: int) -> int:
+    """Body bytes of a packed sparse payload: the kept entries' chunk-relative indices packed at
+    ``sparse_index_bits(chunk)`` bits each, one float32 scale per chunk, then the values packed at ``bits`` each."""
+    kept = topk_kept(numel, fraction, chunk)
+    chunks = -(-numel // chunk)
+    return pad8(-(-kept * sparse_index_bits(chunk) // 8)) + pad8(4 * chunks) + pad8(-(-kept * bits // 8))

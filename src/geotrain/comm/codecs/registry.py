@@ -135,6 +135,33 @@ class _TopK(CodecSpec):
         return TopKCodec(values=self.values, **options)
 
 
+class _Sparse(CodecSpec):
+    """Packed chunked top-k with ``bits``-bit values (``sparse.py``): SparseLoCo's compressor."""
+
+    sparse = True
+    options = ("fraction", "chunk")
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.name = f"sparse+int{bits}"
+        self.summary = f"chunked top-k, chunk-relative packed indices, {bits}-bit values (SparseLoCo)"
+
+    def defaults(self) -> dict[str, Any]:
+        return {"fraction": layout.DEFAULT_FRACTION, "chunk": layout.DEFAULT_CHUNK}
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        layout.check_sparse(options["fraction"], options["chunk"], self.bits)
+
+    def encoded_size(self, numel: int, options: Mapping[str, Any]) -> int:
+        return layout.HEADER_SIZE + layout.sparse_body_size(numel, fraction=options["fraction"],
+                                                            chunk=options["chunk"], bits=self.bits)
+
+    def build(self, options: Mapping[str, Any]) -> Any:
+        from geotrain.comm.codecs.sparse import SparseCodec
+
+        return SparseCodec(bits=self.bits, **options)
+
+
 _REGISTRY: Registry[CodecSpec] = Registry("codec")
 
 
@@ -149,6 +176,8 @@ register_codec(_Blockwise("int8", "blockwise absmax int8 (OpenDiLoCo)"))
 register_codec(_Blockwise("int4", "blockwise absmax int4"))
 for _values in layout.VALUE_CODECS:
     register_codec(_TopK(_values))
+for _bits in layout.SPARSE_BITS:
+    register_codec(_Sparse(_bits))
 # The E3M0 4-bit float of Streaming DiLoCo (dense.Fp4Codec) is implemented but not registered: it takes
 # 1.1-1.2x the time of int4 for the same bytes (docs/codecs.md).
 _UNREGISTERED = {"fp4": "the E3M0 4-bit float is implemented (dense.Fp4Codec) but not registered; it takes "
