@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["SHARED_SETTINGS", "describe_difference", "fingerprint", "shared_settings"]
 
 SHARED_SETTINGS = ("run.algorithm", "run.tokens", "run.seed", "run.sites", "run.workers_per_site", "run.fsdp",
-                   "run.wall_seconds", "model", "data.batch_size", "data.tokenizer", "optim", "outer", "streaming",
+                   "run.wall_seconds", "model", "data.batch_size", "optim", "outer", "streaming",
                    "sparseloco", "comm", "wan", "membership", "guard", "checkpoint")
 """Setting paths every site must agree on (sections or single keys). A site's own output directory, data path,
 device and logging may differ."""
