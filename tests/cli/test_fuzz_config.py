@@ -594,7 +594,7 @@ def _plan_flag_case(rng: random.Random) -> Case:
             flag, ["", "🙂", "abc", "-1", "nan", LONG, "10mbps", "fast"]))
         expect = BAD if flag in ("--link", "--codec", "--algorithm", "--accelerator", "--recovery") else ANY
     dest = flag[2:].replace("-", "_")
-    key = FLAG_KEYS.get(dest) or f"sites.{SITE_FLAGS.get(dest)}"
+    key = FLAG_KEYS.get(dest) or {"link": "wan.link"}.get(dest) or f"sites.{SITE_FLAGS.get(dest)}"  # --link: all links
     return Case(kind="plan-flag", plan_flags=[f"{flag}={value}"], run_flags=None, plan=expect,
                 words=[key.split(".")[-1]] if expect == BAD else [], label=f"plan-flag{flag}={_short(value)}")
 

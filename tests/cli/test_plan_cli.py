@@ -19,7 +19,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 # Three datacenters at a 300 MW cap, 10 Gbit/s links, 70B on 15T tokens in batches of 16M.
 WORLD = ["--model-params", "70b", "--tokens", "15t", "--batch-tokens", "16m", "--seq-len", "8192", "--sites", "3",
          "--power-cap", "300", "--link", "10gbit/30ms"]
-VARIANTS = {"ddp", "diloco", "diloco+overlap", "streaming"}
+VARIANTS = {"ddp", "diloco", "diloco+overlap", "streaming", "sparseloco", "sparseloco+overlap"}
 
 
 def geotrain(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -234,7 +234,9 @@ def _start_lab_command(tmp_path: Path) -> tuple[subprocess.Popen, list[int], dic
     env = {**os.environ, "PYTHONPATH": SRC}
     owner = subprocess.Popen([sys.executable, "-m", "geotrain.cli", "netlab", "--sites", "2", "--link", "10mbit/5ms",
                               "--", sys.executable, "-c", script], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             # a shell ignores SIGINT in its background jobs and children inherit that
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     files = [tmp_path / f"site{k}" for k in range(2)]
     if not _wait_until(lambda: all(f.exists() and f.read_text() for f in files), 60):
         owner.kill()

@@ -71,7 +71,7 @@ def render(out: dict, *, results: dict[str, PlanResult], sweep: Sweep | None,
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped or captured: wide enough that the tables do not wrap
-            console = Console(width=130)
+            console = Console(width=170)
     main = results["plan"]
     inp = out["inputs"]
     site_desc = ", ".join(
