@@ -79,6 +79,8 @@ SHORT_KEYS = {
     "fsdp": "run.fsdp",
     "model": "model.arch",
     "tensorboard": "run.tensorboard",
+    "site_speeds": "run.site_speeds",
+    "sync_every_seconds": "outer.sync_every_seconds",
     "sync_every": "outer.sync_every",
     "H": "outer.sync_every",
     "codec": "comm.codec",
@@ -211,6 +213,11 @@ class RunConfig:
     tensorboard: bool = False
     """Also write the records as TensorBoard scalars, live, under OUT/tensorboard/ (one run per site and a
     ``global`` one); needs ``pip install 'geotrain[tensorboard]'``."""
+    site_speeds: list[float] | None = None
+    """Speed of each site's compute relative to this machine, one factor in (0, 1] per site (``1,1,0.5,0.25``:
+    two full-speed sites, one at half and one at a quarter speed), for heterogeneous hardware. Emulated by
+    holding each step back after it computes (``geotrain.train.pace``); the time held back is reported as
+    throttled. Unset: every site at full speed."""
 
     def __post_init__(self) -> None:
         from geotrain.algorithms import get_algorithm
@@ -238,6 +245,13 @@ class RunConfig:
         _integer("run.eval_batches", self.eval_batches, 1, 100_000)
         _number("run.collective_timeout_s", self.collective_timeout_s, 0, 7 * 86400, lo_open=True,
                 what=" seconds")
+        if self.site_speeds is not None:
+            if not isinstance(self.site_speeds, list) or not self.site_speeds:
+                raise ConfigError(f"must list one speed factor per site, such as [1, 1, 0.5, 0.25]; got "
+                                  f"{self.site_speeds!r}", field="run.site_speeds")
+            for v in self.site_speeds:
+                _number("run.site_speeds", v, 0, 1, lo_open=True,
+                        what=" (a site's speed relative to this machine: 1 is full speed, 0.25 a quarter)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -413,6 +427,10 @@ class OuterConfig:
     """Outer SGD momentum."""
     nesterov: bool = True
     """Use Nesterov momentum in the outer SGD."""
+    sync_every_seconds: float | None = None
+    """Time-based rounds: end each outer round after this many seconds of training on every site instead of
+    after H steps. Each site contributes the inner steps it managed, and the pseudo-gradients are averaged
+    with token weights, so unequal sites do not wait for the slowest. diloco only."""
     warmup_steps: int = 100
     """Outer rounds that end within this many inner steps plainly average the sites (no outer momentum).
     From scratch the first rounds' pseudo-gradients are huge and point in directions that stop mattering
@@ -426,6 +444,9 @@ class OuterConfig:
                               field="outer.sync_every")
         _integer("outer.sync_every", self.sync_every, 1, 10**9)
         _number("outer.lr", self.lr, 0, 10, lo_open=True)
+        if self.sync_every_seconds is not None:
+            _number("outer.sync_every_seconds", self.sync_every_seconds, 0, 1e7, lo_open=True,
+                    what=" seconds of training per round (try 10)")
         if not (isinstance(self.momentum, float | int) and not isinstance(self.momentum, bool)
                 and 0 <= self.momentum < 1):
             raise ConfigError(f"must lie in [0, 1), got {self.momentum!r}", field="outer.momentum")
@@ -871,6 +892,12 @@ class Config:
             raise ConfigError("the demo GPT reads bytes; a tokenizer needs a Hugging Face model (for example "
                               "--model hf:llama), or leave data.tokenizer unset", field="data.tokenizer")
         self.topology()  # checks the per-pair links name real sites
+        if self.run.site_speeds is not None and len(self.run.site_speeds) != self.run.sites:
+            raise ConfigError(f"lists {len(self.run.site_speeds)} speed factors for {self.run.sites} sites; give "
+                              "one per site", field="run.site_speeds")
+        if self.outer.sync_every_seconds is not None and not self.algorithm().timed_rounds:
+            raise ConfigError(f"time-based rounds apply to diloco, not {self.run.algorithm}; drop "
+                              "--sync-every-seconds or use --algorithm diloco", field="outer.sync_every_seconds")
         self.algorithm().check(self)
 
     # -- derived views -------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ compute: below it the one-round delay of the update is not worth the time it sav
 class DiLoCo(Algorithm):
     name = "diloco"
     summary = "H inner steps per site, then an outer step on the averaged pseudo-gradient"
-    settings = ("outer.sync_every", "outer.lr", "outer.momentum", "outer.nesterov", "outer.warmup_steps",
-                "comm.overlap")
+    timed_rounds = True
+    settings = ("outer.sync_every", "outer.sync_every_seconds", "outer.lr", "outer.momentum", "outer.nesterov",
+                "outer.warmup_steps", "comm.overlap")
 
     def describe(self, config: Config) -> dict[str, Any]:
         return {"sync_every": config.outer.sync_every, "fragments": 1, "overlap_steps": 0,
@@ -90,4 +91,5 @@ class DiLoCo(Algorithm):
     def build(self, config: Config, ctx: StrategyContext) -> Strategy:
         from geotrain.algorithms.strategies.diloco import DiLoCoStrategy
 
-        return DiLoCoStrategy(ctx, outer=config.outer, overlap=bool(config.comm.overlap))
+        return DiLoCoStrategy(ctx, outer=config.outer, overlap=bool(config.comm.overlap),
+                              budget_tokens=config.run.tokens)

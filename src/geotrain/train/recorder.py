@@ -59,7 +59,8 @@ class Recorder:
         self.write("warning", site=site, message=f"{type(sink).__name__} stopped: {type(error).__name__}: {error}")
 
     def step(self, *, step: int, tokens: int, loss: float, lr: float, timer: Any, comm: Any, outer_rounds: int,
-             site: int, trained_tokens: int = 0) -> None:
+             site: int, trained_tokens: int = 0, **extra: Any) -> None:
+        """One ``step`` record; ``extra``: what pacing adds (``Pace.fields``: power draw and cap, energy)."""
         wall = timer.wall()
         self.write(
             "step",
@@ -73,8 +74,10 @@ class Recorder:
             comm_s=comm.stats.wait_seconds,
             wan_bytes=comm.stats.bytes_sent * comm.workers,
             outer_rounds=outer_rounds,
-            utilization=timer.compute / wall if wall > 0 else 0.0,
+            utilization=timer.utilization(),
             trained_tokens=trained_tokens,
+            **({"throttled_s": timer.throttled} if timer.throttled else {}),
+            **extra,
         )
 
     def syncs(self, events: list[dict[str, Any]], *, step: int, site: int, wall: float) -> None:
