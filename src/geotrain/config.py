@@ -877,7 +877,7 @@ class GridTraceConfig:
             return GridTrace.from_csv(self.file, where=f"{where}.file", **settings)
         for key in ("hours", "values"):
             if getattr(self, key) is None:
-                raise ConfigError(f"is missing; give hours and values (one per hour), or a CSV file",
+                raise ConfigError("is missing; give hours and values (one per hour), or a CSV file",
                                   field=f"{where}.{key}")
         return GridTrace(self.hours, self.values, carbon=self.carbon, where=where, **settings)
 

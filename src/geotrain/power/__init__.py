@@ -68,6 +68,25 @@ With a carbon trace (kg CO2 per MWh at the trace's hours, interpolated as the va
 integrates draw times intensity, the intensity taken at the start of each step (and of each gap); without one
 ``carbon_kg`` is None.
 
+Checkpoints
+-----------
+``state_dict()`` holds the running state (energy, peak, carbon, smoothing, the last setpoint and event, an open
+step, whether the site is present) as plain floats; the settings come from the configuration again.
+
+A loop's use of one site's controller
+-------------------------------------
+::
+
+    pc = site_controllers(config)[site]     # [] when [grid] is off
+    sp = pc.begin_step(t)                   # t: the run clock, training seconds
+    if not sp.on:                           # not enough power to train
+        pc.leave(t)
+        back = pc.back_at(t)                # None: the power does not come back
+        ...                                 # away until `back`, then:
+        pc.rejoin(back); sp = pc.begin_step(back)
+    ...                                     # compute the step; its speed follows sp.active
+    pc.end_step(t_compute_end, t_end)       # t_end: after the step's wait for a sync
+
 Configuration
 -------------
 ``[grid]`` and ``[[grid.traces]]`` (``geotrain.config.GridConfig``) describe the traces and the ramp;

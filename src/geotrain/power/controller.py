@@ -138,7 +138,7 @@ class PowerController:
         self.energy_mwh = 0.0
         """Integral of the draw over grid time so far, MWh."""
         self.peak_mw = 0.0
-        """The highest draw so far."""
+        """The highest draw held for a positive time so far."""
         self.carbon_kg: float | None = None if self._carbon_free() else 0.0
         """Integral of draw times carbon intensity, kg CO2; None without a carbon trace."""
         self.smoothing_mwh = 0.0
