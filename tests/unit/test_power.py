@@ -333,6 +333,27 @@ def test_back_at_waits_for_a_later_dip_the_ramp_could_not_follow():
     assert pc.back_at(0.0) == 2 * H
 
 
+def test_back_at_is_the_first_allowed_time_on_random_traces():
+    """Against sampling: the envelope reaches the threshold at back_at's answer and at no sampled time before it
+    (None: at no sampled time within the horizon searched)."""
+    rng = random.Random(5)
+    for _ in range(100):
+        trace = random_trace(rng)
+        site = SitePower(name="r", accelerators=80_000, watts=500.0, pue=1.25, cap_mw=rng.choice([None, 40.0]),
+                         idle_fraction=0.2)
+        pc = PowerController(site, trace, ramp_mw_per_min=rng.choice([None, 0.5, 2.0, 10.0]))
+        theta, tol = pc.threshold_mw, 1e-9 * pc.threshold_mw
+        t0 = rng.uniform(0, 10 * H)
+        back = pc.back_at(t0)
+        end = back if back is not None else t0 + (trace.period_s or trace.hours[-1] * H)
+        if back is not None:
+            assert back >= t0 and pc.envelope_mw(back) >= theta - tol
+        for k in range(300):
+            g = t0 + (end - t0 - 1.0) * k / 300
+            if g < end - 1.0:
+                assert pc.envelope_mw(g) < theta - tol, (trace, t0, back, g)
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------------
 
 
