@@ -306,7 +306,9 @@ class PowerController:
                 ends.append(b)
             elif va < theta <= vb:  # rises through the threshold inside the piece
                 ends.append(a + (theta - va) / (vb - va) * (b - a))
-        for g in [g0, *sorted(e for e in ends if e > g0)]:
+        if self.envelope_mw(g0) >= theta - tol:
+            return t
+        for g in sorted(e for e in ends if e > g0):
             if self.envelope_mw(g) >= theta - tol:
                 return self._first_on(g, t)
         return None

@@ -177,7 +177,7 @@ class GridTrace:
         row (blank lines and lines starting with ``#`` are skipped). ``kw`` are the constructor's settings
         (unit, interpolate, periodic); ``where`` names the setting that gave the path in error messages."""
         p = Path(path)
-        field = where or str(p)
+        field = where  # the message names the file and the line; the field, when the file came from a setting
         try:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -219,4 +219,4 @@ class GridTrace:
                 carbon.append(numbers[2])
         if not hours:
             raise ConfigError(f"{p} holds a header but no points", field=field)
-        return cls(hours, values, carbon=carbon or None, where=field, **kw)
+        return cls(hours, values, carbon=carbon or None, where=where or str(p), **kw)
