@@ -863,10 +863,10 @@ class GridTraceConfig:
     def build(self, where: str = "grid.traces") -> Any:
         """The ``geotrain.power.GridTrace`` this entry describes; ConfigError naming ``where.KEY`` if it is
         wrong (reads the file, if one is given)."""
-        from geotrain.power import GridTrace
+        from geotrain.power.trace import INTERPOLATIONS, UNITS, GridTrace
 
-        _choice(f"{where}.unit", self.unit, ("fraction", "mw"))
-        _choice(f"{where}.interpolate", self.interpolate, ("linear", "step"))
+        _choice(f"{where}.unit", self.unit, UNITS)  # here, so that a file's trace names the setting, not the file
+        _choice(f"{where}.interpolate", self.interpolate, INTERPOLATIONS)
         settings = {"unit": self.unit, "interpolate": self.interpolate, "periodic": self.periodic}
         if self.file is not None:
             if self.hours is not None or self.values is not None or self.carbon is not None:
