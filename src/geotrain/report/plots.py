@@ -716,8 +716,13 @@ def _grid_axis(ax: Axes, series: Sequence[Any], *, scale: float) -> None:
         return
     wall = np.array([w for w, _ in pairs])
     grid = np.maximum.accumulate(np.array([g for _, g in pairs]))
-    if grid[-1] <= grid[0]:
+    if grid[-1] <= grid[0] or wall[-1] <= wall[0]:
         return
+    # beyond the first and the last step, at the run's mean rate (the axis starts before the first step)
+    rate = (grid[-1] - grid[0]) / (wall[-1] - wall[0])
+    far = 10 * (wall[-1] - wall[0]) + abs(wall[0])
+    wall = np.concatenate([[wall[0] - far], wall, [wall[-1] + far]])
+    grid = np.concatenate([[grid[0] - far * rate], grid, [grid[-1] + far * rate]])
     top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, wall, grid),
                                                lambda h: np.interp(h, grid, wall)))
     top.set_xlabel("grid time (h)", fontsize=9, color="#4a5568")
@@ -746,9 +751,9 @@ def power_png(run: Run) -> bytes:
         end = max(max(ps.wall_s) for ps in series)
         end = max([end, *(b for ps in series for a, b in ps.off if b is not None)])
         scale, unit = _time_scale(end)
-        top = max(max(np.nanmax(ps.power_mw), np.nanmax(ps.cap_mw) if np.isfinite(ps.cap_mw).any() else 0.0)
-                  for ps in series)
         for ax, ps in zip(axes, series):
+            # each site on its own scale: sites differ in size, and what a panel shows is draw against cap
+            top = max(np.nanmax(ps.power_mw), np.nanmax(ps.cap_mw) if np.isfinite(ps.cap_mw).any() else 0.0)
             x = np.asarray(ps.wall_s) / scale
             cuts = [a / scale for a, _ in ps.off]
             x, power, cap = _broken_at(x, [np.asarray(ps.power_mw), np.asarray(ps.cap_mw)], cuts)
