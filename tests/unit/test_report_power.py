@@ -11,6 +11,7 @@ the same process and going on from step 45.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -232,3 +233,44 @@ def test_the_power_figures_draw_with_a_site_off_to_the_end(tmp_path: Path) -> No
 
     pngs = power_figures(read_run(tmp_path))
     assert set(pngs) == {"power", "energy"} and all(p.startswith(b"\x89PNG") for p in pngs.values())
+
+
+# --- live progress -----------------------------------------------------------------------------------------------
+
+
+def live_lines(records: list[dict[str, Any]], *, terminal: bool = False) -> str:
+    from rich.console import Console
+
+    from geotrain.report.live import LiveProgress
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=160, force_terminal=terminal, color_system=None)
+    with LiveProgress(2, title="power", total_tokens=2 * STEPS * TOKENS_PER_STEP, console=console,
+                      clock=lambda: 0.0) as live:
+        live.update(records)
+    return buf.getvalue()
+
+
+def test_live_progress_shows_each_sites_draw_and_cap_or_that_its_power_is_off() -> None:
+    records = power_records()
+    by_time = sorted((r for rows in records.values() for r in rows), key=lambda r: r["time"])
+    outage = [r for r in by_time if r["time"] <= T0 + STARTED + OFF_AT]
+    text = live_lines(outage)  # at 30 s: site 0 under its low cap, site 1 without power
+    assert "site 0:" in text and "power 14/14 MW" in text.split("site 0:")[1].splitlines()[0]
+    assert "power off" in text.split("site 1:")[1].splitlines()[0]
+    assert "power 6/8 MW" in live_lines(by_time).split("site 1:")[1].splitlines()[0]  # back after 45 s
+    assert "power 18/20 MW" in live_lines(by_time).split("site 0:")[1].splitlines()[0]
+    assert "draw/cap" in live_lines(by_time, terminal=True)
+    quiet = sorted((r for rows in without_power(records).values() for r in rows), key=lambda r: r["time"])
+    assert "power" not in live_lines(quiet).replace("[power]", "")
+    assert "draw/cap" not in live_lines(quiet, terminal=True)
+
+
+def test_final_table_gives_the_runs_energy_and_carbon(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from geotrain.report.live import final_table
+
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(final_table(write_run(tmp_path, power_records())))
+    assert "energy 159 MWh" in buf.getvalue() and "carbon 62,000 kg" in buf.getvalue()
