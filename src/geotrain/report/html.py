@@ -530,7 +530,8 @@ def _power_section(run: Run, merged: dict[str, Any], per_site: list[dict[str, An
     keys = [c[1] for c in POWER_COLUMNS]
     if not series and not any(e.get(k) is not None for e in per_site for k in keys if k != "speed"):
         return []
-    entries = [{**e, "speed": series[e["site"]].speed} if e.get("site") in series else e for e in per_site]
+    entries = [{**e, "speed": series[e["site"]].speed} if isinstance(e.get("site"), int) and e["site"] in series
+               else e for e in per_site]
     said = []
     if merged.get("energy_mwh") is not None:
         said.append(f"{esc(_mwh(merged['energy_mwh']))} used by all sites")
