@@ -440,7 +440,8 @@ class PowerSeries:
 
     site: int
     wall_s: list[float]
-    """Training wall seconds of the site (its records' ``wall_s``)."""
+    """Training wall seconds of the site (its records' ``wall_s``; they go on through an outage, and start
+    again from zero in a new process of the site)."""
     grid_hours: list[float]
     """The grid trace's time at the step, hours."""
     power_mw: list[float]

@@ -730,10 +730,15 @@ def _grid_axis(ax: Axes, series: Sequence[Any], *, scale: float) -> None:
 
 
 def _broken_at(x: np.ndarray, ys: Sequence[np.ndarray], cuts: Sequence[float]) -> tuple[np.ndarray, ...]:
-    """``x`` and each of ``ys`` with a break (NaN) wherever one of ``cuts`` falls between two points: a
-    line is not drawn across a window in which the site wrote nothing."""
-    idx = np.unique(np.searchsorted(x, cuts, side="right"))
-    idx = idx[(idx > 0) & (idx < x.size)]
+    """``x`` and each of ``ys`` with a break (NaN) wherever one of ``cuts`` falls between two points (a line
+    is not drawn across a window in which the site wrote nothing) and wherever ``x`` goes back (a new process
+    of the site, whose clock started again)."""
+    if x.size < 2:
+        return (x, *ys)
+    before, after = x[:-1, None], x[1:, None]
+    c = np.asarray(cuts, dtype=float)[None, :]
+    across = ((c >= before) & (c < after)).any(axis=1) if c.size else np.zeros(x.size - 1, dtype=bool)
+    idx = np.flatnonzero(across | (x[1:] < x[:-1])) + 1
     return tuple(_joined(np.split(a, idx)) for a in (x, *ys))
 
 
@@ -741,7 +746,9 @@ def power_png(run: Run) -> bytes:
     """One panel per site over training wall time: its draw (a line) under the grid's cap (dashed, the power
     available shaded), with the windows its power was off shaded red; the grid's clock along the top."""
     series = list(run_power(run).values())
-    height = 1.0 + 1.45 * max(len(series), 1) + 0.3
+    # past six sites the panels get lower, so that the figure stays about as tall as a page
+    panel = 1.45 if len(series) <= 6 else max(0.8, 8.7 / len(series))
+    height = 1.3 + panel * max(len(series), 1)
     with _style():
         fig, axes = _figure(height, rows=max(len(series), 1))
         _title(axes[0], PLOT_TITLES["power"], run)
@@ -754,9 +761,8 @@ def power_png(run: Run) -> bytes:
         for ax, ps in zip(axes, series):
             # each site on its own scale: sites differ in size, and what a panel shows is draw against cap
             top = max(np.nanmax(ps.power_mw), np.nanmax(ps.cap_mw) if np.isfinite(ps.cap_mw).any() else 0.0)
-            x = np.asarray(ps.wall_s) / scale
-            cuts = [a / scale for a, _ in ps.off]
-            x, power, cap = _broken_at(x, [np.asarray(ps.power_mw), np.asarray(ps.cap_mw)], cuts)
+            x, power, cap = _thin(np.asarray(ps.wall_s) / scale, np.asarray(ps.power_mw), np.asarray(ps.cap_mw))
+            x, power, cap = _broken_at(x, [power, cap], [a / scale for a, _ in ps.off])
             ax.fill_between(x, 0, cap, color=CAP_FILL, linewidth=0, zorder=0.5)
             ax.plot(x, cap, color=CAP_COLOR, linestyle="--", linewidth=1.1, zorder=2)
             ax.plot(x, power, color=_site_color(ps.site), linewidth=1.5, zorder=3)
