@@ -59,7 +59,8 @@ def steps(site: int, done_steps: range, *, energy: float = 0.0, throttled: float
         rows.append({"kind": "step", "time": T0 + STARTED + wall, "site": site, "step": step,
                      "tokens": (step + 1) * TOKENS_PER_STEP, "loss": 5.0 - 0.02 * step, "lr": 1e-3, "wall_s": wall,
                      "compute_s": 0.8 * wall, "comm_s": 0.1 * wall, "wan_bytes": 1000 * step,
-                     "outer_rounds": (step + 1) // 5, "utilization": 0.8, "trained_tokens": (step + 1) * TOKENS_PER_STEP,
+                     "outer_rounds": (step + 1) // 5, "utilization": 0.8,
+                     "trained_tokens": (step + 1) * TOKENS_PER_STEP,
                      "power_mw": power, "cap_mw": cap, "energy_mwh": energy, "throttled_s": throttled,
                      "grid_hours": wall * GRID_HOURS_PER_STEP, "active": power / cap, "speed": speed})
     return rows, energy, throttled
@@ -87,9 +88,9 @@ def power_records(*, finished: bool = True) -> dict[int, list[dict[str, Any]]]:
               "grid_hours": OFF_AT * GRID_HOURS_PER_STEP, "back_at_s": BACK_AT},
              {"kind": "power_on", "time": T0 + STARTED + BACK_AT, "site": 1, "wall_s": BACK_AT,
               "grid_hours": BACK_AT * GRID_HOURS_PER_STEP},
-             start(1, at=STARTED + BACK_AT + 0.1),
-             {"kind": "healed", "time": T0 + STARTED + BACK_AT + 0.2, "site": 1, "healed_from": 0, "seconds": 0.1,
+             {"kind": "healed", "time": T0 + STARTED + BACK_AT + 0.1, "site": 1, "healed_from": 0, "seconds": 0.1,
               "bytes": 1000, "step": 44, "generation": 2},
+             start(1, at=STARTED + BACK_AT + 0.2),
              *after]
     if finished:
         site1.append(done(1, energy=energy1, peak=6.0, throttled=throttled1, carbon=12_000.5))

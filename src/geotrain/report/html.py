@@ -8,8 +8,9 @@ human units, a per-site table, what happened to the run's membership (only when 
 left, came back and were healed, updates the guards rejected, injected faults, failures; otherwise one line),
 the four figures of :mod:`geotrain.report.plots`, for a run that models its sites' power a Power section
 (energy, peak draw, throttled and idle time, carbon per site; the draw against the grid's cap and the energy
-used over time), and the resolved config and raw summary in collapsed ``<details>``. A run stopped by Ctrl+C or a crash still gets a report: figures the
-summary lacks are rebuilt from ``metrics.jsonl`` where the log supports them, and marked as such.
+used over time), and the resolved config and raw summary in collapsed ``<details>``. A run stopped by Ctrl+C
+or a crash still gets a report: figures the summary lacks are rebuilt from ``metrics.jsonl`` where the log
+supports them, and marked as such.
 
 Every string that comes from a run (names, error messages, config values) is passed through ``html.escape``.
 """
