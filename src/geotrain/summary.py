@@ -28,6 +28,7 @@ __all__ = [
     "predict_from_summary",
     "read_site_records",
     "run_figures",
+    "site_processes",
 ]
 
 _DONE_KEYS = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds", "link_seconds", "wall_seconds",
@@ -37,6 +38,10 @@ _DONE_KEYS = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds",
 _STEP_KEYS = (("tokens", "tokens"), ("wan_bytes", "wan_bytes"), ("compute_s", "compute_seconds"),
               ("comm_s", "comm_seconds"), ("wall_s", "wall_seconds"), ("utilization", "utilization"),
               ("outer_rounds", "outer_rounds"))
+# A run that models its sites' power adds these (absent otherwise). From a process's ``done`` record:
+_POWER_DONE_KEYS = ("energy_mwh", "peak_power_mw", "throttled_seconds", "carbon_kg", "smoothing_mwh", "idle_seconds")
+# and from its latest ``step`` record when it has none: (record key, summary key).
+_POWER_STEP_KEYS = (("energy_mwh", "energy_mwh"), ("throttled_s", "throttled_seconds"))
 
 
 def read_site_records(out: Path, sites: int) -> dict[int, list[dict[str, Any]]]:
@@ -113,11 +118,63 @@ def _site_figures(k: int, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return entry
 
 
+def site_processes(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A site's records cut where a new process starts. A ``start`` record begins a new process unless it
+    names the same ``pid`` as the one before it (a site that rejoined, after its power came back or a
+    partition healed, goes on in the same process); a start without a pid continues the process only after a
+    ``power_on``. Unlike :func:`_segments`, a resume does not drop what came before: the energy spent stays
+    spent."""
+    processes: list[list[dict[str, Any]]] = [[]]
+    pid: Any = None
+    powered_on = False
+    for r in rows:
+        kind = r.get("kind")
+        if kind == "start":
+            same = r.get("pid") == pid if r.get("pid") is not None and pid is not None else powered_on
+            if processes[-1] and not same:
+                processes.append([])
+            pid, powered_on = r.get("pid"), False
+        elif kind == "power_on":
+            powered_on = True
+        processes[-1].append(r)
+    return [p for p in processes if p]
+
+
+def _power_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One site's power figures, empty for a site whose records model no power: each process's ``done``
+    figures (:data:`_POWER_DONE_KEYS`), else its latest step's energy and throttled seconds, added up over the
+    processes the site ran (each counts its own from zero). ``peak_power_mw`` is the highest of them. A figure
+    some process did not record is null."""
+    per_process = []
+    for proc in site_processes(rows):
+        done = _last(proc, "done")
+        if done is not None and any(key in done for key in _POWER_DONE_KEYS):
+            per_process.append({key: done.get(key) for key in _POWER_DONE_KEYS})
+            continue
+        steps = [r for r in proc if r.get("kind") == "step" and _is_number(r.get("step"))
+                 and any(_is_number(r.get(src)) for src, _ in _POWER_STEP_KEYS)]
+        if steps:
+            step = max(steps, key=lambda r: r["step"])
+            per_process.append({dst: step.get(src) for src, dst in _POWER_STEP_KEYS})
+    if not per_process:
+        return {}
+    out: dict[str, Any] = {}
+    for key in (k for k in _POWER_DONE_KEYS if any(k in p for p in per_process)):
+        values = [p.get(key) for p in per_process]
+        if not all(_is_number(v) for v in values):
+            out[key] = None
+        else:
+            out[key] = max(values) if key == "peak_power_mw" else sum(values)
+    return out
+
+
 def run_figures(records: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
     """The figures the sites' records support, and only those (a key is absent rather than guessed):
     ``per_site`` and the totals over sites. ``records`` maps each site to its records in file order; site 0's
     hold the ``eval`` records."""
     per_site = [e for k, rows in sorted(records.items()) if (e := _site_figures(k, rows)) is not None]
+    for e in per_site:
+        e.update(_power_figures(records[e["site"]]))
     out: dict[str, Any] = {}
     if per_site:
         out["per_site"] = per_site
@@ -132,6 +189,12 @@ def run_figures(records: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
                         ("outer_rounds", min)):
         if values(key):
             out[key] = reduce(values(key))
+    power_offs = sum(1 for rows in records.values() for r in rows if r.get("kind") == "power_off")
+    if power_offs or any("energy_mwh" in e for e in per_site):  # the run models power
+        out["power_offs"] = power_offs
+        for key in ("energy_mwh", "carbon_kg"):
+            if per_site and len(values(key)) == len(per_site):
+                out[key] = sum(values(key))
     if per_site and len(values("utilization")) == len(per_site):
         out["utilization"] = sum(values("utilization")) / len(per_site)
     if values("steps"):
@@ -249,6 +312,11 @@ def build_summary(
         # TensorBoard event files of the run, relative to its output directory (None without --tensorboard)
         "tensorboard": "tensorboard" if run.get("tensorboard") else None,
         "sites_in_sync": figures.get("sites_in_sync"),
+        # A run that models its sites' power: energy and carbon of all sites (null unless every site has its
+        # figure; per site in per_site) and how many times a site left because its power went to zero.
+        "energy_mwh": figures.get("energy_mwh"),
+        "carbon_kg": figures.get("carbon_kg"),
+        "power_offs": figures.get("power_offs", 0),
         # Unix seconds at which every ``wall`` below starts counting (the report puts records on this clock).
         "started_at": t0,
         "membership": _membership(membership or [], t0),
