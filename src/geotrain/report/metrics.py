@@ -440,8 +440,9 @@ class PowerSeries:
 
     site: int
     wall_s: list[float]
-    """Training wall seconds of the site (its records' ``wall_s``; they go on through an outage, and start
-    again from zero in a new process of the site)."""
+    """The run's training clock at each record (``run_s``, which goes on through an outage as the grid's time
+    does; ``wall_s`` for records without it). A new process of the site (killed and started again) starts it
+    again from zero."""
     grid_hours: list[float]
     """The grid trace's time at the step, hours."""
     power_mw: list[float]
@@ -478,7 +479,9 @@ def power_series(records_by_site: Mapping[int, Iterable[dict[str, Any]]]) -> dic
                 kind = r.get("kind")
                 if kind == "step" and _num(r, "power_mw") is not None and _num(r, "wall_s") is not None:
                     for key, col in columns.items():
-                        col.append(_num_or_nan(r.get(key)))
+                        # the run's clock (run_s) when the record has it: a site's wall_s restarts when it
+                        # comes back after an outage, and power_off/power_on are on the run's clock
+                        col.append(_num_or_nan(r.get("run_s", r.get(key)) if key == "wall_s" else r.get(key)))
                     if (e := _num(r, "energy_mwh")) is not None:
                         latest = e
                         columns["energy_mwh"][-1] = before + e

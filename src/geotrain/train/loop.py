@@ -292,7 +292,8 @@ def train_loop(
         if step % config.run.log_every == 0 or last:
             recorder.step(step=step, tokens=tokens_all // config.run.sites, loss=float(loss.detach()),
                           lr=scheduler.get_last_lr()[0], timer=timer, comm=comm, outer_rounds=strategy.outer_rounds,
-                          site=site, trained_tokens=state.trained * step_tokens, **pace.fields())
+                          site=site, trained_tokens=state.trained * step_tokens,
+                          **pace.fields(run_s=timer.wall() + wall_offset))
         recorder.syncs(comm.stats.drain(), step=step, site=site, wall=timer.wall())
         recorder.outcomes(comm, step=step, site=site, wall=timer.wall())
         if synced:

@@ -32,15 +32,24 @@ class PowerOff(Exception):  # noqa: N818 - an event, like Evicted
         self.wall, self.grid_hours, self.back_at = wall, grid_hours, back_at
 
 
+def _max_op() -> Any:
+    import torch.distributed as dist
+
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    return opts
+
+
 class Pace:
     """One worker's pacing: ``speed`` (the site's factor) and ``power`` (a ``geotrain.power.PowerController``
     or None). Without either it does nothing (factor 1, no hold)."""
 
-    def __init__(self, *, speed: float = 1.0, power: Any = None) -> None:
+    def __init__(self, *, speed: float = 1.0, power: Any = None, site_pg: Any = None, workers: int = 1) -> None:
         if not 0 < speed <= 1:
             raise ValueError(f"a speed factor lies in (0, 1], got {speed}")
         self.speed = float(speed)
         self.power = power
+        self.site_pg, self.workers = site_pg, workers
         self.step: Any = None
         """The power controller's decision for the current step (``StepPower``), None without power."""
         self.factor = self.speed
@@ -55,6 +64,12 @@ class Pace:
         Raises :class:`PowerOff` when the site cannot run."""
         if self.power is None:
             return
+        if self.workers > 1:  # the site's workers take one decision: at the latest of their clocks
+            import torch
+
+            t = torch.tensor([wall], dtype=torch.float64)
+            self.site_pg.allreduce([t], _max_op()).wait()
+            wall = float(t.item())
         self.step = self.power.begin_step(wall)
         if not self.step.on:
             self.power.leave(wall)
@@ -73,13 +88,15 @@ class Pace:
         if self.power is not None:
             self.power.end_step(compute_end, end)
 
-    def fields(self) -> dict[str, Any]:
-        """What a ``step`` record adds: the site's draw and cap, energy, grid time, share of power in use."""
+    def fields(self, *, run_s: float) -> dict[str, Any]:
+        """What a ``step`` record adds: the site's draw and cap, energy, grid time, share of power in use, and
+        ``run_s``, the run's training clock at the record (``wall_s`` restarts when a site comes back after an
+        outage; ``run_s`` goes on, as the grid's time does)."""
         if self.power is None or self.step is None:
             return {"speed": self.speed} if self.speed < 1 else {}
         s, p = self.step, self.power
         return {"power_mw": s.draw_mw, "cap_mw": s.cap_mw, "energy_mwh": p.energy_mwh, "grid_hours": s.grid_hours,
-                "active": s.active, "speed": self.speed}
+                "active": s.active, "speed": self.speed, "run_s": run_s}
 
     def state_dict(self) -> dict[str, Any] | None:
         """The power controller's counters (energy so far), for a checkpoint."""

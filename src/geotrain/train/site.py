@@ -316,6 +316,18 @@ class _SiteFaults:
                 self.recorder.write("fault", site=self.site, step=step, fault=str(f))
 
 
+def _site_pace(config: Any, env: Any, site_pg: Any) -> Any:
+    """This site's pacing (``train/pace.py``): its ``run.site_speeds`` factor and, with ``[grid]``, its power
+    controller (``geotrain.power``), which lives as long as the process, across departures and returns."""
+    from geotrain.power import site_controllers
+    from geotrain.train.pace import Pace
+
+    speeds = config.run.site_speeds or [1.0] * config.run.sites
+    controllers = site_controllers(config)
+    return Pace(speed=speeds[env.site_rank], power=controllers[env.site_rank] if controllers else None,
+                site_pg=site_pg, workers=env.workers)
+
+
 def _install_partition_signals(client: Any) -> None:
     """The launcher cuts a site off with SIGUSR1 and restores it with SIGUSR2 (``--fault partition``/``heal``)."""
     with contextlib.suppress(ValueError, AttributeError):
@@ -333,9 +345,10 @@ def site_main(task: SiteTask) -> int:
     from geotrain.config import config_from_tree
     from geotrain.errors import ConfigError
     from geotrain.faults import LinkConditions
-    from geotrain.membership.client import Evicted, MembershipClient
+    from geotrain.membership.client import Evicted, MembershipClient, RunFinished
     from geotrain.membership.wire import read_token_file
     from geotrain.train.loop import Boundary, train_loop
+    from geotrain.train.pace import PowerOff
     from geotrain.train.recorder import Recorder
     from geotrain.train.state import unpack
 
@@ -385,6 +398,8 @@ def site_main(task: SiteTask) -> int:
         faults = _SiteFaults(task.faults, site=env.site_rank, recorder=recorder, conditions=conditions,
                              real_network=env.real_network)
         first = not joined.get("formed")
+        pace = _site_pace(config, env, site_pg)
+        wall_offset = 0.0  # the run's training seconds before this start (a site back from a power outage)
         for _ in range(MAX_REJOINS + 1):
             restore = None
             healer = None
@@ -397,7 +412,13 @@ def site_main(task: SiteTask) -> int:
                     recorder.write("resumed", site=env.site_rank, round=formed["resume_round"],
                                    step=restore["loop"]["step"])
             else:
-                admitted = client.await_admission()
+                try:
+                    admitted = client.await_admission()
+                except RunFinished:
+                    if wall_offset == 0:  # not back from a power outage: waiting to be admitted was the point
+                        raise
+                    result = None  # back from an outage after the others finished: nothing left to train
+                    break
                 generation, members, healer = admitted["gen"], admitted["members"], admitted.get("healer")
             checkpoints.store.launch = client.view.launch  # this start of the run, named by the coordinator
             comm = connect(config, env, site_pg, client, generation=generation, members=members,
@@ -439,16 +460,35 @@ def site_main(task: SiteTask) -> int:
             try:
                 result = train_loop(run_config, workload, strategy=strategy, comm=comm, recorder=recorder,
                                     site=env.site_rank, worker=worker, restore=restore, boundary=boundary,
-                                    module=module)
+                                    module=module, pace=pace, wall_offset=wall_offset)
             except Evicted as e:
                 recorder.write("evicted", site=env.site_rank, reason=str(e))
                 comm.close()
                 client.rejoin()  # a new session, as a site waiting to be admitted and healed
                 first = False
                 continue
+            except PowerOff as e:  # the grid cannot keep this site running: leave, wait for power, come back
+                recorder.write("power_off", site=env.site_rank, wall_s=e.wall, grid_hours=e.grid_hours,
+                               back_at_s=e.back_at, message=str(e))
+                comm.close()
+                client.leave(str(e))
+                if e.back_at is None:  # the trace never gives the power back: the run goes on without this site
+                    result = None
+                    break
+                time.sleep(max(0.0, e.back_at - e.wall))  # the run's training clock runs on meanwhile
+                pace.power.rejoin(e.back_at)
+                recorder.write("power_on", site=env.site_rank, wall_s=e.back_at,
+                               grid_hours=pace.power.grid_seconds(e.back_at) / 3600)
+                client.rejoin()
+                first, wall_offset = False, e.back_at
+                continue
             break
         else:
             raise RuntimeError(f"site {env.site_rank} was dropped from the run {MAX_REJOINS} times; giving up")
+        if result is None:  # left for good: its power did not come back, or came back after the run finished
+            recorder.write("left", site=env.site_rank, reason="its power did not return before the run finished")
+            client.close(reason="power")
+            return 0
 
         if env.site_rank == min(comm.observed_members) and (env.local_rank == 0 or comm.sharded):  # FSDP gathers
             from safetensors.torch import save_file
