@@ -456,6 +456,9 @@ def test_there_are_grid_configs():
 
 @pytest.mark.parametrize("path", GRID_CONFIGS, ids=lambda p: p.name)
 def test_grid_config_loads_and_its_dip_falls_inside_a_short_run(path):
+    """Each shipped example, stepped as a site trains (steps of 0.25 s): its event falls inside the first 90 s,
+    and at every step the draw is at or under the cap and within the ramp limit of the step before (a return
+    after an outage starts a new stretch; see the module's docstring)."""
     config = load_config(path)
     assert config.grid.on and config.grid.traces
     names = config.site_names()
@@ -466,11 +469,17 @@ def test_grid_config_loads_and_its_dip_falls_inside_a_short_run(path):
     # The interesting part of the trace lies within the first 90 training seconds: some site's setpoint
     # falls below its limit there.
     lows = []
+    ramp = config.grid.ramp_mw_per_min
     for pc in pcs:
-        t = 0.0
+        t, prev = 0.0, None
         while t < 90.0:
             sp = pc.begin_step(t)
             lows.append(sp.draw_mw < pc.site.limit_mw - 1e-9)
+            assert sp.draw_mw <= sp.cap_mw + 1e-9
+            if prev is not None and ramp is not None and sp.on:
+                minutes = (sp.grid_hours - prev.grid_hours) * 60
+                assert abs(sp.draw_mw - prev.draw_mw) <= ramp * minutes + 1e-9
+            prev = sp if sp.on else None
             if not sp.on:
                 pc.leave(t)
                 back = pc.back_at(t)
