@@ -17,9 +17,11 @@ stay fp32.
 
 Timekeeping (``train/timing.py``): ``compute`` is time spent in forward, backward, gradient averaging inside
 the site and the inner optimizer step (on GPUs the loop synchronizes once per step before reading the clock,
-so queued kernels are counted where they run); ``comm wait`` is time the loop was blocked on cross-site
-communication; evaluation and checkpoints pause the clock, so utilization = compute / training wall time is
-not diluted by measurement. The time comes from the cross-site collective's clock, so a test on a virtual
+so queued kernels are counted where they run); ``throttled`` is time a step is held back after it computes,
+so that it lasts what it would on a slower or power-capped site (``train/pace.py``: ``run.site_speeds``,
+``[grid]``); ``comm wait`` is time the loop was blocked on cross-site communication; evaluation and
+checkpoints pause the clock, so utilization = (compute + throttled) / training wall time is not diluted by
+measurement. The time comes from the cross-site collective's clock, so a test on a virtual
 clock checks it exactly.
 """
 

@@ -5,8 +5,8 @@ show live progress and still build a partial summary when a run is interrupted o
 Record kinds: ``start`` (again after a site is healed or resumed), ``step``, ``eval`` (the lowest member
 only), ``sync`` (one per cross-site transfer, numbered in ``transfer``), ``membership`` (sites left),
 ``rejected`` (an update the guards left out), ``retry`` (a sync tried again), ``healed``, ``admitted``,
-``evicted``, ``resumed``, ``fault``/``fault_due`` (injected faults), ``warning``, ``done``, ``error`` and
-``interrupted``.
+``evicted``, ``resumed``, ``fault``/``fault_due`` (injected faults), ``power_off``/``power_on`` (a site whose
+grid power failed and came back), ``left``, ``warning``, ``done``, ``error`` and ``interrupted``.
 """
 
 from __future__ import annotations

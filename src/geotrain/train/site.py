@@ -430,6 +430,7 @@ def site_main(task: SiteTask) -> int:
                 comm.healed_barrier(generation)
                 restore = unpack(blob)
                 seconds = time.time() - t0
+                restore["run_wall"] = float(restore.get("run_wall", 0.0)) + seconds  # the run went on meanwhile
                 if admitted.get("position") is not None and workload.load_data_state is not None:
                     workload.load_data_state(admitted["position"])  # go on where this site left off
                 client.event("healed", healed_from=healer, seconds=seconds, bytes=len(blob),

@@ -1,0 +1,258 @@
+"""Training within each site's power: the shipped grid examples, heterogeneous sites and power swings per sync.
+
+Three parts, each a set of real runs on this machine (every run's records are read back from its directory):
+
+* ``examples``: every ``configs/grid-*.toml``, logging every step. For each: the largest draw over cap and the
+  largest ramp over its limit at any step (A); tokens trained over the tokens the power trace allows (B: the
+  integral of each site's allowed speed, from the cap at each moment and no ramp, over the run); summed energy
+  against the integral of the logged draw (E); and the planner's prediction of time and energy from the run's own
+  step time (F, ``geotrain.summary.predict_from_summary``).
+* ``hetero``: 2 sites with speed factors [1, 0.25] (4 sites time-share 2 cores too much) on the demo GPT and
+  link: H-step rounds and time-based rounds, against 2 homogeneous sites at the same token budget. The fast
+  site's idle fraction (time waiting on the network over its wall time) and the eval loss (C).
+* ``swings``: the largest change of a site's draw around an outer sync (the draw while it computes against the
+  draw while it waits for the sync), for blocking DiLoCo and Streaming DiLoCo with overlap, under a grid with no
+  ramp limit; and what holding the draw through waits (a ramp limit) costs (G).
+
+    .venv/bin/python benchmarks/power_bench.py                  # all three parts
+    .venv/bin/python benchmarks/power_bench.py --parts hetero
+
+Writes ``benchmarks/results/DATE-power.md`` and ``DATE-power-*.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, command_line, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(name: str, out: Path, *, config: Path | None = None, values: dict[str, Any] | None = None) -> Path:
+    """One run (a config file and dotted settings); returns its directory. Kept and reused when run again."""
+    from geotrain.config import load_config
+    from geotrain.train.launch import launch
+
+    where = out / name
+    if (where / "summary.json").is_file() and json.loads((where / "summary.json").read_text()).get("ok"):
+        print(f"-- {name}: reusing {where}", flush=True)
+        return where
+    cfg = load_config(config, values={**(values or {}), "run.out": str(where)})
+    print(f"-- {name}: {config.name if config else ''} {json.dumps(values or {})}", flush=True)
+    outcome = launch(cfg, progress=False)
+    if outcome.exit_code != 0:
+        raise RuntimeError(f"{name} failed: {outcome.summary.get('error')}")
+    s = outcome.summary
+    print(f"   eval_loss {s['eval_loss']:.4f}  wall {s['wall_seconds']:.1f}s  utilization {s['utilization']:.3f}",
+          flush=True)
+    return where
+
+
+def records(where: Path) -> dict[int, list[dict[str, Any]]]:
+    from geotrain.summary import read_site_records
+
+    summary = json.loads((where / "summary.json").read_text())
+    return read_site_records(where, summary["sites"])
+
+
+def stretches(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A site's step records carrying power, cut where it left or restarted."""
+    pieces: list[list[dict[str, Any]]] = [[]]
+    for r in rows:
+        if r.get("kind") in ("power_off", "start") and pieces[-1]:
+            pieces.append([])
+        if r.get("kind") == "step" and "power_mw" in r:
+            pieces[-1].append(r)
+    return [p for p in pieces if p]
+
+
+# -- examples ------------------------------------------------------------------------------------------------
+
+
+def check_example(where: Path) -> dict[str, Any]:
+    from geotrain.config import config_from_tree
+    from geotrain.power import site_controllers
+    from geotrain.summary import predict_from_summary
+
+    summary = json.loads((where / "summary.json").read_text())
+    config = config_from_tree(json.loads((where / "config.json").read_text()))
+    grid = config.grid
+    ramp = grid.ramp_mw_per_min
+    recs = records(where)
+    over_cap, ramp_ratio = -math.inf, 0.0
+    logged, reported = 0.0, 0.0
+    for rows in recs.values():
+        for piece in stretches(rows):
+            for r in piece:
+                over_cap = max(over_cap, r["power_mw"] - r["cap_mw"])
+            for prev, r in zip(piece, piece[1:]):
+                if ramp:
+                    minutes = (r["grid_hours"] - prev["grid_hours"]) * 60
+                    if minutes > 0:
+                        ramp_ratio = max(ramp_ratio, abs(r["power_mw"] - prev["power_mw"]) / (ramp * minutes))
+                logged += r["power_mw"] * (r["run_s"] - prev["run_s"]) * grid.time_scale / 3600
+            reported += piece[-1]["energy_mwh"] - piece[0]["energy_mwh"]
+    # B: tokens the trace allows: each site at the speed its cap allows at each moment (no ramp), over the run
+    per_site = {e["site"]: e for e in summary["per_site"]}
+    controllers = site_controllers(config)
+    speeds = config.run.site_speeds or [1.0] * config.run.sites
+    end = max(float(e["wall_seconds"]) for e in per_site.values())
+    step_tokens = config.data.batch_size * config.model.seq_len * config.run.workers_per_site
+    allowed = trained = 0.0
+    for k, pc in enumerate(controllers):
+        rows = [r for r in recs.get(k, []) if r.get("kind") == "step"]
+        steps = sum(1 for r in rows)  # log_every = 1: one record per step trained
+        compute = sum(float(e["compute_seconds"]) for e in [per_site[k]]) / max(1, per_site[k]["steps"])
+        n = 2000
+        dt = end / n
+        f = 0.0
+        for i in range(n):
+            g = pc.grid_seconds((i + 0.5) * dt)
+            draw = min(pc.available_mw(g), pc.site.limit_mw)
+            active = pc.site.active_at(draw) if draw >= pc.threshold_mw else 0.0
+            f += speeds[k] * active * dt
+        allowed += f / compute * step_tokens
+        trained += steps * step_tokens
+    prediction = None
+    try:
+        prediction = predict_from_summary(summary)
+    except Exception as e:  # noqa: BLE001 - the table says what the planner could not do
+        prediction = {"error": f"{type(e).__name__}: {e}"}
+    return {"summary": summary, "over_cap_mw": over_cap, "ramp_ratio": ramp_ratio if ramp else None,
+            "energy_logged": logged, "energy_reported": reported, "energy_summary": summary.get("energy_mwh"),
+            "tokens_trained": trained, "tokens_allowed": allowed, "prediction": prediction}
+
+
+def examples(out: Path) -> tuple[str, list[Path]]:
+    rows = ["| example | max draw - cap (MW) | max ramp / limit | power used (B) | energy, summary (MWh) | "
+            "logged-draw integral / energy (E) | wall (s) | predicted wall (s) | predicted energy (MWh) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    plots = []
+    for path in sorted((ROOT / "configs").glob("grid-*.toml")):
+        where = run(path.stem, out, config=path, values={"run.log_every": 1})
+        c = check_example(where)
+        s, p = c["summary"], c["prediction"] or {}
+        ratio = c["energy_logged"] / c["energy_reported"] if c["energy_reported"] else math.nan
+        pw = p.get("wall_seconds") if isinstance(p, dict) else None
+        pe = p.get("energy_mwh") if isinstance(p, dict) else None
+        ramp = "no limit" if c["ramp_ratio"] is None else f"{c['ramp_ratio']:.3f}"
+        rows.append(f"| {path.name} | {c['over_cap_mw']:.3g} | {ramp} | "
+                    f"{c['tokens_trained'] / c['tokens_allowed']:.3f} | {s.get('energy_mwh') or math.nan:,.1f} | "
+                    f"{ratio:.4f} | {s['wall_seconds']:.1f} | {pw if pw is None else f'{pw:.1f}'} | "
+                    f"{pe if pe is None else f'{pe:,.1f}'} |")
+        if isinstance(p, dict) and "error" in p:
+            rows.append(f"|  | planner: {p['error']} | | | | | | | |")
+        plots.append(plot_power(where, RESULTS / f"power-{path.stem}.png"))
+    return "\n".join(rows), plots
+
+
+def plot_power(where: Path, dest: Path) -> Path:
+    """The report's power figure of the run (draw under cap per site), as a PNG beside the results."""
+    from geotrain.report.metrics import read_run
+    from geotrain.report.plots import power_png
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(power_png(read_run(where)))
+    return dest
+
+
+# -- heterogeneous sites -----------------------------------------------------------------------------------------
+
+
+HETERO = {"run.sites": 2, "run.tokens": 1_200_000, "run.log_every": 1, "model.n_layer": 2, "model.n_head": 4,
+          "model.d_model": 128, "model.seq_len": 128, "data.batch_size": 16, "wan.link": "2mbit/50ms",
+          "outer.sync_every": 50, "comm.overlap": True}
+
+
+def hetero(out: Path) -> str:
+    variants = {
+        "homogeneous-H50": {},
+        "hetero-H50": {"run.site_speeds": [1.0, 0.25]},
+        "hetero-timed-5s": {"run.site_speeds": [1.0, 0.25], "outer.sync_every_seconds": 5.0},
+    }
+    rows = ["| run | site speeds | rounds | fast site idle (comm wait / wall) | slow site idle | wall (s) | "
+            "tokens | eval loss | loss / homogeneous |", "|---|---|---|---|---|---|---|---|---|"]
+    base = None
+    for name, extra in variants.items():
+        s = json.loads((run(name, out, values={**HETERO, **extra}) / "summary.json").read_text())
+        sites = {e["site"]: e for e in s["per_site"]}
+        idle = [float(sites[k]["comm_seconds"]) / float(sites[k]["wall_seconds"]) for k in (0, 1)]
+        base = base or s["eval_loss"]
+        rows.append(f"| {name} | {extra.get('run.site_speeds', [1, 1])} | "
+                    f"{'T = 5 s' if 'outer.sync_every_seconds' in extra else 'H = 50'} | {idle[0]:.3f} | "
+                    f"{idle[1]:.3f} | {s['wall_seconds']:.1f} | {s['tokens']:,} | {s['eval_loss']:.4f} | "
+                    f"{s['eval_loss'] / base:.3f} |")
+    return "\n".join(rows)
+
+
+# -- swings --------------------------------------------------------------------------------------------------
+
+
+SWING = {**HETERO, "run.tokens": 600_000, "sites.power_cap_mw": 100, "grid.enabled": True}
+
+
+def swings(out: Path) -> str:
+    variants = {
+        "diloco-blocking": {"comm.overlap": False},
+        "streaming-overlap": {"run.algorithm": "streaming", "comm.codec": "int4"},
+        "diloco-blocking-ramp": {"comm.overlap": False, "grid.ramp_mw_per_min": 10.0},
+    }
+    rows = ["| run | syncs waited on | largest swing at a sync (MW) | median swing (MW) | smoothing energy (MWh) | "
+            "tokens / training second |", "|---|---|---|---|---|---|"]
+    for name, extra in variants.items():
+        values = {**SWING, **extra}
+        if values.get("run.algorithm") == "streaming":
+            values.pop("comm.overlap")
+        where = run(name, out, values=values)
+        s = json.loads((where / "summary.json").read_text())
+        from geotrain.config import config_from_tree
+        from geotrain.power import site_controllers
+
+        config = config_from_tree(json.loads((where / "config.json").read_text()))
+        pcs = site_controllers(config)
+        found = []
+        waited = 0
+        for k, rows_k in records(where).items():
+            steps = [r for r in rows_k if r.get("kind") == "step" and "power_mw" in r]
+            for prev, r in zip(steps, steps[1:]):
+                wait = r["comm_s"] - prev["comm_s"]
+                if wait > 1e-3 and r["outer_rounds"] > prev["outer_rounds"]:
+                    waited += 1
+                    # waiting, the site draws idle without a ramp limit, its setpoint with one
+                    during = r["power_mw"] if config.grid.ramp_mw_per_min else min(pcs[k].site.idle_mw, r["power_mw"])
+                    found.append(r["power_mw"] - during)
+        smoothing = sum(float(e.get("smoothing_mwh") or 0) for e in s["per_site"])
+        rows.append(f"| {name} | {waited} | {max(found, default=0.0):.1f} | "
+                    f"{statistics.median(found) if found else 0.0:.1f} | {smoothing:,.1f} | "
+                    f"{s['tokens'] / s['wall_seconds']:,.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="examples,hetero,swings")
+    p.add_argument("--out", default="runs/power-bench", help="where the runs are kept (reused when run again)")
+    args = p.parse_args()
+    out = Path(args.out)
+    parts = [x.strip() for x in args.parts.split(",")]
+    body = [f"# Training within each site's power\n\n`{command_line()}`\n"]
+    if "examples" in parts:
+        table, plots = examples(out)
+        body += ["## The shipped grid examples (A, B, E, F)\n", table, ""]
+        body += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    if "hetero" in parts:
+        body += ["## Heterogeneous sites: speed factors [1, 0.25] (C)\n", hetero(out), ""]
+    if "swings" in parts:
+        body += ["## Power swings at outer syncs (G)\n", swings(out), ""]
+    write_result("power" if parts == ["examples", "hetero", "swings"] else "power-" + "-".join(parts),
+                 "\n".join(body) + "\n")
+
+
+if __name__ == "__main__":
+    main()
