@@ -1,0 +1,195 @@
+"""The planner's prediction of a run under its sites' power and speeds (``geotrain.planner.power``): exact
+figures on small runs without a link (step times that are powers of two, so sums are exact), the controller's
+own integrals, the shipped grid examples, ``predict_from_summary`` and ``geotrain plan``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from geotrain.config import load_config
+from geotrain.errors import ConfigError
+from geotrain.planner.model import plan_spec, sync_comm
+from geotrain.planner.power import PowerPrediction, predict_power_run
+from geotrain.planner.simulate import heal_seconds
+from geotrain.power import site_controllers
+from geotrain.summary import predict_from_summary
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+GRID_EXAMPLES = sorted(CONFIGS.glob("grid-*.toml"))
+
+# No link (syncs and healing take no time), small sites without a cap (a fraction trace is of the full draw).
+BASE: dict[str, Any] = {"wan.link": "none", "sites.accelerators": 1000, "data.batch_size": 4, "model.seq_len": 32}
+STEP_TOKENS = 4 * 32  # one site's inner step
+
+
+def config(values: dict[str, Any]) -> Any:
+    return load_config(values=BASE | values)
+
+
+def test_one_site_without_power_is_steps_times_step_seconds():
+    cfg = config({"run.sites": 1, "run.tokens": 40 * STEP_TOKENS, "run.site_speeds": [1.0]})
+    out = predict_power_run(cfg, step_seconds=[0.25])
+    assert out.steps == 40 and out.wall_seconds == 40 * 0.25
+    (site,) = out.per_site
+    assert site.steps == 40 and site.tokens == 40 * STEP_TOKENS == out.tokens
+    assert site.throttled_seconds == 0 and site.utilization == 1.0
+    assert site.energy_mwh is None and out.energy_mwh is None  # no [grid]
+
+
+def test_half_of_the_power_range_doubles_the_time():
+    # idle_fraction 0: the draw is active x full, and a constant trace of half the full draw gives active 0.5
+    cfg = config({"run.sites": 1, "run.tokens": 40 * STEP_TOKENS, "grid.idle_fraction": 0.0,
+                  "grid.time_scale": 60.0, "grid.traces": [{"site": 0, "hours": [0], "values": [0.5]}]})
+    out = predict_power_run(cfg, step_seconds=[0.25])
+    (site,) = out.per_site
+    assert out.wall_seconds == 2 * 40 * 0.25
+    assert site.compute_seconds == 40 * 0.25 and site.throttled_seconds == 40 * 0.25
+    assert site.utilization == 1.0 and out.throttled_share == 0.5
+    full = site_controllers(cfg)[0].site.full_mw
+    assert site.peak_mw == 0.5 * full
+    assert site.energy_mwh == pytest.approx(0.5 * full * out.wall_seconds * 60.0 / 3600.0, rel=1e-12)
+
+
+def test_h_step_rounds_wait_for_the_slowest_site():
+    cfg = config({"run.sites": 2, "run.tokens": 2 * 40 * STEP_TOKENS, "outer.sync_every": 10,
+                  "run.site_speeds": [1.0, 0.25]})
+    out = predict_power_run(cfg, step_seconds=[0.25, 0.25])
+    assert out.steps == 40 and out.rounds == 4
+    assert out.wall_seconds == 40 * 1.0  # site1's steps last 0.25 / 0.25 s
+    fast, slow = out.per_site
+    assert fast.steps == slow.steps == 40
+    assert slow.throttled_seconds == 40 * 0.75 and slow.utilization == 1.0
+    assert fast.throttled_seconds == 0 and fast.utilization == 0.25
+
+
+def test_time_based_rounds_split_tokens_by_speed():
+    # Rounds of 10 s: site0 takes 40 steps of 0.25 s, site1 10 steps of 1 s; three rounds reach the budget.
+    budget = 3 * 50 * STEP_TOKENS
+    cfg = config({"run.sites": 2, "run.tokens": budget, "outer.sync_every_seconds": 10.0, "comm.overlap": False,
+                  "run.site_speeds": [1.0, 0.25]})
+    out = predict_power_run(cfg, step_seconds=[0.25, 0.25])
+    assert out.timed_rounds and out.rounds == 3
+    assert out.wall_seconds == 30.0
+    fast, slow = out.per_site
+    assert (fast.steps, slow.steps) == (120, 30)
+    assert fast.tokens == 4 * slow.tokens and out.tokens == budget
+
+
+def test_a_budget_between_rounds_shortens_the_last_round():
+    # 2.5 rounds of tokens: the third round lasts half of T, as training's rule says
+    cfg = config({"run.sites": 2, "run.tokens": 125 * STEP_TOKENS, "outer.sync_every_seconds": 10.0,
+                  "comm.overlap": False, "run.site_speeds": [1.0, 0.25]})
+    out = predict_power_run(cfg, step_seconds=[0.25, 0.25])
+    assert out.rounds == 3 and out.wall_seconds == 25.0
+    assert [s.steps for s in out.per_site] == [100, 25]
+
+
+def outage_config(**extra: Any) -> Any:
+    # 1 training second = 1 grid hour; site1 has no power from hour 2 to hour 4
+    return config({"run.sites": 2, "run.tokens": 2 * 24 * STEP_TOKENS, "outer.sync_every": 4, "comm.overlap": False,
+                   "grid.time_scale": 3600.0,
+                   "grid.traces": [{"site": "site1", "hours": [0, 2, 4], "values": [1.0, 0.0, 1.0],
+                                    "interpolate": "step"}]} | extra)
+
+
+def test_an_outage_stops_the_sites_tokens_and_energy_for_its_window():
+    out = predict_power_run(outage_config(), step_seconds=[0.25, 0.25])
+    assert out.wall_seconds == 6.0 and out.steps == 24
+    on, off = out.per_site
+    assert (on.steps, off.steps) == (24, 16)  # 8 steps of 0.25 s missed from 2 s to 4 s
+    assert off.tokens == on.tokens - 8 * STEP_TOKENS
+    assert off.power_offs == 1 and off.away_seconds == 2.0 and on.power_offs == 0
+    # both draw their full power whenever they are present: site1 for 4 of the 6 s
+    assert off.energy_mwh == pytest.approx(on.energy_mwh * 4.0 / 6.0, rel=1e-12)
+    assert on.energy_mwh == pytest.approx(on.peak_mw * 6.0, rel=1e-12)  # MW x s x 3600 / 3600
+
+
+def test_a_returning_site_waits_for_its_healing_and_so_does_the_run():
+    cfg = outage_config(**{"wan.link": "1gbit/10ms"})
+    out = predict_power_run(cfg, step_seconds=[0.25, 0.25])
+    spec = plan_spec(cfg)
+    heal = heal_seconds(spec, healer=0, joiner=1)
+    t = sync_comm(spec, members=[0, 1]).seconds
+    assert out.heal_seconds == heal and out.sync_seconds == t
+    # rounds of 1 s; each sync of both sites costs t, a sync of site0 alone nothing. site1 leaves at the start of
+    # its first step after hour 2 and is admitted at the first sync the members start after hour 4.
+    on, off = out.per_site
+    assert off.power_offs == 1 and on.steps == 24
+    assert off.steps < on.steps
+    syncs_with_both = math.ceil(out.wall_seconds)  # at most one per round
+    assert out.wall_seconds > 6.0 + heal
+    assert out.wall_seconds <= 6.0 + heal + syncs_with_both * t
+
+
+def test_energy_is_the_controllers_own_integral():
+    # one site under a linear dip and a ramp limit: replay its controller by hand, step by step
+    cfg = config({"run.sites": 1, "run.tokens": 60 * STEP_TOKENS, "grid.time_scale": 600.0, "grid.start_hours": 1.0,
+                  "grid.ramp_mw_per_min": 0.5,
+                  "grid.traces": [{"site": 0, "hours": [0, 1.5, 2.5, 24], "values": [1.0, 0.4, 1.0, 1.0],
+                                   "carbon": [400, 200, 300, 400]}]})
+    out = predict_power_run(cfg, step_seconds=[0.25])
+    pc = site_controllers(cfg)[0]
+    t = 0.0
+    for _ in range(60):
+        sp = pc.begin_step(t)
+        t += 0.25 / sp.active
+        pc.end_step(t, t)
+    (site,) = out.per_site
+    assert out.wall_seconds == t
+    assert (site.energy_mwh, site.peak_mw, site.carbon_kg, site.smoothing_mwh) == (
+        pc.energy_mwh, pc.peak_mw, pc.carbon_kg, pc.smoothing_mwh)
+    assert site.throttled_seconds > 0 and out.carbon_kg == pc.carbon_kg
+
+
+@pytest.mark.parametrize("path", GRID_EXAMPLES, ids=lambda p: p.stem)
+def test_each_shipped_grid_example_is_predicted(path):
+    cfg = load_config(path)
+    out = predict_power_run(cfg, step_seconds=[0.1] * cfg.run.sites)
+    assert math.isfinite(out.wall_seconds) and out.wall_seconds > out.steps * 0.1
+    assert out.energy_mwh is not None and math.isfinite(out.energy_mwh) and out.energy_mwh > 0
+    assert all(math.isfinite(s.peak_mw) and s.tokens > 0 for s in out.per_site)
+    offs = [s.power_offs for s in out.per_site]
+    assert offs == ([0, 1] if path.stem == "grid-outage" else [0, 0])
+
+
+def test_grid_examples_are_shipped():
+    assert {p.stem for p in GRID_EXAMPLES} >= {"grid-outage", "grid-curtailment", "grid-summer-afternoon"}
+
+
+def test_predict_from_summary_plays_a_power_run_from_its_measured_steps():
+    cfg = load_config(CONFIGS / "grid-curtailment.toml")
+    direct = predict_power_run(cfg, step_seconds=[0.1, 0.2], steps=292)
+    summary = {"config": cfg.to_dict(), "sites": 2, "steps": 292, "auto_settings": [],
+               "per_site": [{"compute_seconds": 29.2, "steps": 292, "steps_trained": 292},
+                            {"compute_seconds": 11.6, "steps": 292, "steps_trained": 58}]}  # healed: 58 steps since
+    out = predict_from_summary(summary)
+    assert isinstance(out, PowerPrediction)
+    assert out.wall_seconds == pytest.approx(direct.wall_seconds, rel=1e-12)
+    assert out.energy_mwh == pytest.approx(direct.energy_mwh, rel=1e-12)
+    assert 0 < out.utilization <= 1
+
+
+def test_bad_step_seconds_and_streaming_are_refused():
+    cfg = outage_config()
+    with pytest.raises(ConfigError, match="step_seconds"):
+        predict_power_run(cfg, step_seconds=[0.25])
+    with pytest.raises(ConfigError, match="step_seconds"):
+        predict_power_run(cfg, step_seconds=[0.25, -1.0])
+    streaming = outage_config(**{"run.algorithm": "streaming", "streaming.overlap_steps": 1})
+    with pytest.raises(ConfigError, match="run.algorithm"):
+        predict_power_run(streaming, step_seconds=[0.25, 0.25])
+
+
+def test_geotrain_plan_shows_the_power_prediction(capsys):
+    from geotrain.cli import main
+
+    assert main(["plan", "--config", str(CONFIGS / "grid-outage.toml"), "--step-seconds", "0.1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    power = out["power"]
+    assert power["time_to_train_seconds"] > 0 and power["per_site"][1]["power_offs"] == 1
+    assert power["energy_mwh"] == pytest.approx(sum(s["energy_mwh"] for s in power["per_site"]))
