@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from geotrain.algorithms.timing import predict_run
 from geotrain.config import load_config
 from geotrain.errors import ConfigError
 from geotrain.planner.model import plan_spec, sync_comm
@@ -87,6 +88,21 @@ def test_a_budget_between_rounds_shortens_the_last_round():
     out = predict_power_run(cfg, step_seconds=[0.25, 0.25])
     assert out.rounds == 3 and out.wall_seconds == 25.0
     assert [s.steps for s in out.per_site] == [100, 25]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("steps", [100, 95, 7])
+@pytest.mark.parametrize("step_seconds", [[0.1, 0.1], [0.1, 0.3]])
+def test_at_full_power_and_speed_it_is_the_timing_model(overlap, steps, step_seconds):
+    # speeds of 1 turn the prediction on without changing a step: blocking and overlapped syncs over a link, a
+    # short last round, a straggler, as geotrain.algorithms.timing predicts them
+    cfg = load_config(values={"run.sites": 2, "wan.link": "8mbit/10ms", "outer.sync_every": 10,
+                              "comm.overlap": overlap, "run.site_speeds": [1.0, 1.0]})
+    out = predict_power_run(cfg, step_seconds=step_seconds, steps=steps, payloads=[1_000_000])
+    timing = predict_run(cfg, payloads=[1_000_000], steps=steps, step_seconds=step_seconds)
+    assert out.wall_seconds == pytest.approx(timing.wall_seconds, rel=1e-12)
+    assert out.utilization == pytest.approx(timing.utilization, rel=1e-12)
+    assert out.rounds == timing.syncs and out.sync_seconds == timing.comm_seconds_per_sync
 
 
 def outage_config(**extra: Any) -> Any:
