@@ -125,21 +125,25 @@ def test_an_outage_stops_the_sites_tokens_and_energy_for_its_window():
     assert on.energy_mwh == pytest.approx(on.peak_mw * 6.0, rel=1e-12)  # MW x s x 3600 / 3600
 
 
-def test_a_returning_site_waits_for_its_healing_and_so_does_the_run():
-    cfg = outage_config(**{"wan.link": "1gbit/10ms"})
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_returning_site_is_admitted_when_the_members_learn_of_it(overlap):
+    # rounds of 1 s (4 steps of 0.25 s) and syncs of t: site1 leaves at the step that starts at 2 + 2t and its
+    # power is back at 4 s. The quorum of the sync that starts at 4 + 2t sees it waiting. Blocking, the members
+    # learn it when that sync lands and heal it at once; site1 trains rounds 5 and 6 (16 steps in all).
+    # Overlapped, they learn it when they wait for that sync at the end of round 5, drain round 5's sync and
+    # heal it; site1 trains round 6 only (12 steps), and the last sync is exposed.
+    cfg = outage_config(**{"wan.link": "1gbit/10ms", "comm.overlap": overlap})
     out = predict_power_run(cfg, step_seconds=[0.25, 0.25])
     spec = plan_spec(cfg)
-    heal = heal_seconds(spec, healer=0, joiner=1)
-    t = sync_comm(spec, members=[0, 1]).seconds
-    assert out.heal_seconds == heal and out.sync_seconds == t
-    # rounds of 1 s; each sync of both sites costs t, a sync of site0 alone nothing. site1 leaves at the start of
-    # its first step after hour 2 and is admitted at the first sync the members start after hour 4.
+    heal, t = heal_seconds(spec, healer=0, joiner=1), sync_comm(spec, members=[0, 1]).seconds
     on, off = out.per_site
-    assert off.power_offs == 1 and on.steps == 24
-    assert off.steps < on.steps
-    syncs_with_both = math.ceil(out.wall_seconds)  # at most one per round
-    assert out.wall_seconds > 6.0 + heal
-    assert out.wall_seconds <= 6.0 + heal + syncs_with_both * t
+    assert on.steps == 24 and off.power_offs == 1
+    if overlap:
+        assert off.steps == 12 and off.away_seconds == pytest.approx(3.0 + heal, rel=1e-12)
+        assert out.wall_seconds == pytest.approx(6.0 + heal + t, rel=1e-12)
+    else:
+        assert off.steps == 16 and off.away_seconds == pytest.approx(2.0 + heal, rel=1e-12)
+        assert out.wall_seconds == pytest.approx(6.0 + 4 * t + heal, rel=1e-12)
 
 
 def test_energy_is_the_controllers_own_integral():

@@ -23,8 +23,11 @@ run forward step by step, with the definitions training uses:
   overlapped one a round later.
 * **Outages.** A step whose setpoint cannot keep the site training (``on`` False) is not computed: the site
   leaves (``leave``), the others go on without it, and its work since the last sync is not part of that sync.
-  At ``back_at`` it is powered again (``rejoin``, drawing idle), and it joins at the first sync the members
-  start once it is back: syncs in flight are drained, the lowest live site sends it its state
+  At ``back_at`` it is powered again (``rejoin``, drawing idle) and waits to be admitted, as
+  ``geotrain.comm.collectives`` does it: the quorum of the first sync that starts once it is back sees it
+  waiting, and the members learn so when they wait for that sync (blocking: as it lands; overlapped: at the
+  end of the next round). There they drain the sync in flight (whose quorum, overlapped, saw the joiner too,
+  so the next sync point drains once more), the lowest live site sends the joiner its state
   (``geotrain.planner.simulate.heal_seconds``, the cost the WAN emulator charges) while every site waits, and
   it trains on from the run's step. A site whose power never comes back stays out; if every site is out, the
   run waits for the first one back, which goes on alone without healing.
@@ -285,6 +288,8 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
 
     run_steps = 0  # H-step rounds: the loop's step index
     in_flight: float | None = None  # landing time of an overlapped sync
+    in_flight_admits = False  # its quorum saw a site waiting to join
+    admission_due = False  # the members admit at this sync point
     counted_tokens, counted_rounds, last_total = 0.0, 0, 0.0
     unsettled: list[float] = []
     length = timed
@@ -304,7 +309,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                     power_back(j)
                     s.away += t0 - s.left_at
                     s.t, s.present, s.back = t0, True, None
-            in_flight = None
+            in_flight, in_flight_admits, admission_due = None, False, False
             continue
         for i in members:
             sites[i].round_steps = 0
@@ -329,7 +334,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                     close(i, sites[i].t)
         live = [i for i in members if sites[i].present]
         if not live:
-            in_flight = None
+            in_flight, in_flight_admits, admission_due = None, False, False
             continue
         rounds += 1
         ends = [sites[i].t for i in live]
@@ -348,34 +353,39 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                                         counted_rounds=counted_rounds, rounds_in_flight=len(unsettled),
                                         last_total=last_total)
             last = length is None
+        # A sync's quorum, as it starts, sees whether a site is waiting to join; the members learn it when they
+        # wait for that sync (blocking: now; overlapped: at the end of the next round, or when it is drained).
+        waiting = any(not x.present and x.back is not None and x.back <= begin for x in sites)
         if overlap and not last:
             for i in live:
                 close(i, sites[i].t if in_flight is None else max(sites[i].t, in_flight))
-            in_flight = land
+            admission_due = admission_due or in_flight_admits
+            in_flight, in_flight_admits = land, waiting
         else:
             for i in live:
                 close(i, land)
-            in_flight = None
+            admission_due = admission_due or in_flight_admits or waiting
+            in_flight, in_flight_admits = None, False
         if last:
             wall = land
             break
-        # Sites whose power is back by the time the members meet join here, healed by the lowest live site.
-        joiners = [j for j, s in enumerate(sites) if not s.present and s.back is not None and s.back <= begin]
-        if joiners:
-            resume = max(sites[i].t for i in live)
-            if in_flight is not None:  # syncs in flight are drained before an admission
-                resume = max(resume, in_flight)
-                in_flight = None
+        if admission_due:  # the members drain what is in flight, then the coordinator admits who waits now
+            admission_due = False
+            now = max(sites[i].t for i in live)
+            if in_flight is not None:
+                now = max(now, in_flight)
+                admission_due = in_flight_admits  # observed while draining: the next sync point admits again
+                in_flight, in_flight_admits = None, False
+            joiners = [j for j, x in enumerate(sites) if not x.present and x.back is not None and x.back <= now]
             heal = sum(heal_seconds(spec, healer=live[0], joiner=j, nbytes=heal_bytes) for j in joiners)
             healing += heal
-            resume += heal
             for j in joiners:
                 power_back(j)
-                s = sites[j]
-                s.away += resume - s.left_at
-                s.present, s.back = True, None
+                x = sites[j]
+                x.away += now + heal - x.left_at
+                x.present, x.back = True, None
             for i in live + joiners:
-                sites[i].t = resume
+                sites[i].t = now + heal
     else:
         raise ConfigError(f"the run takes more than {_MAX_ROUNDS:,} rounds, too many to play one by one",
                           field="run.tokens")
