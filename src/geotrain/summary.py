@@ -7,7 +7,9 @@ interrupted or failed run still gets a valid partial summary (``ok: false``).
 
 Every emulated run also checks the planner's timing model: ``predicted_utilization`` comes from the
 algorithm's own definition (``geotrain.algorithms.timing.predict_run``) with the run's measured compute per
-step, and the calibration benchmark compares it with the measured ``utilization``. No torch here.
+step, and the calibration benchmark compares it with the measured ``utilization``. A run with ``[grid]`` or
+``run.site_speeds`` takes it from the planner's step-by-step prediction under its power and speeds
+(``geotrain.planner.power``). No torch here.
 """
 
 from __future__ import annotations
