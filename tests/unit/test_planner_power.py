@@ -213,3 +213,16 @@ def test_geotrain_plan_shows_the_power_prediction(capsys):
     power = out["power"]
     assert power["time_to_train_seconds"] > 0 and power["per_site"][1]["power_offs"] == 1
     assert power["energy_mwh"] == pytest.approx(sum(s["energy_mwh"] for s in power["per_site"]))
+
+
+def test_a_run_too_long_to_play_is_refused_at_once_and_the_plan_says_so(capsys):
+    from geotrain.cli import main
+    from geotrain.planner.power import MAX_SITE_STEPS
+
+    cfg = config({"run.sites": 2, "run.tokens": 2 * MAX_SITE_STEPS * STEP_TOKENS, "run.site_speeds": [1.0, 0.5]})
+    with pytest.raises(ConfigError, match="run.tokens"):
+        predict_power_run(cfg, step_seconds=[0.25, 0.25])
+    plan = str(CONFIGS / "plan-three-datacenters.toml")
+    assert main(["plan", "--config", plan, "--set", "run.site_speeds=[1.0, 0.5, 1.0]", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "power" not in out and any("no prediction under power and speeds" in n for n in out["notes"])

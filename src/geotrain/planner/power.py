@@ -235,6 +235,11 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
     total_steps = int(steps) if steps is not None else spec.model.steps
     if total_steps < 1:
         raise ConfigError(f"needs at least one inner step, got {total_steps}", field="steps")
+    expected = total_steps * k if timed is None else cfg.run.tokens / min(step_tokens)
+    if expected > MAX_SITE_STEPS:
+        raise ConfigError(f"the run is about {expected:,.0f} inner steps over its sites, more than the "
+                          f"{MAX_SITE_STEPS:,} a prediction plays step by step; plan fewer tokens or a larger batch "
+                          "(its constant-speed figures stand in the plan)", field="run.tokens")
     heal_bytes = heal_state_bytes(cfg, spec.model.layout)
 
     comm_cache: dict[tuple[int, ...], float] = {}
