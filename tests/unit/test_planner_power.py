@@ -146,6 +146,20 @@ def test_a_returning_site_is_admitted_when_the_members_learn_of_it(overlap):
         assert out.wall_seconds == pytest.approx(6.0 + 4 * t + heal, rel=1e-12)
 
 
+def test_with_min_sites_the_sync_waits_for_the_site_to_come_back():
+    # site1 leaves at 2 s; site0 computes round 3 alone, its sync's quorum waits until site1 is back at 4 s, and
+    # both train rounds 4 to 6
+    out = predict_power_run(outage_config(**{"membership.min_sites": 2}), step_seconds=[0.25, 0.25])
+    on, off = out.per_site
+    assert out.wall_seconds == 7.0
+    assert (on.steps, off.steps) == (24, 20) and off.away_seconds == 2.0
+    assert on.utilization == 6.0 / 7.0
+    never = outage_config(**{"membership.min_sites": 2, "grid.traces": [
+        {"site": "site1", "hours": [0, 2], "values": [1.0, 0.0], "interpolate": "step"}]})
+    with pytest.raises(ConfigError, match="membership.min_sites"):
+        predict_power_run(never, step_seconds=[0.25, 0.25])
+
+
 def test_energy_is_the_controllers_own_integral():
     # one site under a linear dip and a ramp limit: replay its controller by hand, step by step
     cfg = config({"run.sites": 1, "run.tokens": 60 * STEP_TOKENS, "grid.time_scale": 600.0, "grid.start_hours": 1.0,

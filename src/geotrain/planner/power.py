@@ -29,8 +29,9 @@ run forward step by step, with the definitions training uses:
   end of the next round). There they drain the sync in flight (whose quorum, overlapped, saw the joiner too,
   so the next sync point drains once more), the lowest live site sends the joiner its state
   (``geotrain.planner.simulate.heal_seconds``, the cost the WAN emulator charges) while every site waits, and
-  it trains on from the run's step. A site whose power never comes back stays out; if every site is out, the
-  run waits for the first one back, which goes on alone without healing.
+  it trains on from the run's step. With fewer live sites than ``membership.min_sites`` a sync's quorum waits
+  until enough are back. A site whose power never comes back stays out; if every site is out, the run waits
+  for the first one back, which goes on alone without healing.
 
 Left out: the re-forming of the cross-site group (round trips to the coordinator, which an emulated run on one
 machine does not pay over its emulated links), evaluation and checkpoints, and noise. Streaming DiLoCo, whose
@@ -241,6 +242,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                           f"{MAX_SITE_STEPS:,} a prediction plays step by step; plan fewer tokens or a larger batch "
                           "(its constant-speed figures stand in the plan)", field="run.tokens")
     heal_bytes = heal_state_bytes(cfg, spec.model.layout)
+    min_sites = min(cfg.membership.min_sites, k)
 
     comm_cache: dict[tuple[int, ...], float] = {}
 
@@ -345,6 +347,13 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
         ends = [sites[i].t for i in live]
         t_sync = comm(tuple(live))
         begin = max(ends) if in_flight is None else max(max(ends), in_flight)  # the link carries one at a time
+        short = min_sites - len(live)
+        if short > 0:  # the quorum waits until enough sites are back to make up membership.min_sites
+            backs = sorted(x.back for x in sites if not x.present and x.back is not None)
+            if len(backs) < short:
+                raise ConfigError(f"the run stops: {len(live)} sites are left and their power does not bring back "
+                                  f"the {short} more it needs", field="membership.min_sites")
+            begin = max(begin, backs[short - 1])
         land = begin + t_sync
         if timed is None:
             last = run_steps >= total_steps
