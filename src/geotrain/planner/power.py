@@ -57,6 +57,7 @@ from geotrain.config import Config
 from geotrain.errors import ConfigError
 from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
 from geotrain.planner.simulate import heal_seconds, heal_state_bytes
+from geotrain.power import site_controllers
 
 __all__ = ["MAX_SITE_STEPS", "PowerPrediction", "SitePrediction", "models_power", "predict_power_run"]
 
@@ -227,8 +228,6 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
     numel = round(sum(payloads) / len(payloads)) if payloads else pattern.mean_payload
     c = site_step_seconds(spec)
     speeds = [float(v) for v in cfg.run.site_speeds] if cfg.run.site_speeds else [1.0] * k
-    from geotrain.power import site_controllers
-
     pcs = site_controllers(cfg) or [None] * k
     step_tokens = [spec.model.batch_tokens * share for share in spec.shares()]
     timed = cfg.outer.sync_every_seconds if algorithm.timed_rounds else None
