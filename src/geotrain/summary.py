@@ -7,7 +7,9 @@ interrupted or failed run still gets a valid partial summary (``ok: false``).
 
 Every emulated run also checks the planner's timing model: ``predicted_utilization`` comes from the
 algorithm's own definition (``geotrain.algorithms.timing.predict_run``) with the run's measured compute per
-step, and the calibration benchmark compares it with the measured ``utilization``. No torch here.
+step, and the calibration benchmark compares it with the measured ``utilization``. A run with ``[grid]`` or
+``run.site_speeds`` takes it from the planner's step-by-step prediction under its power and speeds
+(``geotrain.planner.power``). No torch here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from geotrain.files import write_text_atomic
 __all__ = [
     "build_summary",
     "measured_jitter",
+    "measured_site_step_seconds",
     "measured_step_seconds",
     "merge_metrics",
     "predict_from_summary",
@@ -373,27 +376,76 @@ def measured_jitter(summary: Mapping[str, Any]) -> float:
     return sum(cvs) / len(cvs) if cvs else 0.0
 
 
+def measured_site_step_seconds(summary: Mapping[str, Any]) -> list[float]:
+    """Each site's compute seconds per inner step at full speed: ``per_site[k].compute_seconds`` over the steps
+    that site's last process trained (``per_site[k].steps_trained``; its ``steps``, or the run's ``steps``,
+    when the summary has no such figure). A site healed after an outage counts its compute and its steps from
+    its return, so the quotient holds for it too. Held-back (throttled) time is not compute."""
+    from geotrain.errors import ConfigError
+
+    sites = summary.get("per_site") or []
+    out = []
+    for s in sites:
+        steps = next((int(v) for v in (s.get("steps_trained"), s.get("steps"), summary.get("steps"))
+                      if _is_number(v) and v > 0), 0)
+        if steps < 1 or not _is_number(s.get("compute_seconds")) or s["compute_seconds"] <= 0:
+            raise ConfigError("the run summary has no compute time or no steps for a site", field="per_site")
+        out.append(float(s["compute_seconds"]) / steps)
+    if not out:
+        raise ConfigError("the run summary has no per-site compute times", field="per_site")
+    return out
+
+
 def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float] | None = None,
                          jitter: float | None = None) -> Any:
-    """What the timing model predicts for the emulated run ``summary`` describes, from its measured compute
-    per step and spread (or the given ones): a ``geotrain.algorithms.timing.RunTiming``, or None for a run
-    without an emulated link, with one site, or without a finished measurement."""
+    """What the planner predicts for the emulated run ``summary`` describes: the one entry point for setting a
+    finished run beside its prediction. Both predictions take from the summary the run's configuration
+    (``config``), the settings it chose itself (``auto_settings``), the values of each sync as its strategy sent
+    them (``sync_payloads``) and its inner steps (``steps``).
+
+    * A run whose configuration paces its sites (``[grid]`` on, or ``run.site_speeds``) is played step by step
+      under its power and speeds (``geotrain.planner.power.predict_power_run``), from each site's measured
+      compute per inner step at full speed (:func:`measured_site_step_seconds`:
+      ``per_site[k].compute_seconds / per_site[k].steps_trained``). It returns a
+      ``geotrain.planner.power.PowerPrediction``: ``wall_seconds``, ``utilization``, ``tokens``, and per site
+      ``tokens``, ``throttled_seconds``, ``utilization``, ``energy_mwh``, ``peak_mw``, ``carbon_kg``, to set beside
+      the summary's ``wall_seconds``, ``utilization``, ``tokens``, ``energy_mwh`` and ``per_site``. This covers
+      one site and runs without an emulated link too; an algorithm it does not cover (Streaming DiLoCo) falls
+      back to the timing model below.
+    * Otherwise the timing model (``geotrain.algorithms.timing.predict_run``) from each site's measured
+      compute per step (``per_site[*].compute_seconds / steps``, the slowest gating every synchronous point)
+      and the spread between sync points (``jitter``: the mean of ``per_site[*].round_compute_cv``), and
+      whether a wall-time budget stopped the run (``stopped_early``): a ``RunTiming``, or None for a run
+      without an emulated link or with one site.
+
+    ``step_seconds`` and ``jitter`` replace the measured figures. None also when the summary lacks the
+    measurements (a run that failed early)."""
     from geotrain.algorithms.timing import predict_run
     from geotrain.config import load_config
     from geotrain.errors import ConfigError
 
     tree = summary.get("config")
-    if not isinstance(tree, dict) or (summary.get("sites") or 0) < 2:
+    if not isinstance(tree, dict):
         return None
     try:
         config = load_config(values={k: v for k, v in tree.items()})
-        if not config.topology().emulated:
-            return None
         # the settings the run chose itself, as its start record says
         chosen = {a["key"]: a["value"] for a in summary.get("auto_settings") or [] if isinstance(a, dict)}
         config = config.updated(chosen) if chosen else config
         steps = int(summary.get("steps") or 0)
         if steps < 1:
+            return None
+        from geotrain.planner.power import models_power, predict_power_run
+
+        if models_power(config):
+            per_site = step_seconds if step_seconds is not None else measured_site_step_seconds(summary)
+            try:
+                return predict_power_run(config, step_seconds=per_site, payloads=summary.get("sync_payloads"),
+                                         steps=steps)
+            except ConfigError as e:
+                if e.field != "run.algorithm":
+                    raise
+        if (summary.get("sites") or 0) < 2 or not config.topology().emulated:
             return None
         per_site = step_seconds if step_seconds is not None else measured_step_seconds(summary, per_site=True)
         return predict_run(config, payloads=summary.get("sync_payloads"), steps=steps, step_seconds=per_site,
@@ -401,7 +453,7 @@ def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float
                            stopped_early=bool(summary.get("stopped_early")))
     except ConfigError:
         return None  # a run without the measurements (one that failed early)
-    except (KeyError, TypeError, ValueError) as e:  # a summary from another version; the run's own figures stand
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a summary from another version: no prediction
         print(f"warning: no predicted utilization for this run ({type(e).__name__}: {e})", file=sys.stderr)
         return None
 

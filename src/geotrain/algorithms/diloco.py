@@ -19,11 +19,28 @@ if TYPE_CHECKING:
     from geotrain.algorithms.strategies.base import Strategy, StrategyContext
     from geotrain.config import Config
 
-__all__ = ["DiLoCo", "OVERLAP_THRESHOLD"]
+__all__ = ["DiLoCo", "OVERLAP_THRESHOLD", "timed_round_length"]
 
 OVERLAP_THRESHOLD = 0.02
 """Left unset, overlap is turned on when a blocking transfer would stall more than this share of a round's
 compute: below it the one-round delay of the update is not worth the time it saves."""
+
+
+def timed_round_length(*, seconds: float, budget: float, counted_tokens: float, counted_rounds: int,
+                       rounds_in_flight: int, last_total: float) -> float | None:
+    """Time-based rounds (``outer.sync_every_seconds``): how long the next round lasts, or None when the run
+    is over. ``counted_tokens`` are the global tokens of the ``counted_rounds`` rounds whose token sums are
+    known; ``rounds_in_flight`` more have been sent but not counted (overlapped rounds: one), and each is
+    projected at ``last_total``, the newest counted round's global tokens. The run ends at the first round
+    whose projected total reaches ``budget``; a round that would overshoot it is shortened in proportion.
+    Before any round is counted every round lasts ``seconds``. The training strategy
+    (``geotrain.algorithms.strategies.rounds``) and the planner's power-aware prediction both decide with this."""
+    projected = counted_tokens + rounds_in_flight * last_total
+    if counted_rounds > 0 and projected >= budget:
+        return None
+    if counted_rounds > 0 and projected + last_total > budget:
+        return seconds * (budget - projected) / last_total
+    return seconds
 
 
 class DiLoCo(Algorithm):

@@ -215,7 +215,7 @@ SUMMARY_ROWS: list[_Row] = [
     ("Peak WAN bandwidth", "peak_bandwidth_bps", fmt_bandwidth, _int_title),
     ("Wall time", "wall_seconds", fmt_seconds, _seconds_title),
     ("Utilization (mean over sites)", "utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
-    ("Predicted utilization (timing model)", "predicted_utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
+    ("Predicted utilization (planner)", "predicted_utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
     ("Parameters SHA-256", "params_sha256", _plain, None),
 ]
 

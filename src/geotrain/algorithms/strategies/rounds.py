@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from geotrain.algorithms.diloco import timed_round_length
+
 __all__ = ["TimedRounds", "TokenWeighted"]
 
 
@@ -116,13 +118,13 @@ class TimedRounds:
             self.known_tokens += int(round(total))
             self.known_round += 1
             self.last_total, self.last_own = float(total), own
-        projected = self.known_tokens + len(self.unsettled) * self.last_total
-        if self.known_round > 0 and projected >= self.budget:
+        length = timed_round_length(seconds=self.seconds, budget=self.budget, counted_tokens=self.known_tokens,
+                                    counted_rounds=self.known_round, rounds_in_flight=len(self.unsettled),
+                                    last_total=self.last_total)
+        if length is None:
             self.finished = True
-        elif self.known_round > 0 and projected + self.last_total > self.budget:
-            self.length = self.seconds * (self.budget - projected) / self.last_total
         else:
-            self.length = self.seconds
+            self.length = length
         self.round_steps = 0
         self.round_start = self.wall() if self.wall is not None else None
 
