@@ -490,3 +490,53 @@ def test_grid_config_loads_and_its_dip_falls_inside_a_short_run(path):
             pc.end_step(t + 0.25, t + 0.25)
             t += 0.25
     assert any(lows)
+
+
+class _FakeNvml:
+    """NVML's calls as ``pynvml`` names them, on one board of 100-700 W whose limit may be set or refused."""
+
+    def __init__(self, *, refuse: bool = False) -> None:
+        self.limit, self.refuse, self.sets = 700_000, refuse, []
+
+    def nvmlInit(self):  # noqa: N802 - NVML's names
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802
+        return index
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle):  # noqa: N802
+        return 100_000, 700_000
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle):  # noqa: N802
+        return self.limit
+
+    def nvmlDeviceGetPowerUsage(self, handle):  # noqa: N802
+        return 432_100
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle, mw):  # noqa: N802
+        if self.refuse:
+            raise PermissionError("Insufficient Permissions")
+        self.limit = mw
+        self.sets.append(mw)
+
+
+def test_nvml_limits_the_board_to_the_controllers_share_and_gives_it_back():
+    from geotrain.power.nvml import GpuPower
+    from geotrain.train.pace import Pace
+
+    nvml = _FakeNvml()
+    gpu = GpuPower.open(0, nvml=nvml)
+    assert gpu.watts() == 432.1
+    assert gpu.apply(0.5) and nvml.limit == 400_000  # half of 100-700 W
+    assert gpu.apply(0.5) and nvml.sets == [400_000]  # unchanged: not set again
+    pace = Pace(speed=0.5, gpu=gpu, power=None)
+    pace.close()
+    assert nvml.limit == 700_000  # the board's own limit again
+
+
+def test_nvml_refusing_a_limit_falls_back_to_holding_steps_back():
+    from geotrain.power.nvml import GpuPower
+
+    gpu = GpuPower.open(0, nvml=_FakeNvml(refuse=True))
+    assert not gpu.apply(0.3) and not gpu.limiting and "Permission" in gpu.refusal
+    assert GpuPower.open(0, nvml=object()) is None  # no NVML: nothing to do

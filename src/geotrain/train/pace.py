@@ -44,11 +44,15 @@ class Pace:
     """One worker's pacing: ``speed`` (the site's factor) and ``power`` (a ``geotrain.power.PowerController``
     or None). Without either it does nothing (factor 1, no hold)."""
 
-    def __init__(self, *, speed: float = 1.0, power: Any = None, site_pg: Any = None, workers: int = 1) -> None:
+    def __init__(self, *, speed: float = 1.0, power: Any = None, site_pg: Any = None, workers: int = 1,
+                 gpu: Any = None) -> None:
         if not 0 < speed <= 1:
             raise ValueError(f"a speed factor lies in (0, 1], got {speed}")
         self.speed = float(speed)
         self.power = power
+        self.gpu = gpu
+        """This worker's GPU (``geotrain.power.nvml.GpuPower``) on CUDA with NVML: the board's power limit
+        follows the controller, so the hardware slows itself instead of the step being held back."""
         self.site_pg, self.workers = site_pg, workers
         self.step: Any = None
         """The power controller's decision for the current step (``StepPower``), None without power."""
@@ -74,7 +78,8 @@ class Pace:
         if not self.step.on:
             self.power.leave(wall)
             raise PowerOff(wall=wall, grid_hours=self.step.grid_hours, back_at=self.power.back_at(wall))
-        self.factor = self.speed * self.step.active
+        limited = self.gpu is not None and self.gpu.apply(self.step.active)
+        self.factor = self.speed if limited else self.speed * self.step.active
 
     def hold(self, compute_seconds: float) -> float:
         """Seconds to hold the step back after ``compute_seconds`` of compute, so that it lasts compute / factor."""
@@ -95,8 +100,16 @@ class Pace:
         if self.power is None or self.step is None:
             return {"speed": self.speed} if self.speed < 1 else {}
         s, p = self.step, self.power
-        return {"power_mw": s.draw_mw, "cap_mw": s.cap_mw, "energy_mwh": p.energy_mwh, "grid_hours": s.grid_hours,
-                "active": s.active, "speed": self.speed, "run_s": run_s}
+        out = {"power_mw": s.draw_mw, "cap_mw": s.cap_mw, "energy_mwh": p.energy_mwh, "grid_hours": s.grid_hours,
+               "active": s.active, "speed": self.speed, "run_s": run_s}
+        if self.gpu is not None:  # what the board itself draws, and whether its limit follows the controller
+            out.update(gpu_watts=self.gpu.watts(), gpu_limited=self.gpu.limiting)
+        return out
+
+    def close(self) -> None:
+        """Give the GPU its power limit back."""
+        if self.gpu is not None:
+            self.gpu.close()
 
     def state_dict(self) -> dict[str, Any] | None:
         """The power controller's counters (energy so far), for a checkpoint."""

@@ -324,8 +324,15 @@ def _site_pace(config: Any, env: Any, site_pg: Any) -> Any:
 
     speeds = config.run.site_speeds or [1.0] * config.run.sites
     controllers = site_controllers(config)
+    gpu = None
+    if controllers and config.run.device == "cuda":  # NVML limits the board's power (power/nvml.py)
+        import torch
+
+        from geotrain.power.nvml import GpuPower
+
+        gpu = GpuPower.open(torch.cuda.current_device())
     return Pace(speed=speeds[env.site_rank], power=controllers[env.site_rank] if controllers else None,
-                site_pg=site_pg, workers=env.workers)
+                site_pg=site_pg, workers=env.workers, gpu=gpu)
 
 
 def _install_partition_signals(client: Any) -> None:
@@ -361,6 +368,7 @@ def site_main(task: SiteTask) -> int:
     out = Path(config.run.out)
     recorder = Recorder(out / "sites" / f"site{env.site_rank}.jsonl" if env.local_rank == 0 else None)
     client = None
+    pace = None
     try:
         if config.run.tensorboard and env.local_rank == 0:  # live scalars beside the records (train/sinks.py)
             from geotrain.train.sinks import TensorBoardSink
@@ -528,6 +536,8 @@ def site_main(task: SiteTask) -> int:
             client.close(reason=f"{type(e).__name__}: {e}")
         return 1
     finally:
+        if pace is not None:
+            pace.close()  # a GPU gets its power limit back
         recorder.close()
 
 
