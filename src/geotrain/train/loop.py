@@ -313,10 +313,13 @@ def train_loop(
                 if site == min(comm.members, default=site):
                     recorder.eval(site=site, step=step, tokens=tokens_all, wall=timer.wall(), eval_loss=state.eval_loss,
                                   wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
-            if (boundary.checkpoint is not None and boundary.every_steps and not last
-                    and (step + 1) % boundary.every_steps == 0):
+            # checkpoints every N rounds: counted in steps, or in rounds when sites step at their own pace
+            rounds_done = (step + 1) // boundary.round_steps if run_tokens is None else strategy.outer_rounds
+            every = boundary.every_steps // boundary.round_steps
+            if (boundary.checkpoint is not None and every and not last and rounds_done % every == 0
+                    and (run_tokens is not None or (step + 1) % boundary.round_steps == 0)):
                 t_ckpt = timer.now()
-                boundary.checkpoint((step + 1) // boundary.round_steps, lambda: snapshot(True))
+                boundary.checkpoint(rounds_done, lambda: snapshot(True))
                 timer.paused += timer.now() - t_ckpt
             if budget is not None and not last:
                 # landing the syncs still in flight, estimated from the latest transfer (none before the first lands)
