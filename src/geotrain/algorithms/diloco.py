@@ -51,12 +51,17 @@ class DiLoCo(Algorithm):
                 "outer.warmup_steps", "comm.overlap")
 
     def describe(self, config: Config) -> dict[str, Any]:
-        return {"sync_every": config.outer.sync_every, "fragments": 1, "overlap_steps": 0,
-                "overlap": config.comm.overlap}
+        out = {"sync_every": config.outer.sync_every, "fragments": 1, "overlap_steps": 0,
+               "overlap": config.comm.overlap}
+        if config.outer.sync_every_seconds is not None:
+            out["sync_every_seconds"] = config.outer.sync_every_seconds
+        return out
 
     def label(self, config: Config) -> str:
         overlap = {True: "+overlap", False: "", None: " overlap=auto"}[config.comm.overlap]
-        return f"diloco H={config.outer.sync_every}{overlap}"
+        rounds = (f"H={config.outer.sync_every}" if config.outer.sync_every_seconds is None
+                  else f"T={config.outer.sync_every_seconds:g}s")
+        return f"{self.name} {rounds}{overlap}"
 
     def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:
         return {self.name: {"comm.overlap": False}, f"{self.name}+overlap": {"comm.overlap": True}}
