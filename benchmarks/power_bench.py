@@ -87,10 +87,17 @@ def check_example(where: Path) -> dict[str, Any]:
     recs = records(where)
     over_cap, ramp_ratio = -math.inf, 0.0
     logged, reported = 0.0, 0.0
-    for rows in recs.values():
+    ramp_lost = 0.0  # seconds the ramp limit cost: steps at a lower share than the cap allowed at their start
+    pcs = site_controllers(config)
+    for k, rows in recs.items():
         for piece in stretches(rows):
             for r in piece:
                 over_cap = max(over_cap, r["power_mw"] - r["cap_mw"])
+            for prev, r in zip(piece, piece[1:]):
+                allowed_active = pcs[k].site.active_at(min(r["cap_mw"], pcs[k].site.limit_mw))
+                c = r["compute_s"] - prev["compute_s"]
+                if r["active"] > 0 and allowed_active > 0:
+                    ramp_lost += c / (r["speed"] * r["active"]) - c / (r["speed"] * allowed_active)
             for prev, r in zip(piece, piece[1:]):
                 if ramp:
                     minutes = (r["grid_hours"] - prev["grid_hours"]) * 60
@@ -122,17 +129,19 @@ def check_example(where: Path) -> dict[str, Any]:
     prediction = None
     try:
         prediction = predict_from_summary(summary)
+        prediction = prediction.to_dict() if hasattr(prediction, "to_dict") else {"error": "no power prediction"}
     except Exception as e:  # noqa: BLE001 - the table says what the planner could not do
         prediction = {"error": f"{type(e).__name__}: {e}"}
     return {"summary": summary, "over_cap_mw": over_cap, "ramp_ratio": ramp_ratio if ramp else None,
+            "ramp_lost_share": ramp_lost / max(float(e["wall_seconds"]) for e in per_site.values()) / len(pcs),
             "energy_logged": logged, "energy_reported": reported, "energy_summary": summary.get("energy_mwh"),
             "tokens_trained": trained, "tokens_allowed": allowed, "prediction": prediction}
 
 
 def examples(out: Path) -> tuple[str, list[Path]]:
-    rows = ["| example | max draw - cap (MW) | max ramp / limit | power used (B) | energy, summary (MWh) | "
-            "logged-draw integral / energy (E) | wall (s) | predicted wall (s) | predicted energy (MWh) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| example | max draw - cap (MW) | max ramp / limit | training time lost to the ramp | power used (B) | "
+            "energy, summary (MWh) | logged-draw integral / energy (E) | wall (s) | predicted wall (s) | "
+            "predicted energy (MWh) |", "|---|---|---|---|---|---|---|---|---|---|"]
     plots = []
     for path in sorted((ROOT / "configs").glob("grid-*.toml")):
         where = run(path.stem, out, config=path, values={"run.log_every": 1})
@@ -142,12 +151,12 @@ def examples(out: Path) -> tuple[str, list[Path]]:
         pw = p.get("wall_seconds") if isinstance(p, dict) else None
         pe = p.get("energy_mwh") if isinstance(p, dict) else None
         ramp = "no limit" if c["ramp_ratio"] is None else f"{c['ramp_ratio']:.3f}"
-        rows.append(f"| {path.name} | {c['over_cap_mw']:.3g} | {ramp} | "
+        rows.append(f"| {path.name} | {c['over_cap_mw']:.3g} | {ramp} | {100 * c['ramp_lost_share']:.2f}% | "
                     f"{c['tokens_trained'] / c['tokens_allowed']:.3f} | {s.get('energy_mwh') or math.nan:,.1f} | "
                     f"{ratio:.4f} | {s['wall_seconds']:.1f} | {pw if pw is None else f'{pw:.1f}'} | "
                     f"{pe if pe is None else f'{pe:,.1f}'} |")
         if isinstance(p, dict) and "error" in p:
-            rows.append(f"|  | planner: {p['error']} | | | | | | | |")
+            rows.append(f"|  | planner: {p['error']} | | | | | | | | |")
         plots.append(plot_power(where, RESULTS / f"power-{path.stem}.png"))
     return "\n".join(rows), plots
 
@@ -167,7 +176,7 @@ def plot_power(where: Path, dest: Path) -> Path:
 
 HETERO = {"run.sites": 2, "run.tokens": 1_200_000, "run.log_every": 1, "model.n_layer": 2, "model.n_head": 4,
           "model.d_model": 128, "model.seq_len": 128, "data.batch_size": 16, "wan.link": "2mbit/50ms",
-          "outer.sync_every": 50, "comm.overlap": True}
+          "outer.sync_every": 50, "comm.overlap": True, "comm.codec": "int4"}
 
 
 def hetero(out: Path) -> str:
