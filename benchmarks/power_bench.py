@@ -4,9 +4,10 @@ Three parts, each a set of real runs on this machine (every run's records are re
 
 * ``examples``: every ``configs/grid-*.toml``, logging every step. For each: the largest draw over cap and the
   largest ramp over its limit at any step (A); tokens trained over the tokens the power trace allows (B: the
-  integral of each site's allowed speed, from the cap at each moment and no ramp, over the run); summed energy
-  against the integral of the logged draw (E); and the planner's prediction of time and energy from the run's own
-  step time (F, ``geotrain.summary.predict_from_summary``).
+  integral of each site's allowed speed, from the cap at each moment and no ramp, over the site's training
+  time, converted to steps at its mean compute per step); the integral of the logged draw against the energy
+  the sites report (E, ``geotrain.report.metrics.logged_energy_mwh``); and the planner's prediction of time
+  and energy from the run's own step times (F, ``geotrain.summary.predict_from_summary``).
 * ``hetero``: 2 sites with speed factors [1, 0.25] (4 sites time-share 2 cores too much) on the demo GPT and
   link: H-step rounds and time-based rounds, against 2 homogeneous sites at the same token budget. The fast
   site's idle fraction (time waiting on the network over its wall time) and the eval loss (C).
@@ -78,6 +79,7 @@ def stretches(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def check_example(where: Path) -> dict[str, Any]:
     from geotrain.config import config_from_tree
     from geotrain.power import site_controllers
+    from geotrain.report.metrics import logged_energy_mwh
     from geotrain.summary import predict_from_summary
 
     summary = json.loads((where / "summary.json").read_text())
@@ -103,21 +105,20 @@ def check_example(where: Path) -> dict[str, Any]:
                     minutes = (r["grid_hours"] - prev["grid_hours"]) * 60
                     if minutes > 0:
                         ramp_ratio = max(ramp_ratio, abs(r["power_mw"] - prev["power_mw"]) / (ramp * minutes))
-                logged += r["power_mw"] * (r["run_s"] - prev["run_s"]) * grid.time_scale / 3600
+            logged += logged_energy_mwh(piece, time_scale=grid.time_scale)
             reported += piece[-1]["energy_mwh"] - piece[0]["energy_mwh"]
     # B: tokens the trace allows: each site at the speed its cap allows at each moment (no ramp), over the run
     per_site = {e["site"]: e for e in summary["per_site"]}
     controllers = site_controllers(config)
     speeds = config.run.site_speeds or [1.0] * config.run.sites
-    end = max(float(e["wall_seconds"]) for e in per_site.values())
     step_tokens = config.data.batch_size * config.model.seq_len * config.run.workers_per_site
     allowed = trained = 0.0
     for k, pc in enumerate(controllers):
         rows = [r for r in recs.get(k, []) if r.get("kind") == "step"]
         steps = sum(1 for r in rows)  # log_every = 1: one record per step trained
-        compute = sum(float(e["compute_seconds"]) for e in [per_site[k]]) / max(1, per_site[k]["steps"])
+        compute = float(per_site[k]["compute_seconds"]) / max(1, per_site[k]["steps_trained"])
         n = 2000
-        dt = end / n
+        dt = float(per_site[k]["wall_seconds"]) / n  # the site's own training time (evaluation excluded)
         f = 0.0
         for i in range(n):
             g = pc.grid_seconds((i + 0.5) * dt)

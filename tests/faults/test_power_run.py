@@ -14,6 +14,7 @@ import json
 import pytest
 
 from _utils.runs import read_jsonl, run_tiny
+from geotrain.report.metrics import logged_energy_mwh
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,10 +64,8 @@ def test_a_site_leaves_when_its_power_fails_and_is_healed_when_it_returns(tmp_pa
                 assert r["power_mw"] <= r["cap_mw"] + 1e-9  # A: the draw never exceeds the grid's power
                 minutes = (r["grid_hours"] - prev["grid_hours"]) * 60
                 assert abs(r["power_mw"] - prev["power_mw"]) <= RAMP * minutes + 1e-6  # A: ramps within the limit
-            # E: with a ramp limit a site holds its draw through waits, so each step's energy is its draw times
-            # its duration, and the logged draw integrates to the energy the site reports
-            logged = sum(r["power_mw"] * (r["run_s"] - prev["run_s"]) * TIME_SCALE / 3600
-                         for prev, r in zip(piece, piece[1:]))
+            # E: the logged draw (computing and waiting) integrates to the energy the site reports
+            logged = logged_energy_mwh(piece, time_scale=TIME_SCALE)
             reported = piece[-1]["energy_mwh"] - piece[0]["energy_mwh"]
             assert logged == pytest.approx(reported, rel=0.01)
     per_site = {e["site"]: e for e in summary["per_site"]}

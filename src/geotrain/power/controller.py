@@ -240,6 +240,12 @@ class PowerController:
         return StepPower(draw_mw=draw, cap_mw=self.available_mw(g), active=self.site.active_at(draw), on=on,
                          grid_hours=g / 3600.0)
 
+    @property
+    def held_mw(self) -> float:
+        """The draw held now: after ``end_step``, the draw of the step's wait (what a step record logs as
+        ``wait_mw``)."""
+        return self._held_mw
+
     def end_step(self, t_compute_end: float, t_end: float) -> None:
         """Close the open step: [start, t_compute_end) computes at the setpoint; the wait [t_compute_end, t_end)
         is charged at idle (no ramp limit: the site idles, never above its setpoint) or at the setpoint (a ramp

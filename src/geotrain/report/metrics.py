@@ -48,6 +48,7 @@ __all__ = [
     "derived_summary",
     "eval_series",
     "global_tokens_at_steps",
+    "logged_energy_mwh",
     "membership_of",
     "merged_summary",
     "power_series",
@@ -497,6 +498,21 @@ def power_series(records_by_site: Mapping[int, Iterable[dict[str, Any]]]) -> dic
         if columns["power_mw"]:
             out[site] = PowerSeries(site=site, off=off, speed=speed, **columns)
     return out
+
+
+def logged_energy_mwh(steps: list[dict[str, Any]], *, time_scale: float) -> float:
+    """The energy a site's consecutive step records (``run.log_every = 1``, one stretch of training without a
+    departure) account for, from what they log: each step's draw while it computed and was held back
+    (``power_mw`` over the step's compute and throttled seconds) and while it waited (``wait_mw`` over the rest
+    of its ``run_s``), in grid time. Set beside the energy the site reports, it checks the records against the
+    controller's own integral."""
+    total = 0.0
+    for prev, r in zip(steps, steps[1:]):
+        seconds = r["run_s"] - prev["run_s"]
+        busy = (r["compute_s"] - prev["compute_s"]) + (r.get("throttled_s", 0.0) - prev.get("throttled_s", 0.0))
+        busy = min(max(busy, 0.0), seconds)
+        total += r["power_mw"] * busy + r.get("wait_mw", r["power_mw"]) * (seconds - busy)
+    return total * time_scale / 3600.0
 
 
 def run_power(run: Run) -> dict[int, PowerSeries]:

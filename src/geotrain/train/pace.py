@@ -94,14 +94,15 @@ class Pace:
             self.power.end_step(compute_end, end)
 
     def fields(self, *, run_s: float) -> dict[str, Any]:
-        """What a ``step`` record adds: the site's draw and cap, energy, grid time, share of power in use, and
+        """What a ``step`` record adds: the site's draw while the step computed (``power_mw``) and while it
+        waited on the network (``wait_mw``), the grid's cap, energy, grid time, share of power in use, and
         ``run_s``, the run's training clock at the record (``wall_s`` restarts when a site comes back after an
         outage; ``run_s`` goes on, as the grid's time does)."""
         if self.power is None or self.step is None:
             return {"speed": self.speed} if self.speed < 1 else {}
         s, p = self.step, self.power
-        out = {"power_mw": s.draw_mw, "cap_mw": s.cap_mw, "energy_mwh": p.energy_mwh, "grid_hours": s.grid_hours,
-               "active": s.active, "speed": self.speed, "run_s": run_s}
+        out = {"power_mw": s.draw_mw, "wait_mw": p.held_mw, "cap_mw": s.cap_mw, "energy_mwh": p.energy_mwh,
+               "grid_hours": s.grid_hours, "active": s.active, "speed": self.speed, "run_s": run_s}
         if self.gpu is not None:  # what the board itself draws, and whether its limit follows the controller
             out.update(gpu_watts=self.gpu.watts(), gpu_limited=self.gpu.limiting)
         return out
