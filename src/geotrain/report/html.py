@@ -124,8 +124,9 @@ FIGURE_CAPTIONS = {
     "loss_wall": "The same losses against wall time, which includes time spent waiting on the WAN.",
     "wan_bytes": "Cumulative payload bytes sent over cross-site links, per site and in total (decimal units: 1 MB = 10⁶ B).",
     "utilization": (
-        "Where each site's wall time went: compute, waiting on cross-site communication, and the rest. "
-        "Utilization = compute / wall time."
+        "Where each site's wall time went: compute, throttled (steps held back to the speed of a slower or "
+        "power-capped site), waiting on cross-site communication, and the rest. Utilization = (compute + "
+        "throttled) / wall time."
     ),
 }
 

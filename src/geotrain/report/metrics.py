@@ -354,6 +354,8 @@ class SiteTimes:
     wall_seconds: float | None
     utilization: float | None
     source: Literal["summary", "metrics"]
+    throttled_seconds: float | None = None
+    """Steps held back to the speed of a slower or power-capped site (``train/pace.py``)."""
     """Whether the figures come from ``summary.json`` or from the site's last step record."""
 
 
@@ -371,6 +373,7 @@ def site_times(run: Run) -> list[SiteTimes]:
             wall_seconds=_num(entry, "wall_seconds"),
             utilization=_num(entry, "utilization"),
             source="summary",
+            throttled_seconds=_num(entry, "throttled_seconds"),
         )
     last = _last_step_per_site(run)
     for site in sites_in(run):
@@ -385,18 +388,20 @@ def site_times(run: Run) -> list[SiteTimes]:
             wall_seconds=_num(rec, "wall_s"),
             utilization=_num(rec, "utilization"),
             source="metrics",
+            throttled_seconds=_num(rec, "throttled_s"),
         )
         if have is None:
             out[site] = from_log
             continue
         # A partial summary entry keeps its own figures; only the gaps come from the log.
-        for name in ("compute_seconds", "comm_seconds", "wall_seconds", "utilization"):
+        for name in ("compute_seconds", "comm_seconds", "wall_seconds", "utilization", "throttled_seconds"):
             if getattr(have, name) is None:
                 setattr(have, name, getattr(from_log, name))
     for st in out.values():
-        # The contract defines utilization as compute / wall; derive it when only the parts were written.
+        # The contract defines utilization as (compute + throttled) / wall; derive it when only the parts were
+        # written.
         if st.utilization is None and st.compute_seconds is not None and st.wall_seconds:
-            st.utilization = st.compute_seconds / st.wall_seconds
+            st.utilization = (st.compute_seconds + (st.throttled_seconds or 0.0)) / st.wall_seconds
     return [out[s] for s in sorted(out)]
 
 

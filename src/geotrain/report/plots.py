@@ -654,16 +654,17 @@ def utilization_png(run: Run) -> bytes:
         rows = []
         for st in times:
             compute, comm, wall = st.compute_seconds, st.comm_seconds, st.wall_seconds
+            held = st.throttled_seconds or 0.0
             if compute is None and st.utilization is not None and wall is not None:
-                compute = st.utilization * wall
+                compute = st.utilization * wall - held
             if compute is None and comm is None:
                 continue
             compute, comm = compute or 0.0, comm or 0.0
-            # Wall time not spent computing or waiting on the link (data loading, eval, start-up) is shown
-            # too, so bar length is wall time and utilization reads off the bar.
-            other = max(0.0, wall - compute - comm) if wall is not None else 0.0
-            util = st.utilization if st.utilization is not None else (compute / wall if wall else None)
-            rows.append((st.site, compute, comm, other, util))
+            # Wall time not spent computing, held back or waiting on the link (data loading, eval, start-up) is
+            # shown too, so bar length is wall time and utilization reads off the bar.
+            other = max(0.0, wall - compute - held - comm) if wall is not None else 0.0
+            util = st.utilization if st.utilization is not None else ((compute + held) / wall if wall else None)
+            rows.append((st.site, compute, comm, other, util, held))
         if not rows:
             _placeholder(ax, "no per-site timings recorded")
             return _png(fig)
@@ -673,13 +674,18 @@ def utilization_png(run: Run) -> bytes:
         compute = np.array([r[1] for r in rows])
         comm = np.array([r[2] for r in rows])
         other = np.array([r[3] for r in rows])
-        total = compute + comm + other
+        held = np.array([r[5] for r in rows])
+        total = compute + held + comm + other
         scale, unit = _time_scale(float(total.max()) if total.size else 0.0)
         bar = dict(height=0.62, edgecolor="white", linewidth=0.8)
         ax.barh(y, compute / scale, color=COMPUTE_COLOR, label="compute", **bar)
-        ax.barh(y, comm / scale, left=compute / scale, color=COMM_COLOR, label="communication wait", **bar)
+        if held.sum() > 0:  # a slower or power-capped site: its steps held back, still computing (more slowly)
+            ax.barh(y, held / scale, left=compute / scale, color=COMPUTE_COLOR, alpha=0.45, hatch="//",
+                    label="throttled (power or speed)", **bar)
+        ax.barh(y, comm / scale, left=(compute + held) / scale, color=COMM_COLOR, label="communication wait", **bar)
         if other.sum() > 0.01 * total.sum():
-            ax.barh(y, other / scale, left=(compute + comm) / scale, color=OTHER_COLOR, label="other (data, eval, idle)", **bar)
+            ax.barh(y, other / scale, left=(compute + held + comm) / scale, color=OTHER_COLOR,
+                    label="other (data, eval, idle)", **bar)
         for yi, tot, row in zip(y, total, rows):
             util = row[4]
             text = f"{fmt_percent(util)} util." if util is not None else "—"
