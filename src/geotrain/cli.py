@@ -29,6 +29,14 @@ def choices_epilog() -> str:
     return "\n".join(lines)
 
 
+def _speeds(text: str) -> list[float]:
+    """``--site-speeds 1,1,0.5,0.25``: one factor per site (the range is checked with the config)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers such as 1,1,0.5,0.25") from None
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from geotrain.algorithms import algorithm_names
     from geotrain.algorithms.diloco import OVERLAP_THRESHOLD
@@ -45,6 +53,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algorithm", help=f"{' | '.join(algorithm_names())} (default {d.run.algorithm})")
     p.add_argument("--sync-every", type=int, metavar="H",
                    help=f"inner steps between outer rounds (default {d.outer.sync_every})")
+    p.add_argument("--sync-every-seconds", type=float, metavar="T",
+                   help="diloco: end each outer round after T seconds of training on every site instead of after H "
+                   "steps; each site contributes the steps it managed, weighted by its tokens (default: off)")
+    p.add_argument("--site-speeds", type=_speeds, metavar="F,F,...",
+                   help="speed factor of each site's compute in (0, 1], e.g. 1,1,0.5,0.25 for heterogeneous "
+                   "hardware, emulated by holding each step back (default: all 1)")
     p.add_argument("--codec", help=f"cross-site payload codec: {', '.join(codec_names())} (default {d.comm.codec})")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="diloco: overlap each outer all-reduce with the next round's compute (default: on when a "
@@ -112,6 +126,7 @@ def _resume_config(args: argparse.Namespace) -> Any:
 
     given = [f"--{k.replace('_', '-')}" for k in ("config", "sites", "workers_per_site", "algorithm", "sync_every",
                                                   "codec", "overlap", "fragments", "overlap_steps", "mix_alpha",
+                                                  "sync_every_seconds", "site_speeds",
                                                   "tokens", "wall_seconds", "link", "data", "model", "seed", "device",
                                                   "precision", "fsdp", "out")
              if getattr(args, k, None) is not None] + (["--set"] if args.set else [])

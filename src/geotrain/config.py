@@ -4,7 +4,8 @@
 A run file and a plan file are the same kind of document. ``[run]``, ``[model]``, ``[data]``, ``[optim]``,
 ``[outer]``, ``[streaming]``, ``[wan]`` and ``[comm]`` describe a training run; ``[sites]``/``[[site]]``
 (accelerators, power), ``[accelerators.NAME]``, ``[plan]`` (the questions and the planning scale) and
-``[simulate]`` add what the planner needs, and a run ignores them. So ``geotrain plan --config RUN.toml``
+``[simulate]`` add what the planner needs, and a run ignores them. ``[grid]`` and ``[[grid.traces]]`` describe each
+site's power from the grid over time (``geotrain.power``). So ``geotrain plan --config RUN.toml``
 plans exactly the run that file describes, and flags such as ``--model-params 10b`` move it to another scale.
 
 Every section is a ``@dataclass(kw_only=True, slots=True)`` with a docstring under each field. Values are
@@ -45,6 +46,8 @@ __all__ = [
     "Config",
     "DataConfig",
     "DEMO_LINK",
+    "GridConfig",
+    "GridTraceConfig",
     "LinkOverride",
     "ModelConfig",
     "OptimConfig",
@@ -79,6 +82,8 @@ SHORT_KEYS = {
     "fsdp": "run.fsdp",
     "model": "model.arch",
     "tensorboard": "run.tensorboard",
+    "site_speeds": "run.site_speeds",
+    "sync_every_seconds": "outer.sync_every_seconds",
     "sync_every": "outer.sync_every",
     "H": "outer.sync_every",
     "codec": "comm.codec",
@@ -211,6 +216,11 @@ class RunConfig:
     tensorboard: bool = False
     """Also write the records as TensorBoard scalars, live, under OUT/tensorboard/ (one run per site and a
     ``global`` one); needs ``pip install 'geotrain[tensorboard]'``."""
+    site_speeds: list[float] | None = None
+    """Speed of each site's compute relative to this machine, one factor in (0, 1] per site (``1,1,0.5,0.25``:
+    two full-speed sites, one at half and one at a quarter speed), for heterogeneous hardware. Emulated by
+    holding each step back after it computes (``geotrain.train.pace``); the time held back is reported as
+    throttled. Unset: every site at full speed."""
 
     def __post_init__(self) -> None:
         from geotrain.algorithms import get_algorithm
@@ -238,6 +248,13 @@ class RunConfig:
         _integer("run.eval_batches", self.eval_batches, 1, 100_000)
         _number("run.collective_timeout_s", self.collective_timeout_s, 0, 7 * 86400, lo_open=True,
                 what=" seconds")
+        if self.site_speeds is not None:
+            if not isinstance(self.site_speeds, list) or not self.site_speeds:
+                raise ConfigError(f"must list one speed factor per site, such as [1, 1, 0.5, 0.25]; got "
+                                  f"{self.site_speeds!r}", field="run.site_speeds")
+            for v in self.site_speeds:
+                _number("run.site_speeds", v, 0, 1, lo_open=True,
+                        what=" (a site's speed relative to this machine: 1 is full speed, 0.25 a quarter)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -413,6 +430,10 @@ class OuterConfig:
     """Outer SGD momentum."""
     nesterov: bool = True
     """Use Nesterov momentum in the outer SGD."""
+    sync_every_seconds: float | None = None
+    """Time-based rounds: end each outer round after this many seconds of training on every site instead of
+    after H steps. Each site contributes the inner steps it managed, and the pseudo-gradients are averaged
+    with token weights, so unequal sites do not wait for the slowest. diloco only."""
     warmup_steps: int = 100
     """Outer rounds that end within this many inner steps plainly average the sites (no outer momentum).
     From scratch the first rounds' pseudo-gradients are huge and point in directions that stop mattering
@@ -426,6 +447,9 @@ class OuterConfig:
                               field="outer.sync_every")
         _integer("outer.sync_every", self.sync_every, 1, 10**9)
         _number("outer.lr", self.lr, 0, 10, lo_open=True)
+        if self.sync_every_seconds is not None:
+            _number("outer.sync_every_seconds", self.sync_every_seconds, 0, 1e7, lo_open=True,
+                    what=" seconds of training per round (try 10)")
         if not (isinstance(self.momentum, float | int) and not isinstance(self.momentum, bool)
                 and 0 <= self.momentum < 1):
             raise ConfigError(f"must lie in [0, 1), got {self.momentum!r}", field="outer.momentum")
@@ -830,6 +854,128 @@ class SimulateConfig:
         _number("simulate.jitter", self.jitter, 0, 10)
 
 
+# -- power ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class GridTraceConfig:
+    """One site's available power over grid time (``geotrain.power.GridTrace``): points given inline (hours and
+    values) or in a CSV file, not both."""
+
+    site: int | str | None = None
+    """The site this trace feeds (required): an index, or a name from [sites] names / [[site]] name."""
+    hours: list[float] | None = None
+    """Grid hours of the points, strictly increasing, the first >= 0 (a periodic trace: 0 ... its period)."""
+    values: list[float] | None = None
+    """Available power at those hours: fractions of the site's cap (of its full draw without a cap), or MW."""
+    unit: str = "fraction"
+    """"fraction" (values 0..1 of the cap) or "mw"."""
+    interpolate: str = "linear"
+    """"linear" between points, or "step" (each value holds until the next point)."""
+    periodic: bool = False
+    """Repeat the trace with a period of its last hour (hours 0 ... 24: every day); it must end as it starts.
+    Otherwise the first value holds before the first point and the last after the last."""
+    file: str | None = None
+    """A CSV file instead of hours and values: the header hours,value[,carbon], then one point per row. A relative
+    path is relative to the working directory the command runs in (as data.path is)."""
+    carbon: list[float] | None = None
+    """Carbon intensity of the site's power in kg CO2 per MWh at the same hours (same interpolation)."""
+
+    def build(self, where: str = "grid.traces") -> Any:
+        """The ``geotrain.power.GridTrace`` this entry describes; ConfigError naming ``where.KEY`` if it is
+        wrong (reads the file, if one is given)."""
+        from geotrain.power.trace import INTERPOLATIONS, UNITS, GridTrace
+
+        _choice(f"{where}.unit", self.unit, UNITS)  # here, so that a file's trace names the setting, not the file
+        _choice(f"{where}.interpolate", self.interpolate, INTERPOLATIONS)
+        settings = {"unit": self.unit, "interpolate": self.interpolate, "periodic": self.periodic}
+        if self.file is not None:
+            if self.hours is not None or self.values is not None or self.carbon is not None:
+                given = ", ".join(k for k in ("hours", "values", "carbon") if getattr(self, k) is not None)
+                raise ConfigError(f"gives both a file and {given}; put the points in one place", field=f"{where}.file")
+            if not self.file.strip():
+                raise ConfigError("is empty; give a CSV file, or hours and values", field=f"{where}.file")
+            return GridTrace.from_csv(self.file, where=f"{where}.file", **settings)
+        for key in ("hours", "values"):
+            if getattr(self, key) is None:
+                raise ConfigError("is missing; give hours and values (one per hour), or a CSV file",
+                                  field=f"{where}.{key}")
+        return GridTrace(self.hours, self.values, carbon=self.carbon, where=where, **settings)
+
+
+@dataclass(kw_only=True, slots=True)
+class GridConfig:
+    """Each site's power from the grid over time (``geotrain.power``): a trace of the available power per site,
+    the grid's ramp limit, and how a site's draw follows its compute. Off unless a trace is given or
+    ``enabled`` is set; ``geotrain.power.site_controllers`` builds the sites' controllers from it."""
+
+    enabled: bool | None = None
+    """Model each site's power. Unset: on when [[grid.traces]] are given."""
+    time_scale: float = 1.0
+    """Grid seconds per training second: 240 runs a day of grid in six minutes of training."""
+    start_hours: float = 0.0
+    """Grid time (hours into the traces) at which training starts."""
+    ramp_mw_per_min: float | None = None
+    """The most a site's draw may change per minute of grid time, in MW; unset: no limit. With a limit a site
+    holds its draw through waits instead of dropping to idle, and starts lowering it ahead of a dip."""
+    idle_fraction: float = 0.15
+    """A powered site's draw with nothing computing, as a fraction of its full draw."""
+    min_active: float = 0.05
+    """The least share of its accelerators' dynamic range a site trains at; with less power it leaves the run
+    until its power comes back."""
+    traces: list[GridTraceConfig] = field(default_factory=list)
+    """Per-site traces: [[grid.traces]] site = "site1", hours = [...], values = [...]."""
+
+    def __post_init__(self) -> None:
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise ConfigError(f"must be true or false, got {self.enabled!r}", field="grid.enabled")
+        _number("grid.time_scale", self.time_scale, 0, 1e7, lo_open=True,
+                what=" grid seconds per training second")
+        _number("grid.start_hours", self.start_hours, 0, 1e7, what=" hours")
+        if self.ramp_mw_per_min is not None:
+            _number("grid.ramp_mw_per_min", self.ramp_mw_per_min, 0, 1e7, lo_open=True,
+                    what=" MW per minute (leave it unset for no limit)")
+        _number("grid.idle_fraction", self.idle_fraction, 0, 1, what=" of the full draw (0.15 is typical)")
+        if self.idle_fraction == 1:
+            raise ConfigError("must be below 1: a site at idle would draw as much as a busy one",
+                              field="grid.idle_fraction")
+        _number("grid.min_active", self.min_active, 0, 1, lo_open=True, what=" (0.05: 5% of the dynamic range)")
+        for i, trace in enumerate(self.traces):
+            trace.build(f"grid.traces[{i}]")
+
+    @property
+    def on(self) -> bool:
+        """Whether the run models its sites' power: ``enabled``, or unset with traces given."""
+        return bool(self.traces) if self.enabled is None else self.enabled
+
+    def site_traces(self, names: list[str]) -> dict[int, Any]:
+        """Site index -> its ``geotrain.power.GridTrace``, for a run whose sites are ``names``. ConfigError for a
+        trace naming no site, or two traces for one site."""
+        out: dict[int, Any] = {}
+        for i, trace in enumerate(self.traces):
+            where = f"grid.traces[{i}]"
+            site = trace.site
+            if site is None:
+                raise ConfigError('is missing; name the site this trace feeds (site = "site1" or an index)',
+                                  field=f"{where}.site")
+            if isinstance(site, int) and not isinstance(site, bool):
+                if not 0 <= site < len(names):
+                    raise ConfigError(f"names site {site}, but the run has sites 0..{len(names) - 1}",
+                                      field=f"{where}.site")
+                index = site
+            elif isinstance(site, str) and site in names:
+                index = names.index(site)
+            else:
+                close = difflib.get_close_matches(str(site), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{site!r} is not a site; sites: {', '.join(names)}{hint}", field=f"{where}.site")
+            if index in out:
+                raise ConfigError(f"site {names[index]!r} already has a trace; give one trace per site",
+                                  field=f"{where}.site")
+            out[index] = trace.build(where)
+        return out
+
+
 # -- the whole document -----------------------------------------------------------------------------------------
 
 
@@ -854,6 +1000,7 @@ class Config:
     accelerators: dict[str, AcceleratorConfig] = field(default_factory=dict)
     plan: PlanConfig = field(default_factory=PlanConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
 
     def __post_init__(self) -> None:
         if self.run.sites is None:
@@ -871,6 +1018,13 @@ class Config:
             raise ConfigError("the demo GPT reads bytes; a tokenizer needs a Hugging Face model (for example "
                               "--model hf:llama), or leave data.tokenizer unset", field="data.tokenizer")
         self.topology()  # checks the per-pair links name real sites
+        if self.run.site_speeds is not None and len(self.run.site_speeds) != self.run.sites:
+            raise ConfigError(f"lists {len(self.run.site_speeds)} speed factors for {self.run.sites} sites; give "
+                              "one per site", field="run.site_speeds")
+        if self.outer.sync_every_seconds is not None and not self.algorithm().timed_rounds:
+            raise ConfigError(f"time-based rounds apply to diloco, not {self.run.algorithm}; drop "
+                              "--sync-every-seconds or use --algorithm diloco", field="outer.sync_every_seconds")
+        self.grid.site_traces(names)  # checks the power traces name real sites, one trace each
         self.algorithm().check(self)
 
     # -- derived views -------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ interrupted or failed run still gets a valid partial summary (``ok: false``).
 
 Every emulated run also checks the planner's timing model: ``predicted_utilization`` comes from the
 algorithm's own definition (``geotrain.algorithms.timing.predict_run``) with the run's measured compute per
-step, and the calibration benchmark compares it with the measured ``utilization``. No torch here.
+step, and the calibration benchmark compares it with the measured ``utilization``. A run with ``[grid]`` or
+``run.site_speeds`` takes it from the planner's step-by-step prediction under its power and speeds
+(``geotrain.planner.power``). No torch here.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from geotrain.files import write_text_atomic
 __all__ = [
     "build_summary",
     "measured_jitter",
+    "measured_site_step_seconds",
     "measured_step_seconds",
     "merge_metrics",
     "predict_from_summary",
     "read_site_records",
     "run_figures",
+    "site_processes",
 ]
 
 _DONE_KEYS = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds", "link_seconds", "wall_seconds",
@@ -37,6 +41,10 @@ _DONE_KEYS = ("tokens", "steps", "wan_bytes", "compute_seconds", "comm_seconds",
 _STEP_KEYS = (("tokens", "tokens"), ("wan_bytes", "wan_bytes"), ("compute_s", "compute_seconds"),
               ("comm_s", "comm_seconds"), ("wall_s", "wall_seconds"), ("utilization", "utilization"),
               ("outer_rounds", "outer_rounds"))
+# A run that models its sites' power adds these (absent otherwise). From a process's ``done`` record:
+_POWER_DONE_KEYS = ("energy_mwh", "peak_power_mw", "throttled_seconds", "carbon_kg", "smoothing_mwh", "idle_seconds")
+# and from its latest ``step`` record when it has none: (record key, summary key).
+_POWER_STEP_KEYS = (("energy_mwh", "energy_mwh"), ("throttled_s", "throttled_seconds"))
 
 
 def read_site_records(out: Path, sites: int) -> dict[int, list[dict[str, Any]]]:
@@ -113,11 +121,63 @@ def _site_figures(k: int, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return entry
 
 
+def site_processes(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A site's records cut where a new process starts. A ``start`` record begins a new process unless it
+    names the same ``pid`` as the one before it (a site that rejoined, after its power came back or a
+    partition healed, goes on in the same process); a start without a pid continues the process only after a
+    ``power_on``. Unlike :func:`_segments`, a resume does not drop what came before: the energy spent stays
+    spent."""
+    processes: list[list[dict[str, Any]]] = [[]]
+    pid: Any = None
+    powered_on = False
+    for r in rows:
+        kind = r.get("kind")
+        if kind == "start":
+            same = r.get("pid") == pid if r.get("pid") is not None and pid is not None else powered_on
+            if processes[-1] and not same:
+                processes.append([])
+            pid, powered_on = r.get("pid"), False
+        elif kind == "power_on":
+            powered_on = True
+        processes[-1].append(r)
+    return [p for p in processes if p]
+
+
+def _power_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One site's power figures, empty for a site whose records model no power: each process's ``done``
+    figures (:data:`_POWER_DONE_KEYS`), else its latest step's energy and throttled seconds, added up over the
+    processes the site ran (each counts its own from zero). ``peak_power_mw`` is the highest of them. A figure
+    some process did not record is null."""
+    per_process = []
+    for proc in site_processes(rows):
+        done = _last(proc, "done")
+        if done is not None and any(key in done for key in _POWER_DONE_KEYS):
+            per_process.append({key: done.get(key) for key in _POWER_DONE_KEYS})
+            continue
+        steps = [r for r in proc if r.get("kind") == "step" and _is_number(r.get("step"))
+                 and any(_is_number(r.get(src)) for src, _ in _POWER_STEP_KEYS)]
+        if steps:
+            step = max(steps, key=lambda r: r["step"])
+            per_process.append({dst: step.get(src) for src, dst in _POWER_STEP_KEYS})
+    if not per_process:
+        return {}
+    out: dict[str, Any] = {}
+    for key in (k for k in _POWER_DONE_KEYS if any(k in p for p in per_process)):
+        values = [p.get(key) for p in per_process]
+        if not all(_is_number(v) for v in values):
+            out[key] = None
+        else:
+            out[key] = max(values) if key == "peak_power_mw" else sum(values)
+    return out
+
+
 def run_figures(records: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
     """The figures the sites' records support, and only those (a key is absent rather than guessed):
     ``per_site`` and the totals over sites. ``records`` maps each site to its records in file order; site 0's
     hold the ``eval`` records."""
     per_site = [e for k, rows in sorted(records.items()) if (e := _site_figures(k, rows)) is not None]
+    for e in per_site:
+        e.update(_power_figures(records[e["site"]]))
     out: dict[str, Any] = {}
     if per_site:
         out["per_site"] = per_site
@@ -132,6 +192,12 @@ def run_figures(records: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
                         ("outer_rounds", min)):
         if values(key):
             out[key] = reduce(values(key))
+    power_offs = sum(1 for rows in records.values() for r in rows if r.get("kind") == "power_off")
+    if power_offs or any("energy_mwh" in e for e in per_site):  # the run models power
+        out["power_offs"] = power_offs
+        for key in ("energy_mwh", "carbon_kg"):
+            if per_site and len(values(key)) == len(per_site):
+                out[key] = sum(values(key))
     if per_site and len(values("utilization")) == len(per_site):
         out["utilization"] = sum(values("utilization")) / len(per_site)
     if values("steps"):
@@ -249,6 +315,11 @@ def build_summary(
         # TensorBoard event files of the run, relative to its output directory (None without --tensorboard)
         "tensorboard": "tensorboard" if run.get("tensorboard") else None,
         "sites_in_sync": figures.get("sites_in_sync"),
+        # A run that models its sites' power: energy and carbon of all sites (null unless every site has its
+        # figure; per site in per_site) and how many times a site left because its power went to zero.
+        "energy_mwh": figures.get("energy_mwh"),
+        "carbon_kg": figures.get("carbon_kg"),
+        "power_offs": figures.get("power_offs", 0),
         # Unix seconds at which every ``wall`` below starts counting (the report puts records on this clock).
         "started_at": t0,
         "membership": _membership(membership or [], t0),
@@ -305,27 +376,76 @@ def measured_jitter(summary: Mapping[str, Any]) -> float:
     return sum(cvs) / len(cvs) if cvs else 0.0
 
 
+def measured_site_step_seconds(summary: Mapping[str, Any]) -> list[float]:
+    """Each site's compute seconds per inner step at full speed: ``per_site[k].compute_seconds`` over the steps
+    that site's last process trained (``per_site[k].steps_trained``; its ``steps``, or the run's ``steps``,
+    when the summary has no such figure). A site healed after an outage counts its compute and its steps from
+    its return, so the quotient holds for it too. Held-back (throttled) time is not compute."""
+    from geotrain.errors import ConfigError
+
+    sites = summary.get("per_site") or []
+    out = []
+    for s in sites:
+        steps = next((int(v) for v in (s.get("steps_trained"), s.get("steps"), summary.get("steps"))
+                      if _is_number(v) and v > 0), 0)
+        if steps < 1 or not _is_number(s.get("compute_seconds")) or s["compute_seconds"] <= 0:
+            raise ConfigError("the run summary has no compute time or no steps for a site", field="per_site")
+        out.append(float(s["compute_seconds"]) / steps)
+    if not out:
+        raise ConfigError("the run summary has no per-site compute times", field="per_site")
+    return out
+
+
 def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float] | None = None,
                          jitter: float | None = None) -> Any:
-    """What the timing model predicts for the emulated run ``summary`` describes, from its measured compute
-    per step and spread (or the given ones): a ``geotrain.algorithms.timing.RunTiming``, or None for a run
-    without an emulated link, with one site, or without a finished measurement."""
+    """What the planner predicts for the emulated run ``summary`` describes: the one entry point for setting a
+    finished run beside its prediction. Both predictions take from the summary the run's configuration
+    (``config``), the settings it chose itself (``auto_settings``), the values of each sync as its strategy sent
+    them (``sync_payloads``) and its inner steps (``steps``).
+
+    * A run whose configuration paces its sites (``[grid]`` on, or ``run.site_speeds``) is played step by step
+      under its power and speeds (``geotrain.planner.power.predict_power_run``), from each site's measured
+      compute per inner step at full speed (:func:`measured_site_step_seconds`:
+      ``per_site[k].compute_seconds / per_site[k].steps_trained``). It returns a
+      ``geotrain.planner.power.PowerPrediction``: ``wall_seconds``, ``utilization``, ``tokens``, and per site
+      ``tokens``, ``throttled_seconds``, ``utilization``, ``energy_mwh``, ``peak_mw``, ``carbon_kg``, to set beside
+      the summary's ``wall_seconds``, ``utilization``, ``tokens``, ``energy_mwh`` and ``per_site``. This covers
+      one site and runs without an emulated link too; an algorithm it does not cover (Streaming DiLoCo) falls
+      back to the timing model below.
+    * Otherwise the timing model (``geotrain.algorithms.timing.predict_run``) from each site's measured
+      compute per step (``per_site[*].compute_seconds / steps``, the slowest gating every synchronous point)
+      and the spread between sync points (``jitter``: the mean of ``per_site[*].round_compute_cv``), and
+      whether a wall-time budget stopped the run (``stopped_early``): a ``RunTiming``, or None for a run
+      without an emulated link or with one site.
+
+    ``step_seconds`` and ``jitter`` replace the measured figures. None also when the summary lacks the
+    measurements (a run that failed early)."""
     from geotrain.algorithms.timing import predict_run
     from geotrain.config import load_config
     from geotrain.errors import ConfigError
 
     tree = summary.get("config")
-    if not isinstance(tree, dict) or (summary.get("sites") or 0) < 2:
+    if not isinstance(tree, dict):
         return None
     try:
         config = load_config(values={k: v for k, v in tree.items()})
-        if not config.topology().emulated:
-            return None
         # the settings the run chose itself, as its start record says
         chosen = {a["key"]: a["value"] for a in summary.get("auto_settings") or [] if isinstance(a, dict)}
         config = config.updated(chosen) if chosen else config
         steps = int(summary.get("steps") or 0)
         if steps < 1:
+            return None
+        from geotrain.planner.power import models_power, predict_power_run
+
+        if models_power(config):
+            per_site = step_seconds if step_seconds is not None else measured_site_step_seconds(summary)
+            try:
+                return predict_power_run(config, step_seconds=per_site, payloads=summary.get("sync_payloads"),
+                                         steps=steps)
+            except ConfigError as e:
+                if e.field != "run.algorithm":
+                    raise
+        if (summary.get("sites") or 0) < 2 or not config.topology().emulated:
             return None
         per_site = step_seconds if step_seconds is not None else measured_step_seconds(summary, per_site=True)
         return predict_run(config, payloads=summary.get("sync_payloads"), steps=steps, step_seconds=per_site,
@@ -333,7 +453,7 @@ def predict_from_summary(summary: Mapping[str, Any], *, step_seconds: list[float
                            stopped_early=bool(summary.get("stopped_early")))
     except ConfigError:
         return None  # a run without the measurements (one that failed early)
-    except (KeyError, TypeError, ValueError) as e:  # a summary from another version; the run's own figures stand
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a summary from another version: no prediction
         print(f"warning: no predicted utilization for this run ({type(e).__name__}: {e})", file=sys.stderr)
         return None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,13 +48,17 @@ class _Net(nn.Module):
         return x
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def clocked_workload(config: Any, *, worker: int, clock: VirtualClock, step_seconds: float,
                      eval_seconds: float = 0.0) -> Workload:
     """A small regression whose training step costs exactly ``step_seconds`` on ``clock`` (evaluation
     ``eval_seconds``, which the loop pauses). Every site starts from the same model (seeded by run.seed)."""
-    torch.manual_seed(config.run.seed)
-    model = _Net()
-    target = _Net()
+    with _INIT_LOCK:  # the global generator is shared by the sites' threads: seed and build in one go
+        torch.manual_seed(config.run.seed)
+        model = _Net()
+        target = _Net()
     gen = torch.Generator().manual_seed(1000 + worker)
 
     def batches() -> Iterator[torch.Tensor]:
@@ -141,11 +146,12 @@ def run_comms(k: int, body: Callable[[int, Any], Any], *, config: Any = None, cl
 
 def run_sites(config: Any, *, workload: Callable[..., Workload] | None = None, step_seconds: float | list[float] = 0.1,
               timeout_s: float = 120.0, boundary: Callable[[int, int, Any], Boundary | None] | None = None,
-              ) -> list[SiteRun]:
+              pace: Callable[[int], Any] | None = None) -> list[SiteRun]:
     """Run ``config`` (sites x workers_per_site threads) to the end; returns each worker's outcome, site by site.
 
     ``step_seconds`` is the virtual compute of one training step, one figure or one per site. ``boundary``:
-    ``boundary(site, worker, comm)`` gives a worker's checkpoints, admissions and step hooks.
+    ``boundary(site, worker, comm)`` gives a worker's checkpoints, admissions and step hooks; ``pace(site)``
+    its speed factor and power controller (``geotrain.train.pace.Pace``).
     """
     config = _fast(config)
     k, w = config.run.sites, config.run.workers_per_site
@@ -167,7 +173,8 @@ def run_sites(config: Any, *, workload: Callable[..., Workload] | None = None, s
             run_config, strategy, chosen = prepare(config, wl, comm, site_pg)
             result = train_loop(run_config, wl, strategy=strategy, comm=comm, recorder=Recorder(None), site=site,
                                 worker=site * w + local,
-                                boundary=None if boundary is None else boundary(site, local, comm))
+                                boundary=None if boundary is None else boundary(site, local, comm),
+                                pace=None if pace is None else pace(site))
             comm.close()
             client.close(done=True)
             return SiteRun(site, local, clocks[site], result, run_config, chosen, strategy, comm)

@@ -124,6 +124,9 @@ def _walk(cls: type, where: tuple[str | int, ...]) -> list[Leaf]:
 
 
 LEAVES = _walk(gc.Config, ())
+# A [[grid.traces]] entry needs its points besides its (optional-typed) site, so a case's one wrong value is
+# the only thing wrong with it.
+ENTRY_TEMPLATES[("grid", "traces", 0)] = {"site": 0, "hours": [0.0, 24.0], "values": [1.0, 1.0]}
 SECTIONS = [f.name for f in dataclasses.fields(gc.Config)]
 TABLE_SECTIONS = [f.name for f in dataclasses.fields(gc.Config)
                   if dataclasses.is_dataclass(typing.get_type_hints(gc.Config)[f.name])]
@@ -384,6 +387,12 @@ def _values_for(leaf: Leaf, rng: random.Random) -> tuple[Any, str]:
         return rng.choice(WRONG_FOR_BOOL), BAD
     if kind == "list[int]":
         return rng.choice([5, "abc", [0], [-1], [NAN], [1.5], [{"a": 1}], {"a": 1}, [INF], [True], ["x"]]), BAD
+    if kind == "list[float]":  # a trace's hours, values or carbon
+        return rng.choice([5, "abc", [], [NAN], [INF], [-1.0], ["x"], [True], {"a": 1}, [[1.0]], [DATE]]), BAD
+    if kind == "int|str":  # the site a trace feeds
+        if rng.random() < 0.15:
+            return rng.choice([0, "site0", "0"]), ANY
+        return rng.choice([99, -1, "nowhere", "", 1.5, True, NAN, [0], {"a": 1}]), BAD
     if kind == "list[str]":
         return rng.choice([5, "int8", [1], [{"a": "b"}], {"a": "b"}, [True], [NAN], [DATE]]), BAD
     if kind == "list[int|str]":

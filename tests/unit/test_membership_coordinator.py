@@ -242,7 +242,8 @@ async def test_a_joiner_still_waiting_when_the_run_finishes_is_told_so():
     await settle()
     assert not waiting.done()
     await r.answers([r.ask(0, "done"), r.ask(1, "done")])
-    assert (await r.answers([waiting]))[0] == {"error": "the run finished before this site could be admitted"}
+    assert (await r.answers([waiting]))[0] == {"error": "the run finished before this site could be admitted",
+                                               "finished": True}
 
 
 @in_loop

@@ -42,6 +42,7 @@ def test_importing_and_running_the_planner_does_not_import_torch():
         "from geotrain.planner.config import plan_inputs\n"
         f"plan_output(plan_inputs({str(ROOT / 'configs' / 'plan-heterogeneous.toml')!r}, argparse.Namespace()))\n"
         f"plan_output(plan_inputs({str(ROOT / 'configs' / 'streaming-int4.toml')!r}, argparse.Namespace()))\n"
+        f"plan_output(plan_inputs({str(ROOT / 'configs' / 'grid-outage.toml')!r}, argparse.Namespace()))\n"
         "bad = [m for m in ('torch', 'torch.distributed', 'matplotlib', 'rich') if m in sys.modules]\n"
         "assert not bad, ('after planning', bad)\n"
     )

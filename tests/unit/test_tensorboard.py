@@ -159,6 +159,23 @@ def test_a_run_stopped_between_evaluations_ends_the_series_with_its_final_loss(t
     assert [(s, v) for s, v, _ in loss] == [(9, 2.5), (13, 2.25)]
 
 
+def test_a_run_that_models_power_adds_each_sites_draw_cap_energy_and_throttled_seconds(tmp_path):
+    power = {"power_mw": 18.0, "cap_mw": 20.0, "energy_mwh": 2.25, "throttled_s": 1.5, "grid_hours": 0.25,
+             "active": 0.9, "speed": 0.5}
+    rec = tensorboard_recorder(tmp_path)
+    rec.write("step", **step_fields(0, loss=3.0), **power)
+    rec.write("step", **step_fields(1, loss=2.9), **{**power, "power_mw": 14.0, "cap_mw": 14.0, "energy_mwh": 4.0})
+    rec.write("power_off", site=0, step=1, wall_s=1.0, grid_hours=0.5, back_at_s=None)  # adds no scalars
+    rec.close()
+    site = read_scalars(tmp_path / "tensorboard" / "site0")
+    power_tags = {"power/draw_mw", "power/cap_mw", "power/energy_mwh", "time/throttled_seconds"}
+    assert set(site) == SITE_TAGS | power_tags
+    assert [(s, v) for s, v, _ in site["power/draw_mw"]] == [(0, 18.0), (1, 14.0)]
+    assert [(s, v) for s, v, _ in site["power/cap_mw"]] == [(0, 20.0), (1, 14.0)]
+    assert [(s, v) for s, v, _ in site["power/energy_mwh"]] == [(0, 2.25), (1, 4.0)]
+    assert [(s, v) for s, v, _ in site["time/throttled_seconds"]] == [(0, 1.5), (1, 1.5)]
+
+
 def test_a_failing_sink_is_dropped_with_a_warning_and_recording_goes_on(tmp_path):
     class Broken(ScalarSink):
         def add(self, run, step, values, *, wall_time):

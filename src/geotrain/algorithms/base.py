@@ -96,6 +96,8 @@ class Algorithm:
     """One line for help texts."""
     settings: ClassVar[tuple[str, ...]] = ()
     """Dotted config keys the method reads, beyond the common ones."""
+    timed_rounds: ClassVar[bool] = False
+    """The method can end its rounds after a time (``outer.sync_every_seconds``) instead of after H steps."""
     own_codec: ClassVar[bool] = False
     """The method chooses its payload codec from its own settings (``codec``), not from ``comm.codec``."""
 

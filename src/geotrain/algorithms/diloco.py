@@ -19,26 +19,49 @@ if TYPE_CHECKING:
     from geotrain.algorithms.strategies.base import Strategy, StrategyContext
     from geotrain.config import Config
 
-__all__ = ["DiLoCo", "OVERLAP_THRESHOLD"]
+__all__ = ["DiLoCo", "OVERLAP_THRESHOLD", "timed_round_length"]
 
 OVERLAP_THRESHOLD = 0.02
 """Left unset, overlap is turned on when a blocking transfer would stall more than this share of a round's
 compute: below it the one-round delay of the update is not worth the time it saves."""
 
 
+def timed_round_length(*, seconds: float, budget: float, counted_tokens: float, counted_rounds: int,
+                       rounds_in_flight: int, last_total: float) -> float | None:
+    """Time-based rounds (``outer.sync_every_seconds``): how long the next round lasts, or None when the run
+    is over. ``counted_tokens`` are the global tokens of the ``counted_rounds`` rounds whose token sums are
+    known; ``rounds_in_flight`` more have been sent but not counted (overlapped rounds: one), and each is
+    projected at ``last_total``, the newest counted round's global tokens. The run ends at the first round
+    whose projected total reaches ``budget``; a round that would overshoot it is shortened in proportion.
+    Before any round is counted every round lasts ``seconds``. The training strategy
+    (``geotrain.algorithms.strategies.rounds``) and the planner's power-aware prediction both decide with this."""
+    projected = counted_tokens + rounds_in_flight * last_total
+    if counted_rounds > 0 and projected >= budget:
+        return None
+    if counted_rounds > 0 and projected + last_total > budget:
+        return seconds * (budget - projected) / last_total
+    return seconds
+
+
 class DiLoCo(Algorithm):
     name = "diloco"
     summary = "H inner steps per site, then an outer step on the averaged pseudo-gradient"
-    settings = ("outer.sync_every", "outer.lr", "outer.momentum", "outer.nesterov", "outer.warmup_steps",
-                "comm.overlap")
+    timed_rounds = True
+    settings = ("outer.sync_every", "outer.sync_every_seconds", "outer.lr", "outer.momentum", "outer.nesterov",
+                "outer.warmup_steps", "comm.overlap")
 
     def describe(self, config: Config) -> dict[str, Any]:
-        return {"sync_every": config.outer.sync_every, "fragments": 1, "overlap_steps": 0,
-                "overlap": config.comm.overlap}
+        out = {"sync_every": config.outer.sync_every, "fragments": 1, "overlap_steps": 0,
+               "overlap": config.comm.overlap}
+        if config.outer.sync_every_seconds is not None:
+            out["sync_every_seconds"] = config.outer.sync_every_seconds
+        return out
 
     def label(self, config: Config) -> str:
         overlap = {True: "+overlap", False: "", None: " overlap=auto"}[config.comm.overlap]
-        return f"diloco H={config.outer.sync_every}{overlap}"
+        rounds = (f"H={config.outer.sync_every}" if config.outer.sync_every_seconds is None
+                  else f"T={config.outer.sync_every_seconds:g}s")
+        return f"{self.name} {rounds}{overlap}"
 
     def compare_variants(self, config: Config) -> dict[str, dict[str, Any]]:
         return {self.name: {"comm.overlap": False}, f"{self.name}+overlap": {"comm.overlap": True}}
@@ -90,4 +113,5 @@ class DiLoCo(Algorithm):
     def build(self, config: Config, ctx: StrategyContext) -> Strategy:
         from geotrain.algorithms.strategies.diloco import DiLoCoStrategy
 
-        return DiLoCoStrategy(ctx, outer=config.outer, overlap=bool(config.comm.overlap))
+        return DiLoCoStrategy(ctx, outer=config.outer, overlap=bool(config.comm.overlap),
+                              budget_tokens=config.run.tokens)

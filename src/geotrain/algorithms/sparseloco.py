@@ -40,6 +40,7 @@ class SparseLoCo(DiLoCo):
     """DiLoCo's schedule (H, overlap, the end of a run) with its own payloads and outer step."""
 
     name = "sparseloco"
+    timed_rounds = False
     summary = "H inner steps, then a 2-bit chunked top-k of a decayed error-feedback accumulator, averaged"
     settings = ("outer.sync_every", "comm.overlap", "sparseloco.density", "sparseloco.chunk", "sparseloco.bits",
                 "sparseloco.beta", "sparseloco.lr")

@@ -30,7 +30,7 @@ from geotrain.config import MembershipConfig
 from geotrain.errors import ConfigError
 from geotrain.membership.wire import AuthError, Channel, WireError, client_handshake
 
-__all__ = ["Evicted", "MembershipClient", "MembershipError", "Refused", "View"]
+__all__ = ["Evicted", "MembershipClient", "MembershipError", "Refused", "RunFinished", "View"]
 
 _DEFAULTS = MembershipConfig()
 """What a setting is when the sites did not send it: the one definition, in geotrain.config."""
@@ -43,6 +43,10 @@ class MembershipError(RuntimeError):
 class Refused(ConfigError):
     """The coordinator refused this site (another model or settings, a duplicate or out-of-range rank, a run
     that has finished): bad input, exit code 2."""
+
+
+class RunFinished(MembershipError):
+    """The run finished while this site waited to be admitted (it came back too late to take part)."""
 
 
 class Evicted(Exception):
@@ -278,7 +282,7 @@ class MembershipClient:
                 if "evicted" in reply:
                     raise Evicted(reply["evicted"])
                 if "error" in reply:
-                    raise MembershipError(f"coordinator: {reply['error']}")
+                    raise (RunFinished if reply.get("finished") else MembershipError)(f"coordinator: {reply['error']}")
                 return reply
         finally:
             if op not in ("set", "add", "check", "cas", "delete", "num_keys", "event", "events", "status"):
@@ -347,6 +351,12 @@ class MembershipClient:
     @property
     def is_cut(self) -> bool:
         return self._cut.is_set()
+
+    def leave(self, reason: str) -> None:
+        """Leave the run now, and stay able to :meth:`rejoin` later (a site whose power failed): the
+        coordinator drops this site at once instead of waiting for its heartbeats to stop."""
+        with contextlib.suppress(MembershipError, Evicted, ConfigError, WireError, OSError):
+            self.call("leave", reason=reason, retry_s=10.0)
 
     # -- the end ----------------------------------------------------------------------------------------------
     def close(self, *, done: bool = False, reason: str | None = None) -> None:

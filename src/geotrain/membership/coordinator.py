@@ -611,7 +611,8 @@ class Coordinator:
             if not self._alive_members():
                 self.finished = True
                 for k in list(self._admission_waiters):
-                    self._admitted(k, {"error": "the run finished before this site could be admitted"})
+                    self._admitted(k, {"error": "the run finished before this site could be admitted",
+                                          "finished": True})
             self._recheck()
             return {"ok": True}
         if op == "leave":

@@ -17,7 +17,7 @@ __all__ = ["SHARED_SETTINGS", "describe_difference", "fingerprint", "shared_sett
 
 SHARED_SETTINGS = ("run.algorithm", "run.tokens", "run.seed", "run.sites", "run.workers_per_site", "run.fsdp",
                    "run.wall_seconds", "model", "data.batch_size", "optim", "outer", "streaming",
-                   "sparseloco", "comm", "wan", "membership", "guard", "checkpoint")
+                   "sparseloco", "comm", "wan", "membership", "guard", "checkpoint", "run.site_speeds", "grid")
 """Setting paths every site must agree on (sections or single keys). A site's own output directory, data path,
 device and logging may differ."""
 

@@ -11,7 +11,8 @@ load).
     result = plan(plan_spec(load_config("configs/plan-three-datacenters.toml")))
 
 ``failure_costs(config)`` predicts what one failure costs an elastic run (detection, re-forming, healing),
-from the same configuration a fault benchmark runs.
+from the same configuration a fault benchmark runs. ``predict_power_run(config, step_seconds=...)`` plays a run
+with ``[grid]`` traces or ``run.site_speeds`` step by step under its sites' power and speeds.
 """
 
 from geotrain.hardware import ACCELERATORS, Accelerator
@@ -27,6 +28,7 @@ from geotrain.planner.model import (
     site_step_seconds,
     sync_comm,
 )
+from geotrain.planner.power import PowerPrediction, SitePrediction, models_power, predict_power_run
 from geotrain.planner.questions import (
     bandwidth_needed,
     compare_variants,
@@ -47,16 +49,20 @@ __all__ = [
     "PlanInputs",
     "PlanResult",
     "PlanSpec",
+    "PowerPrediction",
     "SimulationResult",
+    "SitePrediction",
     "SiteResult",
     "SiteSpec",
     "bandwidth_needed",
     "compare_variants",
     "failure_costs",
     "mildest_codec",
+    "models_power",
     "plan",
     "plan_inputs",
     "plan_spec",
+    "predict_power_run",
     "simulate",
     "site_step_seconds",
     "smallest_sync_every",

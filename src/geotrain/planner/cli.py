@@ -21,6 +21,7 @@ from geotrain.comm.codecs.registry import codec_names
 from geotrain.hardware import ACCELERATORS
 from geotrain.planner.config import PlanInputs, plan_inputs
 from geotrain.planner.model import PlanResult, plan
+from geotrain.planner.power import models_power, predict_power_run
 from geotrain.planner.questions import bandwidth_needed, compare_variants, mildest_codec, smallest_sync_every, sweep
 from geotrain.planner.simulate import failure_costs, simulate
 from geotrain.topology import LINK_PRESETS
@@ -162,6 +163,12 @@ def plan_output(inputs: PlanInputs) -> tuple[dict, dict[str, PlanResult], object
             title = (f"{_count(out['inputs']['params'])} params, {len(spec.sites)} sites, "
                      f"codec {main.codec}, H={inputs.config.outer.sync_every}")
             out["plot"] = str(plot_sweep(swept, path=inputs.plot, target=target, title=title))
+
+    if models_power(inputs.config):  # [grid] or run.site_speeds: the run played step by step under its power
+        try:
+            out["power"] = predict_power_run(spec).to_dict()
+        except ConfigError as e:
+            out["notes"].append(f"no prediction under power and speeds: {e}")
 
     simulated = None
     if inputs.simulation is not None:

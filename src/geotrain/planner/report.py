@@ -62,6 +62,41 @@ def _count(x: float) -> str:
     return f"{x:g}"
 
 
+def _mwh(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _render_power(console, power: dict) -> None:
+    """The run played step by step under its grid traces and site speeds (``geotrain.planner.power``)."""
+    from rich.table import Table
+
+    rounds = "time-based rounds" if power["timed_rounds"] else "H-step rounds"
+    t = Table(title=f"Under power and speeds ({rounds})", header_style="bold")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("time to train", f"[bold]{fmt_duration(power['time_to_train_seconds'])}[/bold]")
+    t.add_row("utilization (busy: compute and throttled)", fmt_pct(power["utilization"]))
+    t.add_row("throttled share of busy time", fmt_pct(power["throttled_share"]))
+    t.add_row("tokens trained / rounds", f"{power['tokens']:,} / {power['rounds']:,}")
+    if power["heal_seconds"]:
+        t.add_row("waiting for healers", fmt_duration(power["heal_seconds"]))
+    if power["energy_mwh"] is not None:
+        t.add_row("energy (grid time)", f"[bold]{_mwh(power['energy_mwh'])} MWh[/bold]")
+    if power["carbon_kg"] is not None:
+        t.add_row("carbon", f"{power['carbon_kg']:,.0f} kg")
+    console.print(t)
+    st = Table(title="Sites under power and speeds", header_style="bold")
+    for col in ("site", "steps", "tokens", "throttled", "away", "power-offs", "utilization", "energy (MWh)",
+                "peak (MW)", "carbon (kg)"):
+        st.add_column(col, justify="left" if col == "site" else "right")
+    for s in power["per_site"]:
+        st.add_row(s["name"], f"{s['steps']:,}", f"{s['tokens']:,}", _seconds(s["throttled_seconds"]),
+                   _seconds(s["away_seconds"]), f"{s['power_offs']:,}", fmt_pct(s["utilization"]),
+                   _mwh(s["energy_mwh"]), "-" if s["peak_mw"] is None else f"{s['peak_mw']:,.1f}",
+                   "-" if s["carbon_kg"] is None else f"{s['carbon_kg']:,.0f}")
+    console.print(st)
+
+
 def render(out: dict, *, results: dict[str, PlanResult], sweep: Sweep | None,
            simulation: SimulationResult | None, console=None) -> None:
     """Print a plan (and whatever questions were asked) as rich tables."""
@@ -117,8 +152,10 @@ def render(out: dict, *, results: dict[str, PlanResult], sweep: Sweep | None,
                    f"{s.power_mw:,.1f} / {cap}" if s.cap_respected else f"[red]{s.power_mw:,.1f} / {cap}[/red]",
                    fmt_duration(s.compute_step_seconds), fmt_pct(s.utilization), f"{s.energy_mwh:,.0f}")
     console.print(st)
-    for note in main.notes:
+    for note in out.get("notes", main.notes):
         console.print(f"[yellow]note:[/yellow] {note}")
+    if out.get("power"):
+        _render_power(console, out["power"])
 
     variants = {k: v for k, v in results.items() if k != "plan"}
     target = out.get("target_utilization")

@@ -6,9 +6,11 @@ inline), so it can be mailed, attached to an issue or opened from a cluster's sc
 It shows a header (algorithm, sites, link, codec and an ok / partial / failed badge), the headline figures in
 human units, a per-site table, what happened to the run's membership (only when something did: sites that
 left, came back and were healed, updates the guards rejected, injected faults, failures; otherwise one line),
-the four figures of :mod:`geotrain.report.plots`, and the resolved config and raw summary in collapsed
-``<details>``. A run stopped by Ctrl+C or a crash still gets a report: figures the
-summary lacks are rebuilt from ``metrics.jsonl`` where the log supports them, and marked as such.
+the four figures of :mod:`geotrain.report.plots`, for a run that models its sites' power a Power section
+(energy, peak draw, throttled and idle time, carbon per site; the draw against the grid's cap and the energy
+used over time), and the resolved config and raw summary in collapsed ``<details>``. A run stopped by Ctrl+C
+or a crash still gets a report: figures the summary lacks are rebuilt from ``metrics.jsonl`` where the log
+supports them, and marked as such.
 
 Every string that comes from a run (names, error messages, config values) is passed through ``html.escape``.
 """
@@ -32,6 +34,7 @@ from geotrain.report.metrics import (
     membership_of,
     merged_summary,
     read_run,
+    run_power,
     run_status,
     sites_in,
 )
@@ -43,6 +46,7 @@ from geotrain.report.units import (
     fmt_float,
     fmt_loss,
     fmt_percent,
+    fmt_quantity,
     fmt_seconds,
     fmt_tokens,
 )
@@ -120,11 +124,26 @@ FIGURE_CAPTIONS = {
     "loss_wall": "The same losses against wall time, which includes time spent waiting on the WAN.",
     "wan_bytes": "Cumulative payload bytes sent over cross-site links, per site and in total (decimal units: 1 MB = 10⁶ B).",
     "utilization": (
-        "Where each site's wall time went: compute, waiting on cross-site communication, and the rest. "
-        "Utilization = compute / wall time."
+        "Where each site's wall time went: compute, throttled (steps held back to the speed of a slower or "
+        "power-capped site), waiting on cross-site communication, and the rest. Utilization = (compute + "
+        "throttled) / wall time."
     ),
 }
 
+
+# The Power section's figures (plots.power_figures), shown there rather than under Plots.
+POWER_CAPTIONS = {
+    "power": (
+        "Each site's electrical draw while its logged steps computed (solid, in the site's colour) and the power "
+        "the grid made available to it (dashed, shaded below), against the site's training wall time; the grid "
+        "trace's own time runs along the top. Hatched red: the site's power was off and it was out of the run, "
+        "until its power came back and it rejoined."
+    ),
+    "energy": (
+        "Energy each site has used, cumulative, against its training wall time, and all sites together (each "
+        "site counted at its latest logged value). A flat stretch is a site drawing nothing: its power was off."
+    ),
+}
 
 # With membership marked (plots.loss_vs_wall_png draws it only for a run whose membership changed).
 MEMBERSHIP_CAPTIONS = {
@@ -197,7 +216,7 @@ SUMMARY_ROWS: list[_Row] = [
     ("Peak WAN bandwidth", "peak_bandwidth_bps", fmt_bandwidth, _int_title),
     ("Wall time", "wall_seconds", fmt_seconds, _seconds_title),
     ("Utilization (mean over sites)", "utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
-    ("Predicted utilization (timing model)", "predicted_utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
+    ("Predicted utilization (planner)", "predicted_utilization", fmt_percent, lambda v: fmt_float(v, digits=6)),
     ("Parameters SHA-256", "params_sha256", _plain, None),
 ]
 
@@ -214,11 +233,40 @@ SITE_COLUMNS: list[_Row] = [
     ("Utilization", "utilization", fmt_percent, None),
 ]
 
+def _mw(value: Any) -> str:
+    return fmt_quantity(value, "MW")
+
+
+def _mwh(value: Any) -> str:
+    return fmt_quantity(value, "MWh")
+
+
+def _kg(value: Any) -> str:
+    return fmt_quantity(value, "kg")
+
+
+def _exact_title(unit: str) -> Callable[[Any], str]:
+    return lambda v: "" if as_float(v) is None else f"{as_float(v):,.6g} {unit}"
+
+
+# (header, per_site key, formatter, tooltip) for the Power section's table.
+POWER_COLUMNS: list[_Row] = [
+    ("Speed", "speed", lambda v: fmt_float(v, digits=3), None),
+    ("Energy", "energy_mwh", _mwh, _exact_title("MWh")),
+    ("Peak draw", "peak_power_mw", _mw, _exact_title("MW")),
+    ("Throttled", "throttled_seconds", fmt_seconds, _seconds_title),
+    ("Idle on network", "idle_seconds", fmt_seconds, _seconds_title),
+    ("Smoothing", "smoothing_mwh", _mwh, _exact_title("MWh")),
+    ("Carbon", "carbon_kg", _kg, _exact_title("kg")),
+]
+
 _NUMERIC_KEYS = {
     "tokens", "eval_loss", "steps", "outer_rounds", "wan_bytes", "payload_bytes_per_sync", "param_bytes",
     "peak_bandwidth_bps", "wall_seconds", "utilization", "predicted_utilization", "compute_seconds", "comm_seconds",
     # the membership tables
     "wall", "seconds", "coordination_seconds", "incarnations", "failed_attempts",
+    # the power table
+    "speed", "energy_mwh", "peak_power_mw", "throttled_seconds", "idle_seconds", "smoothing_mwh", "carbon_kg",
 }
 
 
@@ -468,6 +516,49 @@ def _membership_section(run: Run) -> list[str]:
     return parts
 
 
+def _figure(key: str, png: bytes, caption: str) -> str:
+    from geotrain.report.plots import PLOT_TITLES
+
+    label = PLOT_TITLES.get(key, key)
+    return (f'<figure id="fig-{esc(key)}"><img src="{png_data_uri(png)}" alt="{esc(label)}" width="1200">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def _power_section(run: Run, merged: dict[str, Any], per_site: list[dict[str, Any]], filled: set[tuple[int, str]],
+                   figures: dict[str, bytes]) -> list[str]:
+    """The Power section of a run that models its sites' power (step records with ``power_mw``, or per-site
+    energy in the summary); nothing for one that does not."""
+    series = run_power(run)
+    keys = [c[1] for c in POWER_COLUMNS]
+    if not series and not any(e.get(k) is not None for e in per_site for k in keys if k != "speed"):
+        return []
+    entries = [{**e, "speed": series[e["site"]].speed} if isinstance(e.get("site"), int) and e["site"] in series
+               else e for e in per_site]
+    said = []
+    if merged.get("energy_mwh") is not None:
+        said.append(f"{esc(_mwh(merged['energy_mwh']))} used by all sites")
+    if merged.get("carbon_kg") is not None:
+        said.append(f"carbon {esc(_kg(merged['carbon_kg']))}")
+    offs = merged.get("power_offs")
+    if isinstance(offs, int) and not isinstance(offs, bool):
+        said.append(_count(offs, "power-off") if offs else "no site lost its power")
+    columns = [c for c in POWER_COLUMNS if any(e.get(c[1]) is not None for e in entries)]
+    rows = []
+    for e in entries:
+        cells = "".join(_cell(e.get(key), fmt, tip, derived=(e.get("site"), key) in filled, key=key)
+                        for _label, key, fmt, tip in columns)
+        rows.append(f"<tr><td>{esc(_site_name(e.get('site')))}</td>{cells}</tr>")
+    parts = ['<h2 id="power">Power</h2>']
+    if said:
+        parts.append(f'<p class="meta">{"".join(f"<span>{x}</span>" for x in said)}</p>')
+    parts += [_table([("Site", False), *((label, True) for label, *_ in columns)], rows),
+              '<p class="footnote">Throttled: training seconds a site&#x27;s compute was held back by its power cap '
+              "or its speed factor. Idle on network: seconds it was powered but waiting on the network. Smoothing: "
+              "energy spent holding its draw flat through those waits. Figures add up every process a site ran.</p>"]
+    parts += [_figure(key, figures[key], caption) for key, caption in POWER_CAPTIONS.items() if key in figures]
+    return parts
+
+
 def _meta_items(merged: dict[str, Any]) -> Iterable[str]:
     if merged.get("algorithm"):
         yield f"<span><strong>{esc(merged['algorithm'])}</strong></span>"
@@ -486,7 +577,7 @@ def _meta_items(merged: dict[str, Any]) -> Iterable[str]:
 
 def render_report(run: Run, *, figures: dict[str, bytes] | None = None) -> str:
     """The report of ``run`` as an HTML string. ``figures`` defaults to :func:`plots.run_figures`."""
-    from geotrain.report.plots import PLOT_TITLES, marks_membership, run_figures
+    from geotrain.report.plots import marks_membership, run_figures
 
     if figures is None:
         figures = run_figures(run)
@@ -535,12 +626,11 @@ def render_report(run: Run, *, figures: dict[str, bytes] | None = None) -> str:
     parts.append("<h2>Plots</h2>")
     marked = marks_membership(run)
     for key, png in figures.items():
-        label = PLOT_TITLES.get(key, key)
+        if key in POWER_CAPTIONS:
+            continue
         caption = (marked and MEMBERSHIP_CAPTIONS.get(key)) or FIGURE_CAPTIONS.get(key, "")
-        parts.append(
-            f'<figure><img src="{png_data_uri(png)}" alt="{esc(label)}" width="1200">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>"
-        )
+        parts.append(_figure(key, png, caption))
+    parts += _power_section(run, merged, per_site, site_filled, figures)
 
     config = run.summary.get("config")
     parts.append("<h2>Configuration</h2>")

@@ -3,6 +3,8 @@
 :class:`LiveProgress` is fed the same records that go to ``metrics.jsonl`` (``step``, ``eval``, ``sync``; other
 kinds are ignored) and shows one row per site: tokens against the site's share of the budget (with a bar), last
 train loss, WAN bytes sent, utilization and outer rounds, plus a footer with the latest eval loss and elapsed time.
+In a run that models its sites' power, a column shows each site's draw against the grid's cap (from its latest
+``step``), or ``off`` between its ``power_off`` and ``power_on``.
 
 Settings the run chose itself (a ``start`` record's ``auto``: tau, overlap) are shown under the table with
 the reason, once the sites have chosen them.
@@ -36,6 +38,7 @@ from geotrain.report.units import (
     fmt_bytes,
     fmt_loss,
     fmt_percent,
+    fmt_quantity,
     fmt_seconds,
     fmt_tokens,
 )
@@ -52,11 +55,27 @@ class _SiteState:
     utilization: float | None = None
     outer_rounds: int | None = None
     step: int | None = None
+    power_mw: float | None = None
+    cap_mw: float | None = None
+    power_off: bool = False
 
     @property
     def sent(self) -> float:
         # Step records carry the cumulative count, sync records arrive between steps; show whichever is ahead.
         return max(self.wan_bytes, self.sync_bytes)
+
+    @property
+    def powered(self) -> bool:
+        """Whether the site's records model power."""
+        return self.power_mw is not None or self.power_off
+
+    def power(self) -> str:
+        """``draw/cap MW``, ``off`` while the site's power is off."""
+        if self.power_off:
+            return "off"
+        if self.cap_mw is None:
+            return fmt_quantity(self.power_mw, "MW")
+        return f"{fmt_quantity(self.power_mw, 'MW').removesuffix(' MW')}/{fmt_quantity(self.cap_mw, 'MW')}"
 
 
 class LiveProgress:
@@ -150,7 +169,7 @@ class LiveProgress:
                 self._eval_tokens = as_float(rec.get("tokens"))
                 self._dirty = True
             return
-        if kind not in ("step", "sync"):
+        if kind not in ("step", "sync", "power_off", "power_on"):
             return
         site = rec.get("site")
         if not isinstance(site, int) or isinstance(site, bool) or site < 0:
@@ -161,6 +180,11 @@ class LiveProgress:
         if kind == "sync":
             state.sync_bytes += as_float(rec.get("bytes")) or 0.0
             return
+        if kind in ("power_off", "power_on"):
+            state.power_off = kind == "power_off"
+            return
+        if (power := as_float(rec.get("power_mw"))) is not None:
+            state.power_mw, state.cap_mw, state.power_off = power, as_float(rec.get("cap_mw")), False
         tokens = as_float(rec.get("tokens"))
         if tokens is not None:
             state.tokens = max(state.tokens, tokens)
@@ -187,6 +211,9 @@ class LiveProgress:
 
     def _fraction(self, tokens: float) -> float | None:
         return tokens / self._share if self._share else None
+
+    def _powered(self) -> bool:
+        return any(s.powered for s in self._state.values())
 
     def _footer(self) -> str:
         total = sum(s.tokens for s in self._state.values())
@@ -218,6 +245,9 @@ class LiveProgress:
             table.add_column("WAN sent", justify="right", no_wrap=True)
             table.add_column("util.", justify="right", no_wrap=True)
             table.add_column("rounds", justify="right", no_wrap=True)
+            powered = self._powered()
+            if powered:
+                table.add_column("draw/cap", justify="right", no_wrap=True)
             for site in sorted(self._state):
                 s = self._state[site]
                 frac = self._fraction(s.tokens)
@@ -231,6 +261,7 @@ class LiveProgress:
                     fmt_bytes(s.sent),
                     fmt_percent(s.utilization),
                     MISSING if s.outer_rounds is None else str(s.outer_rounds),
+                    *([s.power() if s.powered else MISSING] if powered else []),
                 )
             return Group(table, Text(self._footer(), style="dim"), *(Text(c, style="cyan") for c in self._chosen))
 
@@ -245,6 +276,7 @@ class LiveProgress:
             lines.append(
                 f"[{self.title}] site {site}: tokens {fmt_tokens(s.tokens)}/{share}{pct}  loss {fmt_loss(s.loss)}  "
                 f"WAN {fmt_bytes(s.sent)}  util {fmt_percent(s.utilization)}  rounds {rounds}"
+                + (f"  power {s.power()}" if s.powered else "")
             )
         lines.append(f"[{self.title}] {self._footer()}")
         if self._chosen and not self._chosen_printed:
@@ -309,6 +341,9 @@ def final_table(summary: dict[str, Any]) -> Table:
     for key, label in (("link", "link"), ("codec", "codec"), ("sync_every", "H")):
         if summary.get(key) is not None:
             caption.append(f"{label} {summary[key]}")
+    for key, label, unit in (("energy_mwh", "energy", "MWh"), ("carbon_kg", "carbon", "kg")):
+        if as_float(summary.get(key)) is not None:
+            caption.append(f"{label} {fmt_quantity(summary[key], unit)}")
     for chosen in summary.get("auto_settings") or []:
         if isinstance(chosen, dict):
             caption.append(f"{str(chosen.get('key')).rpartition('.')[2]} {chosen.get('value')} (chosen)")

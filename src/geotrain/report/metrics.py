@@ -18,6 +18,12 @@ updates, injected faults, failures) on one clock: seconds since the launch, ``su
 that left and came back starts its own ``wall_s`` again from zero, so only that clock can place it.
 
 Series helpers return numpy arrays sorted by their x value, with non-finite y values dropped.
+
+A run that models its sites' power adds figures to its ``step`` records (``power_mw``, ``cap_mw``,
+``energy_mwh``, ``throttled_s``, ``grid_hours``, ``active``, ``speed``) and the kinds ``power_off`` and
+``power_on``; :func:`power_series` gathers them per site, for the report's power figures and for anything else
+that checks a run's energy (it takes records grouped by site, as ``geotrain.summary.read_site_records`` reads
+them, so it needs no run directory).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import copy
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,19 +42,25 @@ import numpy as np
 __all__ = [
     "EVENT_KINDS",
     "Membership",
+    "PowerSeries",
     "Run",
     "SiteTimes",
     "derived_summary",
     "eval_series",
     "global_tokens_at_steps",
+    "logged_energy_mwh",
     "membership_of",
     "merged_summary",
+    "power_series",
     "read_run",
+    "records_by_site",
     "run_clock_series",
+    "run_power",
     "run_status",
     "site_times",
     "sites_in",
     "step_series",
+    "summed_curves",
     "total_wan_series",
     "wan_series",
 ]
@@ -314,13 +327,18 @@ def run_clock_series(run: Run, kind: str, site: int | None, y: str, *, origin: f
 
 def total_wan_series(run: Run, *, origin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative WAN bytes over all sites against wall time (the sum of the per-site step curves)."""
-    curves = {s: wan_series(run, s, origin=origin) for s in sites_in(run)}
-    curves = {s: c for s, c in curves.items() if c[0].size}
+    return summed_curves([wan_series(run, s, origin=origin) for s in sites_in(run)])
+
+
+def summed_curves(curves: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The sum of cumulative curves (x sorted), at every x any of them has: each counts its latest value at
+    that x, and nothing before its first."""
+    curves = [c for c in curves if c[0].size]
     if not curves:
         return np.empty(0), np.empty(0)
-    times = np.unique(np.concatenate([c[0] for c in curves.values()]))
+    times = np.unique(np.concatenate([c[0] for c in curves]))
     total = np.zeros_like(times)
-    for x, y in curves.values():
+    for x, y in curves:
         idx = np.searchsorted(x, times, side="right") - 1
         total += np.where(idx >= 0, y[np.clip(idx, 0, None)], 0.0)
     return times, total
@@ -336,6 +354,8 @@ class SiteTimes:
     wall_seconds: float | None
     utilization: float | None
     source: Literal["summary", "metrics"]
+    throttled_seconds: float | None = None
+    """Steps held back to the speed of a slower or power-capped site (``train/pace.py``)."""
     """Whether the figures come from ``summary.json`` or from the site's last step record."""
 
 
@@ -353,6 +373,7 @@ def site_times(run: Run) -> list[SiteTimes]:
             wall_seconds=_num(entry, "wall_seconds"),
             utilization=_num(entry, "utilization"),
             source="summary",
+            throttled_seconds=_num(entry, "throttled_seconds"),
         )
     last = _last_step_per_site(run)
     for site in sites_in(run):
@@ -367,18 +388,20 @@ def site_times(run: Run) -> list[SiteTimes]:
             wall_seconds=_num(rec, "wall_s"),
             utilization=_num(rec, "utilization"),
             source="metrics",
+            throttled_seconds=_num(rec, "throttled_s"),
         )
         if have is None:
             out[site] = from_log
             continue
         # A partial summary entry keeps its own figures; only the gaps come from the log.
-        for name in ("compute_seconds", "comm_seconds", "wall_seconds", "utilization"):
+        for name in ("compute_seconds", "comm_seconds", "wall_seconds", "utilization", "throttled_seconds"):
             if getattr(have, name) is None:
                 setattr(have, name, getattr(from_log, name))
     for st in out.values():
-        # The contract defines utilization as compute / wall; derive it when only the parts were written.
+        # The contract defines utilization as (compute + throttled) / wall; derive it when only the parts were
+        # written.
         if st.utilization is None and st.compute_seconds is not None and st.wall_seconds:
-            st.utilization = st.compute_seconds / st.wall_seconds
+            st.utilization = (st.compute_seconds + (st.throttled_seconds or 0.0)) / st.wall_seconds
     return [out[s] for s in sorted(out)]
 
 
@@ -398,6 +421,116 @@ def _last_step_per_site(run: Run) -> dict[int, dict[str, Any]]:
     return last
 
 
+def records_by_site(run: Run) -> dict[int, list[dict[str, Any]]]:
+    """Every record of the log that names its site, grouped by site in time order: what each site's own record
+    file (``OUT/sites/siteK.jsonl``) held, as the launcher reads it. Eval records without a site are site 0's."""
+    if "records_by_site" in run._cache:
+        return run._cache["records_by_site"]
+    by_site: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for kind, recs in run.records.items():
+        for rec in recs:
+            site = _site_of(rec)
+            if site is None and kind == "eval":
+                site = 0  # site 0 evaluates the global model; older logs do not say so
+            if site is not None:
+                by_site[site].append(rec)
+    out = {s: sorted(rows, key=lambda r: _num(r, "time") or 0.0) for s, rows in sorted(by_site.items())}
+    run._cache["records_by_site"] = out
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PowerSeries:
+    """One site's power over its training wall time, a point per ``step`` record that carries ``power_mw``, in
+    the order the site wrote them. The lists line up; a figure a record left out (or wrote as null) is NaN."""
+
+    site: int
+    wall_s: list[float]
+    """The run's training clock at each record (``run_s``, which goes on through an outage as the grid's time
+    does; ``wall_s`` for records without it). A new process of the site (killed and started again) starts it
+    again from zero."""
+    grid_hours: list[float]
+    """The grid trace's time at the step, hours."""
+    power_mw: list[float]
+    """The site's draw while the step computed, MW."""
+    cap_mw: list[float]
+    """Grid power available to the site at the step's start, MW."""
+    energy_mwh: list[float]
+    """The site's energy so far, MWh. Each process counts its own from zero (across rejoins of that process);
+    here a later process's count goes on from the total of the ones before, so the last value is the site's
+    ``energy_mwh`` in ``summary.json``."""
+    off: list[tuple[float, float | None]]
+    """Windows in which the site's power was off: (``wall_s`` of its ``power_off``, ``wall_s`` of the
+    ``power_on`` after it, else the ``back_at_s`` the ``power_off`` announced, else None: off to the end)."""
+    speed: float | None
+    """The site's speed factor (its latest step's ``speed``), None when not recorded."""
+
+
+def power_series(records_by_site: Mapping[int, Iterable[dict[str, Any]]]) -> dict[int, PowerSeries]:
+    """Each site's :class:`PowerSeries`, for the sites whose step records carry ``power_mw`` (none in a run that
+    does not model power). ``records_by_site``: each site's records in file order, as
+    ``geotrain.summary.read_site_records`` or :func:`records_by_site` give them."""
+    from geotrain.summary import site_processes
+
+    out: dict[int, PowerSeries] = {}
+    for site, rows in sorted(records_by_site.items()):
+        columns: dict[str, list[float]] = {k: [] for k in ("wall_s", "grid_hours", "power_mw", "cap_mw", "energy_mwh")}
+        off: list[tuple[float, float | None]] = []
+        speed: float | None = None
+        before = 0.0  # energy of the site's earlier processes
+        waiting = False  # for the power_on that ends the latest power_off
+        for proc in site_processes(list(rows)):
+            latest = 0.0
+            for r in proc:
+                kind = r.get("kind")
+                if kind == "step" and _num(r, "power_mw") is not None and _num(r, "wall_s") is not None:
+                    for key, col in columns.items():
+                        # the run's clock (run_s) when the record has it: a site's wall_s restarts when it
+                        # comes back after an outage, and power_off/power_on are on the run's clock
+                        col.append(_num_or_nan(r.get("run_s", r.get(key)) if key == "wall_s" else r.get(key)))
+                    if (e := _num(r, "energy_mwh")) is not None:
+                        latest = e
+                        columns["energy_mwh"][-1] = before + e
+                    speed = _num(r, "speed") if _num(r, "speed") is not None else speed
+                elif kind == "power_off" and (w := _num(r, "wall_s")) is not None:
+                    off.append((w, _num(r, "back_at_s")))
+                    waiting = True
+                elif kind == "power_on" and waiting and (w := _num(r, "wall_s")) is not None:
+                    off[-1] = (off[-1][0], w)
+                    waiting = False
+            done = _last_of(proc, "done")
+            before += _num(done, "energy_mwh") if done is not None and _num(done, "energy_mwh") is not None else latest
+        if columns["power_mw"]:
+            out[site] = PowerSeries(site=site, off=off, speed=speed, **columns)
+    return out
+
+
+def logged_energy_mwh(steps: list[dict[str, Any]], *, time_scale: float) -> float:
+    """The energy a site's consecutive step records (``run.log_every = 1``, one stretch of training without a
+    departure) account for, from what they log: each step's draw while it computed and was held back
+    (``power_mw`` over the step's compute and throttled seconds) and while it waited (``wait_mw`` over the rest
+    of its ``run_s``), in grid time. Set beside the energy the site reports, it checks the records against the
+    controller's own integral."""
+    total = 0.0
+    for prev, r in zip(steps, steps[1:]):
+        seconds = r["run_s"] - prev["run_s"]
+        busy = (r["compute_s"] - prev["compute_s"]) + (r.get("throttled_s", 0.0) - prev.get("throttled_s", 0.0))
+        busy = min(max(busy, 0.0), seconds)
+        total += r["power_mw"] * busy + r.get("wait_mw", r["power_mw"]) * (seconds - busy)
+    return total * time_scale / 3600.0
+
+
+def run_power(run: Run) -> dict[int, PowerSeries]:
+    """:func:`power_series` of the run's log; empty for a run that does not model power."""
+    if "power" not in run._cache:
+        run._cache["power"] = power_series(records_by_site(run))
+    return run._cache["power"]
+
+
+def _last_of(rows: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((r for r in reversed(rows) if r.get("kind") == kind), None)
+
+
 def derived_summary(run: Run) -> dict[str, Any]:
     """Headline figures rebuilt from the metrics log, for a run whose summary is missing or partial: the same
     figures the launcher builds the summary from (``geotrain.summary.run_figures``), read from
@@ -409,15 +542,7 @@ def derived_summary(run: Run) -> dict[str, Any]:
         return copy.deepcopy(run._cache["derived"])
     from geotrain.summary import run_figures
 
-    by_site: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for kind, recs in run.records.items():
-        for rec in recs:
-            site = _site_of(rec)
-            if site is None and kind == "eval":
-                site = 0  # site 0 evaluates the global model; older logs do not say so
-            if site is not None:
-                by_site[site].append(rec)
-    out = run_figures({s: sorted(rows, key=lambda r: _num(r, "time") or 0.0) for s, rows in by_site.items()})
+    out = run_figures(records_by_site(run))
     if out.get("per_site"):
         out["sites"] = len(sites_in(run))
     run._cache["derived"] = out

@@ -9,6 +9,10 @@ Four figures describe one run (see :func:`run_figures`):
 - per-site utilization: compute against communication-wait seconds as stacked bars, with compute / wall
   annotated (the guide's definition of utilization).
 
+A run that models its sites' power adds two (:func:`power_figures`): each site's draw against the grid's cap
+over its training wall time, one panel per site, with the windows its power was off shaded; and the energy
+the sites used, cumulative, per site and in total.
+
 :func:`comparison_png` draws several runs' eval loss against tokens and against wall time.
 
 matplotlib is imported only inside the functions that draw, and only the Agg canvas is used: importing the
@@ -35,13 +39,15 @@ from geotrain.report.metrics import (
     global_tokens_at_steps,
     membership_of,
     run_clock_series,
+    run_power,
     site_times,
     sites_in,
     step_series,
+    summed_curves,
     total_wan_series,
     wan_series,
 )
-from geotrain.report.units import fmt_bytes, fmt_percent, fmt_tokens
+from geotrain.report.units import fmt_bytes, fmt_percent, fmt_quantity, fmt_tokens
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -51,9 +57,12 @@ __all__ = [
     "PLOT_TITLES",
     "comparison_png",
     "ema",
+    "energy_png",
     "loss_vs_tokens_png",
     "loss_vs_wall_png",
     "marks_membership",
+    "power_figures",
+    "power_png",
     "run_figures",
     "utilization_png",
     "wan_bytes_png",
@@ -81,12 +90,16 @@ FAULT_COLORS = {"kill": "#c53030", "rejoin": "#2f855a", "partition": "#dd6b20", 
 COORDINATOR_COLOR = "#805ad5"
 OUT_COLOR = "#fed7d7"
 RUN_CLOCK_LABEL = "time since the run started"
+CAP_COLOR = "#4a5568"
+CAP_FILL = "#edf2f7"
 
 PLOT_TITLES = {
     "loss_tokens": "Loss vs tokens",
     "loss_wall": "Loss vs wall time",
     "wan_bytes": "WAN bytes sent",
     "utilization": "Per-site utilization",
+    "power": "Power draw vs grid cap",
+    "energy": "Energy used",
 }
 
 _STYLE = {
@@ -641,16 +654,17 @@ def utilization_png(run: Run) -> bytes:
         rows = []
         for st in times:
             compute, comm, wall = st.compute_seconds, st.comm_seconds, st.wall_seconds
+            held = st.throttled_seconds or 0.0
             if compute is None and st.utilization is not None and wall is not None:
-                compute = st.utilization * wall
+                compute = st.utilization * wall - held
             if compute is None and comm is None:
                 continue
             compute, comm = compute or 0.0, comm or 0.0
-            # Wall time not spent computing or waiting on the link (data loading, eval, start-up) is shown
-            # too, so bar length is wall time and utilization reads off the bar.
-            other = max(0.0, wall - compute - comm) if wall is not None else 0.0
-            util = st.utilization if st.utilization is not None else (compute / wall if wall else None)
-            rows.append((st.site, compute, comm, other, util))
+            # Wall time not spent computing, held back or waiting on the link (data loading, eval, start-up) is
+            # shown too, so bar length is wall time and utilization reads off the bar.
+            other = max(0.0, wall - compute - held - comm) if wall is not None else 0.0
+            util = st.utilization if st.utilization is not None else ((compute + held) / wall if wall else None)
+            rows.append((st.site, compute, comm, other, util, held))
         if not rows:
             _placeholder(ax, "no per-site timings recorded")
             return _png(fig)
@@ -660,13 +674,18 @@ def utilization_png(run: Run) -> bytes:
         compute = np.array([r[1] for r in rows])
         comm = np.array([r[2] for r in rows])
         other = np.array([r[3] for r in rows])
-        total = compute + comm + other
+        held = np.array([r[5] for r in rows])
+        total = compute + held + comm + other
         scale, unit = _time_scale(float(total.max()) if total.size else 0.0)
         bar = dict(height=0.62, edgecolor="white", linewidth=0.8)
         ax.barh(y, compute / scale, color=COMPUTE_COLOR, label="compute", **bar)
-        ax.barh(y, comm / scale, left=compute / scale, color=COMM_COLOR, label="communication wait", **bar)
+        if held.sum() > 0:  # a slower or power-capped site: its steps held back, still computing (more slowly)
+            ax.barh(y, held / scale, left=compute / scale, color=COMPUTE_COLOR, alpha=0.45, hatch="//",
+                    label="throttled (power or speed)", **bar)
+        ax.barh(y, comm / scale, left=(compute + held) / scale, color=COMM_COLOR, label="communication wait", **bar)
         if other.sum() > 0.01 * total.sum():
-            ax.barh(y, other / scale, left=(compute + comm) / scale, color=OTHER_COLOR, label="other (data, eval, idle)", **bar)
+            ax.barh(y, other / scale, left=(compute + held + comm) / scale, color=OTHER_COLOR,
+                    label="other (data, eval, idle)", **bar)
         for yi, tot, row in zip(y, total, rows):
             util = row[4]
             text = f"{fmt_percent(util)} util." if util is not None else "—"
@@ -683,13 +702,149 @@ def utilization_png(run: Run) -> bytes:
 
 
 def run_figures(run: Run) -> dict[str, bytes]:
-    """All four figures of a run, keyed as in :data:`PLOT_TITLES` and in display order."""
+    """All figures of a run, keyed as in :data:`PLOT_TITLES` and in display order: the four every run has,
+    then the power figures of a run that models power."""
     return {
         "loss_tokens": loss_vs_tokens_png(run),
         "loss_wall": loss_vs_wall_png(run),
         "wan_bytes": wan_bytes_png(run),
         "utilization": utilization_png(run),
+        **power_figures(run),
     }
+
+
+def _grid_axis(ax: Axes, series: Sequence[Any], *, scale: float) -> None:
+    """Grid time (hours) along the top of ``ax``, read off the records: training wall time maps onto the
+    grid trace's time through the steps that carry both."""
+    pairs = sorted((w / scale, g) for ps in series for w, g in zip(ps.wall_s, ps.grid_hours)
+                   if np.isfinite(w) and np.isfinite(g))
+    if len(pairs) < 2:
+        return
+    wall = np.array([w for w, _ in pairs])
+    grid = np.maximum.accumulate(np.array([g for _, g in pairs]))
+    if grid[-1] <= grid[0] or wall[-1] <= wall[0]:
+        return
+    # beyond the first and the last step, at the run's mean rate (the axis starts before the first step)
+    rate = (grid[-1] - grid[0]) / (wall[-1] - wall[0])
+    far = 10 * (wall[-1] - wall[0]) + abs(wall[0])
+    wall = np.concatenate([[wall[0] - far], wall, [wall[-1] + far]])
+    grid = np.concatenate([[grid[0] - far * rate], grid, [grid[-1] + far * rate]])
+    top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, wall, grid),
+                                               lambda h: np.interp(h, grid, wall)))
+    top.set_xlabel("grid time (h)", fontsize=9, color="#4a5568")
+    top.tick_params(labelsize=8.5, colors="#4a5568")
+
+
+def _broken_at(x: np.ndarray, ys: Sequence[np.ndarray], cuts: Sequence[float]) -> tuple[np.ndarray, ...]:
+    """``x`` and each of ``ys`` with a break (NaN) wherever one of ``cuts`` falls between two points (a line
+    is not drawn across a window in which the site wrote nothing) and wherever ``x`` goes back (a new process
+    of the site, whose clock started again)."""
+    if x.size < 2:
+        return (x, *ys)
+    before, after = x[:-1, None], x[1:, None]
+    c = np.asarray(cuts, dtype=float)[None, :]
+    across = ((c >= before) & (c < after)).any(axis=1) if c.size else np.zeros(x.size - 1, dtype=bool)
+    idx = np.flatnonzero(across | (x[1:] < x[:-1])) + 1
+    return tuple(_joined(np.split(a, idx)) for a in (x, *ys))
+
+
+def power_png(run: Run) -> bytes:
+    """One panel per site over training wall time: its draw (a line) under the grid's cap (dashed, the power
+    available shaded), with the windows its power was off shaded red; the grid's clock along the top."""
+    series = list(run_power(run).values())
+    # past six sites the panels get lower, so that the figure stays about as tall as a page
+    panel = 1.45 if len(series) <= 6 else max(0.8, 8.7 / len(series))
+    height = 1.3 + panel * max(len(series), 1)
+    with _style():
+        fig, axes = _figure(height, rows=max(len(series), 1))
+        _title(axes[0], PLOT_TITLES["power"], run)
+        if not series:
+            _placeholder(axes[0], "no power recorded")
+            return _png(fig)
+        end = max(max(ps.wall_s) for ps in series)
+        end = max([end, *(b for ps in series for a, b in ps.off if b is not None)])
+        scale, unit = _time_scale(end)
+        for ax, ps in zip(axes, series):
+            # each site on its own scale: sites differ in size, and what a panel shows is draw against cap
+            top = max(np.nanmax(ps.power_mw), np.nanmax(ps.cap_mw) if np.isfinite(ps.cap_mw).any() else 0.0)
+            x, power, cap = _thin(np.asarray(ps.wall_s) / scale, np.asarray(ps.power_mw), np.asarray(ps.cap_mw))
+            x, power, cap = _broken_at(x, [power, cap], [a / scale for a, _ in ps.off])
+            ax.fill_between(x, 0, cap, color=CAP_FILL, linewidth=0, zorder=0.5)
+            ax.plot(x, cap, color=CAP_COLOR, linestyle="--", linewidth=1.1, zorder=2)
+            ax.plot(x, power, color=_site_color(ps.site), linewidth=1.5, zorder=3)
+            for a, b in ps.off:
+                ax.axvspan(a / scale, (b if b is not None else end) / scale, facecolor=OUT_COLOR,
+                           edgecolor=LEFT_COLOR, hatch="xx", linewidth=0, alpha=0.8, zorder=1)
+            name = f"site {ps.site}" + (f" · speed {ps.speed:g}" if ps.speed is not None and ps.speed != 1 else "")
+            ax.text(0.005, 0.96, name, transform=ax.transAxes, ha="left", va="top", fontsize=9.5, fontweight="bold",
+                    color=_site_color(ps.site), zorder=6,
+                    bbox=dict(boxstyle="round,pad=0.25", facecolor="white", edgecolor="none", alpha=0.85))
+            ax.set_ylim(0, top * 1.25 if top > 0 else 1)
+            ax.set_ylabel("MW")
+            ax.set_xlim(0, end / scale * 1.01 if end > 0 else 1)
+            if ax is not axes[-1]:
+                ax.tick_params(axis="x", labelbottom=False)
+        for ax in axes[1:]:
+            ax.sharex(axes[0])
+        _grid_axis(axes[0], series, scale=scale)
+        axes[-1].set_xlabel(f"training wall time ({unit})")
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+
+        handles = [Line2D([], [], color="#718096", linewidth=1.5), Line2D([], [], color=CAP_COLOR, linestyle="--"),
+                   Patch(facecolor=CAP_FILL, linewidth=0)]
+        labels = ["draw (site's colour)", "grid cap", "power available"]
+        if any(ps.off for ps in series):
+            handles.append(Patch(facecolor=OUT_COLOR, edgecolor=LEFT_COLOR, hatch="xx", linewidth=0))
+            labels.append("power off (site out of the run)")
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8.5)
+        return _png(fig)
+
+
+def energy_png(run: Run) -> bytes:
+    """The energy each site used, cumulative, against its training wall time, and all sites together."""
+    series = list(run_power(run).values())
+    with _style():
+        fig, (ax,) = _figure(4.0)
+        _title(ax, PLOT_TITLES["energy"], run)
+        curves = {ps.site: _sorted_energy(ps) for ps in series}
+        curves = {site: c for site, c in curves.items() if c[0].size}
+        if not curves:
+            _placeholder(ax, "no energy recorded")
+            return _png(fig)
+        tx, ty = summed_curves(curves.values())
+        end = float(tx.max())
+        scale, unit = _time_scale(end)
+        for site, (x, y) in curves.items():
+            ax.plot(*_thin(*_from_origin(x / scale, y)), color=_site_color(site), linewidth=1.4, label=f"site {site}")
+        if len(curves) > 1:
+            ax.plot(*_thin(*_from_origin(tx / scale, ty)), color=TOTAL_COLOR, linewidth=2.2, label="all sites")
+        final = float(ty[-1])
+        ax.annotate(f"total {fmt_quantity(final, 'MWh')}", xy=(tx[-1] / scale, final), xytext=(-4, 5),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=9.5, fontweight="bold",
+                    color=TOTAL_COLOR)
+        ax.set_xlim(0, end / scale * 1.02 if end > 0 else 1)
+        ax.set_ylim(0, final * 1.15 if final > 0 else 1)
+        ax.set_xlabel(f"training wall time ({unit})")
+        ax.set_ylabel("energy (MWh, cumulative)")
+        _legend(ax, loc="upper left")
+        return _png(fig)
+
+
+def _sorted_energy(ps: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A site's cumulative energy against its wall time, sorted, where both are known."""
+    x, y = np.asarray(ps.wall_s, dtype=float), np.asarray(ps.energy_mwh, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    order = np.argsort(x[keep], kind="stable")
+    return x[keep][order], np.maximum.accumulate(y[keep][order])
+
+
+def power_figures(run: Run) -> dict[str, bytes]:
+    """The power figures of a run that models its sites' power, keyed as in :data:`PLOT_TITLES`; empty for
+    one that does not."""
+    if not run_power(run):
+        return {}
+    return {"power": power_png(run), "energy": energy_png(run)}
 
 
 def comparison_png(runs: Sequence[tuple[str, Run]]) -> bytes:

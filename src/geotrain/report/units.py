@@ -22,6 +22,7 @@ __all__ = [
     "fmt_float",
     "fmt_loss",
     "fmt_percent",
+    "fmt_quantity",
     "fmt_ratio",
     "fmt_seconds",
     "fmt_tokens",
@@ -148,3 +149,16 @@ def fmt_float(value: Any, *, digits: int = 4) -> str:
     if v is None:
         return MISSING
     return f"{v:.{digits}g}"
+
+
+def fmt_quantity(value: Any, unit: str) -> str:
+    """A physical quantity in a fixed unit, three significant digits and no exponent: 0.0123 MW, 4.56 MWh,
+    1,234 kg."""
+    v = as_float(value)
+    if v is None or not math.isfinite(v):
+        return MISSING
+    if abs(v) >= 100:
+        return f"{v:,.0f} {unit}"
+    if v == 0 or abs(v) >= 1e-3:
+        return f"{float(f'{v:.3g}'):g} {unit}"
+    return f"{v:.2e} {unit}"

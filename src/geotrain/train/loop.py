@@ -17,9 +17,11 @@ stay fp32.
 
 Timekeeping (``train/timing.py``): ``compute`` is time spent in forward, backward, gradient averaging inside
 the site and the inner optimizer step (on GPUs the loop synchronizes once per step before reading the clock,
-so queued kernels are counted where they run); ``comm wait`` is time the loop was blocked on cross-site
-communication; evaluation and checkpoints pause the clock, so utilization = compute / training wall time is
-not diluted by measurement. The time comes from the cross-site collective's clock, so a test on a virtual
+so queued kernels are counted where they run); ``throttled`` is time a step is held back after it computes,
+so that it lasts what it would on a slower or power-capped site (``train/pace.py``: ``run.site_speeds``,
+``[grid]``); ``comm wait`` is time the loop was blocked on cross-site communication; evaluation and
+checkpoints pause the clock, so utilization = (compute + throttled) / training wall time is not diluted by
+measurement. The time comes from the cross-site collective's clock, so a test on a virtual
 clock checks it exactly.
 """
 
@@ -40,6 +42,7 @@ from geotrain.comm.collectives import CrossSiteComm
 from geotrain.comm.site_parallel import is_sharded, load_model_state, local, reshard, reshard_optimizer_state
 from geotrain.config import Config, inner_steps
 from geotrain.train.budget import BudgetVote
+from geotrain.train.pace import Pace
 from geotrain.train.recorder import Recorder
 from geotrain.train.timing import RunTimer
 from geotrain.train.workload import Workload, inner_optimizer, lr_schedule
@@ -138,7 +141,9 @@ def evaluate(workload: Workload, strategy: Strategy, comm: CrossSiteComm, *, ste
     sums = torch.tensor([total, count], dtype=torch.float64)
     strategy.ctx.site_pg.allreduce([sums]).wait()  # sum over the site's workers
     # then over the member sites (eval time is paused); a worker index's eval batches depend only on it
-    total, count = comm.control_sum(f"eval/{step}", sums.tolist(), count_wait=False)
+    # named by what every site shares: the step, or under time-based rounds (sites at their own steps) the round
+    name = f"eval/{step}" if strategy.run_tokens() is None else f"eval/round{strategy.outer_rounds}"
+    total, count = comm.control_sum(name, sums.tolist(), count_wait=False)
     return total / count if count else math.nan
 
 
@@ -170,10 +175,14 @@ def train_loop(
     restore: dict[str, Any] | None = None,
     boundary: Boundary | None = None,
     module: torch.nn.Module | None = None,
+    pace: Pace | None = None,
+    wall_offset: float = 0.0,
 ) -> LoopResult:
     """Train from the start, or from ``restore`` (a state tree from a checkpoint or a healer), to the end.
     ``module``: what forward runs on (the model wrapped for data parallelism inside the site; default the
-    model itself)."""
+    model itself). ``pace``: this site's speed factor and power controller (``train/pace.py``; default full
+    speed); it raises ``PowerOff`` out of the loop when the site's power fails. ``wall_offset``: training
+    seconds of the run before this start (a site that comes back after its power failed)."""
     model = workload.model
     module = model if module is None else module
     device = config.run.device
@@ -182,16 +191,26 @@ def train_loop(
     params = strategy.ctx.params
     world = config.run.sites * strategy.ctx.workers  # the configured run: steps and the eval schedule
     steps = inner_steps(config.run.tokens, workload.tokens_per_batch * world)
-    optimizer = workload.optimizer or inner_optimizer(params, config.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config.optim, steps))
     eval_every = config.run.eval_every_tokens or max(1, steps * workload.tokens_per_batch * world // 10)
+    optimizer = workload.optimizer or inner_optimizer(params, config.optim)
+    schedule = lr_schedule(config.optim, steps)
+    step_tokens = workload.tokens_per_batch * strategy.ctx.workers  # one inner step of this site
+    if strategy.run_tokens() is not None:
+        # Time-based rounds: sites step at their own pace and the strategy ends the run when all of them
+        # together reach the budget. The learning rate follows the run's tokens, not this site's steps; the
+        # loop's bound is what this site would train alone, twice over (it never binds in practice).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda _: schedule(int(strategy.run_tokens() or 0) // (workload.tokens_per_batch * world)))
+        steps = 2 * inner_steps(config.run.tokens, step_tokens)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     clip = config.optim.grad_clip
     budget = None if config.run.wall_seconds is None else BudgetVote(
         config.run.wall_seconds, comm, site_pg=strategy.ctx.site_pg, workers=strategy.ctx.workers)
     boundary = boundary or Boundary()
+    pace = pace or Pace()
     timer = RunTimer(comm.clock)
     state = LoopState(next_eval=eval_every)
-    wall_offset = 0.0
 
     def snapshot(full: bool) -> dict[str, Any]:
         """The state a checkpoint keeps (``full``) or a healer sends (what every worker of a site shares)."""
@@ -206,6 +225,7 @@ def train_loop(
             tree["rng"] = torch.get_rng_state()
             tree["data"] = workload.data_state() if workload.data_state is not None else None
             tree["timer"] = timer.state_dict()
+            tree["pace"] = pace.state_dict()
         return tree
 
     if restore is not None:
@@ -221,14 +241,16 @@ def train_loop(
         if "timer" in restore:  # a checkpoint of this worker: its own counters, data and randomness
             comm.load_state_dict(restore["comm"])
             timer.load_state_dict(restore["timer"])
+            pace.load_state_dict(restore.get("pace"))
             torch.set_rng_state(restore["rng"])
             if restore.get("data") is not None and workload.load_data_state is not None:
                 workload.load_data_state(restore["data"])
         else:  # a healer's state: the run's progress, not the healer's own counters
             comm.load_shared_state(restore["comm"])
             state.trained = 0
-            wall_offset = float(restore.get("run_wall", 0.0))  # this site's clock starts now; the run's did not
+            wall_offset = max(wall_offset, float(restore.get("run_wall", 0.0)))  # the run's clock did not stop
 
+    strategy.begin(wall=lambda: timer.wall() + wall_offset, step_tokens=step_tokens)  # a round starts now
     stopped_early = False
     check_next_sync = restore is not None and "timer" not in restore  # a healed site shows its model too
     first = state.step + 1
@@ -237,6 +259,7 @@ def train_loop(
     for step in range(first, steps):
         if boundary.at_step is not None:
             boundary.at_step(step, timer.wall())  # faults due at this step
+        pace.begin_step(timer.wall() + wall_offset)  # the power this step may draw; PowerOff if none
         t0 = timer.now()
         wait_before = comm.stats.wait_seconds
         batch = next(workload.batches)
@@ -247,22 +270,32 @@ def train_loop(
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize()
-        timer.compute += timer.now() - t0 - (comm.stats.wait_seconds - wait_before)
+        compute = timer.now() - t0 - (comm.stats.wait_seconds - wait_before)
+        timer.compute += compute
+        hold = pace.hold(compute)  # a slower or power-capped site: the step lasts compute / its speed factor
+        if hold > 0:
+            comm.clock.sleep_until(timer.now() + hold)
+            timer.throttled += hold
+        compute_end = timer.wall() + wall_offset
 
         last = step == steps - 1
         comm.round = strategy.outer_rounds
-        synced = strategy.after_inner_step(step, last=last)  # diloco: outer round every H steps
+        synced = strategy.after_inner_step(step, last=last)  # diloco: outer round every H steps (or T seconds)
+        scheduler.step()  # the next step's learning rate (time-based rounds: from the tokens counted just now)
+        last = last or strategy.finished
         state.step = step
         state.trained += 1
+        pace.end_step(compute_end, timer.wall() + wall_offset)
 
-        tokens_all = (step + 1) * workload.tokens_per_batch * world
+        run_tokens = strategy.run_tokens()
+        tokens_all = (step + 1) * workload.tokens_per_batch * world if run_tokens is None else int(run_tokens)
         if step % config.run.log_every == 0 or last:
             recorder.step(step=step, tokens=tokens_all // config.run.sites, loss=float(loss.detach()),
                           lr=scheduler.get_last_lr()[0], timer=timer, comm=comm, outer_rounds=strategy.outer_rounds,
-                          site=site, trained_tokens=state.trained * workload.tokens_per_batch * strategy.ctx.workers)
+                          site=site, trained_tokens=state.trained * step_tokens,
+                          **pace.fields(run_s=timer.wall() + wall_offset))
         recorder.syncs(comm.stats.drain(), step=step, site=site, wall=timer.wall())
         recorder.outcomes(comm, step=step, site=site, wall=timer.wall())
         if synced:
@@ -280,10 +313,13 @@ def train_loop(
                 if site == min(comm.members, default=site):
                     recorder.eval(site=site, step=step, tokens=tokens_all, wall=timer.wall(), eval_loss=state.eval_loss,
                                   wan_bytes=comm.stats.bytes_sent * world, outer_rounds=strategy.outer_rounds)
-            if (boundary.checkpoint is not None and boundary.every_steps and not last
-                    and (step + 1) % boundary.every_steps == 0):
+            # checkpoints every N rounds: counted in steps, or in rounds when sites step at their own pace
+            rounds_done = (step + 1) // boundary.round_steps if run_tokens is None else strategy.outer_rounds
+            every = boundary.every_steps // boundary.round_steps
+            if (boundary.checkpoint is not None and every and not last and rounds_done % every == 0
+                    and (run_tokens is not None or (step + 1) % boundary.round_steps == 0)):
                 t_ckpt = timer.now()
-                boundary.checkpoint((step + 1) // boundary.round_steps, lambda: snapshot(True))
+                boundary.checkpoint(rounds_done, lambda: snapshot(True))
                 timer.paused += timer.now() - t_ckpt
             if budget is not None and not last:
                 # landing the syncs still in flight, estimated from the latest transfer (none before the first lands)
@@ -317,12 +353,13 @@ def train_loop(
         "steps_trained": state.trained,
         "tokens": state.trained * workload.tokens_per_batch * strategy.ctx.workers,
         "compute_seconds": timer.compute,
+        "throttled_seconds": timer.throttled,
         "comm_seconds": comm.stats.wait_seconds,
         "link_seconds": comm.stats.link_seconds,
         "coordination_seconds": comm.membership.coordination_seconds,
         "wall_seconds": wall,
         "eval_seconds": timer.paused,
-        "utilization": timer.compute / wall if wall > 0 else 0.0,
+        "utilization": timer.utilization(),
         "wan_bytes": comm.stats.bytes_sent * strategy.ctx.workers,
         "collectives": comm.stats.collectives,
         "failed_attempts": comm.stats.failed_attempts,
@@ -331,10 +368,12 @@ def train_loop(
         "outer_rounds": strategy.outer_rounds,
         "round_compute_cv": timer.round_cv(),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        **pace.figures(),
     }
+    run_tokens = strategy.run_tokens()
     return LoopResult(
         steps=steps_done,
-        tokens=state.trained * workload.tokens_per_batch * world,
+        tokens=state.trained * workload.tokens_per_batch * world if run_tokens is None else int(run_tokens),
         eval_loss=state.eval_loss,
         stopped_early=stopped_early,
         params_sha256=site_params_sha256(strategy),

@@ -5,8 +5,8 @@ show live progress and still build a partial summary when a run is interrupted o
 Record kinds: ``start`` (again after a site is healed or resumed), ``step``, ``eval`` (the lowest member
 only), ``sync`` (one per cross-site transfer, numbered in ``transfer``), ``membership`` (sites left),
 ``rejected`` (an update the guards left out), ``retry`` (a sync tried again), ``healed``, ``admitted``,
-``evicted``, ``resumed``, ``fault``/``fault_due`` (injected faults), ``warning``, ``done``, ``error`` and
-``interrupted``.
+``evicted``, ``resumed``, ``fault``/``fault_due`` (injected faults), ``power_off``/``power_on`` (a site whose
+grid power failed and came back), ``left``, ``warning``, ``done``, ``error`` and ``interrupted``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class Recorder:
         self.write("warning", site=site, message=f"{type(sink).__name__} stopped: {type(error).__name__}: {error}")
 
     def step(self, *, step: int, tokens: int, loss: float, lr: float, timer: Any, comm: Any, outer_rounds: int,
-             site: int, trained_tokens: int = 0) -> None:
+             site: int, trained_tokens: int = 0, **extra: Any) -> None:
+        """One ``step`` record; ``extra``: what pacing adds (``Pace.fields``: power draw and cap, energy)."""
         wall = timer.wall()
         self.write(
             "step",
@@ -73,8 +74,10 @@ class Recorder:
             comm_s=comm.stats.wait_seconds,
             wan_bytes=comm.stats.bytes_sent * comm.workers,
             outer_rounds=outer_rounds,
-            utilization=timer.compute / wall if wall > 0 else 0.0,
+            utilization=timer.utilization(),
             trained_tokens=trained_tokens,
+            **({"throttled_s": timer.throttled} if timer.throttled else {}),
+            **extra,
         )
 
     def syncs(self, events: list[dict[str, Any]], *, step: int, site: int, wall: float) -> None:

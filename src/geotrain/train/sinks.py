@@ -14,7 +14,10 @@ overlays them:
 - ``wan/bytes``: bytes sent over the WAN (by the site; in ``global``, by all sites);
 - ``time/utilization``, ``time/compute_seconds``, ``time/comm_wait_seconds`` (sites) and
   ``time/wall_seconds``: compute over wall time, compute time, time blocked on cross-site syncs and training
-  wall time, so far.
+  wall time, so far;
+- in a run that models its sites' power (sites): ``power/draw_mw`` (the site's draw while the step computed),
+  ``power/cap_mw`` (the grid's power available to it), ``power/energy_mwh`` (its energy so far) and
+  ``time/throttled_seconds`` (training seconds its compute was held back by its power or speed, so far).
 
 Values are the records' own: a healed site's bytes and times count from its admission, as its records do.
 Every series is keyed by the inner step (``step`` in the records, from 0), the same on every site, and
@@ -48,7 +51,9 @@ FLUSH_SECONDS = 5
 _SITE_TAGS = (("loss", "loss/train"), ("lr", "optim/lr"), ("tokens", "progress/tokens"),
               ("outer_rounds", "progress/outer_rounds"), ("wan_bytes", "wan/bytes"),
               ("utilization", "time/utilization"), ("compute_s", "time/compute_seconds"),
-              ("comm_s", "time/comm_wait_seconds"), ("wall_s", "time/wall_seconds"))
+              ("comm_s", "time/comm_wait_seconds"), ("wall_s", "time/wall_seconds"),
+              ("power_mw", "power/draw_mw"), ("cap_mw", "power/cap_mw"), ("energy_mwh", "power/energy_mwh"),
+              ("throttled_s", "time/throttled_seconds"))
 _GLOBAL_TAGS = (("eval_loss", "loss/eval"), ("tokens", "progress/tokens"), ("outer_rounds", "progress/outer_rounds"),
                 ("wan_bytes", "wan/bytes"), ("wall_s", "time/wall_seconds"))
 

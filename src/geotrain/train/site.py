@@ -316,6 +316,25 @@ class _SiteFaults:
                 self.recorder.write("fault", site=self.site, step=step, fault=str(f))
 
 
+def _site_pace(config: Any, env: Any, site_pg: Any) -> Any:
+    """This site's pacing (``train/pace.py``): its ``run.site_speeds`` factor and, with ``[grid]``, its power
+    controller (``geotrain.power``), which lives as long as the process, across departures and returns."""
+    from geotrain.power import site_controllers
+    from geotrain.train.pace import Pace
+
+    speeds = config.run.site_speeds or [1.0] * config.run.sites
+    controllers = site_controllers(config)
+    gpu = None
+    if controllers and config.run.device == "cuda":  # NVML limits the board's power (power/nvml.py)
+        import torch
+
+        from geotrain.power.nvml import GpuPower
+
+        gpu = GpuPower.open(torch.cuda.current_device())
+    return Pace(speed=speeds[env.site_rank], power=controllers[env.site_rank] if controllers else None,
+                site_pg=site_pg, workers=env.workers, gpu=gpu)
+
+
 def _install_partition_signals(client: Any) -> None:
     """The launcher cuts a site off with SIGUSR1 and restores it with SIGUSR2 (``--fault partition``/``heal``)."""
     with contextlib.suppress(ValueError, AttributeError):
@@ -333,9 +352,10 @@ def site_main(task: SiteTask) -> int:
     from geotrain.config import config_from_tree
     from geotrain.errors import ConfigError
     from geotrain.faults import LinkConditions
-    from geotrain.membership.client import Evicted, MembershipClient
+    from geotrain.membership.client import Evicted, MembershipClient, RunFinished
     from geotrain.membership.wire import read_token_file
     from geotrain.train.loop import Boundary, train_loop
+    from geotrain.train.pace import PowerOff
     from geotrain.train.recorder import Recorder
     from geotrain.train.state import unpack
 
@@ -348,6 +368,7 @@ def site_main(task: SiteTask) -> int:
     out = Path(config.run.out)
     recorder = Recorder(out / "sites" / f"site{env.site_rank}.jsonl" if env.local_rank == 0 else None)
     client = None
+    pace = None
     try:
         if config.run.tensorboard and env.local_rank == 0:  # live scalars beside the records (train/sinks.py)
             from geotrain.train.sinks import TensorBoardSink
@@ -385,6 +406,8 @@ def site_main(task: SiteTask) -> int:
         faults = _SiteFaults(task.faults, site=env.site_rank, recorder=recorder, conditions=conditions,
                              real_network=env.real_network)
         first = not joined.get("formed")
+        pace = _site_pace(config, env, site_pg)
+        wall_offset = 0.0  # the run's training seconds before this start (a site back from a power outage)
         for _ in range(MAX_REJOINS + 1):
             restore = None
             healer = None
@@ -397,7 +420,13 @@ def site_main(task: SiteTask) -> int:
                     recorder.write("resumed", site=env.site_rank, round=formed["resume_round"],
                                    step=restore["loop"]["step"])
             else:
-                admitted = client.await_admission()
+                try:
+                    admitted = client.await_admission()
+                except RunFinished:
+                    if wall_offset == 0:  # not back from a power outage: waiting to be admitted was the point
+                        raise
+                    result = None  # back from an outage after the others finished: nothing left to train
+                    break
                 generation, members, healer = admitted["gen"], admitted["members"], admitted.get("healer")
             checkpoints.store.launch = client.view.launch  # this start of the run, named by the coordinator
             comm = connect(config, env, site_pg, client, generation=generation, members=members,
@@ -409,6 +438,7 @@ def site_main(task: SiteTask) -> int:
                 comm.healed_barrier(generation)
                 restore = unpack(blob)
                 seconds = time.time() - t0
+                restore["run_wall"] = float(restore.get("run_wall", 0.0)) + seconds  # the run went on meanwhile
                 if admitted.get("position") is not None and workload.load_data_state is not None:
                     workload.load_data_state(admitted["position"])  # go on where this site left off
                 client.event("healed", healed_from=healer, seconds=seconds, bytes=len(blob),
@@ -439,16 +469,35 @@ def site_main(task: SiteTask) -> int:
             try:
                 result = train_loop(run_config, workload, strategy=strategy, comm=comm, recorder=recorder,
                                     site=env.site_rank, worker=worker, restore=restore, boundary=boundary,
-                                    module=module)
+                                    module=module, pace=pace, wall_offset=wall_offset)
             except Evicted as e:
                 recorder.write("evicted", site=env.site_rank, reason=str(e))
                 comm.close()
                 client.rejoin()  # a new session, as a site waiting to be admitted and healed
                 first = False
                 continue
+            except PowerOff as e:  # the grid cannot keep this site running: leave, wait for power, come back
+                recorder.write("power_off", site=env.site_rank, wall_s=e.wall, grid_hours=e.grid_hours,
+                               back_at_s=e.back_at, message=str(e))
+                comm.close()
+                client.leave(str(e))
+                if e.back_at is None:  # the trace never gives the power back: the run goes on without this site
+                    result = None
+                    break
+                time.sleep(max(0.0, e.back_at - e.wall))  # the run's training clock runs on meanwhile
+                pace.power.rejoin(e.back_at)
+                recorder.write("power_on", site=env.site_rank, wall_s=e.back_at,
+                               grid_hours=pace.power.grid_seconds(e.back_at) / 3600)
+                client.rejoin()
+                first, wall_offset = False, e.back_at
+                continue
             break
         else:
             raise RuntimeError(f"site {env.site_rank} was dropped from the run {MAX_REJOINS} times; giving up")
+        if result is None:  # left for good: its power did not come back, or came back after the run finished
+            recorder.write("left", site=env.site_rank, reason="its power did not return before the run finished")
+            client.close(reason="power")
+            return 0
 
         if env.site_rank == min(comm.observed_members) and (env.local_rank == 0 or comm.sharded):  # FSDP gathers
             from safetensors.torch import save_file
@@ -487,6 +536,8 @@ def site_main(task: SiteTask) -> int:
             client.close(reason=f"{type(e).__name__}: {e}")
         return 1
     finally:
+        if pace is not None:
+            pace.close()  # a GPU gets its power limit back
         recorder.close()
 
 

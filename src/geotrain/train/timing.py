@@ -1,6 +1,8 @@
-"""A worker's timekeeping in the training loop: compute, evaluation (paused) and training wall time.
+"""A worker's timekeeping in the training loop: compute, throttled, evaluation (paused) and training wall time.
 
-``utilization = compute / wall``: compute is forward, backward, in-site averaging and the inner optimizer step;
+``utilization = (compute + throttled) / wall``: compute is forward, backward, in-site averaging and the inner
+optimizer step; throttled is the time a step is held back to emulate a slower or power-capped site
+(``train/pace.py``), when its accelerators are busy computing more slowly (0 unless a run paces its sites);
 evaluation pauses the clock, so measurement does not dilute utilization. Time comes from a
 :class:`geotrain.clock.Clock`, so tests check these figures as exact arithmetic on a virtual clock.
 """
@@ -23,6 +25,7 @@ class RunTimer:
     clock: Clock = REAL_CLOCK
     start: float = field(init=False)
     compute: float = 0.0
+    throttled: float = 0.0  # steps held back by the site's speed factor or power (train/pace.py)
     paused: float = 0.0  # evaluation time, excluded from the training wall time
     # Compute time between consecutive sync points (Welford's running mean and sum of squared deviations):
     # its spread is what makes a synchronous site wait for the others even when all are equally fast. Left
@@ -41,15 +44,23 @@ class RunTimer:
     def now(self) -> float:
         return self.clock.now()
 
+    def busy(self) -> float:
+        """Time the site's accelerators spent on training steps: compute plus throttled."""
+        return self.compute + self.throttled
+
+    def utilization(self) -> float:
+        wall = self.wall()
+        return self.busy() / wall if wall > 0 else 0.0
+
     def wall(self) -> float:
         """Training wall time so far: evaluation excluded."""
         return self.clock.now() - self.start - self.paused
 
     def end_round(self, steps_done: int) -> None:
         """A sync point after ``steps_done`` inner steps in all."""
-        x = self.compute - self._round_start
+        x = self.busy() - self._round_start
         length = steps_done - self._round_start_step
-        self._round_start, self._round_start_step = self.compute, steps_done
+        self._round_start, self._round_start_step = self.busy(), steps_done
         if self._round_steps < 0:
             self._round_steps = 0
             return
@@ -62,7 +73,7 @@ class RunTimer:
         self.round_mean += d / self.rounds
         self.round_m2 += d * (x - self.round_mean)
 
-    _SAVED = ("compute", "paused", "rounds", "round_mean", "round_m2", "_round_start", "_round_start_step",
+    _SAVED = ("compute", "throttled", "paused", "rounds", "round_mean", "round_m2", "_round_start", "_round_start_step",
               "_round_steps")
 
     def state_dict(self) -> dict[str, float]:
@@ -71,7 +82,7 @@ class RunTimer:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         for k in self._SAVED:
-            setattr(self, k, type(getattr(self, k))(state[k]))
+            setattr(self, k, type(getattr(self, k))(state.get(k, 0.0) if k == "throttled" else state[k]))
         self.start = self.clock.now() - float(state["wall"]) - self.paused
 
     def round_cv(self) -> float | None:

@@ -50,6 +50,20 @@ class Strategy:
         self.outer_rounds = 0
         """Cross-site synchronisations of the model (or, for ddp, of the gradients) so far."""
 
+    def begin(self, *, wall: Any, step_tokens: int) -> None:
+        """Before the first step: the loop's training clock (``wall()``, seconds) and the tokens one inner step
+        of this site trains. Time-based rounds read them; other methods ignore them."""
+
+    @property
+    def finished(self) -> bool:
+        """The method ended the run at this sync point (time-based rounds reach the token budget)."""
+        return False
+
+    def run_tokens(self) -> float | None:
+        """Tokens all sites have trained so far when the method counts them itself (time-based rounds, where
+        sites step at their own pace); None: the loop counts steps x the global batch."""
+        return None
+
     def reduce_gradients(self) -> None:
         """Average gradients across sites, if the method does at every step. Inside the site they are already
         averaged: DDP or FSDP did it during backward (``geotrain.comm.site_parallel``)."""
