@@ -25,6 +25,27 @@ def crashing_workload(config: Any, *, worker: int, device: str, crash_site: int 
     return w
 
 
+def floored_workload(config: Any, *, worker: int, device: str, floor_s: float = 0.01, **kwargs: Any) -> Workload:
+    """The demo workload whose every training step takes at least ``floor_s`` seconds (the loss waits out the
+    rest): a run of N steps then lasts at least N x floor_s of training however fast the machine, so a test
+    can place grid events inside it. A loaded machine only makes the run longer."""
+    import time
+
+    w = demo_workload(config, worker=worker, device=device, **kwargs)
+    inner = w.loss
+
+    def loss(model: Any, batch: Any) -> Any:
+        if not model.training:
+            return inner(model, batch)
+        t0 = time.perf_counter()
+        out = inner(model, batch)
+        time.sleep(max(0.0, floor_s - (time.perf_counter() - t0)))
+        return out
+
+    w.loss = loss
+    return w
+
+
 def site_batch_workload(config: Any, *, worker: int, device: str, site_rows: int = 8, **kwargs: Any) -> Workload:
     """The demo GPT on random tokens where each site draws one batch of ``site_rows`` sequences per step and its
     workers split it: a site of W workers sees the same data as a site of one worker, so data parallelism inside

@@ -2,9 +2,10 @@
 back when the power returns, is healed and the run finishes (exit 0). The records show every step's draw at or
 under its cap, ramps within the limit between steps, and energy that adds up.
 
-The sites run at a quarter speed (``run.site_speeds``): each step is held back to four times its compute, so
-the run lasts long enough in training seconds for the outage (2.5 s to 5 s of training) to fall inside it while
-the processes mostly sleep.
+Every training step takes at least 10 ms (``floored_workload``) and the sites run at half speed
+(``run.site_speeds``: each step held back to twice that), so the run's 700 steps last at least 14 s of training on
+any machine (a loaded one only takes longer): the outage (2.5 s to 5 s of training) falls inside it with time to
+spare for the site's return and healing, while the processes mostly sleep.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import pytest
 
 from _utils.runs import read_jsonl, run_tiny
+from _utils.workloads import floored_workload
 from geotrain.report.metrics import logged_energy_mwh
 
 pytestmark = pytest.mark.timeout(300)
@@ -23,9 +25,9 @@ RAMP = 10.0  # MW per grid minute
 
 
 def _grid_run(out):
-    return run_tiny(out, **{
+    return run_tiny(out, workload_factory=floored_workload, factory_kwargs={"floor_s": 0.01}, **{
         "run.sites": 2, "run.tokens": 256 * 700, "run.log_every": 1, "outer.sync_every": 20,
-        "outer.warmup_steps": 0, "comm.overlap": False, "run.site_speeds": [0.25, 0.25],
+        "outer.warmup_steps": 0, "comm.overlap": False, "run.site_speeds": [0.5, 0.5],
         "sites.power_cap_mw": 100, "grid.time_scale": TIME_SCALE, "grid.ramp_mw_per_min": RAMP,
         "grid.traces": [{"site": "site1", "hours": [0, 0.25, 0.5], "values": [1.0, 0.0, 1.0],
                          "interpolate": "step"}],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from geotrain.power.controller import PowerController, SitePower
@@ -20,13 +19,9 @@ def site_powers(config: Any) -> list[SitePower]:
                       idle_fraction=config.grid.idle_fraction) for s in plan_spec(config).sites]
 
 
-def site_controllers(config: Any, site_speeds: Sequence[float] | None = None) -> list[PowerController]:
+def site_controllers(config: Any) -> list[PowerController]:
     """One :class:`PowerController` per site (in site order) for ``config`` (a ``geotrain.config.Config``), or
-    an empty list when ``[grid]`` is off. A site without a ``[[grid.traces]]`` entry has its cap all the time.
-
-    ``site_speeds`` is accepted so that a caller can pass what it has; the power model does not read it (a
-    site's draw follows its power, not its relative speed)."""
-    del site_speeds
+    an empty list when ``[grid]`` is off. A site without a ``[[grid.traces]]`` entry has its cap all the time."""
     grid = config.grid
     if not grid.on:
         return []

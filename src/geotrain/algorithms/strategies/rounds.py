@@ -112,12 +112,7 @@ class TimedRounds:
         """After the round's sync was started (and, blocking, applied): count the sums the lag allows, decide
         whether the run is over and how long the next round is."""
         self.rounds += 1
-        while len(self.unsettled) > self.lag:
-            control, own = self.unsettled.pop(0)
-            total, _ = control.wait()
-            self.known_tokens += int(round(total))
-            self.known_round += 1
-            self.last_total, self.last_own = float(total), own
+        self._count(keep=self.lag)
         length = timed_round_length(seconds=self.seconds, budget=self.budget, counted_tokens=self.known_tokens,
                                     counted_rounds=self.known_round, rounds_in_flight=len(self.unsettled),
                                     last_total=self.last_total)
@@ -137,15 +132,16 @@ class TimedRounds:
 
     def settle(self) -> None:
         """Count every sum still in flight (the end of the run, a checkpoint or an admission)."""
-        lag, self.lag = self.lag, 0
-        rounds = self.rounds
-        while self.unsettled:
+        self._count(keep=0)
+
+    def _count(self, *, keep: int) -> None:
+        """Count the oldest sums in flight until ``keep`` are left."""
+        while len(self.unsettled) > keep:
             control, own = self.unsettled.pop(0)
             total, _ = control.wait()
             self.known_tokens += int(round(total))
             self.known_round += 1
             self.last_total, self.last_own = float(total), own
-        self.lag, self.rounds = lag, rounds
 
     def state_dict(self) -> dict[str, Any]:
         self.settle()
