@@ -1,5 +1,6 @@
-"""A whole run under a grid trace: a site's power fails for a window, it leaves, the other trains on, it comes
-back when the power returns, is healed and the run finishes (exit 0). The records show every step's draw at or
+"""A whole run under a grid trace: a site's power fails for a window, it leaves, the other trains on, it asks to
+join again a round before the power returns (time-based rounds of 1 s), is healed, trains from the moment its
+power is back, and the run finishes (exit 0). The records show every step's draw at or
 under its cap, ramps within the limit between steps, and energy that adds up.
 
 Every training step takes at least 10 ms (``floored_workload``) and the sites run at half speed
@@ -26,7 +27,7 @@ RAMP = 10.0  # MW per grid minute
 
 def _grid_run(out):
     return run_tiny(out, workload_factory=floored_workload, factory_kwargs={"floor_s": 0.01}, **{
-        "run.sites": 2, "run.tokens": 256 * 700, "run.log_every": 1, "outer.sync_every": 20,
+        "run.sites": 2, "run.tokens": 256 * 700, "run.log_every": 1, "outer.sync_every_seconds": 1.0,
         "outer.warmup_steps": 0, "comm.overlap": False, "run.site_speeds": [0.5, 0.5],
         "sites.power_cap_mw": 100, "grid.time_scale": TIME_SCALE, "grid.ramp_mw_per_min": RAMP,
         "grid.traces": [{"site": "site1", "hours": [0, 0.25, 0.5], "values": [1.0, 0.0, 1.0],
@@ -55,7 +56,11 @@ def test_a_site_leaves_when_its_power_fails_and_is_healed_when_it_returns(tmp_pa
     assert "power_off" in kinds and "power_on" in kinds and "healed" in kinds
     off = next(r for r in site1 if r["kind"] == "power_off")
     assert off["back_at_s"] == pytest.approx(0.5 * 3600 / TIME_SCALE)  # 00:30 of grid time: 5 s of training
-    assert kinds.index("power_off") < kinds.index("power_on") < kinds.index("healed")
+    assert kinds.index("power_off") < kinds.index("healed") < kinds.index("power_on")
+    on = next(r for r in site1 if r["kind"] == "power_on")
+    assert on["wall_s"] == off["back_at_s"]
+    back = [r for r in site1[kinds.index("power_on"):] if r["kind"] == "step"]
+    assert back and all(r["run_s"] >= off["back_at_s"] for r in back)  # no step before its power returned
     site0 = read_jsonl(tmp_path / "sites" / "site0.jsonl")
     during = [r for r in site0 if r["kind"] == "step" and off["wall_s"] < r["run_s"] < off["back_at_s"]]
     assert during, "site 0 trained on while site 1 was dark"

@@ -146,6 +146,24 @@ def test_a_returning_site_is_admitted_when_the_members_learn_of_it(overlap):
         assert out.wall_seconds == pytest.approx(6.0 + 4 * t + heal, rel=1e-12)
 
 
+def test_with_time_based_rounds_a_site_is_healed_during_its_outage_and_trains_when_its_power_returns():
+    # rounds of 1 s, blocking syncs of t: site1 leaves at the step that starts at 2 + 2t (its power is out from
+    # 2 s to 4 s). It asks to join a round early, at 3 s; site0, alone, ends its round at 3 + 2t (a sync of one
+    # site takes no time), admits it and heals it in h, and site1 waits for its power until 4 s, inside its
+    # round: it is away 4 - (2 + 2t) s, its outage and nothing more.
+    cfg = outage_config(**{"wan.link": "1gbit/10ms", "outer.sync_every_seconds": 1.0})
+    spec = plan_spec(cfg)
+    heal, t = heal_seconds(spec, healer=0, joiner=1), sync_comm(spec, members=[0, 1]).seconds
+    assert 3 + 2 * t + heal < 4  # healed before the power returns
+    on, off = predict_power_run(cfg, step_seconds=[0.25, 0.25]).per_site
+    assert off.power_offs == 1 and off.away_seconds == pytest.approx(4 - (2 + 2 * t), rel=1e-12)
+    later = predict_power_run(outage_config(**{"wan.link": "1gbit/10ms", "outer.sync_every_seconds": 1.0,
+                                               "grid.traces": [{"site": "site1", "hours": [0, 2, 3.6],
+                                                                "values": [1.0, 0.0, 1.0], "interpolate": "step"}]}),
+                              step_seconds=[0.25, 0.25]).per_site[1]
+    assert later.away_seconds == pytest.approx(3.6 - (2 + 2 * t), rel=1e-12)  # admitted at 3 + 2t all the same
+
+
 def test_with_min_sites_the_sync_waits_for_the_site_to_come_back():
     # site1 leaves at 2 s; site0 computes round 3 alone, its sync's quorum waits until site1 is back at 4 s, and
     # both train rounds 4 to 6

@@ -10,7 +10,9 @@ import pytest
 
 from geotrain.config import load_config
 from geotrain.errors import ConfigError
-from geotrain.power import GridTrace, PowerController, SitePower, StepPower, site_controllers, site_powers
+from geotrain.power import (GridTrace, PowerController, SitePower, StepPower, rejoin_lead_seconds, site_controllers,
+                            site_powers)
+from geotrain.train.pace import PowerOff
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GRID_CONFIGS = sorted(CONFIGS.glob("grid-*.toml"))
@@ -307,6 +309,91 @@ def test_outage_with_a_ramp_limit_leaves_early_and_ramps_back_up():
     assert pc.begin_step(back + 10).draw_mw == pytest.approx(pc.threshold_mw + 0.1, abs=1e-12)
     energy = 1.0 * 1.0 + 1.0 * (2 * H - 51) + 0.5 * 30 + 0.0 + pc.site.idle_mw * 0 + pc.threshold_mw * 10
     assert pc.energy_mwh * H == pytest.approx(energy, rel=1e-12)
+
+
+def test_a_site_back_in_the_run_before_its_power_waits_for_it_drawing_nothing():
+    from geotrain.train.pace import Pace
+
+    pc = PowerController(one_mw(), OUTAGE, time_scale=3600.0)  # training seconds are grid hours
+    pace = Pace(power=pc)
+    assert pace.begin_step(1.0) == 0.0
+    pace.end_step(2.0, 2.0)
+    with pytest.raises(PowerOff) as e:
+        pace.begin_step(2.0)
+    assert e.value.back_at == 3.0
+    pace.expect_power(3.0)  # admitted and healed at 2.6 s, before the power returns at 3 s
+    assert pace.begin_step(2.6) == pytest.approx(0.4, abs=1e-15)
+    assert pace.take_power_on() is None and not pc.present
+    assert pace.begin_step(3.0 - 1e-9) == 0.0  # a clock's rounding: the step starts as the power returns
+    assert pace.take_power_on() == 3.0 and pace.take_power_on() is None
+    assert pace.factor == 1.0 and pc.present
+    pace.end_step(4.0, 4.0)
+    assert pc.energy_mwh == pytest.approx(2.0, abs=1e-12)  # 1 h before the outage, 1 h after: nothing while out
+
+
+def test_a_site_back_in_the_run_after_its_power_draws_idle_from_its_return():
+    from geotrain.train.pace import Pace
+
+    pc = PowerController(one_mw(), OUTAGE, time_scale=3600.0)
+    pace = Pace(power=pc)
+    pace.begin_step(1.0)
+    pace.end_step(2.0, 2.0)
+    with pytest.raises(PowerOff):
+        pace.begin_step(2.0)
+    pace.expect_power(3.0)
+    assert pace.begin_step(3.5) == 0.0  # admitted half an hour after the power returned
+    assert pace.take_power_on() == 3.0
+    pace.end_step(4.0, 4.0)
+    assert pc.energy_mwh == pytest.approx(1.0 + 0.25 * 0.5 + 0.5, abs=1e-12)  # idle while waiting to be admitted
+
+
+def test_a_step_after_a_return_waits_for_the_ramp_when_that_ends_it_sooner():
+    # 1 MW/s of ramp (60 MW/min, 1 training second = 1 grid second): from the 0.2875 MW threshold to the full
+    # 1 MW takes 0.7125 s. A step of 0.1 s of work started at once runs at active 0.05 for 2 s; after a wait w
+    # it ends at w + 0.1 / (0.05 + w / 0.75), least at w* = 0.75 * (sqrt(0.1 / 0.75) - 0.05) = 0.236 s.
+    pc = PowerController(one_mw(), None, ramp_mw_per_min=60.0)
+    pc.begin_step(0.0)
+    pc.end_step(1.0, 1.0)
+    assert pc.start_delay(1.0, 0.1) == 0.0  # at the limit: nothing to gain
+    pc.leave(1.0)
+    pc.rejoin(2.0)
+    w = pc.start_delay(2.0, 0.1)
+
+    def end(x):
+        return x + 0.1 / (0.05 + x / 0.75)
+
+    w_star = 0.75 * ((0.1 / 0.75) ** 0.5 - 0.05)
+    assert abs(w - w_star) <= 0.7125 / 64  # the best of its 64 points
+    assert end(w) <= end(w_star) * 1.001 and end(w) < end(0.0) / 2.5
+    sp = pc.begin_step(2.0 + w)  # waiting changed nothing: the setpoint is the ramp's from the threshold
+    assert sp.draw_mw == pytest.approx(pc.threshold_mw + w, abs=1e-12)
+    pc.end_step(2.0 + w, 2.0 + w)
+    assert pc.energy_mwh * H == pytest.approx(1.0 + 0.25 * w, rel=1e-12)  # idle while it waited
+    assert PowerController(one_mw(), None).start_delay(0.0, 0.1) == 0.0  # no ramp limit: never
+
+
+def test_pace_waits_for_the_ramp_once_per_step():
+    from geotrain.train.pace import Pace
+
+    pc = PowerController(one_mw(), None, ramp_mw_per_min=60.0)
+    pace = Pace(power=pc)
+    assert pace.begin_step(0.0) == 0.0  # the first step: its work is not known yet
+    assert pace.hold(0.1) == 0.0  # full draw: no hold; the step's work (0.1 s) is noted
+    pace.end_step(0.1, 0.1)
+    pc.leave(0.1)
+    pace.expect_power(1.0)
+    wait = pace.begin_step(1.0)
+    assert wait > 0 and pace.waiting == "ramp" and pace.take_power_on() == 1.0
+    assert pace.begin_step(1.0 + wait) == 0.0  # once: the step starts now
+    assert pace.factor == pytest.approx(pc.site.active_at(pc.threshold_mw + wait), abs=1e-12)
+
+
+def test_rejoin_lead_is_a_time_based_round_two_overlapped_and_nothing_for_h_step_rounds():
+    timed = load_config(values={"outer.sync_every_seconds": 5.0})
+    assert rejoin_lead_seconds(timed) == 5.0
+    assert rejoin_lead_seconds(load_config(values={"outer.sync_every_seconds": 5.0, "comm.overlap": True})) == 10.0
+    assert rejoin_lead_seconds(load_config(values={})) == 0.0
+    assert rejoin_lead_seconds(load_config(values={"run.algorithm": "ddp"})) == 0.0
 
 
 def test_back_at_answers_none_or_the_next_period():

@@ -10,7 +10,8 @@ run forward step by step, with the definitions training uses:
   controllers' own integrals.
 * **Pace** (``geotrain.train.pace``). A step whose compute takes ``c`` seconds at full speed runs at factor
   ``f = speed x active`` (``run.site_speeds``, 1 by default; ``active`` 1 without ``[grid]``) and lasts
-  ``c / f``; the ``c / f - c`` beyond the compute is throttled time, busy like compute.
+  ``c / f``; the ``c / f - c`` beyond the compute is throttled time, busy like compute. Under a ramp limit a
+  step may first wait for the draw to ramp up (``PowerController.start_delay``), also throttled time.
 * **Syncs.** With H-step rounds every site computes H inner steps and the sync starts when the slowest live
   site arrives; it lasts the sync time of the live members over their links (``geotrain.planner.model.sync_comm``,
   the cost ``geotrain.algorithms.timing.sync_seconds`` gives the whole ring). A blocking sync holds every site
@@ -23,13 +24,15 @@ run forward step by step, with the definitions training uses:
   overlapped one a round later.
 * **Outages.** A step whose setpoint cannot keep the site training (``on`` False) is not computed: the site
   leaves (``leave``), the others go on without it, and its work since the last sync is not part of that sync.
-  At ``back_at`` it is powered again (``rejoin``, drawing idle) and waits to be admitted, as
-  ``geotrain.comm.collectives`` does it: the quorum of the first sync that starts once it is back sees it
+  It asks to join again ``geotrain.power.rejoin_lead_seconds`` before its power returns at ``back_at`` (with
+  time-based rounds one round early, else at ``back_at``) and waits to be admitted, as
+  ``geotrain.comm.collectives`` does it: the quorum of the first sync that starts once it asks sees it
   waiting, and the members learn so when they wait for that sync (blocking: as it lands; overlapped: at the
   end of the next round). There they drain the sync in flight (whose quorum, overlapped, saw the joiner too,
   so the next sync point drains once more), the lowest live site sends the joiner its state
   (``geotrain.planner.simulate.heal_seconds``, the cost the WAN emulator charges) while every site waits, and
-  it trains on from the run's step. With fewer live sites than ``membership.min_sites`` a sync's quorum waits
+  it trains on from the run's step, its first step waiting for ``back_at`` if the power is not back yet. It
+  is powered again (``rejoin``, drawing idle) at ``back_at``. With fewer live sites than ``membership.min_sites`` a sync's quorum waits
   until enough are back. A site whose power never comes back stays out; if every site is out, the run waits
   for the first one back, which goes on alone without healing.
 
@@ -57,7 +60,7 @@ from geotrain.config import Config
 from geotrain.errors import ConfigError
 from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
 from geotrain.planner.simulate import heal_seconds, heal_state_bytes
-from geotrain.power import site_controllers
+from geotrain.power import rejoin_lead_seconds, site_controllers
 
 __all__ = ["MAX_SITE_STEPS", "PowerPrediction", "SitePrediction", "models_power", "predict_power_run"]
 
@@ -178,6 +181,9 @@ class _Site:
     t: float = 0.0
     present: bool = True
     back: float | None = None
+    """While out of the run: when its power returns."""
+    power_at: float | None = None
+    """Back in the run: when its power returns, until its first step there."""
     left_at: float = 0.0
     steps: int = 0
     compute: float = 0.0
@@ -242,6 +248,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                           "(its constant-speed figures stand in the plan)", field="run.tokens")
     heal_bytes = heal_state_bytes(cfg, spec.model.layout)
     min_sites = min(cfg.membership.min_sites, k)
+    lead = rejoin_lead_seconds(cfg)
 
     comm_cache: dict[tuple[int, ...], float] = {}
 
@@ -263,7 +270,16 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                               "play step by step; plan fewer tokens or a larger batch", field="run.tokens")
         s, pc = sites[i], pcs[i]
         factor = speeds[i]
+        if s.power_at is not None:  # admitted before its power returned: wait for it, then power on
+            assert pc is not None
+            s.t = max(s.t, s.power_at)
+            pc.rejoin(s.power_at)
+            s.power_at = None
         if pc is not None:
+            if s.steps > 0:  # as training paces it: from the second step on, it knows what a step's work takes
+                delay = pc.start_delay(s.t, c[i] / speeds[i])
+                s.t += delay
+                s.throttled += delay
             sp = pc.begin_step(s.t)
             if not sp.on:
                 pc.leave(s.t)
@@ -286,12 +302,6 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
             pc.end_step(s.t, t_end)
         s.t = t_end
 
-    def power_back(j: int) -> None:
-        s = sites[j]
-        pc = pcs[j]
-        assert pc is not None and s.back is not None
-        pc.rejoin(s.back)
-
     run_steps = 0  # H-step rounds: the loop's step index
     in_flight: float | None = None  # landing time of an overlapped sync
     in_flight_admits = False  # its quorum saw a site waiting to join
@@ -312,9 +322,8 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
             t0 = min(backs)
             for j, s in enumerate(sites):
                 if s.back is not None and s.back <= t0:
-                    power_back(j)
                     s.away += t0 - s.left_at
-                    s.t, s.present, s.back = t0, True, None
+                    s.t, s.present, s.power_at, s.back = t0, True, s.back, None
             in_flight, in_flight_admits, admission_due = None, False, False
             continue
         for i in members:
@@ -368,7 +377,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
             last = length is None
         # A sync's quorum, as it starts, sees whether a site is waiting to join; the members learn it when they
         # wait for that sync (blocking: now; overlapped: at the end of the next round, or when it is drained).
-        waiting = any(not x.present and x.back is not None and x.back <= begin for x in sites)
+        waiting = any(not x.present and x.back is not None and x.back - lead <= begin for x in sites)
         if overlap and not last:
             for i in live:
                 close(i, sites[i].t if in_flight is None else max(sites[i].t, in_flight))
@@ -389,14 +398,13 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                 now = max(now, in_flight)
                 admission_due = in_flight_admits  # observed while draining: the next sync point admits again
                 in_flight, in_flight_admits = None, False
-            joiners = [j for j, x in enumerate(sites) if not x.present and x.back is not None and x.back <= now]
+            joiners = [j for j, x in enumerate(sites) if not x.present and x.back is not None and x.back - lead <= now]
             heal = sum(heal_seconds(spec, healer=live[0], joiner=j, nbytes=heal_bytes) for j in joiners)
             healing += heal
             for j in joiners:
-                power_back(j)
                 x = sites[j]
-                x.away += now + heal - x.left_at
-                x.present, x.back = True, None
+                x.away += max(now + heal, x.back) - x.left_at  # until it trains: healed, and powered
+                x.present, x.power_at, x.back = True, x.back, None
             for i in live + joiners:
                 sites[i].t = now + heal
     else:

@@ -61,6 +61,8 @@ pieces, up to its last knot or one period, so it always ends; None if that time 
 powers the site again: it draws idle until its next step, whose setpoint starts at the training threshold (if E
 allows it) and ramps up from there. The drop to 0 at a departure and the step from 0 back to the threshold at
 a return are the only changes the ramp limit does not bind: a site that cannot train does not stay powered.
+A site may be admitted back into the run and healed before its power returns (:func:`rejoin_lead_seconds`);
+its controller rejoins at ``back_at`` all the same.
 
 Carbon
 ------
@@ -97,8 +99,8 @@ Configuration
 from __future__ import annotations
 
 from geotrain.power.controller import LOOKAHEAD_MARGIN, PowerController, SitePower, StepPower
-from geotrain.power.sites import site_controllers, site_powers
+from geotrain.power.sites import rejoin_lead_seconds, site_controllers, site_powers
 from geotrain.power.trace import GridTrace
 
-__all__ = ["GridTrace", "LOOKAHEAD_MARGIN", "PowerController", "SitePower", "StepPower", "site_controllers",
-           "site_powers"]
+__all__ = ["GridTrace", "LOOKAHEAD_MARGIN", "PowerController", "SitePower", "StepPower", "rejoin_lead_seconds",
+           "site_controllers", "site_powers"]

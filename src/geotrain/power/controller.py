@@ -14,6 +14,10 @@ LOOKAHEAD_MARGIN = 1.25
 """The default lookahead is this many times the time the ramp needs to take the site from limit_mw to 0."""
 
 
+_START_CANDIDATES = 64
+"""Start times ``start_delay`` compares, evenly spaced up to the time the ramp reaches the site's limit."""
+
+
 def _tolerance(level: float) -> float:
     """How far below ``level`` a computed draw may fall and still count as reaching it (float rounding in the
     envelope and in the crossing points of a trace)."""
@@ -229,16 +233,52 @@ class PowerController:
             raise RuntimeError("begin_step called twice; end_step closes a step")
         self._advance(t, "begin_step")
         g = self.grid_seconds(t)
-        draw = self.envelope_mw(g)
-        if self.rate is not None and self._prev_mw is not None:
-            draw = min(draw, self._prev_mw + self.rate * (g - self._prev_g))
-        draw = max(0.0, draw)
+        draw = self._setpoint(g)
         self._prev_mw, self._prev_g = draw, g
         self._step_t, self._step_mw, self._step_carbon = t, draw, self._carbon_at(g)
         self._held_mw = draw
         on = draw >= self.threshold_mw - _tolerance(self.threshold_mw)
         return StepPower(draw_mw=draw, cap_mw=self.available_mw(g), active=self.site.active_at(draw), on=on,
                          grid_hours=g / 3600.0)
+
+    def _setpoint(self, g: float) -> float:
+        """The setpoint a step starting at grid time ``g`` would get."""
+        draw = self.envelope_mw(g)
+        if self.rate is not None and self._prev_mw is not None:
+            draw = min(draw, self._prev_mw + self.rate * (g - self._prev_g))
+        return max(0.0, draw)
+
+    def start_delay(self, t: float, work_seconds: float) -> float:
+        """Training seconds to wait before starting, at ``t``, a step of ``work_seconds`` (its duration at full
+        draw), so that it ends soonest.
+
+        The draw is held for a whole step, so a step started while the ramp limit keeps the setpoint low (a
+        site powered again, or after a dip) runs all its length at that low draw, although the ramp would have
+        raised it long before the step ends. Waiting w first, while the draw ramps, the step ends at
+        ``w + work / active(w)``. This returns the w among 0 and 64 even points up to the time the ramp
+        reaches the site's limit that ends it soonest (0 without a ramp limit, when the setpoint is already at
+        the limit or below the training threshold, or when no wait ends the step sooner). Waiting changes
+        nothing in the controller: the draw of the last event is held through it."""
+        if self.rate is None or self._prev_mw is None or not work_seconds > 0:
+            return 0.0
+        if self._step_t is not None:
+            raise RuntimeError("start_delay inside an open step; end_step first")
+        tol = _tolerance(self.threshold_mw)
+        draw = self._setpoint(self.grid_seconds(t))
+        horizon = (self.site.limit_mw - draw) / self.rate / self.time_scale  # training seconds to reach the limit
+        if horizon <= 0 or draw < self.threshold_mw - tol:  # at the limit; or it cannot train now, and leaves
+            return 0.0
+        best_w, best_end = 0.0, math.inf
+        for j in range(_START_CANDIDATES + 1):
+            w = horizon * j / _START_CANDIDATES
+            d = self._setpoint(self.grid_seconds(t + w))
+            active = self.site.active_at(d)
+            if d < self.threshold_mw - tol or active <= 0:
+                continue
+            end = w + work_seconds / active
+            if end < best_end * (1 - 1e-12):
+                best_w, best_end = w, end
+        return best_w
 
     @property
     def held_mw(self) -> float:

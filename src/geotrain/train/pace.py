@@ -8,7 +8,10 @@ slower site (``run.site_speeds``: other accelerators, fewer of them) or for a si
 hold the process sleeps on the run's clock (a virtual one in tests) and the cores are free for the other sites.
 
 The factor of a step is ``speed x active``: the site's speed factor times the share of its accelerators' power
-range the power controller allows at the step's start (1 without ``[grid]``). The hold is reported as
+range the power controller allows at the step's start (1 without ``[grid]``). The draw is held for the whole
+step, so under a ramp limit a step that would start at a low draw the ramp is about to raise (a site powered
+again) first waits while the draw rises, when that ends it sooner (``PowerController.start_delay``); that
+wait is throttled time too. The hold is reported as
 ``throttled`` time, apart from compute (what the cores did) and from waiting on the network. The emulated
 accelerators are busy during it (computing slower), so utilization counts it as busy time
 (``train/timing.py``).
@@ -30,6 +33,10 @@ class PowerOff(Exception):  # noqa: N818 - an event, like Evicted
         when = "the trace never returns it" if back_at is None else f"it returns at {back_at:.1f} s"
         super().__init__(f"the grid's power fell below what the site needs to run at {wall:.1f} s; {when}")
         self.wall, self.grid_hours, self.back_at = wall, grid_hours, back_at
+
+
+_EARLY = 1e-6
+"""Seconds a step may start before the power's return and still count as starting at it (a clock's rounding)."""
 
 
 def _max_op() -> Any:
@@ -57,32 +64,69 @@ class Pace:
         self.step: Any = None
         """The power controller's decision for the current step (``StepPower``), None without power."""
         self.factor = self.speed
+        self.back_at: float | None = None
+        """After an outage: when the site's power returns (training seconds), until its first step there."""
+        self.powered_on: float | None = None
+        """The time power returned, once, for the loop's ``power_on`` record (:meth:`take_power_on`)."""
+        self.waiting = ""
+        """What the wait :meth:`begin_step` last asked for is for: ``power`` (it is not back yet: no draw) or
+        ``ramp`` (the draw is ramping up: the step ends sooner if it starts later; counted as throttled)."""
+        self.delayed = False
+        self.compute: float | None = None
+        """The latest step's compute seconds (what a step's work takes at full speed and power)."""
 
     @property
     def active(self) -> bool:
         """Whether steps are held back at all (a speed factor or power control)."""
         return self.speed < 1 or self.power is not None
 
-    def begin_step(self, wall: float) -> None:
+    def expect_power(self, back_at: float) -> None:
+        """The site left the run for lack of power (:class:`PowerOff`) and its power returns at ``back_at``. It
+        may be back in the run before that (``geotrain.power.rejoin_lead_seconds``): its first step then waits
+        for the power (:meth:`begin_step`), drawing nothing meanwhile."""
+        self.back_at = float(back_at)
+
+    def begin_step(self, wall: float) -> float:
         """A step starts at ``wall`` training seconds of the run: take the power controller's decision for it.
-        Raises :class:`PowerOff` when the site cannot run."""
+        Returns 0, or the seconds to wait before the step may start (:attr:`waiting` says why): wait, then call
+        again. Raises :class:`PowerOff` when the site cannot run."""
         if self.power is None:
-            return
+            return 0.0
+        work = self.compute / self.speed if self.compute is not None else 0.0
         if self.workers > 1:  # the site's workers take one decision: at the latest of their clocks
             import torch
 
-            t = torch.tensor([wall], dtype=torch.float64)
+            t = torch.tensor([wall, work], dtype=torch.float64)
             self.site_pg.allreduce([t], _max_op()).wait()
-            wall = float(t.item())
+            wall, work = (float(x) for x in t.tolist())
+        if self.back_at is not None:
+            if wall < self.back_at - _EARLY:
+                self.waiting = "power"
+                return self.back_at - wall
+            self.power.rejoin(self.back_at)  # idle draw from the moment the power is back (healing included)
+            self.powered_on, wall, self.back_at = self.back_at, max(wall, self.back_at), None
+        if not self.delayed:  # under a ramp limit: wait for the draw to rise if the step then ends sooner
+            delay = self.power.start_delay(wall, work)
+            if delay > 0:
+                self.waiting, self.delayed = "ramp", True
+                return delay
+        self.delayed = False
         self.step = self.power.begin_step(wall)
         if not self.step.on:
             self.power.leave(wall)
             raise PowerOff(wall=wall, grid_hours=self.step.grid_hours, back_at=self.power.back_at(wall))
         limited = self.gpu is not None and self.gpu.apply(self.step.active)
         self.factor = self.speed if limited else self.speed * self.step.active
+        return 0.0
+
+    def take_power_on(self) -> float | None:
+        """When the site's power returned, if it did since the last call (else None)."""
+        t, self.powered_on = self.powered_on, None
+        return t
 
     def hold(self, compute_seconds: float) -> float:
         """Seconds to hold the step back after ``compute_seconds`` of compute, so that it lasts compute / factor."""
+        self.compute = compute_seconds
         if self.factor >= 1 or compute_seconds <= 0:
             return 0.0
         return compute_seconds * (1.0 / self.factor - 1.0)

@@ -77,6 +77,7 @@ class Recorder:
             utilization=timer.utilization(),
             trained_tokens=trained_tokens,
             **({"throttled_s": timer.throttled} if timer.throttled else {}),
+            **({"powered_off_s": timer.powered_off} if timer.powered_off else {}),
             **extra,
         )
 

@@ -354,6 +354,7 @@ def site_main(task: SiteTask) -> int:
     from geotrain.faults import LinkConditions
     from geotrain.membership.client import Evicted, MembershipClient, RunFinished
     from geotrain.membership.wire import read_token_file
+    from geotrain.power import rejoin_lead_seconds
     from geotrain.train.loop import Boundary, train_loop
     from geotrain.train.pace import PowerOff
     from geotrain.train.recorder import Recorder
@@ -408,6 +409,7 @@ def site_main(task: SiteTask) -> int:
         first = not joined.get("formed")
         pace = _site_pace(config, env, site_pg)
         wall_offset = 0.0  # the run's training seconds before this start (a site back from a power outage)
+        outage = False  # this start follows a power outage
         for _ in range(MAX_REJOINS + 1):
             restore = None
             healer = None
@@ -423,7 +425,7 @@ def site_main(task: SiteTask) -> int:
                 try:
                     admitted = client.await_admission()
                 except RunFinished:
-                    if wall_offset == 0:  # not back from a power outage: waiting to be admitted was the point
+                    if not outage:  # not back from a power outage: waiting to be admitted was the point
                         raise
                     result = None  # back from an outage after the others finished: nothing left to train
                     break
@@ -484,12 +486,13 @@ def site_main(task: SiteTask) -> int:
                 if e.back_at is None:  # the trace never gives the power back: the run goes on without this site
                     result = None
                     break
-                time.sleep(max(0.0, e.back_at - e.wall))  # the run's training clock runs on meanwhile
-                pace.power.rejoin(e.back_at)
-                recorder.write("power_on", site=env.site_rank, wall_s=e.back_at,
-                               grid_hours=pace.power.grid_seconds(e.back_at) / 3600)
+                # Ask to join again ahead of the power's return (the trace is a forecast), to be admitted and
+                # healed meanwhile; the first step waits for the power (Pace.expect_power).
+                ask_at = max(e.wall, e.back_at - rejoin_lead_seconds(run_config))
+                time.sleep(ask_at - e.wall)  # the run's training clock runs on meanwhile
+                pace.expect_power(e.back_at)
                 client.rejoin()
-                first, wall_offset = False, e.back_at
+                first, wall_offset, outage = False, ask_at, True
                 continue
             break
         else:

@@ -1,9 +1,10 @@
 """A worker's timekeeping in the training loop: compute, throttled, evaluation (paused) and training wall time.
 
-``utilization = (compute + throttled) / wall``: compute is forward, backward, in-site averaging and the inner
-optimizer step; throttled is the time a step is held back to emulate a slower or power-capped site
+``utilization = (compute + throttled) / (wall - powered_off)``: compute is forward, backward, in-site averaging
+and the inner optimizer step; throttled is the time a step is held back to emulate a slower or power-capped site
 (``train/pace.py``), when its accelerators are busy computing more slowly (0 unless a run paces its sites);
-evaluation pauses the clock, so measurement does not dilute utilization. Time comes from a
+powered_off is the time a site back in the run after a power outage waits for its power to return (it has none
+to train with, as while it was away); evaluation pauses the clock, so measurement does not dilute utilization. Time comes from a
 :class:`geotrain.clock.Clock`, so tests check these figures as exact arithmetic on a virtual clock.
 """
 
@@ -27,6 +28,7 @@ class RunTimer:
     compute: float = 0.0
     throttled: float = 0.0  # steps held back by the site's speed factor or power (train/pace.py)
     paused: float = 0.0  # evaluation time, excluded from the training wall time
+    powered_off: float = 0.0  # waiting, as a member, for the power to return after an outage (train/pace.py)
     # Compute time between consecutive sync points (Welford's running mean and sum of squared deviations):
     # its spread is what makes a synchronous site wait for the others even when all are equally fast. Left
     # out: the first round, whose first step (allocation, warm-up) is slow on every site at once, and any
@@ -49,7 +51,7 @@ class RunTimer:
         return self.compute + self.throttled
 
     def utilization(self) -> float:
-        wall = self.wall()
+        wall = self.wall() - self.powered_off
         return self.busy() / wall if wall > 0 else 0.0
 
     def wall(self) -> float:
@@ -73,8 +75,8 @@ class RunTimer:
         self.round_mean += d / self.rounds
         self.round_m2 += d * (x - self.round_mean)
 
-    _SAVED = ("compute", "throttled", "paused", "rounds", "round_mean", "round_m2", "_round_start", "_round_start_step",
-              "_round_steps")
+    _SAVED = ("compute", "throttled", "powered_off", "paused", "rounds", "round_mean", "round_m2", "_round_start",
+              "_round_start_step", "_round_steps")
 
     def state_dict(self) -> dict[str, float]:
         """The figures so far, for a checkpoint: a resumed run goes on counting from them."""
@@ -82,7 +84,7 @@ class RunTimer:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         for k in self._SAVED:
-            setattr(self, k, type(getattr(self, k))(state.get(k, 0.0) if k == "throttled" else state[k]))
+            setattr(self, k, type(getattr(self, k))(state.get(k, 0.0) if k in ("throttled", "powered_off") else state[k]))
         self.start = self.clock.now() - float(state["wall"]) - self.paused
 
     def round_cv(self) -> float | None:
