@@ -102,3 +102,4 @@ class SparseLoCoStrategy(Strategy):
             self._step(self._pending.wait())
             self._pending = None
             unflatten_into(self.params, self.ctx.params)
+            self.start = self.params.clone()  # the local parameters restart from the global θ
