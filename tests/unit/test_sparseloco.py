@@ -187,6 +187,27 @@ def test_outer_step_applies_the_mean_of_sparse_updates_without_momentum():
     assert state["owner"] == [0, 0] and state["accumulator"]["residual"] is not None
 
 
+def test_a_drained_round_restarts_from_the_global_parameters():
+    """drain() (before joiners take the state) lands the overlapped round in flight and moves the local
+    parameters to the new global θ: the next round's pseudo-gradient is measured from there, so a round
+    without progress sends only what the accumulator kept."""
+    codec = SparseCodec(fraction=0.25, chunk=4, bits=8)
+    comm = _TwoSites(codec, [torch.zeros(4), torch.zeros(4)])
+    model = _Params([1.0, 1.0, 1.0, 1.0])
+    strategy = SparseLoCoStrategy(StrategyContext(model=model, comm=comm, site_pg=None, workers=1), sync_every=1,
+                                  sparseloco=SparseLoCoConfig(beta=0.5, lr=1.0), overlap=True)
+    with torch.no_grad():
+        model.w -= torch.tensor([0.0, 4.0, 0.0, 0.0])
+    assert strategy.after_inner_step(0, last=False) and strategy.syncs_in_flight() == 1
+    strategy.drain()
+    expected = torch.tensor([1.0, 1.0 - 3.984375 / 2, 1.0, 1.0])
+    torch.testing.assert_close(model.w.detach(), expected)
+    torch.testing.assert_close(strategy.start, expected)
+    assert strategy.after_inner_step(1, last=True)  # no inner progress since the drain
+    # only the decayed residual of round 1, (4 - 3.984375) / 2, at its top 8-bit level
+    torch.testing.assert_close(comm.sent[1], torch.tensor([0.0, 0.0078125 * 127.5 / 128, 0.0, 0.0]))
+
+
 def test_a_healed_site_starts_its_own_accumulator():
     codec = SparseCodec(fraction=0.25, chunk=4, bits=2)
     comm = _TwoSites(codec, [torch.zeros(4)])

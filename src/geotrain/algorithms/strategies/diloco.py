@@ -12,6 +12,10 @@ ever waits for the link unless a transfer takes longer than a whole round.
 
 With ``outer.sync_every_seconds`` the rounds end after a time instead of after H steps, and the sites'
 pseudo-gradients are averaged with token weights (``geotrain.algorithms.strategies.rounds``).
+
+Methods with DiLoCo's rounds but their own payload or outer step (SparseLoCo) subclass the strategy and
+override its hooks: ``theta`` (where the global parameters live), ``_send`` (what goes on the wire),
+``_apply`` (the outer step on the average) and ``_extra_state`` / ``_load_extra_state`` (their checkpoint).
 """
 
 from __future__ import annotations
@@ -35,16 +39,38 @@ class DiLoCoStrategy(Strategy):
     def __init__(self, ctx: StrategyContext, *, outer: OuterConfig, overlap: bool = False,
                  budget_tokens: int = 0) -> None:
         super().__init__(ctx)
-        self.sync_every = outer.sync_every
-        self.warmup_steps = outer.warmup_steps
-        self.overlap = overlap
         self.outer = OuterOptimizer(flatten(ctx.params), outer)
-        self.start = self.outer.params.detach().clone()  # where this site's current round began
-        self._pending: Pending | TokenWeighted | None = None
-        self._pending_plain = False
+        self._init_rounds(sync_every=outer.sync_every, warmup_steps=outer.warmup_steps, overlap=overlap)
         self.timed = None if outer.sync_every_seconds is None else TimedRounds(
             seconds=outer.sync_every_seconds, budget_tokens=budget_tokens, site_pg=ctx.site_pg, workers=ctx.workers,
             lag=1 if overlap else 0, sites=ctx.comm.sites)
+
+    def _init_rounds(self, *, sync_every: int, warmup_steps: int, overlap: bool) -> None:
+        """The round schedule's state, once ``theta`` exists; step-based rounds (``timed`` is None)."""
+        self.sync_every = sync_every
+        self.warmup_steps = warmup_steps
+        self.overlap = overlap
+        self.start = self.theta.clone()  # where this site's current round began
+        self._pending: Pending | TokenWeighted | None = None
+        self._pending_plain = False
+        self.timed: TimedRounds | None = None
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """The global parameters θ, flat fp32, (numel,): the outer step updates them in place."""
+        return self.outer.params.detach()
+
+    def _send(self, delta: torch.Tensor) -> Pending | TokenWeighted:
+        """Start the cross-site average of this site's pseudo-gradient for the round, (numel,)."""
+        if self.timed is None:
+            return self.ctx.comm.all_reduce_mean(delta, key="outer")
+        # weighted by the tokens this site trained in the round; n_ref keeps the payload's scale
+        n_ref = float(self.sync_every * self.timed.step_tokens)
+        return self.timed.weigh(delta, self.ctx.comm, n_ref=n_ref, key="outer")
+
+    def _apply(self, mean: torch.Tensor, *, plain: bool) -> None:
+        """The outer step on the sites' averaged pseudo-gradient (``plain``: within the outer warm-up)."""
+        self.outer.step(mean, plain=plain)
 
     def begin(self, *, wall: Callable[[], float], step_tokens: int) -> None:
         if self.timed is not None:
@@ -70,20 +96,16 @@ class DiLoCoStrategy(Strategy):
     def _end_round(self, *, last: bool, plain: bool) -> None:
         params = self.ctx.params
         delta = self.start - flatten(params)  # this site's pseudo-gradient for the round, (numel,)
-        if self.timed is None:
-            pending: Pending | TokenWeighted = self.ctx.comm.all_reduce_mean(delta, key="outer")
-        else:  # weighted by the tokens this site trained in the round; n_ref keeps the payload's scale
-            n_ref = float(self.sync_every * self.timed.step_tokens)
-            pending = self.timed.weigh(delta, self.ctx.comm, n_ref=n_ref, key="outer")
+        pending = self._send(delta)
         if self._pending is not None:  # overlap: the previous round's average has been travelling meanwhile
-            self.outer.step(self._pending.wait(), plain=self._pending_plain)
+            self._apply(self._pending.wait(), plain=self._pending_plain)
             self._pending = None
         if self.overlap and not last:
             self._pending, self._pending_plain = pending, plain
-            self.start = self.outer.params.detach() - delta  # newest global plus this site's own progress
+            self.start = self.theta - delta  # newest global plus this site's own progress
         else:
-            self.outer.step(pending.wait(), plain=plain)
-            self.start = self.outer.params.detach().clone()
+            self._apply(pending.wait(), plain=plain)
+            self.start = self.theta.clone()
         unflatten_into(self.start, params)
         self.outer_rounds += 1
         if self.timed is not None:
@@ -92,7 +114,7 @@ class DiLoCoStrategy(Strategy):
                 self.close()
 
     def global_parameters(self) -> list[torch.Tensor]:
-        flat = self.outer.params.detach()
+        flat = self.theta
         out, offset = [], 0
         for p in map(local, self.ctx.params):
             out.append(flat[offset : offset + p.numel()].view_as(p))
@@ -103,17 +125,23 @@ class DiLoCoStrategy(Strategy):
         return int(self._pending is not None)
 
     def state_dict(self) -> dict:
-        pending = None if self._pending is None else self._pending.wait()
-        return {**super().state_dict(), "outer": self.outer.state_dict(), "start": self.start.clone(),
-                "pending": pending, "pending_plain": self._pending_plain,
+        pending = None if self._pending is None else self._pending.wait()  # landed first: its state is settled
+        return {**super().state_dict(), "start": self.start.clone(), "pending": pending, **self._extra_state()}
+
+    def _extra_state(self) -> dict:
+        """The state beyond the schedule's (the outer optimizer's, the warm-up's, the timed rounds')."""
+        return {"outer": self.outer.state_dict(), "pending_plain": self._pending_plain,
                 "timed": None if self.timed is None else self.timed.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.outer.load_state_dict(state["outer"])
         self.start = state["start"].clone()
         self._pending = None if state["pending"] is None else Pending.completed(state["pending"], self.ctx.comm)
+        self._load_extra_state(state)
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.outer.load_state_dict(state["outer"])
         self._pending_plain = bool(state["pending_plain"])
         if self.timed is not None and state.get("timed") is not None:
             self.timed.load_state_dict(state["timed"])
@@ -122,9 +150,9 @@ class DiLoCoStrategy(Strategy):
     def close(self) -> None:
         """A run stopped early (time budget) with a round in flight: apply it, so the global model has it."""
         if self._pending is not None:
-            self.outer.step(self._pending.wait(), plain=self._pending_plain)
+            self._apply(self._pending.wait(), plain=self._pending_plain)
             self._pending = None
-            unflatten_into(self.outer.params.detach(), self.ctx.params)
-            self.start = self.outer.params.detach().clone()
+            unflatten_into(self.theta, self.ctx.params)
+            self.start = self.theta.clone()
         if self.timed is not None:
             self.timed.settle()
