@@ -112,7 +112,7 @@ def check_example(where: Path) -> dict[str, Any]:
     controllers = site_controllers(config)
     speeds = config.run.site_speeds or [1.0] * config.run.sites
     step_tokens = config.data.batch_size * config.model.seq_len * config.run.workers_per_site
-    allowed = trained = 0.0
+    allowed = allowed_ramp = trained = 0.0
     for k, pc in enumerate(controllers):
         rows = [r for r in recs.get(k, []) if r.get("kind") == "step"]
         steps = sum(1 for r in rows)  # log_every = 1: one record per step trained
@@ -121,13 +121,26 @@ def check_example(where: Path) -> dict[str, Any]:
         # the site's training time on the run's clock (evaluation excluded; across an outage, which the trace
         # itself allows nothing in)
         dt = max(float(r.get("run_s", r["wall_s"])) for r in rows) / n
-        f = 0.0
+        f = f_ramp = 0.0
+        # the best any controller could do under the ramp limit too: the draw follows the envelope E (which
+        # comes down ahead of dips) and rises at most at the ramp rate, from the threshold after an outage; no
+        # step granularity (the first point takes E, as the controller's first step does)
+        held: float | None = None
         for i in range(n):
             g = pc.grid_seconds((i + 0.5) * dt)
             draw = min(pc.available_mw(g), pc.site.limit_mw)
             active = pc.site.active_at(draw) if draw >= pc.threshold_mw else 0.0
             f += speeds[k] * active * dt
+            top = pc.envelope_mw(g)
+            if top < pc.threshold_mw:
+                held = 0.0  # out
+            elif held is None or not ramp:
+                held = top
+            else:
+                held = min(top, max(held, pc.threshold_mw) + pc.rate * dt * pc.time_scale)
+            f_ramp += speeds[k] * (pc.site.active_at(held) if held >= pc.threshold_mw else 0.0) * dt
         allowed += f / compute * step_tokens
+        allowed_ramp += f_ramp / compute * step_tokens
         trained += steps * step_tokens
     prediction = None
     try:
@@ -138,29 +151,43 @@ def check_example(where: Path) -> dict[str, Any]:
     return {"summary": summary, "over_cap_mw": over_cap, "ramp_ratio": ramp_ratio if ramp else None,
             "ramp_lost_share": ramp_lost / max(float(e["wall_seconds"]) for e in per_site.values()) / len(pcs),
             "energy_logged": logged, "energy_reported": reported, "energy_summary": summary.get("energy_mwh"),
-            "tokens_trained": trained, "tokens_allowed": allowed, "prediction": prediction}
+            "tokens_trained": trained, "tokens_allowed": allowed, "tokens_allowed_ramp": allowed_ramp,
+            "prediction": prediction}
 
 
-def examples(out: Path) -> tuple[str, list[Path]]:
+def examples(out: Path, repeats: int = 1) -> tuple[str, list[Path]]:
     rows = ["| example | max draw - cap (MW) | max ramp / limit | training time lost to the ramp | power used (B) | "
-            "energy, summary (MWh) | logged-draw integral / energy (E) | wall (s) | predicted wall (s) | "
-            "predicted energy (MWh) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "B, against the trace under its ramp limit | energy, summary (MWh) | logged-draw integral / energy (E) | "
+            "wall (s) | predicted wall (s) | predicted energy (MWh) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     plots = []
-    for path in sorted((ROOT / "configs").glob("grid-*.toml")):
-        where = run(path.stem, out, config=path, values={"run.log_every": 1})
+    used: dict[str, list[float]] = {}
+    used_ramp: dict[str, list[float]] = {}
+    for path, rep in [(p, r) for p in sorted((ROOT / "configs").glob("grid-*.toml")) for r in range(repeats)]:
+        where = run(path.stem + (f"-r{rep}" if rep else ""), out, config=path, values={"run.log_every": 1})
         c = check_example(where)
+        used.setdefault(path.name, []).append(c["tokens_trained"] / c["tokens_allowed"])
+        used_ramp.setdefault(path.name, []).append(c["tokens_trained"] / c["tokens_allowed_ramp"])
         s, p = c["summary"], c["prediction"] or {}
         ratio = c["energy_logged"] / c["energy_reported"] if c["energy_reported"] else math.nan
         pw = p.get("wall_seconds") if isinstance(p, dict) else None
         pe = p.get("energy_mwh") if isinstance(p, dict) else None
         ramp = "no limit" if c["ramp_ratio"] is None else f"{c['ramp_ratio']:.3f}"
-        rows.append(f"| {path.name} | {c['over_cap_mw']:.3g} | {ramp} | {100 * c['ramp_lost_share']:.2f}% | "
-                    f"{c['tokens_trained'] / c['tokens_allowed']:.3f} | {s.get('energy_mwh') or math.nan:,.1f} | "
+        rows.append(f"| {path.name}{f' (repeat {rep + 1})' if repeats > 1 else ''} | {c['over_cap_mw']:.3g} | {ramp} | {100 * c['ramp_lost_share']:.2f}% | "
+                    f"{c['tokens_trained'] / c['tokens_allowed']:.3f} | "
+                    f"{c['tokens_trained'] / c['tokens_allowed_ramp']:.3f} | {s.get('energy_mwh') or math.nan:,.1f} | "
                     f"{ratio:.4f} | {s['wall_seconds']:.1f} | {pw if pw is None else f'{pw:.1f}'} | "
                     f"{pe if pe is None else f'{pe:,.1f}'} |")
         if isinstance(p, dict) and "error" in p:
-            rows.append(f"|  | planner: {p['error']} | | | | | | | | |")
-        plots.append(plot_power(where, RESULTS / f"power-{path.stem}.png"))
+            rows.append(f"|  | planner: {p['error']} | | | | | | | | | |")
+        if rep == 0:
+            plots.append(plot_power(where, RESULTS / f"power-{path.stem}.png"))
+    if repeats > 1:
+        rows.append("")
+        rows.append("Median power used (B) over the repeats: " + ", ".join(
+            f"{name} {statistics.median(v):.3f} (range {min(v):.3f}-{max(v):.3f})" for name, v in used.items()))
+        rows.append("")
+        rows.append("Against the trace under its ramp limit: " + ", ".join(
+            f"{name} {statistics.median(v):.3f} (range {min(v):.3f}-{max(v):.3f})" for name, v in used_ramp.items()))
     return "\n".join(rows), plots
 
 
@@ -264,13 +291,14 @@ def main() -> None:
     p.add_argument("--parts", default="examples,hetero,swings")
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2],
                    help="seeds of the heterogeneous comparison (default 0,1,2)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each shipped grid example (default 1)")
     p.add_argument("--out", default="runs/power-bench", help="where the runs are kept (reused when run again)")
     args = p.parse_args()
     out = Path(args.out)
     parts = [x.strip() for x in args.parts.split(",")]
     body = [f"# Training within each site's power\n\n`{command_line()}`\n"]
     if "examples" in parts:
-        table, plots = examples(out)
+        table, plots = examples(out, args.repeats)
         body += ["## The shipped grid examples (A, B, E, F)\n", table, ""]
         body += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if "hetero" in parts:

@@ -347,6 +347,31 @@ def test_a_site_back_in_the_run_after_its_power_draws_idle_from_its_return():
     assert pc.energy_mwh == pytest.approx(1.0 + 0.25 * 0.5 + 0.5, abs=1e-12)  # idle while waiting to be admitted
 
 
+def test_a_step_is_given_a_draw_it_can_hold_to_its_end():
+    # training seconds are grid hours. A dip to 0.6 MW from 1 h to 1.2 h: a step of 0.2 h of work starting at
+    # 0.9 h cannot end before the dip at any draw, so it runs at the dip's 0.6 MW (active 0.467, 0.43 h)
+    dip = GridTrace([0, 1, 1.2, 2], [1.0, 0.6, 1.0, 1.0], interpolate="step")
+    pc = PowerController(one_mw(), dip, time_scale=3600.0)
+    assert pc.holdable_mw(0.9, 0.99) == 1.0 and pc.holdable_mw(0.9, 1.1) == 0.6
+    sp = pc.begin_step(0.9, 0.2)
+    assert sp.on and sp.draw_mw == pytest.approx(0.6, abs=1e-9)
+    pc.end_step(0.9 + 0.2 / sp.active, 1.4)
+    assert pc.begin_step(1.4, 0.2).draw_mw == 1.0  # after the dip: full draw again
+    pc.end_step(1.6, 1.6)
+    assert PowerController(one_mw(), dip, time_scale=3600.0).begin_step(0.9).draw_mw == 1.0  # work unknown
+
+
+def test_a_step_that_would_run_into_an_outage_leaves_before_it():
+    pc = PowerController(one_mw(), OUTAGE, time_scale=3600.0)  # no power from 2 h to 3 h
+    assert pc.begin_step(1.0, 0.5).on  # ends at 1.5 h
+    pc.end_step(1.5, 1.5)
+    sp = pc.begin_step(1.6, 0.5)  # would end at 2.1 h at full draw, later at any lower one
+    assert not sp.on
+    pc.leave(1.6)
+    assert pc.back_at(1.6) == 1.6  # the power is still there...
+    assert pc.back_at(1.6, 0.5) == 3.0  # ...but no step can be held to its end before the outage
+
+
 def test_a_step_after_a_return_waits_for_the_ramp_when_that_ends_it_sooner():
     # 1 MW/s of ramp (60 MW/min, 1 training second = 1 grid second): from the 0.2875 MW threshold to the full
     # 1 MW takes 0.7125 s. A step of 0.1 s of work started at once runs at active 0.05 for 2 s; after a wait w

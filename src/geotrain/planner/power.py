@@ -276,14 +276,15 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
             pc.rejoin(s.power_at)
             s.power_at = None
         if pc is not None:
-            if s.steps > 0:  # as training paces it: from the second step on, it knows what a step's work takes
-                delay = pc.start_delay(s.t, c[i] / speeds[i])
+            work = c[i] / speeds[i] if s.steps > 0 else None  # as training paces it: known from the 2nd step
+            if work is not None:
+                delay = pc.start_delay(s.t, work)
                 s.t += delay
                 s.throttled += delay
-            sp = pc.begin_step(s.t)
+            sp = pc.begin_step(s.t, work)
             if not sp.on:
                 pc.leave(s.t)
-                s.present, s.left_at, s.back = False, s.t, pc.back_at(s.t)
+                s.present, s.left_at, s.back = False, s.t, pc.back_at(s.t, work)
                 s.power_offs += 1
                 return False
             factor *= sp.active

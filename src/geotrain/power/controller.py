@@ -14,6 +14,13 @@ LOOKAHEAD_MARGIN = 1.25
 """The default lookahead is this many times the time the ramp needs to take the site from limit_mw to 0."""
 
 
+_SETPOINT_CANDIDATES = 32
+"""Draws tried, from the setpoint down to the least the ramp allows, when a step's setpoint must be lowered to
+last the step."""
+
+_BISECTIONS = 40
+"""Halvings that refine such a lowered setpoint."""
+
 _START_CANDIDATES = 64
 """Start times ``start_delay`` compares, evenly spaced up to the time the ramp reaches the site's limit."""
 
@@ -223,10 +230,17 @@ class PowerController:
 
     # -- the step protocol ------------------------------------------------------------------------------------
 
-    def begin_step(self, t: float) -> StepPower:
+    def begin_step(self, t: float, work_seconds: float | None = None) -> StepPower:
         """The setpoint for the step starting at training time ``t``:
         d = min(limit_mw, E(g), d_prev + R * (g - g_prev)) (the first step, and one without a ramp limit, take
-        min(limit_mw, E(g))). ``on`` is False when d falls below the training threshold."""
+        min(limit_mw, E(g))). ``on`` is False when d falls below the training threshold.
+
+        ``work_seconds``: what the step takes at full draw, when known. The draw is held for the whole step,
+        which at a share ``active`` of the power range lasts ``work / active``, so the draw must stay
+        available until the step ends (:meth:`holdable_mw`). If d cannot be held that long, the setpoint is
+        the highest draw that can, no lower than the ramp allows (d_prev - R * (g - g_prev)); if no draw at or
+        above the training threshold can, ``on`` is False: a step begun at the threshold would still run on
+        into a dip, so the site leaves now."""
         if not self._present:
             raise RuntimeError(f"site {self.site.name!r} has left; call rejoin(t) before begin_step")
         if self._step_t is not None:
@@ -234,12 +248,55 @@ class PowerController:
         self._advance(t, "begin_step")
         g = self.grid_seconds(t)
         draw = self._setpoint(g)
+        tol = _tolerance(self.threshold_mw)
+        on = draw >= self.threshold_mw - tol
+        if on and work_seconds is not None and work_seconds > 0:
+            floor = self.threshold_mw
+            if self.rate is not None and self._prev_mw is not None:
+                floor = max(floor, self._prev_mw - self.rate * (g - self._prev_g))
+            draw, on = self._held_setpoint(t, draw, floor, work_seconds)
         self._prev_mw, self._prev_g = draw, g
         self._step_t, self._step_mw, self._step_carbon = t, draw, self._carbon_at(g)
         self._held_mw = draw
-        on = draw >= self.threshold_mw - _tolerance(self.threshold_mw)
         return StepPower(draw_mw=draw, cap_mw=self.available_mw(g), active=self.site.active_at(draw), on=on,
                          grid_hours=g / 3600.0)
+
+    def holdable_mw(self, t0: float, t1: float) -> float:
+        """The highest draw the site may hold from training time ``t0`` to ``t1`` without a new setpoint: at or
+        under the available power all along (min(limit, min of A over [g0, g1]), exact over the trace's
+        pieces). With a ramp limit nothing more is needed: a setpoint at or under E(g0) can follow every later
+        dip from the next step start, since E(g0) <= E(g1) + R * (g1 - g0)."""
+        low = min(self.site.limit_mw, self._trace_cap)
+        if self.trace is not None:
+            for _, _, va, vb in self.trace.pieces(self.grid_seconds(t0), self.grid_seconds(t1), self._trace_cap):
+                low = min(low, va, vb)
+        return low
+
+    def _held_setpoint(self, t: float, draw: float, floor: float, work: float) -> tuple[float, bool]:
+        """The highest draw in [floor, draw] that can be held for the step it runs (``work / active``), and
+        whether there is one. A lower draw is easier to keep under the available power but runs longer, into
+        more of what comes, so the draws that hold need not be one interval: the highest of evenly spaced
+        candidates from the top, refined by bisection towards the next candidate above it."""
+        tol = _tolerance(self.threshold_mw)
+
+        def holds(d: float) -> bool:
+            active = self.site.active_at(d)
+            return active > 0 and d <= self.holdable_mw(t, t + work / active) + tol
+
+        if holds(draw):
+            return draw, True
+        if floor > draw:
+            return draw, False
+        n = _SETPOINT_CANDIDATES
+        for j in range(1, n + 1):
+            lo = draw - (draw - floor) * j / n
+            if holds(lo):
+                hi = draw - (draw - floor) * (j - 1) / n
+                for _ in range(_BISECTIONS):
+                    mid = 0.5 * (lo + hi)
+                    lo, hi = (mid, hi) if holds(mid) else (lo, mid)
+                return lo, True
+        return draw, False
 
     def _setpoint(self, g: float) -> float:
         """The setpoint a step starting at grid time ``g`` would get."""
@@ -326,10 +383,12 @@ class PowerController:
         """False between ``leave`` and ``rejoin``."""
         return self._present
 
-    def back_at(self, t: float) -> float | None:
+    def back_at(self, t: float, work_seconds: float | None = None) -> float | None:
         """The earliest training time >= ``t`` at which the envelope allows the training threshold again, so
         that ``rejoin`` and ``begin_step`` there give on=True; None when that never happens (the trace ends
-        below it, the cap is below it, or a periodic trace stays below it for a whole period).
+        below it, the cap is below it, or a periodic trace stays below it for a whole period). With
+        ``work_seconds`` (as :meth:`begin_step` takes it), also a time from which a step at the threshold can
+        be held to its end: not just before the next dip.
 
         Exact for the trace's pieces: a point g' where A(g') < threshold forbids every g in
         (g' - (threshold - A(g')) / R, g'] (from there the ramp could not come down in time; without a ramp
@@ -352,12 +411,21 @@ class PowerController:
                 ends.append(b)
             elif va < theta <= vb:  # rises through the threshold inside the piece
                 ends.append(a + (theta - va) / (vb - va) * (b - a))
-        if self.envelope_mw(g0) >= theta - tol:
+        if self.envelope_mw(g0) >= theta - tol and self._threshold_holds(t, work_seconds):
             return t
         for g in sorted(e for e in ends if e > g0):
             if self.envelope_mw(g) >= theta - tol:
-                return self._first_on(g, t)
+                back = self._first_on(g, t)
+                if self._threshold_holds(back, work_seconds):
+                    return back
         return None
+
+    def _threshold_holds(self, t: float, work_seconds: float | None) -> bool:
+        """Whether a step of ``work_seconds`` begun at ``t`` at the training threshold can be held to its end."""
+        if work_seconds is None or not work_seconds > 0:
+            return True
+        theta = self.threshold_mw
+        return theta <= self.holdable_mw(t, t + work_seconds / self.min_active) + _tolerance(theta)
 
     def _first_on(self, g: float, t_floor: float) -> float:
         """Training time of grid time ``g``, no earlier than ``t_floor``, nudged past float rounding so that

@@ -350,6 +350,8 @@ def train_loop(
                 budget.settle()
             if boundary.admit is not None:
                 boundary.admit(lambda: snapshot(False))
+            # the next round starts now, with the joiners (time-based rounds: the healing is not part of it)
+            strategy.begin(wall=lambda: timer.wall() + wall_offset, step_tokens=step_tokens)
             check_next_sync = True
         if last:
             break

@@ -111,10 +111,10 @@ class Pace:
                 self.waiting, self.delayed = "ramp", True
                 return delay
         self.delayed = False
-        self.step = self.power.begin_step(wall)
+        self.step = self.power.begin_step(wall, work or None)  # a draw it can hold until the step ends
         if not self.step.on:
             self.power.leave(wall)
-            raise PowerOff(wall=wall, grid_hours=self.step.grid_hours, back_at=self.power.back_at(wall))
+            raise PowerOff(wall=wall, grid_hours=self.step.grid_hours, back_at=self.power.back_at(wall, work or None))
         limited = self.gpu is not None and self.gpu.apply(self.step.active)
         self.factor = self.speed if limited else self.speed * self.step.active
         return 0.0

@@ -440,7 +440,6 @@ def site_main(task: SiteTask) -> int:
                 comm.healed_barrier(generation)
                 restore = unpack(blob)
                 seconds = time.time() - t0
-                restore["run_wall"] = float(restore.get("run_wall", 0.0)) + seconds  # the run went on meanwhile
                 if admitted.get("position") is not None and workload.load_data_state is not None:
                     workload.load_data_state(admitted["position"])  # go on where this site left off
                 client.event("healed", healed_from=healer, seconds=seconds, bytes=len(blob),
@@ -468,6 +467,9 @@ def site_main(task: SiteTask) -> int:
                            auto=[{"key": a.key, "value": a.value, "reason": a.reason} for a in chosen],
                            meta=workload.meta or {}, generation=generation, members=members,
                            healed_from=healer, resumed=restore is not None and healer is None)
+            if healer is not None:  # the run's clock went on from the healer's snapshot: the transfer and the
+                # set-up since (else this site's round and grid time would start late by as much)
+                restore["run_wall"] = float(restore.get("run_wall", 0.0)) + (time.time() - t0)
             try:
                 result = train_loop(run_config, workload, strategy=strategy, comm=comm, recorder=recorder,
                                     site=env.site_rank, worker=worker, restore=restore, boundary=boundary,
