@@ -27,7 +27,7 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf runs .pytest_cache

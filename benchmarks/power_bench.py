@@ -89,7 +89,8 @@ def check_example(where: Path) -> dict[str, Any]:
     recs = records(where)
     over_cap, ramp_ratio = -math.inf, 0.0
     logged, reported = 0.0, 0.0
-    ramp_lost = 0.0  # seconds the ramp limit cost: steps at a lower share than the cap allowed at their start
+    ramp_lost = 0.0  # seconds lost to steps at a lower share than the cap allowed at their start (the ramp limit,
+    # or a draw lowered so that it holds until the step ends)
     pcs = site_controllers(config)
     for k, rows in recs.items():
         for piece in stretches(rows):
@@ -156,7 +157,8 @@ def check_example(where: Path) -> dict[str, Any]:
 
 
 def examples(out: Path, repeats: int = 1) -> tuple[str, list[Path]]:
-    rows = ["| example | max draw - cap (MW) | max ramp / limit | training time lost to the ramp | power used (B) | "
+    rows = ["| example | max draw - cap (MW) | max ramp / limit | training time lost to setpoints under the cap (ramp, "
+            "a draw held to the step's end) | power used (B) | "
             "B, against the trace under its ramp limit | energy, summary (MWh) | logged-draw integral / energy (E) | "
             "wall (s) | predicted wall (s) | predicted energy (MWh) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     plots = []
