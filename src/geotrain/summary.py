@@ -42,7 +42,8 @@ _STEP_KEYS = (("tokens", "tokens"), ("wan_bytes", "wan_bytes"), ("compute_s", "c
               ("comm_s", "comm_seconds"), ("wall_s", "wall_seconds"), ("utilization", "utilization"),
               ("outer_rounds", "outer_rounds"))
 # A run that models its sites' power adds these (absent otherwise). From a process's ``done`` record:
-_POWER_DONE_KEYS = ("energy_mwh", "peak_power_mw", "throttled_seconds", "carbon_kg", "smoothing_mwh", "idle_seconds")
+_POWER_DONE_KEYS = ("energy_mwh", "peak_power_mw", "throttled_seconds", "carbon_kg", "smoothing_mwh", "idle_seconds",
+                    "powered_off_seconds")
 # and from its latest ``step`` record when it has none: (record key, summary key).
 _POWER_STEP_KEYS = (("energy_mwh", "energy_mwh"), ("throttled_s", "throttled_seconds"))
 

@@ -19,6 +19,7 @@ from geotrain.planner.power import PowerPrediction, predict_power_run
 from geotrain.planner.simulate import heal_seconds
 from geotrain.power import site_controllers
 from geotrain.summary import predict_from_summary
+from geotrain.train.pace import WORK_MIN
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GRID_EXAMPLES = sorted(CONFIGS.glob("grid-*.toml"))
@@ -192,7 +193,7 @@ def test_energy_is_the_controllers_own_integral():
     pc = site_controllers(cfg)[0]
     t = 0.0
     for i in range(60):
-        work = 0.25 if i else None  # as training paces it: a step's work is known from the second step
+        work = 0.25 if i >= WORK_MIN else None  # as training paces it: a step's work is known after WORK_MIN
         if work:
             t += pc.start_delay(t, work)
         sp = pc.begin_step(t, work)

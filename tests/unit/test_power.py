@@ -372,6 +372,26 @@ def test_a_step_that_would_run_into_an_outage_leaves_before_it():
     assert pc.back_at(1.6, 0.5) == 3.0  # ...but no step can be held to its end before the outage
 
 
+def test_back_at_counts_the_draw_a_returning_site_gets():
+    # power from 0 to 1 h and from 2 h to 3 h only; a step of 0.5 h of work. Without a ramp limit a site powered
+    # again at 2 h runs at full draw and ends at 2.5 h, before the next outage: it can come back at 2 h (a step
+    # at the 5% threshold would last 10 h, but that is not the draw it gets)
+    gaps = GridTrace([0, 1, 2, 3], [1.0, 0.0, 1.0, 0.0], interpolate="step")
+    pc = PowerController(one_mw(), gaps, time_scale=3600.0)
+    assert pc.back_at(1.5, 0.5) == 2.0
+    assert pc.back_at(2.8, 0.5) is None  # nothing after 3 h: a step from 2.8 h would run into it
+    assert pc.back_at(2.4, 0.5) == 2.4
+
+
+def test_a_draw_held_above_idle_between_steps_under_a_ramp_limit_is_smoothing():
+    pc = PowerController(one_mw(), None, ramp_mw_per_min=60.0)
+    pc.begin_step(0.0)
+    pc.end_step(1.0, 1.0)
+    pc.begin_step(3.0)  # the 2 s between the steps (a wait for the ramp, say) hold 1 MW of filler load
+    assert pc.smoothing_mwh * H == pytest.approx(2.0, rel=1e-12)
+    assert pc.energy_mwh * H == pytest.approx(3.0, rel=1e-12)
+
+
 def test_a_step_after_a_return_waits_for_the_ramp_when_that_ends_it_sooner():
     # 1 MW/s of ramp (60 MW/min, 1 training second = 1 grid second): from the 0.2875 MW threshold to the full
     # 1 MW takes 0.7125 s. A step of 0.1 s of work started at once runs at active 0.05 for 2 s; after a wait w
@@ -402,14 +422,17 @@ def test_pace_waits_for_the_ramp_once_per_step():
 
     pc = PowerController(one_mw(), None, ramp_mw_per_min=60.0)
     pace = Pace(power=pc)
-    assert pace.begin_step(0.0) == 0.0  # the first step: its work is not known yet
-    assert pace.hold(0.1) == 0.0  # full draw: no hold; the step's work (0.1 s) is noted
-    pace.end_step(0.1, 0.1)
-    pc.leave(0.1)
-    pace.expect_power(1.0)
-    wait = pace.begin_step(1.0)
-    assert wait > 0 and pace.waiting == "ramp" and pace.take_power_on() == 1.0
-    assert pace.begin_step(1.0 + wait) == 0.0  # once: the step starts now
+    for i, compute in enumerate([0.5, 0.1, 0.1]):  # the first steps: their work is not known yet
+        assert pace.work() == 0.0
+        assert pace.begin_step(i) == 0.0
+        assert pace.hold(compute) == 0.0  # full draw: no hold; the step's work is noted
+        pace.end_step(i + compute, i + compute)
+    assert pace.work() == 0.1  # the median: a slow first step does not count
+    pc.leave(0.1 + 2)
+    pace.expect_power(3.0)
+    wait = pace.begin_step(3.0)
+    assert wait > 0 and pace.waiting == "ramp" and pace.take_power_on() == 3.0
+    assert pace.begin_step(3.0 + wait) == 0.0  # once: the step starts now
     assert pace.factor == pytest.approx(pc.site.active_at(pc.threshold_mw + wait), abs=1e-12)
 
 

@@ -61,6 +61,7 @@ from geotrain.errors import ConfigError
 from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
 from geotrain.planner.simulate import heal_seconds, heal_state_bytes
 from geotrain.power import rejoin_lead_seconds, site_controllers
+from geotrain.train.pace import WORK_MIN
 
 __all__ = ["MAX_SITE_STEPS", "PowerPrediction", "SitePrediction", "models_power", "predict_power_run"]
 
@@ -250,6 +251,11 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
     min_sites = min(cfg.membership.min_sites, k)
     lead = rejoin_lead_seconds(cfg)
 
+    def asks(x: _Site) -> float:
+        """When a site out of the run asks to join again (``train/site.py``)."""
+        assert x.back is not None
+        return max(x.left_at, x.back - lead)
+
     comm_cache: dict[tuple[int, ...], float] = {}
 
     def comm(members: tuple[int, ...]) -> float:
@@ -276,7 +282,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
             pc.rejoin(s.power_at)
             s.power_at = None
         if pc is not None:
-            work = c[i] / speeds[i] if s.steps > 0 else None  # as training paces it: known from the 2nd step
+            work = c[i] / speeds[i] if s.steps >= WORK_MIN else None  # as training paces it (train/pace.py)
             if work is not None:
                 delay = pc.start_delay(s.t, work)
                 s.t += delay
@@ -358,7 +364,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
         begin = max(ends) if in_flight is None else max(max(ends), in_flight)  # the link carries one at a time
         short = min_sites - len(live)
         if short > 0:  # the quorum waits until enough sites are back to make up membership.min_sites
-            backs = sorted(x.back for x in sites if not x.present and x.back is not None)
+            backs = sorted(asks(x) for x in sites if not x.present and x.back is not None)  # joiners count
             if len(backs) < short:
                 raise ConfigError(f"the run stops: {len(live)} sites are left and their power does not bring back "
                                   f"the {short} more it needs", field="membership.min_sites")
@@ -378,7 +384,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
             last = length is None
         # A sync's quorum, as it starts, sees whether a site is waiting to join; the members learn it when they
         # wait for that sync (blocking: now; overlapped: at the end of the next round, or when it is drained).
-        waiting = any(not x.present and x.back is not None and x.back - lead <= begin for x in sites)
+        waiting = any(not x.present and x.back is not None and asks(x) <= begin for x in sites)
         if overlap and not last:
             for i in live:
                 close(i, sites[i].t if in_flight is None else max(sites[i].t, in_flight))
@@ -399,7 +405,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                 now = max(now, in_flight)
                 admission_due = in_flight_admits  # observed while draining: the next sync point admits again
                 in_flight, in_flight_admits = None, False
-            joiners = [j for j, x in enumerate(sites) if not x.present and x.back is not None and x.back - lead <= now]
+            joiners = [j for j, x in enumerate(sites) if not x.present and x.back is not None and asks(x) <= now]
             heal = sum(heal_seconds(spec, healer=live[0], joiner=j, nbytes=heal_bytes) for j in joiners)
             healing += heal
             for j in joiners:

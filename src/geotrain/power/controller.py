@@ -225,7 +225,9 @@ class PowerController:
         if self._t_last is not None:
             if t < self._t_last:
                 raise ValueError(f"{what}({t!r}): time goes back; the last event was at {self._t_last!r}")
-            self._charge(self._held_mw, self._t_last, t, self._carbon_at(self.grid_seconds(self._t_last)))
+            # under a ramp limit a draw held above idle between steps is filler load: smoothing
+            self._charge(self._held_mw, self._t_last, t, self._carbon_at(self.grid_seconds(self._t_last)),
+                         smoothing=self.rate is not None and self._held_mw > self.site.idle_mw)
         self._t_last = t
 
     # -- the step protocol ------------------------------------------------------------------------------------
@@ -247,14 +249,7 @@ class PowerController:
             raise RuntimeError("begin_step called twice; end_step closes a step")
         self._advance(t, "begin_step")
         g = self.grid_seconds(t)
-        draw = self._setpoint(g)
-        tol = _tolerance(self.threshold_mw)
-        on = draw >= self.threshold_mw - tol
-        if on and work_seconds is not None and work_seconds > 0:
-            floor = self.threshold_mw
-            if self.rate is not None and self._prev_mw is not None:
-                floor = max(floor, self._prev_mw - self.rate * (g - self._prev_g))
-            draw, on = self._held_setpoint(t, draw, floor, work_seconds)
+        draw, on = self._step_draw(t, work_seconds)
         self._prev_mw, self._prev_g = draw, g
         self._step_t, self._step_mw, self._step_carbon = t, draw, self._carbon_at(g)
         self._held_mw = draw
@@ -298,11 +293,27 @@ class PowerController:
                 return lo, True
         return draw, False
 
-    def _setpoint(self, g: float) -> float:
-        """The setpoint a step starting at grid time ``g`` would get."""
+    def _step_draw(self, t: float, work_seconds: float | None, prev: tuple[float, float] | None = None
+                   ) -> tuple[float, bool]:
+        """The setpoint ``begin_step(t, work_seconds)`` gives and whether the site trains at it, without changing
+        anything. ``prev``: the ramp's reference (draw, grid seconds) to use instead of the last setpoint's."""
+        g = self.grid_seconds(t)
+        ref = prev if prev is not None else (None if self._prev_mw is None else (self._prev_mw, self._prev_g))
+        draw = self._setpoint(g, ref)
+        on = draw >= self.threshold_mw - _tolerance(self.threshold_mw)
+        if on and work_seconds is not None and work_seconds > 0:
+            floor = self.threshold_mw
+            if self.rate is not None and ref is not None:
+                floor = max(floor, ref[0] - self.rate * (g - ref[1]))
+            draw, on = self._held_setpoint(t, draw, floor, work_seconds)
+        return draw, on
+
+    def _setpoint(self, g: float, ref: tuple[float, float] | None = None) -> float:
+        """The setpoint a step starting at grid time ``g`` would get, before the hold to its end; ``ref``: the
+        ramp's reference (draw, grid seconds), none for a first step."""
         draw = self.envelope_mw(g)
-        if self.rate is not None and self._prev_mw is not None:
-            draw = min(draw, self._prev_mw + self.rate * (g - self._prev_g))
+        if self.rate is not None and ref is not None:
+            draw = min(draw, ref[0] + self.rate * (g - ref[1]))
         return max(0.0, draw)
 
     def start_delay(self, t: float, work_seconds: float) -> float:
@@ -311,28 +322,34 @@ class PowerController:
 
         The draw is held for a whole step, so a step started while the ramp limit keeps the setpoint low (a
         site powered again, or after a dip) runs all its length at that low draw, although the ramp would have
-        raised it long before the step ends. Waiting w first, while the draw ramps, the step ends at
-        ``w + work / active(w)``. This returns the w among 0 and 64 even points up to the time the ramp
+        raised it long before the step ends. If the step starts after a wait w instead, its setpoint is higher
+        (the ramp is measured from the last setpoint, and the draw of the last event is held through the wait:
+        idle after a return) and it ends at ``w + work / active``, with the setpoint ``begin_step`` would give
+        then (held to the step's end). This returns the w among 0 and 64 even points up to the time the ramp
         reaches the site's limit that ends it soonest (0 without a ramp limit, when the setpoint is already at
-        the limit or below the training threshold, or when no wait ends the step sooner). Waiting changes
-        nothing in the controller: the draw of the last event is held through it."""
+        the limit, when the site cannot train now, or when no wait ends the step sooner). Waiting changes
+        nothing in the controller."""
         if self.rate is None or self._prev_mw is None or not work_seconds > 0:
             return 0.0
         if self._step_t is not None:
             raise RuntimeError("start_delay inside an open step; end_step first")
-        tol = _tolerance(self.threshold_mw)
-        draw = self._setpoint(self.grid_seconds(t))
+        draw, on = self._step_draw(t, work_seconds)
         horizon = (self.site.limit_mw - draw) / self.rate / self.time_scale  # training seconds to reach the limit
-        if horizon <= 0 or draw < self.threshold_mw - tol:  # at the limit; or it cannot train now, and leaves
+        if horizon <= 0 or not on:  # at the limit; or it cannot train now, and leaves
             return 0.0
-        best_w, best_end = 0.0, math.inf
+        return self._best_start(t, work_seconds, horizon, None)
+
+    def _best_start(self, t: float, work: float, horizon: float, prev: tuple[float, float] | None) -> float:
+        """The wait among 0 and 64 even points up to ``horizon`` after which a step of ``work`` ends soonest
+        (``prev``: the ramp's reference, as in :meth:`_step_draw`); inf when no start trains."""
+        best_w, best_end = math.inf, math.inf
         for j in range(_START_CANDIDATES + 1):
             w = horizon * j / _START_CANDIDATES
-            d = self._setpoint(self.grid_seconds(t + w))
+            d, on = self._step_draw(t + w, work, prev)
             active = self.site.active_at(d)
-            if d < self.threshold_mw - tol or active <= 0:
+            if not on or active <= 0:
                 continue
-            end = w + work_seconds / active
+            end = w + work / active
             if end < best_end * (1 - 1e-12):
                 best_w, best_end = w, end
         return best_w
@@ -421,11 +438,16 @@ class PowerController:
         return None
 
     def _threshold_holds(self, t: float, work_seconds: float | None) -> bool:
-        """Whether a step of ``work_seconds`` begun at ``t`` at the training threshold can be held to its end."""
+        """Whether a site powered again at ``t`` can run a step of ``work_seconds`` soon: its first setpoint
+        starts from the threshold (``rejoin``) and, under a ramp limit, may wait for the ramp
+        (:meth:`start_delay`) within the time the ramp needs to reach the limit; the step must hold to its end."""
         if work_seconds is None or not work_seconds > 0:
             return True
-        theta = self.threshold_mw
-        return theta <= self.holdable_mw(t, t + work_seconds / self.min_active) + _tolerance(theta)
+        ref = (self.threshold_mw, self.grid_seconds(t))
+        if self.rate is None:
+            return self._step_draw(t, work_seconds, ref)[1]
+        horizon = (self.site.limit_mw - self.threshold_mw) / self.rate / self.time_scale
+        return math.isfinite(self._best_start(t, work_seconds, max(horizon, 0.0), ref))
 
     def _first_on(self, g: float, t_floor: float) -> float:
         """Training time of grid time ``g``, no earlier than ``t_floor``, nudged past float rounding so that

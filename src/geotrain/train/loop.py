@@ -47,8 +47,9 @@ from geotrain.train.recorder import Recorder
 from geotrain.train.timing import RunTimer
 from geotrain.train.workload import Workload, inner_optimizer, lr_schedule
 
-_POWER_WAITS = 4
-"""Waits for the power at one step's start before giving up (one suffices; a clock's rounding may need a second)."""
+_POWER_WAITS = 6
+"""Calls for the power at one step's start before giving up: a wait for the power to return, a second for a
+clock's rounding, one for the ramp, and the call that starts the step suffice."""
 
 __all__ = ["LoopResult", "LoopState", "Boundary", "train_loop", "params_sha256"]
 
@@ -262,18 +263,19 @@ def train_loop(
     for step in range(first, steps):
         if boundary.at_step is not None:
             boundary.at_step(step, timer.wall())  # faults due at this step
-        for _ in range(_POWER_WAITS):  # the power this step may draw; PowerOff if none
+        for attempt in range(_POWER_WAITS):  # the power this step may draw; PowerOff if none
             wait = pace.begin_step(timer.wall() + wall_offset)
             if wait <= 0:
                 break
+            if attempt == _POWER_WAITS - 1:
+                raise RuntimeError(f"site {site}'s step {step} was asked to wait ({pace.waiting}) "
+                                   f"{_POWER_WAITS} times before it could start")
             t_wait = timer.now()
             comm.clock.sleep_until(t_wait + wait)
             if pace.waiting == "power":  # back in the run before its power: it waits for it, drawing nothing
                 timer.powered_off += timer.now() - t_wait
             else:  # its draw ramps up first: held back by its power, as a slow step would be
                 timer.throttled += timer.now() - t_wait
-        else:
-            raise RuntimeError(f"site {site} waited {_POWER_WAITS} times for its power to return")
         if (t_on := pace.take_power_on()) is not None:
             recorder.write("power_on", site=site, wall_s=t_on, grid_hours=pace.power.grid_seconds(t_on) / 3600)
         t0 = timer.now()
@@ -372,6 +374,7 @@ def train_loop(
         "tokens": state.trained * workload.tokens_per_batch * strategy.ctx.workers,
         "compute_seconds": timer.compute,
         "throttled_seconds": timer.throttled,
+        **({"powered_off_seconds": timer.powered_off} if timer.powered_off else {}),
         "comm_seconds": comm.stats.wait_seconds,
         "link_seconds": comm.stats.link_seconds,
         "coordination_seconds": comm.membership.coordination_seconds,

@@ -19,6 +19,7 @@ accelerators are busy during it (computing slower), so utilization counts it as 
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 __all__ = ["Pace", "PowerOff"]
@@ -29,11 +30,20 @@ class PowerOff(Exception):  # noqa: N818 - an event, like Evicted
     until the power returns (``back_at``, training seconds of the run, None if the trace never gives it back)
     and joins again to be healed."""
 
-    def __init__(self, *, wall: float, grid_hours: float, back_at: float | None) -> None:
+    def __init__(self, *, wall: float, grid_hours: float, back_at: float | None,
+                 powered_on: float | None = None) -> None:
         when = "the trace never returns it" if back_at is None else f"it returns at {back_at:.1f} s"
         super().__init__(f"the grid's power fell below what the site needs to run at {wall:.1f} s; {when}")
         self.wall, self.grid_hours, self.back_at = wall, grid_hours, back_at
+        self.powered_on = powered_on
+        """When the power had returned, if it failed again at the first step after (its power_on record)."""
 
+
+WORK_WINDOW = 5
+"""Steps whose compute estimates the next step's work (their median)."""
+
+WORK_MIN = 3
+"""Steps of compute known before the estimate is used (a run's first step is slow: allocation, warm-up)."""
 
 _EARLY = 1e-6
 """Seconds a step may start before the power's return and still count as starting at it (a clock's rounding)."""
@@ -72,8 +82,11 @@ class Pace:
         """What the wait :meth:`begin_step` last asked for is for: ``power`` (it is not back yet: no draw) or
         ``ramp`` (the draw is ramping up: the step ends sooner if it starts later; counted as throttled)."""
         self.delayed = False
-        self.compute: float | None = None
-        """The latest step's compute seconds (what a step's work takes at full speed and power)."""
+        self.works: list[float] = []
+        """What the latest steps' work took at full power (compute seconds; on a GPU whose limit slowed the step,
+        scaled back by its share of power), newest last, at most WORK_WINDOW."""
+        self.limited = False
+        self.t_step: float | None = None
 
     @property
     def active(self) -> bool:
@@ -92,7 +105,7 @@ class Pace:
         again. Raises :class:`PowerOff` when the site cannot run."""
         if self.power is None:
             return 0.0
-        work = self.compute / self.speed if self.compute is not None else 0.0
+        work = self.work()
         if self.workers > 1:  # the site's workers take one decision: at the latest of their clocks
             import torch
 
@@ -112,12 +125,21 @@ class Pace:
                 return delay
         self.delayed = False
         self.step = self.power.begin_step(wall, work or None)  # a draw it can hold until the step ends
+        self.t_step = wall
         if not self.step.on:
             self.power.leave(wall)
-            raise PowerOff(wall=wall, grid_hours=self.step.grid_hours, back_at=self.power.back_at(wall, work or None))
-        limited = self.gpu is not None and self.gpu.apply(self.step.active)
-        self.factor = self.speed if limited else self.speed * self.step.active
+            raise PowerOff(wall=wall, grid_hours=self.step.grid_hours, back_at=self.power.back_at(wall, work or None),
+                           powered_on=self.take_power_on())
+        self.limited = self.gpu is not None and self.gpu.apply(self.step.active)
+        self.factor = self.speed if self.limited else self.speed * self.step.active
         return 0.0
+
+    def work(self) -> float:
+        """What the next step's work takes at full power and this site's speed: the median of the latest
+        WORK_WINDOW steps' (robust to a slow first step after a start), 0 while fewer than WORK_MIN are known."""
+        if len(self.works) < WORK_MIN:
+            return 0.0
+        return statistics.median(self.works) / self.speed
 
     def take_power_on(self) -> float | None:
         """When the site's power returned, if it did since the last call (else None)."""
@@ -126,7 +148,9 @@ class Pace:
 
     def hold(self, compute_seconds: float) -> float:
         """Seconds to hold the step back after ``compute_seconds`` of compute, so that it lasts compute / factor."""
-        self.compute = compute_seconds
+        if compute_seconds > 0:
+            full = compute_seconds * self.step.active if self.limited and self.step is not None else compute_seconds
+            self.works = [*self.works[-(WORK_WINDOW - 1):], full]
         if self.factor >= 1 or compute_seconds <= 0:
             return 0.0
         return compute_seconds * (1.0 / self.factor - 1.0)
@@ -135,7 +159,9 @@ class Pace:
         """The step computed (held back included) until ``compute_end`` and waited on the network until ``end``
         (training seconds): the power controller charges its energy."""
         if self.power is not None:
-            self.power.end_step(compute_end, end)
+            if self.t_step is not None:  # the site's step began at the latest of its workers' clocks
+                compute_end = max(compute_end, self.t_step)
+            self.power.end_step(compute_end, max(end, compute_end))
 
     def fields(self, *, run_s: float) -> dict[str, Any]:
         """What a ``step`` record adds: the site's draw while the step computed (``power_mw``) and while it

@@ -481,6 +481,9 @@ def site_main(task: SiteTask) -> int:
                 first = False
                 continue
             except PowerOff as e:  # the grid cannot keep this site running: leave, wait for power, come back
+                if e.powered_on is not None:  # it had come back, and failed again at its first step
+                    recorder.write("power_on", site=env.site_rank, wall_s=e.powered_on,
+                                   grid_hours=pace.power.grid_seconds(e.powered_on) / 3600)
                 recorder.write("power_off", site=env.site_rank, wall_s=e.wall, grid_hours=e.grid_hours,
                                back_at_s=e.back_at, message=str(e))
                 comm.close()
