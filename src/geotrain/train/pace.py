@@ -10,8 +10,10 @@ hold the process sleeps on the run's clock (a virtual one in tests) and the core
 The factor of a step is ``speed x active``: the site's speed factor times the share of its accelerators' power
 range the power controller allows at the step's start (1 without ``[grid]``). The draw is held for the whole
 step, so under a ramp limit a step that would start at a low draw the ramp is about to raise (a site powered
-again) first waits while the draw rises, when that ends it sooner (``PowerController.start_delay``); that
-wait is throttled time too. The hold is reported as
+again) first waits, when starting later at the higher setpoint the ramp then allows ends it sooner
+(``PowerController.start_delay``; the controller holds the last draw through the wait, idle after a return);
+that wait is throttled time too. A step's work (what it takes at full power) is estimated from the latest
+steps' compute (:meth:`Pace.work`). The hold is reported as
 ``throttled`` time, apart from compute (what the cores did) and from waiting on the network. The emulated
 accelerators are busy during it (computing slower), so utilization counts it as busy time
 (``train/timing.py``).
@@ -81,12 +83,12 @@ class Pace:
         self.waiting = ""
         """What the wait :meth:`begin_step` last asked for is for: ``power`` (it is not back yet: no draw) or
         ``ramp`` (the draw is ramping up: the step ends sooner if it starts later; counted as throttled)."""
-        self.delayed = False
+        self.delayed = False  # this step already waited for the ramp: it starts at the next call
         self.works: list[float] = []
         """What the latest steps' work took at full power (compute seconds; on a GPU whose limit slowed the step,
         scaled back by its share of power), newest last, at most WORK_WINDOW."""
-        self.limited = False
-        self.t_step: float | None = None
+        self.limited = False  # the GPU's power limit, not a hold, slows the current step
+        self.t_step: float | None = None  # when the current step began, on the site's agreed clock
 
     @property
     def active(self) -> bool:
