@@ -21,6 +21,7 @@ from geotrain.comm.codecs.base import HEADER_SIZE, body_checksum, _write_header
 from geotrain.comm.codecs.layout import pad8, topk_kept
 from geotrain.comm.codecs.registry import CodecError
 from geotrain.comm.codecs.sparse import pack_bits, unpack_bits
+from geotrain.comm.collectives import sender_mean
 from geotrain.config import SparseLoCoConfig, load_config
 from geotrain.errors import ConfigError
 
@@ -132,6 +133,57 @@ def test_accumulator_identity():
         previous = residual.clone()
 
 
+def test_carried_positions_are_the_decoded_entries():
+    codec = SparseCodec(fraction=0.03, chunk=64, bits=2)
+    x = torch.randn(64 * 5 + 37, generator=torch.Generator().manual_seed(5))
+    x[:64] = 0.0  # a chunk of zeros still sends its k entries (at scale 0: decoded as 0)
+    payload = codec.encode(x)
+    positions = codec.carried(payload)
+    assert positions.numel() == topk_kept(x.numel(), 0.03, 64) and positions.unique().numel() == positions.numel()
+    decoded = codec.decode(payload)
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[positions] = True
+    assert not bool(decoded[~mask].any())  # nothing decoded outside the carried positions
+    assert bool((decoded[mask][2:] != 0).all())  # the zero chunk's 2 entries are carried although decoded as 0
+    assert int((positions < 64).sum()) == 2
+
+
+def test_sparse_payloads_are_averaged_over_the_sites_that_sent_each_value():
+    """SparseLoCo's reference averages with scatter_reduce(reduce="mean", include_self=False): a value is
+    divided by the number of senders that carried it, not by the number of sites; a value sent by none stays 0."""
+    codec = SparseCodec(fraction=0.25, chunk=8, bits=8)  # 2 of 8 kept
+    xs = [torch.tensor([8.0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+          torch.tensor([4.0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+          torch.tensor([0.0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0])]
+    payloads = [codec.encode(x) for x in xs]
+    decoded = [codec.decode(p) for p in payloads]
+    carried = {j: codec.carried(p) for j, p in enumerate(payloads)}
+    mean = sender_mean(decoded, [0, 1, 2], carried=carried)
+    # by hand, from the decoded values: every site sends 2 of each chunk of 8 (site 2's second chunk is zeros)
+    by_hand = torch.zeros(16)
+    for i in range(16):
+        senders = [j for j in range(3) if bool((carried[j] == i).any())]
+        if senders:
+            by_hand[i] = sum(float(decoded[j][i]) for j in senders) / len(senders)
+    torch.testing.assert_close(mean, by_hand, rtol=0, atol=0)
+    assert float(mean[7]) == float(decoded[0][7])  # one sender: applied whole
+    assert float(mean[0]) == (float(decoded[0][0]) + float(decoded[1][0])) / 2
+    # only the accepted senders count
+    left_out = sender_mean(decoded, [0, 2], carried={0: carried[0], 2: carried[2]})
+    assert float(left_out[0]) == float(decoded[0][0]) and float(left_out[1]) == 0.0
+
+
+def test_the_sender_mean_of_payloads_that_carry_everything_is_the_plain_mean():
+    codec = SparseCodec(fraction=1.0, chunk=16, bits=8)
+    gen = torch.Generator().manual_seed(0)
+    payloads = [codec.encode(torch.randn(40, generator=gen)) for _ in range(4)]
+    decoded = [codec.decode(p) for p in payloads]
+    plain = sender_mean(decoded, [0, 1, 3])
+    carried = {j: codec.carried(payloads[j]) for j in (0, 1, 3)}
+    assert torch.equal(sender_mean(decoded, [0, 1, 3], carried=carried), plain)
+    assert SparseCodec.mean_over_senders and not choose_codec("topk").build().mean_over_senders
+
+
 # -- the strategy ------------------------------------------------------------------------------------------
 
 
@@ -144,8 +196,8 @@ class _Landed:
 
 
 class _TwoSites:
-    """This site and one other whose decoded sparse updates are scripted; encodes this site's payload through
-    the accumulator it is handed, as CrossSiteComm does."""
+    """This site and one other whose decoded sparse updates are scripted (the other sends its nonzero values);
+    encodes this site's payload through the accumulator it is handed and averages as CrossSiteComm does."""
 
     def __init__(self, codec: SparseCodec, others: list[torch.Tensor]) -> None:
         self.codec, self.others = codec, others
@@ -153,9 +205,13 @@ class _TwoSites:
         self.sent: list[torch.Tensor] = []
 
     def all_reduce_mean(self, flat: torch.Tensor, *, key: str, feedback: ErrorFeedback) -> _Landed:
-        sent = self.codec.decode(feedback.encode(flat))
+        payload = feedback.encode(flat)
+        sent = self.codec.decode(payload)
         self.sent.append(sent)
-        return _Landed((sent + self.others.pop(0)) / 2)
+        other = self.others.pop(0)
+        # as CrossSiteComm averages sparse payloads: each value over the sites that sent it
+        carried = {0: self.codec.carried(payload), 1: other.nonzero().reshape(-1)}
+        return _Landed(sender_mean([sent, other], [0, 1], carried=carried))
 
 
 class _Params(nn.Module):
@@ -177,7 +233,8 @@ def test_outer_step_applies_the_mean_of_sparse_updates_without_momentum():
     assert strategy.after_inner_step(1, last=False)
     # 8 bits: 128 levels of 4/128, value (127 + 0.5) * 4/128 = 3.984375
     torch.testing.assert_close(comm.sent[0], torch.tensor([0.0, 3.984375, 0.0, 0.0]))
-    expected = torch.tensor([1.0, 1.0 - 3.984375 / 2, 1.0, 1.0 - 1.0])
+    # each value over the sites that sent it: index 1 only this site, index 3 only the other
+    expected = torch.tensor([1.0, 1.0 - 3.984375, 1.0, 1.0 - 2.0])
     torch.testing.assert_close(model.w.detach(), expected)
     torch.testing.assert_close(strategy.global_parameters()[0], expected)
     # round 2: no new progress; the accumulator, decayed by beta, sends (the top level of) half of what it kept
@@ -200,7 +257,7 @@ def test_a_drained_round_restarts_from_the_global_parameters():
         model.w -= torch.tensor([0.0, 4.0, 0.0, 0.0])
     assert strategy.after_inner_step(0, last=False) and strategy.syncs_in_flight() == 1
     strategy.drain()
-    expected = torch.tensor([1.0, 1.0 - 3.984375 / 2, 1.0, 1.0])
+    expected = torch.tensor([1.0, 1.0 - 3.984375, 1.0, 1.0])  # only this site sent index 1
     torch.testing.assert_close(model.w.detach(), expected)
     torch.testing.assert_close(strategy.start, expected)
     assert strategy.after_inner_step(1, last=True)  # no inner progress since the drain

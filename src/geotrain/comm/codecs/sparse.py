@@ -30,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from geotrain.comm.codecs.base import CODEC_IDS, Codec, CodecError, pad8, raise_nonfinite
+from geotrain.comm.codecs.base import CODEC_IDS, HEADER_SIZE, Codec, CodecError, as_payload, pad8, raise_nonfinite
 from geotrain.comm.codecs.layout import (
     DEFAULT_CHUNK,
     DEFAULT_FRACTION,
@@ -76,6 +76,7 @@ class SparseCodec(Codec):
     """Bits per kept value: 2, 4 or 8 (one sign bit, the rest magnitude levels)."""
 
     codec_id: ClassVar[int] = CODEC_IDS["sparse"]
+    mean_over_senders: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         try:
@@ -155,8 +156,9 @@ class SparseCodec(Codec):
         scales_out[:] = scale.numpy()
         pack_bits(codes.numpy(), self.bits, codes_out)
 
-    def _decode_body(self, body: torch.Tensor, out: torch.Tensor) -> None:
-        numel, chunk, k = out.numel(), self.chunk, self.k
+    def _unpack(self, body: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat positions, decoded values) of the entries a checksum-verified body carries."""
+        chunk, k = self.chunk, self.k
         nfull, rem = divmod(numel, chunk)
         idx_in, scales_in, codes_in, kept = self._sections(body, numel)
         local = torch.from_numpy(unpack_bits(idx_in, sparse_index_bits(chunk), kept))
@@ -178,6 +180,16 @@ class SparseCodec(Codec):
         if rem:
             rows = torch.cat([rows, torch.full((kept - nfull * k,), nfull, dtype=torch.int64)])
         mag = ((codes >> 1).to(torch.float32) + 0.5) * scales[rows]
-        vals = torch.where((codes & 1).bool(), -mag, mag)
+        return rows * chunk + local, torch.where((codes & 1).bool(), -mag, mag)
+
+    def _decode_body(self, body: torch.Tensor, out: torch.Tensor) -> None:
+        positions, vals = self._unpack(body, out.numel())
         out.zero_()
-        out[rows * chunk + local] = vals
+        out[positions] = vals
+
+    def carried(self, payload: torch.Tensor) -> torch.Tensor:
+        payload = as_payload(payload)
+        numel = int.from_bytes(bytes(payload[8:16].numpy()), "little")  # the header's numel (base.py)
+        if payload.numel() != self.encoded_size(numel):
+            raise CodecError(f"payload is {payload.numel()} bytes, not a {self.name!r} payload of {numel} values")
+        return self._unpack(payload[HEADER_SIZE:], numel)[0]
