@@ -18,7 +18,7 @@ from geotrain.algorithms.strategies.base import StrategyContext
 from geotrain.algorithms.strategies.sparseloco import SparseLoCoStrategy
 from geotrain.comm.codecs import ErrorFeedback, SparseCodec, choose_codec
 from geotrain.comm.codecs.base import HEADER_SIZE, body_checksum, _write_header
-from geotrain.comm.codecs.layout import pad8, topk_kept
+from geotrain.comm.codecs.layout import pad8, sparse_counts
 from geotrain.comm.codecs.registry import CodecError
 from geotrain.comm.codecs.sparse import pack_bits, unpack_bits
 from geotrain.comm.collectives import sender_mean
@@ -26,32 +26,54 @@ from geotrain.config import SparseLoCoConfig, load_config
 from geotrain.errors import ConfigError
 
 
-def _reference(x: np.ndarray, *, fraction: float, chunk: int, bits: int) -> np.ndarray:
-    """Chunked top-k and sign-magnitude quantization, one chunk and one value at a time."""
+def _reference(x: np.ndarray, *, fraction: float, chunk: int, bits: int, segments: tuple[int, ...] = ()) -> np.ndarray:
+    """Chunked top-k and sign-magnitude quantization, one tensor, one chunk and one value at a time."""
     out = np.zeros_like(x)
     k = max(1, min(chunk, math.ceil(round(fraction * chunk, 9))))
     levels = 2 ** (bits - 1)
-    for start in range(0, len(x), chunk):
-        part = x[start:start + chunk]
-        kc = k if len(part) == chunk else min(len(part), -(-k * len(part) // chunk))
-        order = sorted(range(len(part)), key=lambda i: -abs(float(part[i])))[:kc]
-        absmax = max(abs(float(part[i])) for i in order)
-        scale = np.float32(np.float32(absmax) / np.float32(levels))
-        for i in order:
-            m = 0 if scale == 0 else min(levels - 1, math.floor(np.float32(abs(part[i])) / scale))
-            value = np.float32((m + 0.5) * scale)
-            out[start + i] = -value if part[i] < 0 else value
+    bounds = np.cumsum((0,) + (segments if sum(segments) == len(x) and segments else (len(x),)))
+    for first, end in zip(bounds[:-1], bounds[1:]):  # chunks never cross from one tensor to the next
+        for start in range(first, end, chunk):
+            part = x[start:min(start + chunk, end)]
+            kc = min(k, len(part))  # a short chunk (a small tensor, a tensor's tail) keeps min(k, its length)
+            order = sorted(range(len(part)), key=lambda i: -abs(float(part[i])))[:kc]
+            absmax = max(abs(float(part[i])) for i in order)
+            scale = np.float32(np.float32(absmax) / np.float32(levels))
+            for i in order:
+                m = 0 if scale == 0 else min(levels - 1, math.floor(np.float32(abs(part[i])) / scale))
+                value = np.float32((m + 0.5) * scale)
+                out[start + i] = -value if part[i] < 0 else value
     return out
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("numel,chunk,fraction", [(4096 * 3, 4096, 0.01), (1000, 64, 0.1), (1000 + 37, 64, 0.03)])
-def test_chunked_topk_matches_a_reference(bits, numel, chunk, fraction):
+@pytest.mark.parametrize("numel,chunk,fraction,segments", [
+    (4096 * 3, 4096, 0.01, ()), (1000, 64, 0.1, ()), (1000 + 37, 64, 0.03, ()),
+    # a model's tensors: matrices of several chunks, with a tail, and biases smaller than a chunk
+    (1000 + 37, 64, 0.03, (128, 5, 300, 64, 40, 500)), (4096 * 2 + 300, 4096, 0.01, (4096, 128, 4096, 172)),
+    (700, 64, 0.1, (0, 700)), (700, 64, 0.1, (600, 50))])  # (600, 50) adds up to 650: chunked as one run
+def test_chunked_topk_matches_a_reference(bits, numel, chunk, fraction, segments):
     x = torch.randn(numel, generator=torch.Generator().manual_seed(bits + numel)) * torch.linspace(0.1, 3, numel)
-    codec = SparseCodec(fraction=fraction, chunk=chunk, bits=bits)
+    codec = SparseCodec(fraction=fraction, chunk=chunk, bits=bits, segments=segments)
     decoded = codec.decode(codec.encode(x))
-    np.testing.assert_array_equal(decoded.numpy(), _reference(x.numpy(), fraction=fraction, chunk=chunk, bits=bits))
-    assert int((decoded != 0).sum()) == topk_kept(numel, fraction, chunk)
+    expected = _reference(x.numpy(), fraction=fraction, chunk=chunk, bits=bits, segments=segments)
+    np.testing.assert_array_equal(decoded.numpy(), expected)
+    kept = sparse_counts(numel, fraction=fraction, chunk=chunk, segments=segments)[0]
+    assert int((decoded != 0).sum()) == kept
+
+
+def test_chunks_do_not_cross_tensors_and_small_tensors_are_one_chunk():
+    x = torch.tensor([0.1, 0.2, 0.3] + [5.0] * 3 + [0.0] * 58)
+    one_run = SparseCodec(fraction=1 / 64, chunk=64, bits=8)  # one entry of the 64
+    per_tensor = SparseCodec(fraction=1 / 64, chunk=64, bits=8, segments=(3, 61))
+    assert int((one_run.decode(one_run.encode(x))[:3] != 0).sum()) == 0
+    decoded = per_tensor.decode(per_tensor.encode(x))
+    assert decoded[2] > 0 and int((decoded != 0).sum()) == 2  # the largest of the small tensor, and of the other
+    # a small tensor keeps min(k, its size): with k = 32 a tensor of 3 values is sent whole
+    whole = SparseCodec(fraction=0.5, chunk=64, bits=8, segments=(3, 61))
+    assert bool((whole.decode(whole.encode(x))[:3] != 0).all())
+    starts, lengths, ks = per_tensor.chunks(64)
+    assert starts.tolist() == [0, 3] and lengths.tolist() == [3, 61] and ks.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -75,10 +97,26 @@ def test_round_trip_error_is_within_half_a_level(bits):
 @pytest.mark.parametrize("numel", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 1_000_003])
 def test_payload_size_is_exactly_as_accounted(numel):
     choice = choose_codec("sparse+int2")  # 1% of chunks of 4096: 41 kept per chunk, 12-bit indices
-    kept, chunks = topk_kept(numel, 0.01, 4096), -(-numel // 4096)
+    nfull, rem = divmod(numel, 4096)
+    kept, chunks = 41 * nfull + min(41, rem), nfull + (rem > 0)  # a short last chunk keeps min(k, its length)
     by_hand = HEADER_SIZE + pad8(-(-kept * 12 // 8)) + pad8(4 * chunks) + pad8(-(-kept * 2 // 8))
     assert choice.encoded_size(numel) == by_hand
     assert choice.build().encode(torch.randn(numel)).numel() == by_hand
+
+
+def test_payload_size_of_a_model_is_exactly_as_accounted():
+    config = load_config(values={"run.algorithm": "sparseloco"})
+    sizes = [n for _, n in config.layout().tensors]
+    # each tensor on its own: 41 per full chunk of 4096, min(41, n) of a shorter one
+    kept = sum(41 * (n // 4096) + min(41, n % 4096) for n in sizes)
+    chunks = sum(-(-n // 4096) for n in sizes)
+    by_hand = HEADER_SIZE + pad8(-(-kept * 12 // 8)) + pad8(4 * chunks) + pad8(-(-kept * 2 // 8))
+    choice = config.codec()
+    assert choice.options["segments"] == tuple(sizes)
+    assert choice.encoded_size(sum(sizes)) == by_hand
+    payload = choice.build().encode(torch.randn(sum(sizes)))
+    assert payload.numel() == by_hand
+    assert choice.build().carried(payload).numel() == kept
 
 
 def test_bits_per_parameter_at_the_defaults():
@@ -117,7 +155,7 @@ def test_accumulator_identity():
     dropped that is trivial; where it was kept, e - sent is exact (Sterbenz) when the value lies within a factor
     of 2 of its decoded level: at 2 bits every value above 1/8 of its chunk's largest kept one, which holds for
     these Gaussian pseudo-gradients. In general the residual is e - sent rounded once."""
-    codec = SparseCodec(fraction=0.02, chunk=512, bits=2)
+    codec = SparseCodec(fraction=0.02, chunk=512, bits=2, segments=(1024, 100, 1948))  # a small tensor, a tail
     acc = ErrorFeedback(codec, decay=0.9)
     gen = torch.Generator().manual_seed(3)
     previous = torch.zeros(512 * 6)
@@ -139,7 +177,7 @@ def test_carried_positions_are_the_decoded_entries():
     x[:64] = 0.0  # a chunk of zeros still sends its k entries (at scale 0: decoded as 0)
     payload = codec.encode(x)
     positions = codec.carried(payload)
-    assert positions.numel() == topk_kept(x.numel(), 0.03, 64) and positions.unique().numel() == positions.numel()
+    assert positions.numel() == sparse_counts(x.numel(), fraction=0.03, chunk=64)[0] and positions.unique().numel() == positions.numel()
     decoded = codec.decode(payload)
     mask = torch.zeros(x.numel(), dtype=torch.bool)
     mask[positions] = True
@@ -292,8 +330,9 @@ def test_the_plan_prices_the_codec_the_run_sends():
     config = load_config(values={"run.algorithm": "sparseloco", "sparseloco.density": 0.03,
                                  "sparseloco.bits": 4, "sparseloco.chunk": 1024})
     choice = config.codec()
-    assert choice.name == "sparse+int4" and choice.options == {"fraction": 0.03, "chunk": 1024}
     layout = config.layout()
+    assert choice.name == "sparse+int4" and choice.options == {
+        "fraction": 0.03, "chunk": 1024, "segments": tuple(n for _, n in layout.tensors)}
     assert get_algorithm("sparseloco").pattern(config, layout).payloads == (layout.params,)
     # the other algorithms keep [comm]'s codec
     assert load_config(values={"run.algorithm": "diloco", "comm.codec": "int4"}).codec().name == "int4"

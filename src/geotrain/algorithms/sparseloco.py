@@ -16,7 +16,9 @@ updates acts as a regulariser. Its reported best is 1-3% density with 2-bit valu
 0.95 and lr = 1 here are this project's guesses, to be settled by ``benchmarks/sparseloco_study.py``.
 
 The payload is the ``sparse+int{bits}`` codec (``geotrain.comm.codecs.sparse``): chunk-relative indices of
-ceil(log2(chunk)) bits, one float32 scale per chunk, and the values; 0.148 bits per parameter at the defaults.
+ceil(log2(chunk)) bits, one float32 scale per chunk, and the values; about 0.15 bits per parameter at the
+defaults. Chunks are cut per tensor (the model's layout, ``Config.layout``), never across two, and a tensor
+smaller than a chunk is one chunk; with several workers per site each worker's shard is chunked as one run.
 Sparse payloads cannot be summed on their way, so they are all-gathered: each site receives every other site's
 payload and decodes them all in rank order, so every site applies a bit-identical mean (the codec's
 ``mean_over_senders``: ``geotrain.comm.collectives.sender_mean``). ``comm.overlap`` works
@@ -63,7 +65,10 @@ class SparseLoCo(DiLoCo):
         from geotrain.comm.codecs.registry import choose_codec
 
         s = config.sparseloco
-        return choose_codec(f"sparse+int{s.bits}", field="sparseloco.density", fraction=s.density, chunk=s.chunk)
+        # chunks stay within one tensor (a worker's shard, with several workers per site, is chunked as one run)
+        segments = tuple(n for _, n in config.layout().tensors)
+        return choose_codec(f"sparse+int{s.bits}", field="sparseloco.density", fraction=s.density, chunk=s.chunk,
+                            segments=segments)
 
     def label(self, config: Config) -> str:
         s = config.sparseloco
