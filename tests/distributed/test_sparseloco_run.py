@@ -11,6 +11,7 @@ import pytest
 from _utils.runs import TINY
 from geotrain.cli import main
 from geotrain.comm.codecs import choose_codec
+from geotrain.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -30,6 +31,10 @@ def test_sparseloco_runs_with_overlap_and_sends_what_the_plan_priced(tmp_path, c
     assert summary["outer_rounds"] == 3 and summary["eval_loss"] < math.log(256)
     params = summary["param_bytes"] // 4
     assert summary["payload_bytes_per_sync"] == planned["payload_bytes_per_sync"]
-    assert summary["payload_bytes_per_sync"] == choose_codec("sparse+int2", fraction=0.05).encoded_size(params)
+    # chunked per tensor of the model: its layout, as the run's config describes it
+    tensors = load_config(values={**TINY, "run.algorithm": "sparseloco"}).layout().tensors
+    assert sum(n for _, n in tensors) == params
+    by_tensor = choose_codec("sparse+int2", fraction=0.05, segments=tuple(n for _, n in tensors))
+    assert summary["payload_bytes_per_sync"] == by_tensor.encoded_size(params)
     assert summary["wan_bytes"] == planned["wan_bytes"] > 0
     assert summary["sites_in_sync"] and summary["params_sha256"]  # every site decoded the same means

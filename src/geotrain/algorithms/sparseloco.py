@@ -7,16 +7,21 @@ Each site runs H inner steps from the global θ and forms its pseudo-gradient Δ
     e ← β e + Δ                  the site's own accumulator (its state; beta = ``sparseloco.beta``)
     Δ̂ = Q(TopK(e))               chunked top-k at ``sparseloco.density``, ``sparseloco.bits``-bit values
     e ← e − Δ̂                    what was sent leaves the accumulator; the rest waits for later rounds
-    θ ← θ − lr · mean(Δ̂)         every site's Δ̂ all-gathered and averaged, no outer momentum
+    θ ← θ − lr · mean(Δ̂)         every site's Δ̂ all-gathered and averaged, no outer momentum; each value
+                                  over the sites that sent it (a value one site sent is applied whole, one
+                                  nobody sent stays 0), as the reference's scatter_reduce(mean)
 
 The paper's observations: the decayed accumulator stands in for DiLoCo's outer momentum, and averaging sparse
 updates acts as a regulariser. Its reported best is 1-3% density with 2-bit values; the chunk of 4096, beta =
 0.95 and lr = 1 here are this project's guesses, to be settled by ``benchmarks/sparseloco_study.py``.
 
 The payload is the ``sparse+int{bits}`` codec (``geotrain.comm.codecs.sparse``): chunk-relative indices of
-ceil(log2(chunk)) bits, one float32 scale per chunk, and the values; 0.148 bits per parameter at the defaults.
+ceil(log2(chunk)) bits, one float32 scale per chunk, and the values; about 0.15 bits per parameter at the
+defaults. Chunks are cut per tensor (the model's layout, ``Config.layout``), never across two, and a tensor
+smaller than a chunk is one chunk; with several workers per site each worker's shard is chunked as one run.
 Sparse payloads cannot be summed on their way, so they are all-gathered: each site receives every other site's
-payload and decodes them all in rank order, so every site applies a bit-identical mean. ``comm.overlap`` works
+payload and decodes them all in rank order, so every site applies a bit-identical mean (the codec's
+``mean_over_senders``: ``geotrain.comm.collectives.sender_mean``). ``comm.overlap`` works
 as for DiLoCo: round t's payloads travel while round t+1 computes. The strategy is
 ``geotrain.algorithms.strategies.sparseloco``.
 """
@@ -60,7 +65,10 @@ class SparseLoCo(DiLoCo):
         from geotrain.comm.codecs.registry import choose_codec
 
         s = config.sparseloco
-        return choose_codec(f"sparse+int{s.bits}", field="sparseloco.density", fraction=s.density, chunk=s.chunk)
+        # chunks stay within one tensor (a worker's shard, with several workers per site, is chunked as one run)
+        segments = tuple(n for _, n in config.layout().tensors)
+        return choose_codec(f"sparse+int{s.bits}", field="sparseloco.density", fraction=s.density, chunk=s.chunk,
+                            segments=segments)
 
     def label(self, config: Config) -> str:
         s = config.sparseloco

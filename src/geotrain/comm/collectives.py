@@ -55,7 +55,7 @@ from geotrain.comm.pattern import payload_bytes, resolve_pattern, shard_numel
 from geotrain.comm.transport import Traffic, Transport
 from geotrain.membership.client import Evicted, MembershipClient, MembershipError
 
-__all__ = ["CommStats", "ControlPending", "CrossSiteComm", "Pending", "SyncOutcome"]
+__all__ = ["CommStats", "ControlPending", "CrossSiteComm", "Pending", "SyncOutcome", "sender_mean"]
 
 _REPORT_SLICE = 1 << 16
 """Values the guard's report converts to float64 at a time (512 KiB: stays in cache)."""
@@ -197,6 +197,26 @@ class _Aborted(Exception):
     def __init__(self, decision: dict[str, Any]) -> None:
         super().__init__("sync attempt voted down")
         self.decision = decision
+
+
+def sender_mean(decoded: list[torch.Tensor], accepted: list[int], *,
+                carried: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """The mean of the accepted senders' decoded payloads, summed in rank order on every site (bit-identical).
+
+    Without ``carried`` every value is divided by the number of accepted senders. With it (each accepted
+    sender's carried positions, for codecs with ``mean_over_senders``), a value is divided by the number of
+    accepted senders whose payload carried it, counted from the positions (a value sent as 0 still counts),
+    and a value no sender carried stays 0: SparseLoCo's ``scatter_reduce(reduce="mean", include_self=False)``.
+    """
+    mean = torch.zeros_like(decoded[accepted[0]])
+    for j in accepted:
+        mean += decoded[j]
+    if carried is None:
+        return mean.div_(len(accepted))
+    senders = torch.zeros_like(mean)
+    for j in accepted:  # positions are distinct within one payload
+        senders[carried[j]] += 1.0
+    return mean.div_(senders.clamp_(min=1.0))
 
 
 MakeTransport = Callable[[int, list[int]], Transport]
@@ -502,11 +522,10 @@ class CrossSiteComm:
                 stats[STATS * j: STATS * j + STATS] = report
         d = self._vote(sync, attempt, "commit", ok=True, stats=stats, nbytes=traffic.payload_bytes)
         accepted, rejected = self._decided(key, d)
-        mean = torch.zeros(n)
-        for j in accepted:  # in rank order on every site: bit-identical means
-            mean += decoded[j]
-        mean.div_(len(accepted))
-        return mean, traffic, rejected
+        carried = None
+        if self.codec.mean_over_senders:
+            carried = {j: self.codec.carried(payloads[j]) for j in accepted}
+        return sender_mean(decoded, accepted, carried=carried), traffic, rejected
 
     def _reduce_scatter_gather(self, x: torch.Tensor, key: str, sync: int, attempt: int, touched: list,
                                poison: bool) -> tuple[torch.Tensor, Traffic, list[Rejection]]:

@@ -156,6 +156,16 @@ class Codec(ABC):
 
     codec_id: ClassVar[int]
     lossless: ClassVar[bool] = False
+    mean_over_senders: ClassVar[bool] = False
+    """Receivers average each value over the accepted sites whose payload carries it (``carried``), not over all
+    accepted sites. True for sparse payloads (SparseLoCo's reference, ``scatter_reduce(reduce="mean",
+    include_self=False)``): a value one site of four sent is applied whole, not at a quarter, and a value no site
+    sent stays 0."""
+
+    def carried(self, payload: torch.Tensor) -> torch.Tensor:
+        """Flat positions (int64, ascending within each chunk) of the values a payload carries, for a payload
+        that ``decode`` accepted; only codecs with ``mean_over_senders`` have them."""
+        raise NotImplementedError(f"{self.name} payloads carry every value")
 
     @property
     @abstractmethod

@@ -21,8 +21,11 @@ __all__ = [
     "pad8",
     "plain_body_size",
     "SPARSE_BITS",
+    "check_segments",
     "check_sparse",
     "sparse_body_size",
+    "sparse_counts",
+    "sparse_segments",
     "sparse_index_bits",
     "topk_body_size",
     "topk_k",
@@ -128,9 +131,34 @@ def sparse_index_bits(chunk: int) -> int:
     return max(1, (chunk - 1).bit_length())
 
 
-def sparse_body_size(numel: int, *, fraction: float, chunk: int, bits: int) -> int:
+def sparse_segments(numel: int, segments: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The tensors a sparse payload of ``numel`` values is cut into: ``segments`` (the numels of consecutive
+    tensors) when they add up to ``numel``, else the whole payload as one (a worker's shard of a model)."""
+    return tuple(segments) if segments and sum(segments) == numel else (numel,)
+
+
+def sparse_counts(numel: int, *, fraction: float, chunk: int, segments: tuple[int, ...] = ()) -> tuple[int, int]:
+    """(kept entries, chunks) of a packed sparse payload. Each segment is cut into chunks of ``chunk`` values
+    (a chunk never crosses a segment's end); a full chunk keeps k = ``topk_k``, a shorter one (a small tensor,
+    or the tail of a segment) of r values keeps min(k, r), as the reference clamps its top-k to the chunk."""
+    k = topk_k(fraction, chunk)
+    kept = chunks = 0
+    for n in sparse_segments(numel, segments):
+        nfull, rem = divmod(n, chunk)
+        kept += nfull * k + min(k, rem)
+        chunks += nfull + (rem > 0)
+    return kept, chunks
+
+
+def sparse_body_size(numel: int, *, fraction: float, chunk: int, bits: int, segments: tuple[int, ...] = ()) -> int:
     """Body bytes of a packed sparse payload: the kept entries' chunk-relative indices packed at
     ``sparse_index_bits(chunk)`` bits each, one float32 scale per chunk, then the values packed at ``bits`` each."""
-    kept = topk_kept(numel, fraction, chunk)
-    chunks = -(-numel // chunk)
+    kept, chunks = sparse_counts(numel, fraction=fraction, chunk=chunk, segments=segments)
     return pad8(-(-kept * sparse_index_bits(chunk) // 8)) + pad8(4 * chunks) + pad8(-(-kept * bits // 8))
+
+
+def check_segments(segments: object) -> None:
+    """Raise ValueError unless ``segments`` is a tuple of non-negative ints."""
+    if not isinstance(segments, tuple) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in segments):
+        raise ValueError(f"segments must be a tuple of tensor sizes (non-negative ints), got {segments!r}")

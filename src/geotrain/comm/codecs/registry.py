@@ -5,7 +5,8 @@ table, so a codec the planner offers is one a run accepts, with the same bytes. 
 no torch: a spec knows its sizes by arithmetic (``layout.py``) and builds its torch codec only when a run
 asks for it (``build``). Adding a codec is one spec plus one ``register_codec`` line.
 
-A spec's options are the keyword options of its codec (``block_size``, ``fraction``, ``chunk``); a run takes
+A spec's options are the keyword options of its codec (``block_size``, ``fraction``, ``chunk``, and the sparse
+codecs' ``segments``, the sizes of the model's tensors, which chunks do not cross); a run takes
 them from ``[comm]`` (``comm.block_size``, ``comm.topk_fraction``) through :func:`codec_choice`.
 """
 
@@ -139,7 +140,7 @@ class _Sparse(CodecSpec):
     """Packed chunked top-k with ``bits``-bit values (``sparse.py``): SparseLoCo's compressor."""
 
     sparse = True
-    options = ("fraction", "chunk")
+    options = ("fraction", "chunk", "segments")
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
@@ -147,14 +148,16 @@ class _Sparse(CodecSpec):
         self.summary = f"chunked top-k, chunk-relative packed indices, {bits}-bit values (SparseLoCo)"
 
     def defaults(self) -> dict[str, Any]:
-        return {"fraction": layout.DEFAULT_FRACTION, "chunk": layout.DEFAULT_CHUNK}
+        return {"fraction": layout.DEFAULT_FRACTION, "chunk": layout.DEFAULT_CHUNK, "segments": ()}
 
     def check(self, options: Mapping[str, Any]) -> None:
         layout.check_sparse(options["fraction"], options["chunk"], self.bits)
+        layout.check_segments(options["segments"])
 
     def encoded_size(self, numel: int, options: Mapping[str, Any]) -> int:
         return layout.HEADER_SIZE + layout.sparse_body_size(numel, fraction=options["fraction"],
-                                                            chunk=options["chunk"], bits=self.bits)
+                                                            chunk=options["chunk"], bits=self.bits,
+                                                            segments=options["segments"])
 
     def build(self, options: Mapping[str, Any]) -> Any:
         from geotrain.comm.codecs.sparse import SparseCodec

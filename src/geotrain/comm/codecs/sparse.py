@@ -5,8 +5,11 @@ Sarfi et al., "Communication Efficient LLM Pre-training with SparseLoCo", arXiv 
 at 4 bits or more, so at 1% density the indices alone cost 0.16 bits per parameter; here an index is stored
 relative to its chunk in ceil(log2(chunk)) bits (12 for chunks of 4096) and a value in ``bits`` bits.
 
-The tensor is cut into chunks of ``chunk`` values; each keeps its k = ceil(fraction * chunk) entries of largest
-magnitude (a last partial chunk of r values keeps ceil(k * r / chunk)). A chunk's scale is s = absmax / L over
+The payload is cut into chunks of ``chunk`` values that never cross from one of the model's tensors to the
+next (``segments``, as the reference chunks each tensor on its own); each chunk keeps its k = ceil(fraction *
+chunk) entries of largest magnitude, and a shorter one (a tensor smaller than a chunk, such as a bias or a
+LayerNorm weight, or a tensor's last chunk) of r values keeps min(k, r), as the reference clamps its top-k to
+the chunk: at the defaults a LayerNorm weight of 128 values sends 41 of them. A chunk's scale is s = absmax / L over
 its kept values, with L = 2^(bits-1) magnitude levels; a kept value x is stored as its sign and
 m = min(L-1, floor(|x| / s)), and decoded as sign * (m + 1/2) * s. So a kept value is off by at most s/2 =
 absmax / 2^bits (a quarter of the chunk's largest kept magnitude at 2 bits), and a dropped one is decoded as 0.
@@ -14,7 +17,7 @@ absmax / 2^bits (a quarter of the chunk's largest kept magnitude at 2 bits), and
 Body (little-endian, each section zero padded to 8 bytes):
 
     indices  kept x ib bits, ib = ceil(log2(chunk)), in chunk order, ascending within a chunk, LSB first
-    scales   one float32 per chunk (ceil(numel / chunk))
+    scales   one float32 per chunk (ceil(n / chunk) for each tensor of n values)
     codes    kept x ``bits`` bits, LSB first: bit 0 the sign (1 negative), the rest the magnitude level m
 
 At the defaults (1%, chunks of 4096, 2 bits) a chunk costs 41 x (12 + 2) + 32 = 606 bits: 0.148 bits per
@@ -30,15 +33,17 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from geotrain.comm.codecs.base import CODEC_IDS, Codec, CodecError, pad8, raise_nonfinite
+from geotrain.comm.codecs.base import CODEC_IDS, HEADER_SIZE, Codec, CodecError, as_payload, pad8, raise_nonfinite
 from geotrain.comm.codecs.layout import (
     DEFAULT_CHUNK,
     DEFAULT_FRACTION,
+    check_segments,
     check_sparse,
     sparse_body_size,
+    sparse_counts,
     sparse_index_bits,
+    sparse_segments,
     topk_k,
-    topk_kept,
 )
 
 __all__ = ["SparseCodec", "pack_bits", "unpack_bits"]
@@ -74,12 +79,18 @@ class SparseCodec(Codec):
     """Values per chunk: sets the index width, ceil(log2(chunk)) bits, and the reach of one scale."""
     bits: int = 2
     """Bits per kept value: 2, 4 or 8 (one sign bit, the rest magnitude levels)."""
+    segments: tuple[int, ...] = ()
+    """Numels of the consecutive tensors a payload is made of (the model's, in parameter order): chunks never
+    cross from one to the next. Applies to a payload of exactly their sum; any other (a worker's shard of the
+    model, a test vector) is chunked as one run."""
 
     codec_id: ClassVar[int] = CODEC_IDS["sparse"]
+    mean_over_senders: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         try:
             check_sparse(self.fraction, self.chunk, self.bits)
+            check_segments(self.segments)
         except ValueError as exc:
             raise CodecError(str(exc)) from None
 
@@ -97,6 +108,23 @@ class SparseCodec(Codec):
         """Magnitude levels L = 2^(bits-1)."""
         return 1 << (self.bits - 1)
 
+    def chunks(self, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(first position, length, entries kept) of each chunk of a payload of ``numel`` values, in order, as
+        int64: each segment cut into chunks of ``chunk``, its last one possibly shorter, keeping min(k, length)."""
+        starts, lengths, offset = [], [], 0
+        for n in sparse_segments(numel, self.segments):
+            nfull, rem = divmod(n, self.chunk)
+            starts.append(offset + torch.arange(nfull + (rem > 0), dtype=torch.int64) * self.chunk)
+            lengths.append(torch.full((nfull + (rem > 0),), self.chunk, dtype=torch.int64))
+            if rem:
+                lengths[-1][-1] = rem
+            offset += n
+        if not starts:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty, empty
+        start, length = torch.cat(starts), torch.cat(lengths)
+        return start, length, length.clamp(max=self.k)
+
     def _header_options(self) -> tuple[int, int, int, int]:
         return 0, self.bits, self.chunk, self.k
 
@@ -104,12 +132,12 @@ class SparseCodec(Codec):
         return f"bits={a}, chunk={b}, k={c}"
 
     def _body_size(self, numel: int) -> int:
-        return sparse_body_size(numel, fraction=self.fraction, chunk=self.chunk, bits=self.bits)
+        return sparse_body_size(numel, fraction=self.fraction, chunk=self.chunk, bits=self.bits,
+                                segments=self.segments)
 
     def _sections(self, body: torch.Tensor, numel: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(index bytes, scales as float32, code bytes, kept) views of a body."""
-        kept = topk_kept(numel, self.fraction, self.chunk)
-        chunks = -(-numel // self.chunk)
+        kept, chunks = sparse_counts(numel, fraction=self.fraction, chunk=self.chunk, segments=self.segments)
         b = body.numpy()
         ni = pad8(-(-kept * sparse_index_bits(self.chunk) // 8))
         ns = pad8(4 * chunks)
@@ -118,24 +146,30 @@ class SparseCodec(Codec):
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The kept entries of ``x`` (1-D float32): (chunk-relative indices, ascending within each chunk, as
         int64; their values; the chunk of each), in chunk order."""
-        numel, chunk, k = x.numel(), self.chunk, self.k
-        nfull, rem = divmod(numel, chunk)
-        idx, row = [], []
-        if nfull:
-            pos = torch.topk(x[: nfull * chunk].view(nfull, chunk).abs(), k, dim=1, sorted=False).indices
-            pos = pos.sort(dim=1).values
-            idx.append(pos.reshape(-1))
-            row.append(torch.arange(nfull).repeat_interleave(k))
-        if rem:
-            kt = topk_kept(rem, self.fraction, chunk)
-            pos = torch.topk(x[nfull * chunk :].abs(), kt, sorted=False).indices.sort().values
-            idx.append(pos)
-            row.append(torch.full((kt,), nfull, dtype=torch.int64))
+        chunk, k = self.chunk, self.k
+        idx, row, pos_all = [], [], []
+        offset = first = 0  # the segment's first value and first chunk
+        for n in sparse_segments(x.numel(), self.segments):
+            nfull, rem = divmod(n, chunk)
+            if nfull:
+                pos = torch.topk(x[offset : offset + nfull * chunk].view(nfull, chunk).abs(), k, dim=1,
+                                 sorted=False).indices.sort(dim=1).values
+                idx.append(pos.reshape(-1))
+                rows = torch.arange(nfull)
+                row.append(first + rows.repeat_interleave(k))
+                pos_all.append((offset + rows[:, None] * chunk + pos).reshape(-1))
+            if rem:
+                tail = offset + nfull * chunk
+                pos = torch.topk(x[tail : offset + n].abs(), min(k, rem), sorted=False).indices.sort().values
+                idx.append(pos)
+                row.append(torch.full((pos.numel(),), first + nfull, dtype=torch.int64))
+                pos_all.append(tail + pos)
+            offset += n
+            first += nfull + (rem > 0)
         if not idx:
             empty = torch.zeros(0, dtype=torch.int64)
             return empty, torch.zeros(0), empty
-        local, rows = torch.cat(idx), torch.cat(row)
-        return local, x[rows * chunk + local], rows
+        return torch.cat(idx), x[torch.cat(pos_all)], torch.cat(row)
 
     def _encode_body(self, x: torch.Tensor, body: torch.Tensor) -> None:
         numel = x.numel()
@@ -155,29 +189,32 @@ class SparseCodec(Codec):
         scales_out[:] = scale.numpy()
         pack_bits(codes.numpy(), self.bits, codes_out)
 
-    def _decode_body(self, body: torch.Tensor, out: torch.Tensor) -> None:
-        numel, chunk, k = out.numel(), self.chunk, self.k
-        nfull, rem = divmod(numel, chunk)
+    def _unpack(self, body: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat positions, decoded values) of the entries a checksum-verified body carries."""
         idx_in, scales_in, codes_in, kept = self._sections(body, numel)
-        local = torch.from_numpy(unpack_bits(idx_in, sparse_index_bits(chunk), kept))
+        local = torch.from_numpy(unpack_bits(idx_in, sparse_index_bits(self.chunk), kept))
         scales = torch.from_numpy(scales_in.copy())
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise CodecError("payload holds a non-finite or negative chunk scale")
+        starts, lengths, ks = self.chunks(numel)
+        rows = torch.repeat_interleave(torch.arange(starts.numel()), ks)
         # The checksum guarantees what an encoder wrote; still refuse indices an encoder cannot write (outside
         # the chunk, or not strictly ascending within it).
-        if nfull:
-            full = local[: nfull * k].view(nfull, k)
-            if int(full.max()) >= chunk or (k > 1 and not bool((full[:, 1:] > full[:, :-1]).all())):
-                raise CodecError(f"payload holds top-k indices outside their chunk of {chunk} or out of order")
-        if rem:
-            tail = local[nfull * k :]
-            if tail.numel() and (int(tail.max()) >= rem or not bool((tail[1:] > tail[:-1]).all())):
-                raise CodecError(f"payload holds top-k indices outside the last chunk of {rem} or out of order")
+        same = rows[1:] == rows[:-1]
+        if bool((local >= lengths[rows]).any()) or bool((local[1:][same] <= local[:-1][same]).any()):
+            raise CodecError(f"payload holds top-k indices outside their chunk (of up to {self.chunk}) or out of order")
         codes = torch.from_numpy(unpack_bits(codes_in, self.bits, kept))
-        rows = torch.arange(nfull).repeat_interleave(k)
-        if rem:
-            rows = torch.cat([rows, torch.full((kept - nfull * k,), nfull, dtype=torch.int64)])
         mag = ((codes >> 1).to(torch.float32) + 0.5) * scales[rows]
-        vals = torch.where((codes & 1).bool(), -mag, mag)
+        return starts[rows] + local, torch.where((codes & 1).bool(), -mag, mag)
+
+    def _decode_body(self, body: torch.Tensor, out: torch.Tensor) -> None:
+        positions, vals = self._unpack(body, out.numel())
         out.zero_()
-        out[rows * chunk + local] = vals
+        out[positions] = vals
+
+    def carried(self, payload: torch.Tensor) -> torch.Tensor:
+        payload = as_payload(payload)
+        numel = int.from_bytes(bytes(payload[8:16].numpy()), "little")  # the header's numel (base.py)
+        if payload.numel() != self.encoded_size(numel):
+            raise CodecError(f"payload is {payload.numel()} bytes, not a {self.name!r} payload of {numel} values")
+        return self._unpack(payload[HEADER_SIZE:], numel)[0]
