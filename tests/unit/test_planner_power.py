@@ -262,6 +262,14 @@ def test_a_run_too_long_to_play_is_refused_at_once_and_the_plan_says_so(capsys):
     cfg = config({"run.sites": 2, "run.tokens": 2 * MAX_SITE_STEPS * STEP_TOKENS, "run.site_speeds": [1.0, 0.5]})
     with pytest.raises(ConfigError, match="run.tokens"):
         predict_power_run(cfg, step_seconds=[0.25, 0.25])
+    # time-based rounds: every site trains a whole round before the budget is known, so a round of many more
+    # steps than the budget needs is refused before it is played
+    timed = config({"run.sites": 2, "run.tokens": 8 * STEP_TOKENS, "outer.sync_every_seconds": 5.0})
+    rate = 2 * 5.0 / 1e-6
+    assert rate > MAX_SITE_STEPS
+    with pytest.raises(ConfigError, match="outer.sync_every_seconds"):
+        predict_power_run(timed, step_seconds=[1e-6, 1e-6])
+    assert predict_power_run(timed, step_seconds=[1.0, 1.0]).tokens == 10 * STEP_TOKENS  # 5 steps each, one round
     plan = str(CONFIGS / "plan-three-datacenters.toml")
     assert main(["plan", "--config", plan, "--set", "run.site_speeds=[1.0, 0.5, 1.0]", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -243,6 +243,15 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
     if total_steps < 1:
         raise ConfigError(f"needs at least one inner step, got {total_steps}", field="steps")
     expected = total_steps * k if timed is None else cfg.run.tokens / min(step_tokens)
+    if timed is not None:
+        # a round's steps, at most: every site trains T seconds before the token budget is known (the first
+        # round at least), however few steps the budget needs
+        per_round = timed * sum(speeds[i] / c[i] for i in range(k))
+        if per_round > MAX_SITE_STEPS:
+            raise ConfigError(f"a round of {timed:g} s is about {per_round:,.0f} inner steps over the sites at "
+                              f"{min(c):.3g} s per step, more than the {MAX_SITE_STEPS:,} a prediction plays step "
+                              "by step; plan shorter rounds or give the sites' step_seconds (its constant-speed "
+                              "figures stand in the plan)", field="outer.sync_every_seconds")
     if expected > MAX_SITE_STEPS:
         raise ConfigError(f"the run is about {expected:,.0f} inner steps over its sites, more than the "
                           f"{MAX_SITE_STEPS:,} a prediction plays step by step; plan fewer tokens or a larger batch "
