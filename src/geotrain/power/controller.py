@@ -404,8 +404,9 @@ class PowerController:
         """The earliest training time >= ``t`` at which the envelope allows the training threshold again, so
         that ``rejoin`` and ``begin_step`` there give on=True; None when that never happens (the trace ends
         below it, the cap is below it, or a periodic trace stays below it for a whole period). With
-        ``work_seconds`` (as :meth:`begin_step` takes it), also a time from which a step at the threshold can
-        be held to its end: not just before the next dip.
+        ``work_seconds`` (as :meth:`begin_step` takes it), also a time from which the step the site would run
+        after ``rejoin`` (from the threshold, after a wait for the ramp if that helps) can be held to its end:
+        not just before the next dip.
 
         Exact for the trace's pieces: a point g' where A(g') < threshold forbids every g in
         (g' - (threshold - A(g')) / R, g'] (from there the ramp could not come down in time; without a ramp
