@@ -80,6 +80,9 @@ def test_a_site_leaves_when_its_power_fails_and_is_healed_when_it_returns(tmp_pa
     # healed it before then, site1 was back in the run early and its first step waited for the power; where
     # after (a slow machine), it trained at once. H-step rounds: it asks when the power is back, never early.
     healed = next(r for r in site1 if r["kind"] == "healed")
+    # with time-based rounds the heal (no link: no time) goes in the background, site0 training on meanwhile
+    admitted = [r for r in read_jsonl(tmp_path / "sites" / "site0.jsonl") if r["kind"] == "admitted"]
+    assert healed["background"] is (rounds == "timed") and admitted[-1]["background"] is healed["background"]
     admitted_at = [r["run_s"] for r in _before(read_jsonl(tmp_path / "sites" / "site0.jsonl"), "admitted")]
     assert admitted_at, "site0 admitted site1"
     in_early = admitted_at[-1] + healed["seconds"]  # on the run's clock, as site0 counted it

@@ -4,6 +4,7 @@ answers with the decision it already made; a joiner that went away does not take
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -63,6 +64,7 @@ def test_the_healer_sends_once_when_the_same_admission_is_answered_twice():
     finally:
         comm.close()
     assert first["joined"] == [1] and comm.generation == 2 and comm.members == [0, 1, 2]
+    assert first["background"] is False  # no rule set: blocking
     assert again["joined"] == [] and again["healer"] is None
     assert transport.sent == [(1, 7), (1, 500)]  # one header and one state, to site 1's rank, once
     assert membership.sums == ["healed/2"]  # everyone waited for the state to arrive, once
@@ -78,3 +80,35 @@ def test_a_joiner_that_went_away_does_not_take_the_healer_down():
         comm.close()
     assert q["joined"] == [1]
     assert len(comm.heal_errors) == 1 and "site 1" in comm.heal_errors[0]
+
+
+class _GatedTransport(_Transport):
+    """Sends only once the test opens the gate: the state is still travelling until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def send(self, tensor: torch.Tensor, dst: int) -> Traffic:
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().send(tensor, dst)
+
+
+def test_a_heal_in_the_background_lets_the_healer_train_on_while_its_state_travels():
+    membership = _Membership({5: ADMITTED, 9: {"gen": 2, "members": [0, 1, 2], "joined": [], "healer": None}})
+    transport = _GatedTransport()
+    comm = _comm(membership, transport)
+    comm.background_heal = lambda healer, joiners: (healer, joiners) == (0, [1])
+    comm.syncs = 5
+    try:
+        q = comm.admit(lambda: b"state" * 100)
+        assert q["background"] is True and q["joined"] == [1]
+        assert transport.sent == [] and membership.sums == []  # back before the state went out, no barrier
+        assert comm.heals_in_background(0, [1]) and not comm.heals_in_background(2, [1])
+        transport.gate.set()
+        comm.syncs = 9
+        later = comm.admit(lambda: b"never sent")  # the next boundary: the heal is over by then
+    finally:
+        comm.close()
+    assert later["joined"] == [] and later["background"] is False
+    assert transport.sent == [(1, 7), (1, 500)] and membership.sums == []

@@ -169,6 +169,30 @@ def test_with_time_based_rounds_a_site_is_healed_during_its_outage_and_trains_wh
     assert later.away_seconds == pytest.approx(3.6 - (1.75 + t), rel=1e-12)  # admitted at 3 + t all the same
 
 
+def test_a_heal_of_at_most_half_a_round_goes_in_the_background(monkeypatch):
+    # The run above: site1 is healed at 3 + t while its power is out. Over 1gbit/10ms the heal takes under half
+    # a round (1 s), so site0 trains on meanwhile and the run ends exactly one heal sooner than when every site
+    # waits for it; site1's figures do not change (its round is site0's, and it waits for its power anyway).
+    # Over 100mbit/10ms the heal takes 0.84 s, more than half a round: it stays blocking.
+    import geotrain.planner.power as power
+
+    def both(link: str) -> tuple[Any, Any, float]:
+        cfg = outage_config(**{"wan.link": link, "outer.sync_every_seconds": 1.0})
+        out = predict_power_run(cfg, step_seconds=[0.25, 0.25])
+        with monkeypatch.context() as m:
+            m.setattr(power, "heals_in_background", lambda config, seconds: False)
+            blocking = predict_power_run(cfg, step_seconds=[0.25, 0.25])
+        return out, blocking, heal_seconds(plan_spec(cfg), healer=0, joiner=1)
+
+    out, blocking, heal = both("1gbit/10ms")
+    assert 0 < heal <= 0.5
+    assert out.heal_seconds == 0 and blocking.heal_seconds == heal
+    assert out.wall_seconds == pytest.approx(blocking.wall_seconds - heal, rel=1e-12)
+    assert [(p.steps, p.away_seconds) for p in out.per_site] == [(p.steps, p.away_seconds) for p in blocking.per_site]
+    out, blocking, heal = both("100mbit/10ms")
+    assert heal > 0.5 and out == blocking
+
+
 def test_with_min_sites_the_sync_waits_for_the_site_to_come_back():
     # site1 leaves at 2 s; site0 computes round 3 alone, its sync's quorum waits until site1 is back at 4 s, and
     # both train rounds 4 to 6

@@ -296,6 +296,10 @@ class CrossSiteComm:
         """The members as the training thread last learned them (from a sync it waited for, or an admission):
         the same on every site at the same step, unlike ``members``, which the communication thread moves."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotrain-comm")
+        self._healing: Future | None = None
+        """A heal this member sends in the background (:meth:`admit`)."""
+        self.background_heal: Callable[[int, list[int]], bool] | None = None
+        """``(healer, joiners) -> bool``: the rule for sending a heal in the background; None: always blocking."""
         # Run control gets its own thread too: the training thread then waits in Python, where a SIGTERM or
         # Ctrl+C can still interrupt it, never inside a blocking request.
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotrain-control")
@@ -577,16 +581,36 @@ class CrossSiteComm:
     def admit(self, build_state: Callable[[], bytes]) -> dict[str, Any]:
         """Every member calls this at the same step, with nothing in flight: the coordinator admits the joiners
         waiting now, every member moves to the new generation, and the healer (one live member) sends each
-        joiner its state, ``build_state()``, worker by worker (each carries one shard). Returns the admission."""
+        joiner its state, ``build_state()``, worker by worker (each carries one shard). Returns the admission,
+        with ``background``: whether the heal goes on while the members train (:meth:`heals_in_background`),
+        or every member waited for it (``geotrain.membership.heal``)."""
         t0 = self.clock.now()
+        self._finish_healing()
         q = self._pool.submit(self._admission).result()
+        background = bool(q["joined"]) and self.heals_in_background(q["healer"], q["joined"])
         if q["joined"] and q["healer"] == self.site:
             blob = build_state()
-            self._pool.submit(self._send_state, blob, [self.members.index(j) for j in q["joined"]]).result()
-        if q["joined"]:
+            sending = self._pool.submit(self._send_state, blob, [self.members.index(j) for j in q["joined"]])
+            if background:  # the next sync on this pool goes out after it, as it would on the link
+                self._healing = sending
+            else:
+                sending.result()
+        if q["joined"] and not background:
             self.healed_barrier(q["gen"])
         self.stats.wait_seconds += self.clock.now() - t0
-        return q
+        return {**q, "background": background}
+
+    def heals_in_background(self, healer: int, joiners: list[int]) -> bool:
+        """Whether ``healer``'s state goes to ``joiners`` in the background: the rule the site sets
+        (``geotrain.membership.heal.heals_in_background``); blocking when none is set."""
+        return self.background_heal is not None and bool(self.background_heal(healer, joiners))
+
+    def _finish_healing(self) -> None:
+        """A background heal's send is over (the pool runs it before anything queued after it); an error that is
+        not a transfer failure (those are in ``heal_errors``) surfaces here."""
+        if self._healing is not None:
+            sending, self._healing = self._healing, None
+            sending.result()
 
     def healed_barrier(self, generation: int) -> None:
         """Members and joiners start the next round together, once the state has arrived: the healer's link

@@ -23,10 +23,12 @@ from typing import Any
 
 from geotrain.topology import Topology, parse_link, point_to_point, ring_all_gather, ring_reduce_scatter
 
-__all__ = ["transfer_deadline"]
+__all__ = ["nominal_topology", "transfer_deadline"]
 
 
-def _nominal(config: Any) -> Topology:
+def nominal_topology(config: Any) -> Topology:
+    """The links a run's deadlines and predictions assume: the configured ones, or ``membership.deadline_link``
+    between every pair where none is emulated (a real network)."""
     topology = config.topology()
     if topology.emulated:
         return topology
@@ -35,7 +37,7 @@ def _nominal(config: Any) -> Topology:
 
 def transfer_deadline(config: Any, members: list[int], *, streams: int = 1) -> Callable[[str, int], float]:
     """The deadline of a transfer of one pattern and payload size among ``members`` (site indices)."""
-    topology = _nominal(config)
+    topology = nominal_topology(config)
     ring = topology.ring(members)
     floor, margin = config.membership.transfer_floor_s, config.membership.transfer_margin
     slowest = None

@@ -30,8 +30,11 @@ run forward step by step, with the definitions training uses:
   waiting, and the members learn so when they wait for that sync (blocking: as it lands; overlapped: at the
   end of the next round). There they drain the sync in flight (whose quorum, overlapped, saw the joiner too,
   so the next sync point drains once more), the lowest live site sends the joiner its state
-  (``geotrain.planner.simulate.heal_seconds``, the cost the WAN emulator charges) while every site waits, and
-  it trains on from the run's step, its first step waiting for ``back_at`` if the power is not back yet. It
+  (``geotrain.planner.simulate.heal_seconds``, the cost the WAN emulator charges) while every site waits, or,
+  with time-based rounds and a heal of at most half a round, while the members train on
+  (``geotrain.membership.heal``: the joiner's round is theirs, the healer's next sync starts after the
+  transfer), and it trains on from the run's step, its first step waiting for ``back_at`` if the power is
+  not back yet. It
   is powered again (``rejoin``, drawing idle) at ``back_at``. With fewer live sites than ``membership.min_sites`` a sync's quorum waits
   until enough are back. A site whose power never comes back stays out; if every site is out, the run waits
   for the first one back, which goes on alone without healing.
@@ -59,6 +62,7 @@ from geotrain.algorithms.diloco import timed_round_length
 from geotrain.config import Config
 from geotrain.errors import ConfigError
 from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
+from geotrain.membership.heal import heals_in_background
 from geotrain.planner.simulate import heal_seconds, heal_state_bytes
 from geotrain.power import rejoin_lead_seconds, site_controllers
 from geotrain.train.pace import WORK_MIN
@@ -125,7 +129,8 @@ class PowerPrediction:
     sync_seconds: float
     """One sync of all sites over the links."""
     heal_seconds: float
-    """Time every site waited for healers, summed over admissions."""
+    """Time every site waited for healers, summed over the admissions that healed blocking (one healed in the
+    background holds no member up: ``geotrain.membership.heal``)."""
     per_site: list[SitePrediction] = field(default_factory=list)
     timed_rounds: bool = False
     """The rounds ended after ``outer.sync_every_seconds`` rather than after H steps."""
@@ -192,6 +197,8 @@ class _Site:
     away: float = 0.0
     power_offs: int = 0
     round_steps: int = 0
+    round_from: float | None = None
+    """Healed in the background: when its first round began (the members', at the healer's snapshot)."""
 
 
 def _checked_step_seconds(values: Sequence[float], sites: int) -> list[float]:
@@ -328,6 +335,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
     lag = 1 if overlap else 0
     rounds = 0
     healing = 0.0
+    heal_end = 0.0  # when the latest heal sent in the background reached its joiners
     wall = 0.0
     for _ in range(_MAX_ROUNDS):
         members = [i for i in range(k) if sites[i].present]
@@ -356,7 +364,8 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
         else:
             assert length is not None
             for i in members:
-                start = sites[i].t
+                start = sites[i].t if sites[i].round_from is None else sites[i].round_from
+                sites[i].round_from = None
                 while True:
                     if not step(i):
                         break
@@ -371,6 +380,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
         ends = [sites[i].t for i in live]
         t_sync = comm(tuple(live))
         begin = max(ends) if in_flight is None else max(max(ends), in_flight)  # the link carries one at a time
+        begin = max(begin, heal_end)  # after a heal sent in the background, as the healer's link carries it
         short = min_sites - len(live)
         if short > 0:  # the quorum waits until enough sites are back to make up membership.min_sites
             backs = sorted(asks(x) for x in sites if not x.present and x.back is not None)  # joiners count
@@ -416,13 +426,19 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                 in_flight, in_flight_admits = None, False
             joiners = [j for j, x in enumerate(sites) if not x.present and x.back is not None and asks(x) <= now]
             heal = sum(heal_seconds(spec, healer=live[0], joiner=j, nbytes=heal_bytes) for j in joiners)
-            healing += heal
+            background = bool(joiners) and heals_in_background(cfg, heal)
             for j in joiners:
                 x = sites[j]
                 x.away += max(now + heal, x.back) - x.left_at  # until it trains: healed, and powered
                 x.present, x.power_at, x.back = True, x.back, None
-            for i in live + joiners:
-                sites[i].t = now + heal
+                if background:  # its round is the members', begun now; it trains once the state is there
+                    x.t, x.round_from = now + heal, now
+            if background:  # the members train on while the healer's link carries the state
+                heal_end = now + heal
+            else:  # every site waits for the state, then the next round starts for all
+                healing += heal
+                for i in live + joiners:
+                    sites[i].t = now + heal
     else:
         raise ConfigError(f"the run takes more than {_MAX_ROUNDS:,} rounds, too many to play one by one",
                           field="run.tokens")

@@ -65,8 +65,10 @@ from geotrain.algorithms import ModelLayout
 from geotrain.algorithms.timing import lognormal_sigma, period_seconds
 from geotrain.config import Config, SimulateConfig
 from geotrain.errors import ConfigError
+from geotrain.membership.heal import heal_state_bytes as _heal_state_bytes
+from geotrain.membership.heal import heal_transfer_seconds
 from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
-from geotrain.topology import Topology, point_to_point
+from geotrain.topology import Topology
 
 __all__ = [
     "REFORM_ROUND_TRIPS",
@@ -92,46 +94,22 @@ through the coordinator's store; gloo's connection handshake between the members
 (destroying the old gloo group, building the new one) took 3-40 ms in our measurements on one machine and
 is left out."""
 
-_VALUE_BYTES = 4
-"""Training keeps every tensor of a site's state in fp32."""
-
-
 # -- the costs of one failure ------------------------------------------------------------------------------------
 
 
 def heal_state_bytes(config: Config, layout: ModelLayout | None = None) -> int:
-    """Bytes of the state a healer sends a joining site: the tensors ``geotrain.train.loop`` packs for it (its
-    ``snapshot`` without the worker's own counters), all in fp32, for a model of N values (``layout``, the
-    configuration's by default):
-
-    * the model's parameters: N;
-    * the inner optimizer's state (``optim.name``): AdamW's two moments, 2N; SGD's momentum, N (none without
-      momentum);
-    * the strategy's state: DiLoCo's global parameters, the start of the round and the outer momentum, 3N
-      (2N without outer momentum); Streaming DiLoCo's global fragments and their outer momentum, 2N (or N);
-      nothing for ddp; an algorithm not listed here is taken to keep global parameters and outer momentum.
-
-    Syncs in flight are drained before an admission, so none travels with the state, and error-feedback
-    residuals stay with their sender (``CrossSiteComm.shared_state``). Headers, counters and the configuration
-    (tens of kB) are left out: about 1% of the demo model's state.
-    """
-    n = (layout if layout is not None else config.layout()).params
-    inner = 2 if config.optim.name == "adamw" else int(config.optim.momentum > 0)
-    momentum = int(config.outer.momentum > 0)
-    strategy = {"ddp": 0, "diloco": 2 + momentum, "streaming": 1 + momentum}.get(config.run.algorithm, 1 + momentum)
-    return _VALUE_BYTES * n * (1 + inner + strategy)
+    """Bytes of the state a healer sends a joining site (``geotrain.membership.heal.heal_state_bytes``) for the
+    model ``layout`` (the configuration's by default)."""
+    return _heal_state_bytes(config, (layout if layout is not None else config.layout()).params)
 
 
 def heal_seconds(spec: PlanSpec, *, healer: int, joiner: int, nbytes: int | None = None) -> float:
-    """Seconds for ``healer`` to send its state (``nbytes``, :func:`heal_state_bytes` by default) to ``joiner``:
-    each of its W workers sends one shard over the link between the two sites, the W streams sharing it
-    (``CrossSiteComm.admit``), at the cost the WAN emulator charges (``geotrain.topology.point_to_point``):
-    latency + 8 x bytes / bandwidth. No link (no emulation): no time."""
+    """Seconds for ``healer`` to send its state (``nbytes``, :func:`heal_state_bytes` by default) to ``joiner``
+    over the link between the two sites (``geotrain.membership.heal.heal_transfer_seconds``). No link (no
+    emulation): no time."""
     if nbytes is None:
         nbytes = heal_state_bytes(spec.config, spec.model.layout)
-    workers = spec.config.run.workers_per_site
-    shard = -(-nbytes // workers)
-    return point_to_point(shard, spec.topology.link(healer, joiner), streams=workers).seconds
+    return heal_transfer_seconds(spec.config, spec.topology.link(healer, joiner), nbytes)
 
 
 def reform_seconds(sim: SimulateConfig, topology: Topology, members: Sequence[int]) -> float:

@@ -254,7 +254,9 @@ def train_loop(
             state.trained = 0
             wall_offset = max(wall_offset, float(restore.get("run_wall", 0.0)))  # the run's clock did not stop
 
-    strategy.begin(wall=lambda: timer.wall() + wall_offset, step_tokens=step_tokens)  # a round starts now
+    # a round starts now; a site healed in the background joins the round the members began at the snapshot
+    strategy.begin(wall=lambda: timer.wall() + wall_offset, step_tokens=step_tokens,
+                   round_start=None if restore is None else restore.get("round_start"))
     stopped_early = False
     check_next_sync = restore is not None and "timer" not in restore  # a healed site shows its model too
     first = state.step + 1

@@ -408,6 +408,7 @@ def site_main(task: SiteTask) -> int:
                              real_network=env.real_network)
         first = not joined.get("formed")
         pace = _site_pace(config, env, site_pg)
+        heal_rule = _heal_rule(config, sum(p.numel() for p in workload.model.parameters()))
         wall_offset = 0.0  # the run's training seconds before this start (a site back from a power outage)
         outage = False  # this start follows a power outage
         for _ in range(MAX_REJOINS + 1):
@@ -434,18 +435,21 @@ def site_main(task: SiteTask) -> int:
             comm = connect(config, env, site_pg, client, generation=generation, members=members,
                            conditions=conditions)
             faults.comm = comm
+            comm.background_heal = heal_rule
+            background = healer is not None and comm.heals_in_background(healer, admitted["joined"])
             if healer is not None:
                 t0 = time.time()
                 blob = comm.receive_state(healer)
-                comm.healed_barrier(generation)
+                if not background:
+                    comm.healed_barrier(generation)
                 restore = unpack(blob)
                 seconds = time.time() - t0
                 if admitted.get("position") is not None and workload.load_data_state is not None:
                     workload.load_data_state(admitted["position"])  # go on where this site left off
                 client.event("healed", healed_from=healer, seconds=seconds, bytes=len(blob),
-                             wait_seconds=t0 - t_join, step=restore["loop"]["step"])
+                             wait_seconds=t0 - t_join, step=restore["loop"]["step"], background=background)
                 recorder.write("healed", site=env.site_rank, healed_from=healer, seconds=seconds, bytes=len(blob),
-                               step=restore["loop"]["step"], generation=generation)
+                               step=restore["loop"]["step"], generation=generation, background=background)
             run_config = config if restore is None else config_from_tree(restore["config"])
             run_config, strategy, chosen = prepare(run_config, workload, comm, site_pg, measure=restore is None)
             ctx = strategy.ctx
@@ -469,7 +473,10 @@ def site_main(task: SiteTask) -> int:
                            healed_from=healer, resumed=restore is not None and healer is None)
             if healer is not None:  # the run's clock went on from the healer's snapshot: the transfer and the
                 # set-up since (else this site's round and grid time would start late by as much)
-                restore["run_wall"] = float(restore.get("run_wall", 0.0)) + (time.time() - t0)
+                snapshot_wall = float(restore.get("run_wall", 0.0))
+                restore["run_wall"] = snapshot_wall + (time.time() - t0)
+                if background:  # the members' round began at the snapshot: this site's ends with theirs
+                    restore["round_start"] = snapshot_wall
             try:
                 result = train_loop(run_config, workload, strategy=strategy, comm=comm, recorder=recorder,
                                     site=env.site_rank, worker=worker, restore=restore, boundary=boundary,
@@ -519,6 +526,7 @@ def site_main(task: SiteTask) -> int:
                     save_file(tensors, str(tmp), metadata={"params_sha256": result.params_sha256})
                 if getattr(workload, "export", None) is not None:  # the workload's own format (an hf/ directory)
                     workload.export(out, [tensors[n] for n in names])
+        _report_heal_errors(comm, recorder, env.site_rank)
         recorder.write("done", site=env.site_rank, eval_loss=result.eval_loss, params_sha256=result.params_sha256,
                        stopped_early=result.stopped_early, **result.figures)
         if not env.local and env.local_rank == 0:  # under torchrun the lowest member writes the run's files
@@ -573,6 +581,22 @@ def _write_run_files(config: Any, comm: Any, client: Any, recorder: Any, out: Pa
           f" (eval loss {summary.get('eval_loss')})", flush=True)
 
 
+def _heal_rule(config: Any, params: int) -> Callable[[int, list[int]], bool]:
+    """``(healer, joiners) -> bool``: whether a heal goes in the background (``geotrain.membership.heal``),
+    from the state a model of ``params`` values packs and the run's links; the same answer on every site."""
+    from geotrain.membership.deadlines import nominal_topology
+    from geotrain.membership.heal import heal_state_bytes, heal_transfer_seconds, heals_in_background
+
+    topology = nominal_topology(config)
+    nbytes = heal_state_bytes(config, params)
+
+    def rule(healer: int, joiners: list[int]) -> bool:
+        seconds = sum(heal_transfer_seconds(config, topology.link(healer, j), nbytes) for j in joiners)
+        return heals_in_background(config, seconds)
+
+    return rule
+
+
 def _admit(comm: Any, snapshot: Callable[[], Any], recorder: Any, site: int) -> None:
     """At a boundary where joiners wait: admit them; the healer packs and sends its state."""
     from geotrain.train.state import pack
@@ -581,7 +605,13 @@ def _admit(comm: Any, snapshot: Callable[[], Any], recorder: Any, site: int) -> 
     q = comm.admit(lambda: pack(snapshot()))
     if q["joined"]:
         recorder.write("admitted", site=site, joined=q["joined"], healer=q["healer"], generation=q["gen"],
-                       members=q["members"], seconds=time.time() - t0)
+                       members=q["members"], seconds=time.time() - t0, background=q["background"])
+    _report_heal_errors(comm, recorder, site)
+
+
+def _report_heal_errors(comm: Any, recorder: Any, site: int) -> None:
+    """Warnings for heals that failed (the joiner went away; it joins again): after an admission, and at the end
+    of a run for a heal sent in the background since."""
     for message in comm.heal_errors:
         recorder.write("warning", site=site, message=message)
     comm.heal_errors.clear()

@@ -50,9 +50,10 @@ class Strategy:
         self.outer_rounds = 0
         """Cross-site synchronisations of the model (or, for ddp, of the gradients) so far."""
 
-    def begin(self, *, wall: Any, step_tokens: int) -> None:
+    def begin(self, *, wall: Any, step_tokens: int, round_start: float | None = None) -> None:
         """Before the first step: the loop's training clock (``wall()``, seconds) and the tokens one inner step
-        of this site trains. Time-based rounds read them; other methods ignore them."""
+        of this site trains; the round began at ``round_start`` on that clock (None: now). Time-based rounds
+        read them; other methods ignore them."""
 
     @property
     def finished(self) -> bool:

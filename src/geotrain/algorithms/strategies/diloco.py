@@ -72,9 +72,9 @@ class DiLoCoStrategy(Strategy):
         """The outer step on the sites' averaged pseudo-gradient (``plain``: within the outer warm-up)."""
         self.outer.step(mean, plain=plain)
 
-    def begin(self, *, wall: Callable[[], float], step_tokens: int) -> None:
+    def begin(self, *, wall: Callable[[], float], step_tokens: int, round_start: float | None = None) -> None:
         if self.timed is not None:
-            self.timed.begin(wall, step_tokens)
+            self.timed.begin(wall, step_tokens, round_start=round_start)
 
     def after_inner_step(self, step: int, *, last: bool) -> bool:
         if self.timed is not None:

@@ -77,11 +77,12 @@ class TimedRounds:
         self.rounds = 0
         self.finished = False
 
-    def begin(self, wall: Callable[[], float], step_tokens: int) -> None:
-        """The loop's training clock and the tokens one inner step of this site trains (all its workers). A
-        round starts now (a run starts, resumes or is healed at a round boundary)."""
+    def begin(self, wall: Callable[[], float], step_tokens: int, *, round_start: float | None = None) -> None:
+        """The loop's training clock and the tokens one inner step of this site trains. A round starts now (a
+        run starts, resumes or is healed at a round boundary), or began at ``round_start`` on that clock (a site
+        healed in the background joins the members' round, begun at the healer's snapshot)."""
         self.wall, self.step_tokens = wall, int(step_tokens)
-        self.round_start, self.round_steps = wall(), 0
+        self.round_start, self.round_steps = (wall() if round_start is None else float(round_start)), 0
 
     def due(self, *, last: bool) -> bool:
         """Called after every inner step: does the round end now? (The same answer on all the site's workers.)"""
