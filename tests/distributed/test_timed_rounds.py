@@ -7,6 +7,8 @@ token-weighted mean is checked on real cross-site collectives against its defini
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -87,6 +89,54 @@ def test_the_token_weighted_mean_over_real_collectives():
 
     for mean in run_comms(3, body):
         torch.testing.assert_close(mean, expected, rtol=1e-6, atol=1e-6)
+
+
+class _SlowFirstStep(Pace):
+    """Site 1's first step of its second round is expected to last 2 s (as a site back from an outage whose
+    power is ramping up): more than twice what is left of its round. Every other step is ordinary."""
+
+    def __init__(self, site: int) -> None:
+        super().__init__()
+        self.site, self.calls = site, 0
+
+    def begin_step(self, wall: float) -> float:
+        self.calls += 1
+        self.t_step, self.step = wall, SimpleNamespace(active=1.0)
+        return 0.0
+
+    def step_seconds(self) -> float:
+        return 2.0 if (self.site, self.calls) == (1, 17) else STEP
+
+
+def test_a_site_whose_first_step_would_end_past_its_round_goes_to_the_sync_without_it():
+    """T = 0.5 s, 16 steps of 4 tokens per site a round. Site 1 skips its step at the start of round 2: that
+    round is site 0's 64 tokens alone and site 1 waits at its sync; the other rounds have 128. 448 tokens are
+    4 rounds: site 0 trains 64 steps and site 1 48, and they end with one global model."""
+    config = _config(**{"run.tokens": 448, "outer.sync_every_seconds": 0.5})
+    runs = run_sites(config, step_seconds=STEP, pace=_SlowFirstStep)
+    first, second = (r.figures for r in runs)
+    assert (first["steps_trained"], second["steps_trained"]) == (64, 48)
+    assert first["outer_rounds"] == second["outer_rounds"] == 4
+    assert runs[0].result.tokens == runs[1].result.tokens == 448
+    # each site's virtual clock counts its own time (not its waits for a peer): site 1 spent none on round 2
+    assert first["wall_seconds"] == 2.0 and second["wall_seconds"] == second["compute_seconds"] == 48 * STEP
+    assert runs[0].result.params_sha256 == runs[1].result.params_sha256
+
+
+def test_only_a_round_without_steps_skips_and_only_a_step_ending_past_half_of_it():
+    rounds = TimedRounds(seconds=1.0, budget_tokens=10**6, site_pg=None, workers=1, lag=0)
+    now = [0.0]
+    rounds.begin(lambda: now[0], step_tokens=4)
+    assert not rounds.skip_step(0.0, 2.0)  # ends 1 s past the round's end, but only half of it: 0 + 1 = 1
+    assert rounds.skip_step(0.0, 2.0 + 1e-9)
+    now[0] = 0.25
+    assert rounds.due(last=False) and rounds.round_steps == 0  # the skipped step ends the round, uncounted
+    rounds.end_round()
+    assert rounds.round_start == 0.25
+    assert not rounds.skip_step(0.25, 0.1)
+    now[0] = 1.0
+    assert not rounds.due(last=False) and rounds.round_steps == 1
+    assert not rounds.skip_step(1.0, 10.0)  # it has trained in this round: it finishes the step as usual
 
 
 def test_time_based_rounds_and_speeds_are_checked():

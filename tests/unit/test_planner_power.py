@@ -193,6 +193,18 @@ def test_a_heal_of_at_most_half_a_round_goes_in_the_background(monkeypatch):
     assert heal > 0.5 and out == blocking
 
 
+def test_a_returning_site_whose_first_step_would_end_past_its_round_goes_to_the_sync_without_it():
+    # rounds of 1 s, no link (syncs and healing take no time); site1's power is out from 2 s to 4 s. It leaves
+    # at 2 s, asks to join a round early (3 s), is admitted at the boundary at 3 s, and its power returns at 4 s,
+    # the end of its first round: a step then would end 0.25 s past it, more than half a step, so it goes to
+    # that sync without it (train: TimedRounds.skip_step). site0 never waits for it, and the 48-step budget
+    # ends at 7 s with 28 + 20 steps (with the step, both would wait for it: 7.25 s).
+    out = predict_power_run(outage_config(**{"outer.sync_every_seconds": 1.0}), step_seconds=[0.25, 0.25])
+    on, off = out.per_site
+    assert out.wall_seconds == 7.0 and (on.steps, off.steps) == (28, 20)
+    assert on.utilization == 1.0 and off.away_seconds == 2.0
+
+
 def test_with_min_sites_the_sync_waits_for_the_site_to_come_back():
     # site1 leaves at 2 s; site0 computes round 3 alone, its sync's quorum waits until site1 is back at 4 s, and
     # both train rounds 4 to 6

@@ -282,9 +282,11 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
     sites = [_Site() for _ in range(k)]
     played = 0
 
-    def step(i: int) -> bool:
+    def step(i: int, round_end: float | None = None) -> bool | None:
         """Site i computes one inner step from its clock; False when its power cannot keep it training (it has
-        left the run)."""
+        left the run); None when it goes to the sync of its time-based round ending at ``round_end`` without the
+        step (``TimedRounds.skip_step``: none trained in the round yet, and the step would end more than half of
+        it past the round's end)."""
         nonlocal played
         played += 1
         if played > MAX_SITE_STEPS:
@@ -310,6 +312,9 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                 s.power_offs += 1
                 return False
             factor *= sp.active
+            if (round_end is not None and work is not None and s.round_steps == 0
+                    and s.t + work / sp.active / 2 > round_end):
+                return None
         duration = c[i] / factor
         s.compute += c[i]
         s.throttled += duration - c[i]
@@ -367,7 +372,7 @@ def predict_power_run(config: Config | PlanSpec, *, step_seconds: Sequence[float
                 start = sites[i].t if sites[i].round_from is None else sites[i].round_from
                 sites[i].round_from = None
                 while True:
-                    if not step(i):
+                    if not step(i, start + length):
                         break
                     if sites[i].t - start >= length:
                         break

@@ -280,25 +280,32 @@ def train_loop(
                 timer.throttled += timer.now() - t_wait
         if (t_on := pace.take_power_on()) is not None:
             recorder.write("power_on", site=site, wall_s=t_on, grid_hours=pace.power.grid_seconds(t_on) / 3600)
-        t0 = timer.now()
-        wait_before = comm.stats.wait_seconds
-        batch = next(workload.batches)
-        with autocast:
-            loss = workload.loss(module, batch)
-        loss.backward()  # DDP or FSDP average the gradients inside the site meanwhile
-        strategy.reduce_gradients()  # ddp across sites: the cross-site all-reduce; others: nothing
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize()
-        compute = timer.now() - t0 - (comm.stats.wait_seconds - wait_before)
-        timer.compute += compute
-        hold = pace.hold(compute)  # a slower or power-capped site: the step lasts compute / its speed factor
-        if hold > 0:
-            comm.clock.sleep_until(timer.now() + hold)
-            timer.throttled += hold
-        compute_end = timer.wall() + wall_offset
+        # time-based rounds: a round this site has not trained in yet, which ends before its step could (back
+        # from an outage, the ramp slowing its first step), goes to the sync without it
+        skipped = pace.step is not None and strategy.skip_step(pace.t_step, pace.step_seconds())
+        if skipped:
+            loss = None
+            compute_end = pace.t_step
+        else:
+            t0 = timer.now()
+            wait_before = comm.stats.wait_seconds
+            batch = next(workload.batches)
+            with autocast:
+                loss = workload.loss(module, batch)
+            loss.backward()  # DDP or FSDP average the gradients inside the site meanwhile
+            strategy.reduce_gradients()  # ddp across sites: the cross-site all-reduce; others: nothing
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize()
+            compute = timer.now() - t0 - (comm.stats.wait_seconds - wait_before)
+            timer.compute += compute
+            hold = pace.hold(compute)  # a slower or power-capped site: the step lasts compute / its speed factor
+            if hold > 0:
+                comm.clock.sleep_until(timer.now() + hold)
+                timer.throttled += hold
+            compute_end = timer.wall() + wall_offset
 
         last = step == steps - 1
         comm.round = strategy.outer_rounds
@@ -306,12 +313,12 @@ def train_loop(
         scheduler.step()  # the next step's learning rate (time-based rounds: from the tokens counted just now)
         last = last or strategy.finished
         state.step = step
-        state.trained += 1
+        state.trained += 0 if skipped else 1
         pace.end_step(compute_end, timer.wall() + wall_offset)
 
         run_tokens = strategy.run_tokens()
         tokens_all = (step + 1) * workload.tokens_per_batch * world if run_tokens is None else int(run_tokens)
-        if step % config.run.log_every == 0 or last:
+        if loss is not None and (step % config.run.log_every == 0 or last):
             recorder.step(step=step, tokens=tokens_all // config.run.sites, loss=float(loss.detach()),
                           lr=scheduler.get_last_lr()[0], timer=timer, comm=comm, outer_rounds=strategy.outer_rounds,
                           site=site, trained_tokens=state.trained * step_tokens,

@@ -143,6 +143,12 @@ class Pace:
             return 0.0
         return statistics.median(self.works) / self.speed
 
+    def step_seconds(self) -> float:
+        """How long the step just begun (:meth:`begin_step`) is expected to last: its work at full power over
+        the share of power it runs at; 0 while the work is not known yet."""
+        active = self.step.active if self.step is not None else 1.0
+        return self.work() / active if active > 0 else 0.0
+
     def take_power_on(self) -> float | None:
         """When the site's power returned, if it did since the last call (else None)."""
         t, self.powered_on = self.powered_on, None

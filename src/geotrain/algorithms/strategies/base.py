@@ -55,6 +55,13 @@ class Strategy:
         of this site trains; the round began at ``round_start`` on that clock (None: now). Time-based rounds
         read them; other methods ignore them."""
 
+    def skip_step(self, now: float, step_seconds: float) -> bool:
+        """Before a step that starts at ``now`` (the training clock) and is expected to last ``step_seconds``:
+        whether the site goes to the round's sync without it. If so, the next :meth:`after_inner_step` ends the
+        round with no step counted. Only time-based rounds skip (a round the site has not trained in, which ends
+        before the step would be half done); other methods never do."""
+        return False
+
     @property
     def finished(self) -> bool:
         """The method ended the run at this sync point (time-based rounds reach the token budget)."""

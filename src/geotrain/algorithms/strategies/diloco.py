@@ -76,6 +76,9 @@ class DiLoCoStrategy(Strategy):
         if self.timed is not None:
             self.timed.begin(wall, step_tokens, round_start=round_start)
 
+    def skip_step(self, now: float, step_seconds: float) -> bool:
+        return self.timed is not None and self.timed.skip_step(now, step_seconds)
+
     def after_inner_step(self, step: int, *, last: bool) -> bool:
         if self.timed is not None:
             if not self.timed.due(last=last):

@@ -76,6 +76,8 @@ class TimedRounds:
         """Sites of the run: before any sum is counted, every site is taken to train as this one does."""
         self.rounds = 0
         self.finished = False
+        self.skipping = False
+        """The coming step is skipped (:meth:`skip_step`): the round ends without it."""
 
     def begin(self, wall: Callable[[], float], step_tokens: int, *, round_start: float | None = None) -> None:
         """The loop's training clock and the tokens one inner step of this site trains. A round starts now (a
@@ -84,12 +86,26 @@ class TimedRounds:
         self.wall, self.step_tokens = wall, int(step_tokens)
         self.round_start, self.round_steps = (wall() if round_start is None else float(round_start)), 0
 
+    def skip_step(self, now: float, step_seconds: float) -> bool:
+        """Before a step that starts at ``now`` and is expected to last ``step_seconds``: a site that has not
+        trained in this round yet goes to the sync without the step when the step would end more than half of
+        it past the round's end (a site back from an outage, its power returning near the round's end and its
+        first step slowed by the ramp: the members would wait for that step). The next :meth:`due` then ends
+        the round with no step counted. ``now`` and ``step_seconds`` are the site's agreed figures
+        (``Pace.begin_step``), so its workers decide alike."""
+        assert self.round_start is not None, "begin() first"
+        self.skipping = (self.round_steps == 0 and step_seconds > 0
+                         and now + step_seconds / 2 > self.round_start + self.length)
+        return self.skipping
+
     def due(self, *, last: bool) -> bool:
-        """Called after every inner step: does the round end now? (The same answer on all the site's workers.)"""
+        """Called after every inner step (or a skipped one, :meth:`skip_step`): does the round end now? (The same
+        answer on all the site's workers.)"""
         assert self.wall is not None, "begin() first"
         assert self.round_start is not None
-        self.round_steps += 1
-        over = last or self.wall() - self.round_start >= self.length
+        stepped, self.skipping = not self.skipping, False
+        self.round_steps += int(stepped)
+        over = last or not stepped or self.wall() - self.round_start >= self.length
         if self.workers > 1:
             flag = torch.tensor([1.0 if over else 0.0])
             self.site_pg.allreduce([flag]).wait()  # a sum: the round ends if any worker's clock says so
