@@ -160,7 +160,8 @@ def examples(out: Path, repeats: int = 1) -> tuple[str, list[Path]]:
     rows = ["| example | max draw - cap (MW) | max ramp / limit | training time lost to setpoints under the cap (ramp, "
             "a draw held to the step's end) | power used (B) | "
             "B, against the trace under its ramp limit | energy, summary (MWh) | logged-draw integral / energy (E) | "
-            "wall (s) | predicted wall (s) | predicted energy (MWh) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "wall (s) | predicted wall (s) | predicted energy (MWh) | one model at the end |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     plots = []
     used: dict[str, list[float]] = {}
     used_ramp: dict[str, list[float]] = {}
@@ -178,9 +179,9 @@ def examples(out: Path, repeats: int = 1) -> tuple[str, list[Path]]:
                     f"{c['tokens_trained'] / c['tokens_allowed']:.3f} | "
                     f"{c['tokens_trained'] / c['tokens_allowed_ramp']:.3f} | {s.get('energy_mwh') or math.nan:,.1f} | "
                     f"{ratio:.4f} | {s['wall_seconds']:.1f} | {pw if pw is None else f'{pw:.1f}'} | "
-                    f"{pe if pe is None else f'{pe:,.1f}'} |")
+                    f"{pe if pe is None else f'{pe:,.1f}'} | {_in_sync(s)} |")
         if isinstance(p, dict) and "error" in p:
-            rows.append(f"|  | planner: {p['error']} | | | | | | | | | |")
+            rows.append(f"|  | planner: {p['error']} | | | | | | | | | | |")
         if rep == 0:
             plots.append(plot_power(where, RESULTS / f"power-{path.stem}.png"))
     if repeats > 1:
@@ -191,6 +192,11 @@ def examples(out: Path, repeats: int = 1) -> tuple[str, list[Path]]:
         rows.append("Against the trace under its ramp limit: " + ", ".join(
             f"{name} {statistics.median(v):.3f} (range {min(v):.3f}-{max(v):.3f})" for name, v in used_ramp.items()))
     return "\n".join(rows), plots
+
+
+def _in_sync(summary: dict[str, Any]) -> str:
+    """Whether the sites that finished hold one model (``summary.json``'s ``sites_in_sync``)."""
+    return {True: "yes", False: "**no**"}.get(summary.get("sites_in_sync"), "n/a")
 
 
 def plot_power(where: Path, dest: Path) -> Path:
@@ -218,8 +224,8 @@ def hetero(out: Path, seeds: list[int]) -> str:
         "hetero-timed-5s": {"run.site_speeds": [1.0, 0.25], "outer.sync_every_seconds": 5.0},
     }
     rows = ["| run | seed | site speeds | rounds | fast site idle: comm wait / wall | fast site idle, waits inside "
-            "evaluations too | slow site idle | wall (s) | tokens | eval loss | loss / homogeneous |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "evaluations too | slow site idle | wall (s) | tokens | eval loss | loss / homogeneous | one model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios: dict[str, list[float]] = {}
     for seed in seeds:
         base = None
@@ -239,7 +245,7 @@ def hetero(out: Path, seeds: list[int]) -> str:
             rows.append(f"| {name} | {seed} | {extra.get('run.site_speeds', [1, 1])} | "
                         f"{'T = 5 s' if 'outer.sync_every_seconds' in extra else 'H = 50'} | {idle[0]:.3f} | "
                         f"{1 - busy / elapsed:.3f} | {idle[1]:.3f} | {s['wall_seconds']:.1f} | {s['tokens']:,} | "
-                        f"{s['eval_loss']:.4f} | {s['eval_loss'] / base:.3f} |")
+                        f"{s['eval_loss']:.4f} | {s['eval_loss'] / base:.3f} | {_in_sync(s)} |")
     rows += ["", "Median loss / homogeneous over seeds: " + ", ".join(
         f"{name} {statistics.median(v):.3f} ({len(v)} seed{'s' if len(v) > 1 else ''})" for name, v in ratios.items())]
     return "\n".join(rows)

@@ -58,6 +58,17 @@ def test_time_based_rounds_take_the_steps_each_site_managed(overlap):
     assert fast.result.params_sha256 == slow.result.params_sha256  # one global model
 
 
+def test_sites_of_unequal_speed_apply_the_outer_warm_up_in_the_same_rounds():
+    """Plain averaging for the first warmup_steps // H rounds (48 // 16: 3), on every site: their own step
+    counts differ (16 and 4 a round), so a warm-up read from them would make the sites apply different outer
+    steps and end with different models."""
+    config = _config(**{"run.tokens": 800, "outer.sync_every": 16, "outer.sync_every_seconds": 0.5,
+                        "outer.warmup_steps": 48})
+    fast, slow = run_sites(config, step_seconds=STEP, pace=_paced([1.0, 0.25]))
+    assert fast.figures["outer_rounds"] == slow.figures["outer_rounds"] == 10
+    assert fast.result.params_sha256 == slow.result.params_sha256
+
+
 def test_a_budget_between_rounds_shortens_the_last_round():
     """760 tokens: 9 rounds of 80, then a round of half the time (8 + 2 steps, 40 tokens)."""
     config = _config(**{"run.tokens": 760, "outer.sync_every_seconds": 0.5})

@@ -272,3 +272,31 @@ def test_teardown_leaves_nothing(how, tmp_path):
                 if _alive(pid):
                     os.kill(pid, signal.SIGKILL)
         clean_stale()
+
+
+@needs_lab
+@pytest.mark.timeout(300)
+def test_a_site_cut_off_on_the_real_links_for_10_s_is_dropped_and_healed_back_in(tmp_path):
+    """Issue C of the lab: ``partition`` cuts site 1's real links (and its path to the coordinator) 3 s into
+    training and ``heal`` restores them 10 s later. The coordinator drops it when its heartbeats stop, site 0
+    trains on, site 1 finds itself dropped, joins again over the real links and is healed; the run ends with
+    exit 0, both sites holding one model. Steps take at least 50 ms, so the 600-step run outlasts the fault."""
+    from _utils.runs import tiny_config
+    from _utils.workloads import floored_workload
+    from geotrain.faults import parse_fault
+    from geotrain.train.launch import launch
+
+    config = tiny_config(tmp_path / "run", **{
+        "run.sites": 2, "wan.link": "100mbit/5ms", "outer.sync_every": 20, "run.tokens": 2 * 4 * 32 * 600,
+        "membership.heartbeat_s": 0.2, "membership.heartbeat_timeout_s": 3.0, "checkpoint.every_rounds": 0})
+    faults = [parse_fault("partition:1@3s"), parse_fault("heal:1@13s")]
+    with Lab(sites=2, links=lab_links(config.topology())) as lab:
+        outcome = launch(config, workload_factory=floored_workload, factory_kwargs={"floor_s": 0.05},
+                         progress=False, faults=faults, lab=lab)
+    s = outcome.summary
+    assert outcome.exit_code == 0 and s["ok"] is True, s.get("error")
+    left = [e for e in s["membership"] if e["kind"] == "left"]
+    assert [e["site"] for e in left] == [1] and "no heartbeat" in left[0]["reason"]
+    assert [e["site"] for e in s["membership"] if e["kind"] == "healed"] == [1]
+    assert s["sites_in_sync"] is True
+    assert _leftovers(os.getpid()) == []

@@ -18,10 +18,11 @@ run forward step by step, with the definitions training uses:
   until it lands. An overlapped one travels during the next round: each site waits at the end of that round for
   it to land, and the next sync starts once the link is free (it carries one sync at a time). The last sync
   of a run has nothing to hide behind. With time-based rounds (``outer.sync_every_seconds``) each site trains
-  for T seconds of its own clock, ends the round at the first step past T, and the round's tokens are the
-  steps each live site managed; when the run ends and how long a shortened last round lasts is the rule
-  training uses (``geotrain.algorithms.diloco.timed_round_length``), counting a blocking round at once and an
-  overlapped one a round later.
+  for T seconds of its own clock, ends the round at the first step past T (a site that has not trained in the
+  round skips a step that would end more than half of it past the round's end: ``TimedRounds.skip_step``), and
+  the round's tokens are the steps each live site managed; when the run ends and how long a shortened last
+  round lasts is the rule training uses (``geotrain.algorithms.diloco.timed_round_length``), counting a
+  blocking round at once and an overlapped one a round later.
 * **Outages.** A step whose setpoint cannot keep the site training (``on`` False) is not computed: the site
   leaves (``leave``), the others go on without it, and its work since the last sync is not part of that sync.
   It asks to join again ``geotrain.power.rejoin_lead_seconds`` before its power returns at ``back_at`` (with
@@ -34,9 +35,8 @@ run forward step by step, with the definitions training uses:
   with time-based rounds and a heal of at most half a round, while the members train on
   (``geotrain.membership.heal``: the joiner's round is theirs, the healer's next sync starts after the
   transfer), and it trains on from the run's step, its first step waiting for ``back_at`` if the power is
-  not back yet. It
-  is powered again (``rejoin``, drawing idle) at ``back_at``. With fewer live sites than ``membership.min_sites`` a sync's quorum waits
-  until enough are back. A site whose power never comes back stays out; if every site is out, the run waits
+  not back yet. It is powered again (``rejoin``, drawing idle) at ``back_at``. With fewer live sites than
+  ``membership.min_sites`` a sync's quorum waits until enough are back. A site whose power never comes back stays out; if every site is out, the run waits
   for the first one back, which goes on alone without healing.
 
 Left out: the re-forming of the cross-site group (round trips to the coordinator, which an emulated run on one

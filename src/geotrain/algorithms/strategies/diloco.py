@@ -83,9 +83,14 @@ class DiLoCoStrategy(Strategy):
         if self.timed is not None:
             if not self.timed.due(last=last):
                 return False
+            # the outer warm-up in rounds, a count every site shares (its own step index is not shared: sites
+            # step at their own pace): the first warmup_steps // H rounds, which H-step rounds would also be
+            plain = self.outer_rounds < self.warmup_steps // self.sync_every
         elif (step + 1) % self.sync_every and not last:
             return False
-        self._end_round(last=last, plain=step < self.warmup_steps)
+        else:
+            plain = step < self.warmup_steps  # the rounds that end within the warm-up's inner steps
+        self._end_round(last=last, plain=plain)
         return True
 
     @property
