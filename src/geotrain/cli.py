@@ -180,6 +180,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = outcome.out
     for f in outcome.summary.get("failures") or []:
         print(f"warning: site {f['site']} failed and left the run: {f['message']}", file=sys.stderr)
+    if outcome.summary.get("sites_in_sync") is False:  # every method ends with one global model: a bug if not
+        print("warning: the sites that finished hold different models (their parameters' SHA-256 differ: see the "
+              "done records in sites/*.jsonl); the run's eval loss mixes them", file=sys.stderr)
     if outcome.exit_code == 0:
         print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'} and {out / 'report.html'}")
     else:

@@ -303,3 +303,16 @@ def test_a_whole_former_plan_file_is_refused_at_its_first_old_key(tmp_path, caps
     code, out, err = cli(["plan", "--config", str(path), "--json"], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert any(_MOVED[k] in err for k in ("algorithm", "link", "question", "model.tokens")), err
+
+
+def test_run_warns_when_the_sites_end_with_different_models(tmp_path, capsys, monkeypatch):
+    import geotrain.train.launch
+    from geotrain.train.launch import RunOutcome
+
+    summaries = iter([{"ok": True, "sites_in_sync": False}, {"ok": True, "sites_in_sync": True}])
+    monkeypatch.setattr(geotrain.train.launch, "launch",
+                        lambda config, **kw: RunOutcome(summary=next(summaries), exit_code=0, out=tmp_path))
+    _, _, err = cli(["run", "--quiet", "--out", str(tmp_path / "a")], capsys)
+    assert "different models" in err
+    _, _, err = cli(["run", "--quiet", "--out", str(tmp_path / "b")], capsys)
+    assert "different models" not in err

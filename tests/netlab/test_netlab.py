@@ -280,14 +280,14 @@ def test_a_site_cut_off_on_the_real_links_for_10_s_is_dropped_and_healed_back_in
     """Issue C of the lab: ``partition`` cuts site 1's real links (and its path to the coordinator) 3 s into
     training and ``heal`` restores them 10 s later. The coordinator drops it when its heartbeats stop, site 0
     trains on, site 1 finds itself dropped, joins again over the real links and is healed; the run ends with
-    exit 0, both sites holding one model. Steps take at least 50 ms, so the 600-step run outlasts the fault."""
+    exit 0, both sites holding one model. Steps take at least 50 ms, so the 450-step run outlasts the fault."""
     from _utils.runs import tiny_config
     from _utils.workloads import floored_workload
     from geotrain.faults import parse_fault
     from geotrain.train.launch import launch
 
     config = tiny_config(tmp_path / "run", **{
-        "run.sites": 2, "wan.link": "100mbit/5ms", "outer.sync_every": 20, "run.tokens": 2 * 4 * 32 * 600,
+        "run.sites": 2, "wan.link": "100mbit/5ms", "outer.sync_every": 20, "run.tokens": 2 * 4 * 32 * 450,
         "membership.heartbeat_s": 0.2, "membership.heartbeat_timeout_s": 3.0, "checkpoint.every_rounds": 0})
     faults = [parse_fault("partition:1@3s"), parse_fault("heal:1@13s")]
     with Lab(sites=2, links=lab_links(config.topology())) as lab:
