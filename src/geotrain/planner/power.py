@@ -36,8 +36,8 @@ run forward step by step, with the definitions training uses:
   (``geotrain.membership.heal``: the joiner's round is theirs, the healer's next sync starts after the
   transfer), and it trains on from the run's step, its first step waiting for ``back_at`` if the power is
   not back yet. It is powered again (``rejoin``, drawing idle) at ``back_at``. With fewer live sites than
-  ``membership.min_sites`` a sync's quorum waits until enough are back. A site whose power never comes back stays out; if every site is out, the run waits
-  for the first one back, which goes on alone without healing.
+  ``membership.min_sites`` a sync's quorum waits until enough are back. A site whose power never comes back
+  stays out; if every site is out, the run waits for the first one back, which goes on alone without healing.
 
 Left out: the re-forming of the cross-site group (round trips to the coordinator, which an emulated run on one
 machine does not pay over its emulated links), evaluation and checkpoints, and noise. Streaming DiLoCo, whose
@@ -61,8 +61,8 @@ from typing import Any
 from geotrain.algorithms.diloco import timed_round_length
 from geotrain.config import Config
 from geotrain.errors import ConfigError
-from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
 from geotrain.membership.heal import heals_in_background
+from geotrain.planner.model import PlanSpec, plan_spec, resolve, site_step_seconds, sync_comm
 from geotrain.planner.simulate import heal_seconds, heal_state_bytes
 from geotrain.power import rejoin_lead_seconds, site_controllers
 from geotrain.train.pace import WORK_MIN
