@@ -227,6 +227,7 @@ def hetero(out: Path, seeds: list[int]) -> str:
             "evaluations too | slow site idle | wall (s) | tokens | eval loss | loss / homogeneous | one model |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios: dict[str, list[float]] = {}
+    bars: list[tuple[str, list[dict[str, Any]], float]] = []  # (run, its per-site entries, loss / homogeneous)
     for seed in seeds:
         base = None
         for name, extra in variants.items():
@@ -242,13 +243,57 @@ def hetero(out: Path, seeds: list[int]) -> str:
             busy = float(fast["compute_seconds"]) + float(fast.get("throttled_seconds") or 0.0)
             base = base or s["eval_loss"]
             ratios.setdefault(name, []).append(s["eval_loss"] / base)
+            bars.append((tag, [sites[0], sites[1]], s["eval_loss"] / base))
             rows.append(f"| {name} | {seed} | {extra.get('run.site_speeds', [1, 1])} | "
                         f"{'T = 5 s' if 'outer.sync_every_seconds' in extra else 'H = 50'} | {idle[0]:.3f} | "
                         f"{1 - busy / elapsed:.3f} | {idle[1]:.3f} | {s['wall_seconds']:.1f} | {s['tokens']:,} | "
                         f"{s['eval_loss']:.4f} | {s['eval_loss'] / base:.3f} | {_in_sync(s)} |")
     rows += ["", "Median loss / homogeneous over seeds: " + ", ".join(
         f"{name} {statistics.median(v):.3f} ({len(v)} seed{'s' if len(v) > 1 else ''})" for name, v in ratios.items())]
+    plot = plot_hetero(bars, RESULTS / "power-hetero.png")
+    rows += ["", f"![{plot.stem}]({plot.name})"]
     return "\n".join(rows)
+
+
+def plot_hetero(bars: list[tuple[str, list[dict[str, Any]], float]], dest: Path) -> Path:
+    """Where each site's wall time went in each heterogeneous run (compute, held back, waiting on the network,
+    the rest), and its eval loss relative to the homogeneous run of its seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.5 * 2 * len(bars) + 1.6),
+                                      gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
+    labels, y = [], 0.0
+    parts = (("compute_seconds", "compute", "tab:blue"), ("throttled_seconds", "held back (speed)", "lightsteelblue"),
+             ("comm_seconds", "waiting on the network", "tab:orange"))
+    for tag, per_site, ratio in bars:
+        for k, site in enumerate(per_site):
+            wall = float(site["wall_seconds"])
+            x = 0.0
+            for key, label, colour in parts:
+                share = float(site.get(key) or 0.0) / wall
+                left.barh(y, share, left=x, color=colour, label=label if y == 0 else None)
+                x += share
+            left.barh(y, max(0.0, 1 - x), left=x, color="0.85", label="the rest" if y == 0 else None)
+            labels.append(f"{tag} · site {k}")
+            y += 1
+        right.barh(y - 1.5, ratio, height=1.6, color="tab:green" if ratio <= 1.03 else "tab:red")
+        right.text(ratio, y - 1.5, f" {ratio:.3f}", va="center", fontsize=8)
+    left.set_yticks(range(len(labels)), labels, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlim(0, 1)
+    left.set_xlabel("share of the site's wall time")
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=4)
+    left.set_title("Speeds [1, 0.25]: where each site's time went")
+    right.axvline(1.03, color="black", linestyle="--", linewidth=0.8)
+    right.set_xlabel("eval loss / homogeneous\n(dashed: 1.03)")
+    right.set_xlim(0.7, 1.15)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
 
 
 # -- swings --------------------------------------------------------------------------------------------------
