@@ -288,7 +288,7 @@ def test_a_site_cut_off_on_the_real_links_for_10_s_is_dropped_and_healed_back_in
 
     config = tiny_config(tmp_path / "run", **{
         "run.sites": 2, "wan.link": "100mbit/5ms", "outer.sync_every": 20, "run.tokens": 2 * 4 * 32 * 450,
-        "membership.heartbeat_s": 0.2, "membership.heartbeat_timeout_s": 3.0, "checkpoint.every_rounds": 0})
+        "membership.heartbeat_s": 0.2, "membership.heartbeat_timeout_s": 5.0, "checkpoint.every_rounds": 0})
     faults = [parse_fault("partition:1@3s"), parse_fault("heal:1@13s")]
     with Lab(sites=2, links=lab_links(config.topology())) as lab:
         outcome = launch(config, workload_factory=floored_workload, factory_kwargs={"floor_s": 0.05},
