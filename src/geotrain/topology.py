@@ -4,16 +4,18 @@ A *link* is a bandwidth (bits per second) and a one-way latency (seconds). Links
 network engineers write them for ``tc``: ``10mbit/50ms``, ``1gbit/30ms``, ``2.5gbit/0.08s``. The string
 ``none`` means "no emulated link": collectives run at the speed of the real transport.
 
-Ring collectives over those links (K sites, payload S bytes per site):
+What a collective costs over those links (K sites, payload S bytes per site) is what gloo's TCP transport
+does with it, as the network lab measured it (``benchmarks/netlab_bench.py``; the README's "Rehearsing a
+deployment in the network lab"):
 
-* ring all-reduce (reduce-scatter then all-gather): 2(K-1) steps; in each step every site sends one chunk of
-  S/K bytes to its ring neighbour. Each site sends 2(K-1)/K * S bytes. A step lasts as long as the slowest
-  link of the ring takes to carry one chunk: latency + chunk / bandwidth.
-* ring all-gather of one payload per site: K-1 steps of one payload each; each site sends (K-1) * S bytes.
-* reduce-scatter of a payload cut into K equal chunks (chunk j goes to site j): K-1 steps of one chunk each,
-  as the first half of the ring all-reduce; each site sends (K-1)/K * S bytes. geotrain's compressed
-  all-reduce is this followed by an all-gather of one reduced chunk per site, so it costs exactly what a ring
-  all-reduce of the encoded payload costs.
+* every message waits for its receiver to announce a buffer (one latency) before its bytes leave; they go on
+  the wire with one set of TCP/IP headers per 1448-byte segment, and the last arrives a latency later;
+* all-to-all of S cut into one chunk per site (the first half of geotrain's reduce-scatter pattern): every
+  pair exchanges its chunks over its own link at the same time, so it lasts one message of S/K over the
+  slowest pair; each site sends (K-1)/K * S bytes;
+* ring all-gather of one payload per site: K-1 steps, each payload sent in two halves with two messages in
+  flight; each site sends (K-1) * S bytes. geotrain's compressed all-reduce is an all-to-all of the encoded
+  payload followed by an all-gather of one reduced chunk per site.
 
 ``streams`` is the number of parallel workers of one site that share that site's link (workers per site):
 each stream gets ``bandwidth / streams``.
@@ -33,18 +35,22 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "CollectiveCost",
+    "HEADER_BYTES",
     "LINK_PRESETS",
+    "MSS_BYTES",
     "Link",
     "Topology",
+    "all_to_all",
     "format_bandwidth",
     "format_latency",
+    "message_seconds",
     "parse_bandwidth",
     "parse_latency",
     "parse_link",
     "point_to_point",
     "ring_all_gather",
-    "ring_all_reduce",
-    "ring_reduce_scatter",
+    "serialise_seconds",
+    "wire_bytes",
 ]
 
 # Multipliers to bits per second. Only bit-based units: "bps" is ambiguous (tc reads it as bytes/s,
@@ -155,10 +161,6 @@ class Link:
         if not (0 <= self.latency_s <= MAX_LATENCY):
             raise ValueError(f"link latency must lie between 0 and {MAX_LATENCY:g} s, got {self.latency_s!r} s")
 
-    def transfer_seconds(self, nbytes: float) -> float:
-        """Time for one message of ``nbytes`` to cross this link: latency plus serialisation."""
-        return self.latency_s + 8.0 * nbytes / self.bandwidth_bps
-
     def __str__(self) -> str:
         return f"{format_bandwidth(self.bandwidth_bps)}/{format_latency(self.latency_s)}"
 
@@ -263,6 +265,11 @@ class Topology:
             return []
         return [self.link(order[i], order[(i + 1) % len(order)]) for i in range(len(order))]
 
+    def pairs(self, members: list[int] | None = None) -> list[Link | None]:
+        """The links between every two of ``members`` (all sites by default), as an all-to-all uses them."""
+        order = list(range(self.sites)) if members is None else list(members)
+        return [self.link(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
+
     def slowed(self, factors: dict[int, float]) -> Topology:
         """This topology with the links of each site ``k`` in ``factors`` carrying ``factors[k]`` times fewer
         bits per second (a congested or throttled site; a pair of slowed sites takes the larger factor)."""
@@ -296,47 +303,76 @@ class CollectiveCost:
     """Latency-bound steps of the pattern."""
 
 
-def _step_seconds(links: Sequence[Link | None], chunk_bytes: float, streams: int) -> float:
-    worst = 0.0
-    for link in links:
-        if link is None:
-            continue
-        worst = max(worst, link.latency_s + 8.0 * chunk_bytes * streams / link.bandwidth_bps)
-    return worst
+MSS_BYTES = 1448
+"""Payload bytes in one full TCP segment on an Ethernet-MTU path: 1500 less the IPv4 (20), TCP (20) and TCP
+timestamp option (12) headers, Linux's default."""
+HEADER_BYTES = 52
+"""Headers each packet carries on the wire (IPv4, TCP, timestamps)."""
 
 
-def ring_all_reduce(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
-    """Ring all-reduce of ``nbytes`` per site over the ring ``links`` (one link per ring hop)."""
-    k = len(links)
-    if k < 2 or nbytes == 0:
-        return CollectiveCost(0.0, 0, 0)
-    chunk = nbytes / k
-    steps = 2 * (k - 1)
-    sent = int(round(steps * chunk))
-    return CollectiveCost(steps * _step_seconds(links, chunk, streams), sent, steps)
+def wire_bytes(nbytes: float) -> float:
+    """What ``nbytes`` of payload occupy on the link: the payload and one set of headers per segment."""
+    return nbytes + HEADER_BYTES * math.ceil(nbytes / MSS_BYTES)
+
+
+def serialise_seconds(nbytes: float, link: Link, streams: int = 1) -> float:
+    """Time the link needs to put ``nbytes`` of payload (headers included) on the wire, ``streams`` sharing it."""
+    return 8.0 * wire_bytes(nbytes) * streams / link.bandwidth_bps
+
+
+def message_seconds(nbytes: float, link: Link | None, *, streams: int = 1) -> float:
+    """One gloo message of ``nbytes`` when sender and receiver post it at the same moment: gloo's TCP transport
+    sends nothing until the receiver has announced its buffer, so the announcement crosses the link first (one
+    latency), then the bytes are serialised and the last one arrives a latency later."""
+    if link is None or nbytes == 0:
+        return 0.0
+    return 2 * link.latency_s + serialise_seconds(nbytes, link, streams)
+
+
+def _gloo_ring_all_gather_seconds(nbytes: int, sites: int, link: Link, streams: int) -> float:
+    """gloo's ring all-gather: each payload travels in two halves, two messages in flight. Message ``i`` is
+    posted when message ``i - 2`` has arrived (it forwards what arrived); it leaves once the neighbour's
+    announcement is in (a latency after the neighbour posted, at the same moment by symmetry) and the message
+    before it has left the link; it arrives a latency after it left."""
+    halves = (nbytes // 2, nbytes - nbytes // 2)
+    arrived: list[float] = []
+    link_free = 0.0
+    for i in range(2 * (sites - 1)):
+        posted = arrived[i - 2] if i >= 2 else 0.0
+        start = max(posted + link.latency_s, link_free)
+        link_free = start + serialise_seconds(halves[i & 1], link, streams)
+        arrived.append(link_free + link.latency_s)
+    return arrived[-1]
 
 
 def ring_all_gather(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
-    """Ring all-gather where every site contributes a payload of ``nbytes``."""
+    """Ring all-gather where every site contributes a payload of ``nbytes``: K-1 steps, each site sending one
+    payload per step to its ring neighbour, as gloo runs it (:func:`_gloo_ring_all_gather_seconds`). A ring of
+    unequal links lasts as long as it would with its slowest link everywhere."""
     k = len(links)
     if k < 2 or nbytes == 0:
         return CollectiveCost(0.0, 0, 0)
     steps = k - 1
-    return CollectiveCost(steps * _step_seconds(links, nbytes, streams), steps * nbytes, steps)
+    seconds = max((_gloo_ring_all_gather_seconds(nbytes, k, link, streams) for link in links if link is not None),
+                  default=0.0)
+    return CollectiveCost(seconds, steps * nbytes, steps)
 
 
-def ring_reduce_scatter(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
-    """Reduce-scatter of ``nbytes`` per site, cut into one chunk per site: K-1 steps of one chunk each."""
-    k = len(links)
-    if k < 2 or nbytes == 0:
+def all_to_all(nbytes: int, pairs: Sequence[Link | None], *, sites: int, streams: int = 1) -> CollectiveCost:
+    """All-to-all of ``nbytes`` per site cut into one chunk per site (chunk j goes to site j): the first half of
+    geotrain's reduce-scatter pattern. gloo posts every send and receive at once, so each pair's chunks cross
+    the pair's own link together, and the collective lasts as long as the slowest pair takes for one chunk.
+    ``pairs``: the links between every two of the ``sites`` (``Topology.pairs``). Each site sends (K-1)/K x S."""
+    if sites < 2 or nbytes == 0:
         return CollectiveCost(0.0, 0, 0)
-    chunk = nbytes / k
-    steps = k - 1
-    return CollectiveCost(steps * _step_seconds(links, chunk, streams), int(round(steps * chunk)), steps)
+    chunk = nbytes / sites
+    seconds = max((message_seconds(chunk, link, streams=streams) for link in pairs), default=0.0)
+    return CollectiveCost(seconds, int(round((sites - 1) * chunk)), 1)
 
 
 def point_to_point(nbytes: int, link: Link | None, *, streams: int = 1) -> CollectiveCost:
-    """One site sending ``nbytes`` to another over ``link`` (healing a joiner), ``streams`` sharing the link."""
+    """One site sending ``nbytes`` to another over ``link`` (healing a joiner), ``streams`` sharing the link: one
+    message (:func:`message_seconds`)."""
     if link is None or nbytes == 0:
         return CollectiveCost(0.0, nbytes, 1 if nbytes else 0)
-    return CollectiveCost(link.latency_s + 8.0 * nbytes * streams / link.bandwidth_bps, nbytes, 1)
+    return CollectiveCost(message_seconds(nbytes, link, streams=streams), nbytes, 1)

@@ -54,7 +54,7 @@ def test_run_writes_the_contract_files(run_dir):
     assert s["ok"] and s["sites"] == 2 and s["algorithm"] == "diloco"
     assert s["tokens"] == 2 * 4 * 32 * 32 and s["outer_rounds"] == 8
     assert len(s["per_site"]) == 2 and s["wan_bytes"] == sum(p["wan_bytes"] for p in s["per_site"])
-    # 2 sites: each sends the whole fp32 payload once per round (ring all-reduce, 2(K-1)/K = 1)
+    # 2 sites: each sends the whole fp32 payload once per round (an all-gather, (K - 1) payloads = 1)
     assert s["per_site"][0]["wan_bytes"] == 8 * s["payload_bytes_per_sync"]
     kinds = {json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert {"start", "step", "eval", "sync", "done"} <= kinds

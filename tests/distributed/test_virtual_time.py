@@ -16,15 +16,16 @@ from _utils.sites import run_sites
 from geotrain.algorithms.streaming import HIDE_MARGIN
 from geotrain.algorithms.timing import predict_run, sync_seconds
 from geotrain.config import load_config
-from geotrain.topology import parse_link, ring_all_gather, ring_reduce_scatter
+from geotrain.topology import Topology, all_to_all, parse_link, ring_all_gather
 
 pytestmark = pytest.mark.timeout(300)
 
-LINK = "10mbit/50ms"
+LINK = "10mbit/25ms"
 # The test model has 2 x (8 x 8 + 8) = 144 parameters. In the reduce_scatter pattern between two sites each
-# sends the other its encoded half (48-byte header + 72 fp32 values = 336 bytes), then each all-gathers its
-# encoded mean half: 2 steps of 50 ms + 336 bytes at 10 Mbit/s.
-T = 2 * (0.05 + 336 * 8 / 10e6)
+# sends the other its encoded half (48-byte header + 72 fp32 values = 336 bytes, 388 on the wire with one
+# segment's headers), then each all-gathers its encoded mean half in two halves of 168 bytes (220 on the wire).
+# Each of the two collectives waits a latency for the receiver's announcement and a latency for its last byte.
+T = 4 * 0.025 + (388 + 2 * 220) * 8 / 10e6
 
 
 def _config(**values):
@@ -35,8 +36,9 @@ def _config(**values):
 
 def test_the_transfer_time_is_the_hand_computed_one():
     config = _config()
-    links = [parse_link(LINK)] * 2
-    assert T == pytest.approx(ring_reduce_scatter(672, links).seconds + ring_all_gather(336, links).seconds, rel=1e-12)
+    topology = Topology(2, default=parse_link(LINK))
+    assert T == pytest.approx(all_to_all(672, topology.pairs(), sites=2).seconds
+                              + ring_all_gather(336, topology.ring()).seconds, rel=1e-12)
     assert sync_seconds(config, 144) == pytest.approx(T, rel=1e-12)
 
 
@@ -139,7 +141,7 @@ def test_a_run_chooses_tau_so_a_fragment_hides_and_says_why():
     runs = run_sites(config, step_seconds=0.02)
     t_fragment = sync_seconds(config, 72)  # each fragment is one 8x8 layer and its bias
     expected = math.ceil(HIDE_MARGIN * t_fragment / 0.02)
-    assert expected == 11  # 2 x (2 x (50 ms + 144 B at 10 Mbit/s)) = 0.2005 s over 0.02 s steps: 10.02
+    assert expected == 11  # 2 x (4 x 25 ms + a few hundred bytes at 10 Mbit/s), just over 0.2 s, over 0.02 s steps
     for r in runs:
         assert r.config.streaming.overlap_steps == expected
         (choice,) = r.chosen

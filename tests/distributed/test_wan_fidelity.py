@@ -9,7 +9,7 @@ import torch
 from _utils.gloo_threads import run_ranks
 from geotrain.clock import VirtualClock
 from geotrain.comm.transport import GlooTransport
-from geotrain.topology import Topology, parse_link, ring_all_gather, ring_reduce_scatter
+from geotrain.topology import Topology, all_to_all, parse_link, ring_all_gather
 from geotrain.wan.emulator import EmulatedWan, TransferDeadlineExceeded
 
 def _wan(rank, pg, k, topo, *, deadline=None):
@@ -22,7 +22,10 @@ def test_all_gather_lasts_the_analytic_time():
     k, nbytes = 3, 200_000
     topo = Topology(k, default=parse_link("20mbit/30ms"))
     expected = ring_all_gather(nbytes, topo.ring()).seconds
-    assert expected == pytest.approx(2 * (0.03 + nbytes * 8 / 20e6), rel=1e-12)  # K-1 steps of a whole payload
+    # halves of 100,000 bytes: 70 segments, 103,640 bytes on the wire, s = 41.456 ms at 20 Mbit/s. The third half
+    # leaves once the first has arrived (2L + s) and the neighbour's announcement is in (3L + s); the fourth
+    # follows it on the link and arrives a latency later: 4L + 3s.
+    assert expected == pytest.approx(4 * 0.03 + 3 * 103_640 * 8 / 20e6, rel=1e-12)
 
     def body(rank, pg):
         wan, clock = _wan(rank, pg, k, topo)
@@ -36,10 +39,11 @@ def test_all_gather_lasts_the_analytic_time():
         assert wall == pytest.approx(expected, rel=1e-12)
 
 
-def test_all_to_all_lasts_the_analytic_reduce_scatter():
-    k, nbytes = 3, 600_000  # one 200 kB chunk per site
+def test_all_to_all_lasts_one_chunks_message():
+    k, nbytes = 3, 600_000  # one 200 kB chunk per site: 139 segments, 207,228 bytes on the wire
     topo = Topology(k, default=parse_link("20mbit/30ms"))
-    expected = ring_reduce_scatter(nbytes, topo.ring()).seconds
+    expected = all_to_all(nbytes, topo.pairs(), sites=k).seconds
+    assert expected == pytest.approx(2 * 0.03 + 207_228 * 8 / 20e6, rel=1e-12)  # every pair at once
 
     def body(rank, pg):
         wan, clock = _wan(rank, pg, k, topo)
@@ -57,7 +61,7 @@ def test_all_to_all_lasts_the_analytic_reduce_scatter():
 def test_the_slowest_link_of_the_ring_sets_every_step():
     k, nbytes = 3, 300_000
     topo = Topology(k, default=parse_link("1gbit/1ms"), overrides={(1, 2): parse_link("10mbit/40ms")})
-    expected = 2 * (0.04 + nbytes / 3 * 8 / 10e6)  # K-1 steps, each as slow as the 10 Mbit/s hop
+    expected = 2 * 0.04 + 103_640 * 8 / 10e6  # a 100 kB chunk over the slowest pair, the 10 Mbit/s one
 
     def body(rank, pg):
         wan, clock = _wan(rank, pg, k, topo)
@@ -68,11 +72,11 @@ def test_the_slowest_link_of_the_ring_sets_every_step():
 
 
 def test_a_slowed_site_slows_its_links_by_the_factor():
-    """``--fault slow:4:1``: site 1's links carry 4x fewer bits per second; the ring's steps follow the slowest."""
+    """``--fault slow:4:1``: site 1's links carry 4x fewer bits per second; the all-to-all waits for them."""
     k, nbytes = 3, 300_000
     topo = Topology(k, default=parse_link("40mbit/10ms")).slowed({1: 4.0})
     assert topo.link(0, 2) == parse_link("40mbit/10ms") and topo.link(0, 1) == parse_link("10mbit/10ms")
-    expected = 2 * (0.01 + nbytes / 3 * 8 / 10e6)
+    expected = 2 * 0.01 + 103_640 * 8 / 10e6
 
     def body(rank, pg):
         wan, clock = _wan(rank, pg, k, topo)
@@ -82,11 +86,12 @@ def test_a_slowed_site_slows_its_links_by_the_factor():
     assert run_ranks(k, body) == [pytest.approx(expected, rel=1e-12)] * k
 
 
-def test_point_to_point_lasts_latency_plus_bytes_over_the_link():
-    """Healing: the healer sends its state to a joiner over the link between the two."""
+def test_point_to_point_lasts_one_message_over_the_link():
+    """Healing: the healer sends its state to a joiner over the link between the two: the joiner's
+    announcement, then 346 segments (517,992 bytes on the wire), then a latency."""
     k, nbytes = 2, 500_000
     topo = Topology(k, default=parse_link("100mbit/25ms"))
-    expected = 0.025 + nbytes * 8 / 100e6
+    expected = 2 * 0.025 + 517_992 * 8 / 100e6
 
     def body(rank, pg):
         wan, clock = _wan(rank, pg, k, topo)

@@ -24,6 +24,8 @@ def test_the_state_and_its_transfer():
     config = load_config(values={"optim.name": "adamw", "outer.momentum": 0.9, "run.workers_per_site": 2})
     # DiLoCo with AdamW and outer momentum: the model, two moments, global parameters, round start, momentum
     assert heal_state_bytes(config, 1000) == 4 * 1000 * 6
-    # two workers each send half over the one link: the link carries it all, plus one latency
-    assert heal_transfer_seconds(config, parse_link("10mbit/50ms"), 24_000) == pytest.approx(0.05 + 8 * 24_000 / 10e6)
+    # two workers each send half (12,000 bytes: 9 segments, 12,468 on the wire) over the one link, so each gets
+    # half its rate; the joiner's announcement and the last byte each take a latency
+    assert heal_transfer_seconds(config, parse_link("10mbit/50ms"), 24_000) == pytest.approx(
+        2 * 0.05 + 8 * 2 * 12_468 / 10e6)
     assert heal_transfer_seconds(config, None, 24_000) == 0.0

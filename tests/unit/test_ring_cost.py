@@ -4,51 +4,66 @@ from __future__ import annotations
 
 import pytest
 
-from geotrain.topology import Link, Topology, parse_bandwidth, parse_latency, parse_link
-from geotrain.topology import ring_all_gather, ring_all_reduce, ring_reduce_scatter
+from geotrain.topology import (HEADER_BYTES, MSS_BYTES, Link, Topology, all_to_all, message_seconds, parse_bandwidth,
+                               parse_latency, parse_link, point_to_point, ring_all_gather, wire_bytes)
+
+SEG = 14_480  # ten full segments: 15,000 bytes on the wire
+LINK = Link(bandwidth_bps=10e6, latency_s=0.05)  # ten segments take 12 ms to serialise
 
 
-def test_ring_all_reduce_by_hand():
-    # 4 sites, 8 MB: 6 steps of 2 MB chunks; each step 50 ms + 2e6*8/100e6 s = 0.21 s
-    links = [Link(bandwidth_bps=100e6, latency_s=0.05)] * 4
-    cost = ring_all_reduce(8_000_000, links)
-    assert cost.steps == 6
-    assert cost.seconds == pytest.approx(6 * 0.21)
-    assert cost.bytes_sent == 12_000_000  # 2(K-1)/K of the payload
+def test_headers_are_charged_per_segment():
+    assert MSS_BYTES + HEADER_BYTES == 1500
+    assert wire_bytes(SEG) == 15_000
+    assert wire_bytes(1) == 1 + HEADER_BYTES
+    assert wire_bytes(MSS_BYTES + 1) == MSS_BYTES + 1 + 2 * HEADER_BYTES
 
 
-def test_slowest_link_gates_each_step():
-    fast, slow = Link(bandwidth_bps=1e9, latency_s=0.001), Link(bandwidth_bps=10e6, latency_s=0.1)
-    topo = Topology(3, default=fast, overrides={(2, 1): slow})
-    ring = topo.ring()
-    assert ring == [fast, slow, fast]
-    cost = ring_all_reduce(3_000_000, ring)
-    assert cost.seconds == pytest.approx(4 * (0.1 + 1e6 * 8 / 10e6))
+def test_a_message_waits_one_latency_for_the_receivers_announcement():
+    assert message_seconds(SEG, LINK) == pytest.approx(0.05 + 0.012 + 0.05)
+    assert message_seconds(SEG, LINK, streams=2) == pytest.approx(0.05 + 0.024 + 0.05)  # two workers share it
+    assert point_to_point(SEG, LINK).seconds == message_seconds(SEG, LINK)
+    assert message_seconds(SEG, None) == 0 and message_seconds(0, LINK) == 0
 
 
-def test_all_gather_and_streams():
-    links = [Link(bandwidth_bps=8e6, latency_s=0.0)] * 3
-    cost = ring_all_gather(1_000_000, links)
-    assert cost.bytes_sent == 2_000_000 and cost.seconds == pytest.approx(2.0)
-    # two workers of a site share its link: each stream gets half the bandwidth
-    assert ring_all_gather(500_000, links, streams=2).seconds == pytest.approx(2.0)
+def test_all_to_all_pairs_go_at_once_and_the_slowest_pair_gates():
+    cost = all_to_all(4 * SEG, [LINK] * 6, sites=4)
+    assert cost.seconds == pytest.approx(0.112)  # one chunk's message, not three after one another
+    assert cost.bytes_sent == 3 * SEG and cost.steps == 1
+    slow = Link(bandwidth_bps=1e6, latency_s=0.05)
+    topo = Topology(3, default=LINK, overrides={(0, 2): slow})
+    assert topo.pairs() == [LINK, slow, LINK]
+    assert all_to_all(3 * SEG, topo.pairs(), sites=3).seconds == pytest.approx(0.1 + 0.12)
 
 
-def test_reduce_scatter_then_all_gather_of_a_chunk_is_a_ring_all_reduce():
-    # 4 sites, 8 MB cut into 2 MB chunks: 3 steps of 50 ms + 0.16 s, sending 6 MB
-    links = [Link(bandwidth_bps=100e6, latency_s=0.05)] * 4
-    rs = ring_reduce_scatter(8_000_000, links)
-    assert rs.steps == 3 and rs.bytes_sent == 6_000_000 and rs.seconds == pytest.approx(3 * 0.21)
-    ag = ring_all_gather(2_000_000, links)
-    ar = ring_all_reduce(8_000_000, links)
-    assert rs.seconds + ag.seconds == pytest.approx(ar.seconds)
-    assert rs.bytes_sent + ag.bytes_sent == ar.bytes_sent
+def test_ring_all_gather_by_hand():
+    # two halves of 10 segments each (12 ms apiece), two messages in flight
+    assert ring_all_gather(2 * SEG, [LINK] * 2).seconds == pytest.approx(0.1 + 0.024)
+    # 3 sites: the third half leaves once the first has arrived (0.112) and the neighbour's announcement is in
+    # (0.162); the fourth follows it on the link: 0.174 + 0.012 + 0.05
+    cost = ring_all_gather(2 * SEG, [LINK] * 3)
+    assert cost.seconds == pytest.approx(0.236) and cost.bytes_sent == 4 * SEG and cost.steps == 2
+
+
+def test_a_bandwidth_bound_ring_all_gather_keeps_the_link_busy():
+    links = [Link(bandwidth_bps=8e6, latency_s=0.0)] * 4
+    payload = 100 * MSS_BYTES
+    cost = ring_all_gather(payload, links)
+    assert cost.seconds == pytest.approx(3 * 8 * wire_bytes(payload) / 8e6)  # K-1 payloads back to back
+    assert ring_all_gather(payload // 2, links, streams=2).seconds == pytest.approx(cost.seconds, rel=1e-3)
+
+
+def test_the_slowest_link_of_the_ring_sets_the_all_gather():
+    slow = Link(bandwidth_bps=1e6, latency_s=0.05)
+    topo = Topology(3, default=LINK, overrides={(2, 1): slow})
+    assert topo.ring() == [LINK, slow, LINK]
+    assert ring_all_gather(SEG, topo.ring()).seconds == ring_all_gather(SEG, [slow] * 3).seconds
 
 
 def test_one_site_and_no_emulation_cost_nothing():
-    assert ring_all_reduce(1000, []).seconds == 0
-    assert ring_all_reduce(1000, [None, None]).seconds == 0
-    assert ring_all_reduce(1000, [None, None]).bytes_sent == 1000
+    assert ring_all_gather(1000, []).seconds == 0
+    assert ring_all_gather(1000, [None, None]).seconds == 0
+    assert ring_all_gather(1000, [None, None]).bytes_sent == 1000
+    assert all_to_all(1000, [None], sites=2).seconds == 0 and all_to_all(1000, [], sites=2).bytes_sent == 500
 
 
 @pytest.mark.parametrize("text,bps", [("10mbit", 10e6), ("1gbit", 1e9), ("1.5Gbit", 1.5e9), ("500kbit", 5e5)])

@@ -14,6 +14,7 @@ from geotrain.algorithms.timing import expected_slowest, predict_run
 from geotrain.config import load_config
 from geotrain.errors import ConfigError
 from geotrain.summary import build_summary, measured_jitter, measured_step_seconds, predict_from_summary
+from geotrain.topology import wire_bytes
 
 BASE = {"run.sites": 2, "wan.link": "8mbit/10ms", "outer.sync_every": 10, "comm.overlap": False}
 
@@ -44,14 +45,21 @@ def predict(s: dict, **kw):
 
 # 2 sites over 8 Mbit/s, 10 ms. Every codec travels framed, fp32 included, and between 2 sites it is
 # all-gathered: each site sends its whole payload of S bytes (a 48-byte header, then 4 bytes per value, the
-# body a multiple of 8 bytes) to the other, in K - 1 = 1 step of (0.01 + 8 * S / 8e6) s.
-def gather2(nbytes: float) -> float:
-    return 0.01 + 8 * nbytes / 8e6
+# body a multiple of 8 bytes) to the other in K - 1 = 1 step, as gloo sends it: two halves (S // 2 and the
+# rest) back to back, each with 52 bytes of TCP/IP headers per 1448-byte segment, after the receiver's
+# announcement (one latency) and with the last byte a latency in flight; W workers of a site share its link as
+# W streams: 2 * 0.01 + 8 * (wire_bytes(S // 2) + wire_bytes(S - S // 2)) * W / 8e6 s.
+def gather2(nbytes: int, *, bps: float = 8e6, streams: int = 1) -> float:
+    half = nbytes // 2
+    return 2 * 0.01 + 8 * (wire_bytes(half) + wire_bytes(nbytes - half)) * streams / bps
 
 
 def test_diloco_by_hand():
     out = predict(summary())
-    t = gather2(48 + 4_000_000)  # 1e6 fp32 values: 0.01 + 4.000048 = 4.010048 s
+    # 1e6 fp32 values: halves of 2,000,024 bytes, 1,382 segments, 2,071,888 bytes on the wire each:
+    # 0.02 + 8 * 2 * 2,071,888 / 8e6 = 4.163776 s
+    t = gather2(48 + 4_000_000)
+    assert t == pytest.approx(4.163776, rel=1e-12)
     assert out.comm_seconds_per_sync == pytest.approx(t)
     assert out.syncs == 10
     assert out.compute_seconds == pytest.approx(10.0)
@@ -68,9 +76,10 @@ def test_ddp_syncs_every_step():
     assert out.syncs == 100
     assert out.utilization == pytest.approx(0.1 / (0.1 + gather2(4_000_048)))
     # Without the run's payloads, the configured model's: the demo GPT's 445,952 values, 48 + 1,783,808 =
-    # 1,783,856 bytes (4 * 445,952 is a multiple of 8).
+    # 1,783,856 bytes (4 * 445,952 is a multiple of 8), in halves of 891,928 bytes (616 segments, 923,960 bytes
+    # on the wire).
     demo = predict(summary({"run.algorithm": "ddp"}, payloads=[]))
-    assert demo.comm_seconds_per_sync == pytest.approx(0.01 + 8 * 1_783_856 / 8e6)  # 1.793856 s
+    assert demo.comm_seconds_per_sync == pytest.approx(0.02 + 8 * 2 * 923_960 / 8e6)  # 1.86792 s
 
 
 STREAMING = {"run.algorithm": "streaming", "streaming.fragments": 4, "streaming.overlap_steps": 0}
@@ -78,18 +87,18 @@ STREAMING = {"run.algorithm": "streaming", "streaming.fragments": 4, "streaming.
 
 def test_streaming_syncs_each_fragment_every_h_steps():
     s = summary(STREAMING, payloads=[250_000] * 4)
-    t = gather2(48 + 1_000_000)  # 250,000 fp32 values: 1.010048 s per fragment
+    t = gather2(48 + 1_000_000)  # 250,000 fp32 values: 0.02 + 8 * 2 * 518,016 / 8e6 = 1.056032 s per fragment
     out = predict(s)
     assert out.comm_seconds_per_sync == pytest.approx(t)
     # Fragments start at offsets 0, 2, 5, 7 of each H=10: fragment 0 syncs after steps 10, ..., 90 (9 times),
     # the others after off, off + 10, ..., off + 90 (10 times each): 39 syncs, then at the last step all 4
-    # fragments sync once more, at once: one collective of the whole model, 4,000,048 bytes, 4.010048 s.
+    # fragments sync once more, at once: one collective of the whole model, 4,000,048 bytes, 4.163776 s.
     final = gather2(4_000_048)
     assert out.syncs == 39
     assert out.exposed_seconds == pytest.approx(39 * t + final)
     assert out.utilization == pytest.approx(10 / (10 + 39 * t + final))
-    # With tau = 2 each fragment hides 0.2 s of its 1.010048 s behind compute (a period of 2.5 steps = 0.25 s
-    # plus 0.810048 s exposed is longer than the sync itself).
+    # With tau = 2 each fragment hides 0.2 s of its 1.056032 s behind compute (a period of 2.5 steps = 0.25 s
+    # plus 0.856032 s exposed is longer than the sync itself).
     exposed = t - 0.2
     tau = predict(summary(STREAMING | {"streaming.overlap_steps": 2}, payloads=[250_000] * 4))
     assert tau.exposed_seconds_per_sync == pytest.approx(exposed)
@@ -103,18 +112,20 @@ def test_streaming_syncs_each_fragment_every_h_steps():
 
 def test_the_settings_the_run_chose_are_the_ones_predicted():
     # The configuration leaves overlap and tau unset; the summary says what the run chose.
-    # Overlapped over 80 Mbit/s: each 0.01 + 8 * 4,000,048 / 80e6 = 0.4100048 s sync (one all-gather step)
+    # Overlapped over 80 Mbit/s: each 0.02 + 8 * 2 * 2,071,888 / 80e6 = 0.4343776 s sync (one all-gather step)
     # hides behind the next 1 s round; the last one is exposed at the end.
+    t = gather2(4_000_048, bps=80e6)
+    assert t == pytest.approx(0.4343776, rel=1e-12)
     def chose(key, value):
         return [{"key": key, "value": value, "reason": "as the start record says"}]
 
     over = predict(summary({"comm.overlap": None, "wan.link": "80mbit/10ms"},
                            auto_settings=chose("comm.overlap", True)))
     assert over.exposed_seconds_per_sync == 0.0
-    assert over.wall_seconds == pytest.approx(10 + 0.4100048)
+    assert over.wall_seconds == pytest.approx(10 + t)
     blocking = predict(summary({"comm.overlap": None, "wan.link": "80mbit/10ms"},
                                auto_settings=chose("comm.overlap", False)))
-    assert blocking.wall_seconds == pytest.approx(10 + 10 * 0.4100048)
+    assert blocking.wall_seconds == pytest.approx(10 + 10 * t)
     tau = predict(summary(STREAMING | {"streaming.overlap_steps": None}, payloads=[250_000] * 4,
                           auto_settings=chose("streaming.overlap_steps", 2)))
     assert tau.exposed_seconds_per_sync == pytest.approx(gather2(1_000_048) - 0.2)
@@ -123,22 +134,27 @@ def test_the_settings_the_run_chose_are_the_ones_predicted():
 def test_workers_share_their_site_link():
     one = predict(summary()).comm_seconds_per_sync
     # 4 workers each carry a quarter shard (250,000 values: 48 + 1e6 = 1,000,048 bytes) as 4 streams sharing
-    # 8 Mbit/s: 1 step of (0.01 + 8 * 1,000,048 * 4 / 8e6) = 4.010192 s, the time of one worker carrying it
-    # all (4.010048 s) plus that of the 3 more headers.
+    # 8 Mbit/s: 1 step of two 500,024-byte halves (346 segments, 518,016 bytes on the wire each):
+    # 0.02 + 8 * 2 * 518,016 * 4 / 8e6 = 4.164128 s, the time of one worker carrying it all (4.163776 s) plus
+    # that of the 3 more codec headers and of 4 more segments' headers (each of the 8 halves ends in a partial
+    # segment: 8 * 346 = 2,768 segments against 2 * 1,382 = 2,764).
     four = predict(summary({"run.workers_per_site": 4})).comm_seconds_per_sync
-    assert one == pytest.approx(gather2(4_000_048)) and four == pytest.approx(gather2(4 * 1_000_048))
-    assert four - one == pytest.approx(8 * 3 * 48 / 8e6)
+    assert one == pytest.approx(gather2(4_000_048)) and four == pytest.approx(gather2(1_000_048, streams=4))
+    assert four == pytest.approx(0.02 + 8 * 2 * 518_016 * 4 / 8e6)
+    assert four - one == pytest.approx(8 * (3 * 48 + 4 * 52) / 8e6)
     # 1,000,002 values: shards of ceil(1,000,002 / 4) = 250,001 values (the last zero padded), a body of
-    # 1,000,004 bytes padded to 1,000,008, and 48 + 1,000,008 = 1,000,056 bytes.
+    # 1,000,004 bytes padded to 1,000,008, and 48 + 1,000,008 = 1,000,056 bytes: halves of 500,028 bytes, 346
+    # segments, 518,020 bytes on the wire.
     odd = predict(summary({"run.workers_per_site": 4}, payloads=[1_000_002])).comm_seconds_per_sync
-    assert odd == pytest.approx(0.01 + 8 * 1_000_056 * 4 / 8e6)
+    assert odd == pytest.approx(0.02 + 8 * 2 * 518_020 * 4 / 8e6)
 
 
 def test_overlapped_diloco_hides_behind_the_next_round():
     out = predict(summary({"comm.overlap": True, "wan.link": "80mbit/10ms"}))
-    # 0.4100048 s of all-gather (one step of 4,000,048 bytes) hides behind 1 s of inner steps, except the last
+    # 0.4343776 s of all-gather (one step of 4,000,048 bytes) hides behind 1 s of inner steps, except the last
     # round's, which ends the run.
-    t = 0.01 + 8 * 4_000_048 / 80e6
+    t = 0.02 + 8 * 2 * 2_071_888 / 80e6
+    assert t == pytest.approx(gather2(4_000_048, bps=80e6))
     assert out.comm_seconds_per_sync == pytest.approx(t)
     assert out.exposed_seconds_per_sync == 0.0
     assert out.utilization == pytest.approx(10 / (10 + t))
@@ -154,9 +170,11 @@ def test_an_unemulated_run_has_no_prediction_and_no_link_cost():
 def test_three_sites():
     out = predict(summary({"run.sites": 3, "wan.link": "12mbit/5ms"}, compute=[20.0] * 3))
     # fp32 among 3 sites is reduce-scattered: chunks of ceil(1e6 / 3) = 333,334 values, each encoded as
-    # 48 + 1,333,336 (a multiple of 8) = 1,333,384 bytes; 2 steps of a chunk out and 2 of the encoded mean
-    # chunk back, a ring all-reduce's 4 steps on the encoded payload.
-    t = 4 * (0.005 + 8 * 1_333_384 / 12e6)  # 3.57569... s
+    # 48 + 1,333,336 (a multiple of 8) = 1,333,384 bytes. The all-to-all sends one chunk to each other site at
+    # once, over its own link: one message of 921 segments, 1,381,276 bytes on the wire. Then the ring
+    # all-gathers the encoded mean chunks: 2 steps of two 666,692-byte halves (690,664 bytes on the wire, 0.46 s
+    # each, far over two latencies) back to back, behind one announcement and with the last a latency in flight.
+    t = (2 * 0.005 + 8 * 1_381_276 / 12e6) + (2 * 0.005 + 2 * 2 * 8 * 690_664 / 12e6)  # 2.7826... s
     assert out.comm_seconds_per_sync == pytest.approx(t)
     assert out.utilization == pytest.approx(20 / (20 + 10 * t))
 
@@ -204,14 +222,18 @@ def test_diloco_counts_the_last_partial_round():
 
 def test_lossy_collectives_are_charged_as_the_run_sends_them():
     # 3 sites over 12 Mbit/s, 5 ms, int8, 1.2M values. Reduce-scatter (the default among 3 sites): chunks of
-    # 400,000 values encoded as 48 + pad8(4 * ceil(400,000 / 256) = 6,252) = 6,256 + 400,000 = 406,304 bytes;
-    # 2 steps of a chunk out and 2 of a re-encoded mean back, a ring all-reduce's cost.
+    # 400,000 values encoded as 48 + pad8(4 * ceil(400,000 / 256) = 6,252) = 6,256 + 400,000 = 406,304 bytes
+    # (281 segments, 420,916 bytes on the wire). The chunks go to the other sites at once, one message each over
+    # its own link; then 2 all-gather steps of a re-encoded mean in two 203,152-byte halves (141 segments,
+    # 210,484 bytes on the wire, 0.14 s each, over two latencies) back to back.
     base = {"run.sites": 3, "wan.link": "12mbit/5ms", "comm.codec": "int8"}
     rs = predict(summary(base, payloads=[1_200_000], compute=[20.0] * 3))
-    assert rs.comm_seconds_per_sync == pytest.approx(4 * (0.005 + 8 * 406_304 / 12e6))
-    # All-gather: every site's whole payload, 48 + 4 * 4,688 + 1,200,000 = 1,218,800 bytes, over 2 steps.
+    assert rs.comm_seconds_per_sync == pytest.approx((2 * 0.005 + 8 * 420_916 / 12e6)
+                                                     + (2 * 0.005 + 2 * 2 * 8 * 210_484 / 12e6))  # 0.862 s
+    # All-gather: every site's whole payload, 48 + 4 * 4,688 + 1,200,000 = 1,218,800 bytes, over 2 steps of two
+    # 609,400-byte halves (421 segments, 631,292 bytes on the wire) back to back.
     ag = predict(summary(base | {"comm.pattern": "all_gather"}, payloads=[1_200_000], compute=[20.0] * 3))
-    assert ag.comm_seconds_per_sync == pytest.approx(2 * (0.005 + 8 * 1_218_800 / 12e6))
+    assert ag.comm_seconds_per_sync == pytest.approx(2 * 0.005 + 2 * 2 * 8 * 631_292 / 12e6)  # 1.693 s
 
 
 def test_the_slowest_site_gates_the_wall_time():

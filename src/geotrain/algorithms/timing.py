@@ -200,7 +200,7 @@ def sync_seconds(config: Any, numel: int, *, topology: Any = None) -> float:
     topology = config.topology() if topology is None else topology
     codec = config.codec()
     pattern = resolve_pattern(config.comm.pattern, codec=codec, sites=config.run.sites)
-    return sync_cost(numel, codec=codec, pattern=pattern, links=topology.ring(),
+    return sync_cost(numel, codec=codec, pattern=pattern, ring=topology.ring(), pairs=topology.pairs(),
                      workers=config.run.workers_per_site).seconds
 
 

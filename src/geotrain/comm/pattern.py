@@ -1,7 +1,7 @@
 """How one sync crosses the sites: the collective a codec takes, the bytes a worker contributes, and the time
 and traffic of the whole exchange over the links. Pure Python (no torch).
 
-``CrossSiteComm`` moves payloads this way, the WAN emulator charges each of its collectives with the ring
+``CrossSiteComm`` moves payloads this way, the WAN emulator charges each of its collectives with the
 costs of ``geotrain.topology``, and the planner and a run's predicted utilization price a sync with
 :func:`sync_cost`, so all three count the same bytes.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from geotrain.comm.codecs.registry import CodecChoice
-from geotrain.topology import CollectiveCost, Link, ring_all_gather, ring_reduce_scatter
+from geotrain.topology import CollectiveCost, Link, all_to_all, ring_all_gather
 
 __all__ = ["PATTERNS", "payload_bytes", "resolve_pattern", "shard_numel", "sync_cost"]
 
@@ -55,16 +55,17 @@ def payload_bytes(numel: int, *, codec: CodecChoice, pattern: str, sites: int, w
     return codec.encoded_size(shard)
 
 
-def sync_cost(numel: int, *, codec: CodecChoice, pattern: str, links: Sequence[Link | None],
-              workers: int) -> CollectiveCost:
-    """Time of one sync of ``numel`` values over the ring ``links`` and the bytes ONE WORKER sends for it
-    (a site sends ``workers`` times that), as the emulator charges and the transport counts them."""
-    sites = len(links) if links else 1
+def sync_cost(numel: int, *, codec: CodecChoice, pattern: str, ring: Sequence[Link | None],
+              pairs: Sequence[Link | None], workers: int) -> CollectiveCost:
+    """Time of one sync of ``numel`` values over the links (``ring``: ``Topology.ring``, ``pairs``:
+    ``Topology.pairs`` of the same sites) and the bytes ONE WORKER sends for it (a site sends ``workers`` times
+    that), as the emulator charges and the transport counts them."""
+    sites = len(ring) if ring else 1
     nbytes = payload_bytes(numel, codec=codec, pattern=pattern, sites=sites, workers=workers)
     if pattern == "all_gather":
-        return ring_all_gather(nbytes, links, streams=workers)
+        return ring_all_gather(nbytes, ring, streams=workers)
     # reduce_scatter: encoded chunks to their owners, then an all-gather of the re-encoded mean chunks
-    scatter = ring_reduce_scatter(nbytes, links, streams=workers)
-    gather = ring_all_gather(nbytes // max(sites, 1), links, streams=workers)
+    scatter = all_to_all(nbytes, pairs, sites=sites, streams=workers)
+    gather = ring_all_gather(nbytes // max(sites, 1), ring, streams=workers)
     return CollectiveCost(scatter.seconds + gather.seconds, scatter.bytes_sent + gather.bytes_sent,
                           scatter.steps + gather.steps)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import AllgatherOptions
 
 from geotrain.clock import REAL_CLOCK, Clock
-from geotrain.topology import ring_all_gather, ring_reduce_scatter
+from geotrain.topology import all_to_all, ring_all_gather
 
 __all__ = ["Deadline", "GlooTransport", "Traffic", "Transport"]
 
@@ -108,7 +108,7 @@ class GlooTransport:
             self.pg.alltoall_base(out, payload, [], [], opts).wait()
         else:
             out = payload
-        cost = ring_reduce_scatter(nbytes, [None] * self.size)
+        cost = all_to_all(nbytes, [], sites=self.size)
         return out, Traffic("reduce_scatter", nbytes, cost.bytes_sent, self.clock.now() - t0)
 
     def send(self, tensor: torch.Tensor, dst: int) -> Traffic:

@@ -1,7 +1,7 @@
 """How long a transfer may take: a deadline that follows its size and the links, not one figure for all.
 
 ``deadline = membership.transfer_floor_s + membership.transfer_margin x (predicted time over the links)``,
-the prediction being the same ring cost the WAN emulator charges (``geotrain.topology``), over the run's
+the prediction being the same collective cost the WAN emulator charges (``geotrain.topology``), over the run's
 configured links (or ``membership.deadline_link`` where it emulates none: a real network). A 40 KB sync over
 a fast link gets the floor; a 4 GB one over 1 Gbit/s gets minutes. Emulated transfers obey the same deadline.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from geotrain.topology import Topology, parse_link, point_to_point, ring_all_gather, ring_reduce_scatter
+from geotrain.topology import Topology, all_to_all, parse_link, point_to_point, ring_all_gather
 
 __all__ = ["nominal_topology", "transfer_deadline"]
 
@@ -38,7 +38,7 @@ def nominal_topology(config: Any) -> Topology:
 def transfer_deadline(config: Any, members: list[int], *, streams: int = 1) -> Callable[[str, int], float]:
     """The deadline of a transfer of one pattern and payload size among ``members`` (site indices)."""
     topology = nominal_topology(config)
-    ring = topology.ring(members)
+    ring, pairs = topology.ring(members), topology.pairs(members)
     floor, margin = config.membership.transfer_floor_s, config.membership.transfer_margin
     slowest = None
     for a in members:
@@ -53,7 +53,7 @@ def transfer_deadline(config: Any, members: list[int], *, streams: int = 1) -> C
         elif pattern == "point_to_point":
             seconds = point_to_point(nbytes, slowest, streams=streams).seconds
         else:
-            seconds = ring_reduce_scatter(nbytes, ring, streams=streams).seconds
+            seconds = all_to_all(nbytes, pairs, sites=len(members), streams=streams).seconds
         return floor + margin * seconds
 
     return deadline

@@ -59,7 +59,8 @@ def heal_state_bytes(config: Any, params: int) -> int:
 def heal_transfer_seconds(config: Any, link: Link | None, nbytes: int) -> float:
     """Seconds for a healer to send ``nbytes`` of state to one joiner over ``link``: each of its W workers sends
     one shard, the W streams sharing the link (``CrossSiteComm.admit``), at the cost the WAN emulator charges
-    (``geotrain.topology.point_to_point``): latency + 8 x bytes / bandwidth. No link: no time."""
+    (``geotrain.topology.point_to_point``): one message, the joiner's announcement, the bytes and their
+    headers, a latency. No link: no time."""
     workers = config.run.workers_per_site
     shard = -(-int(nbytes) // workers)
     return point_to_point(shard, link, streams=workers).seconds

@@ -2,7 +2,7 @@
 
 A plan reads the same configuration as a run (``geotrain.config``) and prices it with the same definitions:
 the algorithm's communication pattern and timing model (``geotrain.algorithms``), the codec's exact sizes
-(``geotrain.comm.codecs``) and the ring costs the WAN emulation charges (``geotrain.topology``). Pure Python
+(``geotrain.comm.codecs``) and the collective costs the WAN emulation charges (``geotrain.topology``). Pure Python
 and numpy: importing the planner imports no torch (nor rich or matplotlib, which only the CLI and the plot
 load).
 

@@ -13,7 +13,7 @@ unless the site's measured ``step_seconds`` is given. Everything else comes from
   overlap, stragglers, the end of the run), which also gives every run its ``predicted_utilization``;
 * the codec's exact payload sizes and the collective it takes (``geotrain.comm.codecs``,
   ``geotrain.comm.pattern``);
-* the ring costs the WAN emulation charges real runs (``geotrain.topology``).
+* the collective costs the WAN emulation charges real runs (``geotrain.topology``).
 
 So a plan and an emulated run cannot disagree about what a sync costs, and a plan of a run's own
 configuration predicts the bytes that run sends. Settings the configuration leaves unset (DiLoCo's overlap,
@@ -209,9 +209,8 @@ def sync_comm(spec: PlanSpec, numel: int | None = None, *, members: list[int] | 
     down)."""
     if numel is None:
         numel = spec.algorithm.pattern(spec.config, spec.model.layout).mean_payload
-    ring = spec.topology.ring(members)
-    return sync_cost(numel, codec=spec.codec, pattern=spec.collective, links=ring,
-                     workers=spec.config.run.workers_per_site)
+    return sync_cost(numel, codec=spec.codec, pattern=spec.collective, ring=spec.topology.ring(members),
+                     pairs=spec.topology.pairs(members), workers=spec.config.run.workers_per_site)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,7 +8,9 @@ measured, not assumed. Transfers on one site's link are serialised: the transpor
 so a second transfer starts only when the first has left the link.
 
 There is no netem on our machines, so delay is added in user space rather than by the kernel; the model is
-per-collective (latency-bound steps plus serialisation of each chunk on the slowest ring link). The hold
+per-collective: gloo's messages over the links, each waiting for its receiver's announcement and carrying its
+TCP/IP headers, the all-to-all's pairs at once on their own links and the all-gather around the ring
+(``geotrain.topology``, calibrated in the network lab: ``benchmarks/netlab_bench.py``). The hold
 runs on a :class:`geotrain.clock.Clock`: the real one in a run, a virtual one in tests, where a transfer
 then lasts exactly its analytic time.
 
@@ -26,7 +28,7 @@ import torch
 
 from geotrain.clock import REAL_CLOCK, Clock
 from geotrain.comm.transport import Deadline, Traffic, Transport
-from geotrain.topology import CollectiveCost, Topology, point_to_point, ring_all_gather, ring_reduce_scatter
+from geotrain.topology import CollectiveCost, Topology, all_to_all, point_to_point, ring_all_gather
 
 __all__ = ["EmulatedWan", "TransferDeadlineExceeded"]
 
@@ -75,7 +77,8 @@ class EmulatedWan:
     def all_to_all(self, payload: torch.Tensor) -> tuple[torch.Tensor, Traffic]:
         t0 = self.clock.now()
         out, traffic = self.inner.all_to_all(payload)
-        cost = ring_reduce_scatter(traffic.payload_bytes, self.links, streams=self.streams)
+        cost = all_to_all(traffic.payload_bytes, self.topology().pairs(self.members), sites=self.size,
+                          streams=self.streams)
         return out, self._hold(traffic, t0, cost)
 
     def _p2p(self, traffic: Traffic, t0: float, peer: int) -> Traffic:
