@@ -1,23 +1,22 @@
-"""Real against emulated: one cross-site collective's time in the network lab and what the WAN emulator charges.
+"""Real against emulated: one cross-site sync's time in the network lab and what the WAN emulator charges.
 
-For each grid point (K sites, a link, a payload of S fp32 bytes per site) a lab of K namespaces is built with the
-link between every pair (``geotrain.netlab``), and one process per site times, in its namespace:
+For each grid point (K sites, a link, a payload of S bytes per site) a lab of K namespaces is built with the
+link between every pair (``geotrain.netlab``), and one process per site times, in its namespace, one sync as
+a run sends it (``geotrain.comm.pattern``) with gloo:
 
-* ``transport``: what a lossless geotrain sync does on the wire, ``GlooTransport.all_to_all`` of S bytes then
-  ``all_gather`` of S/K bytes (``comm/collectives.py``); the emulator charges it
-  ``ring_reduce_scatter(S) + ring_all_gather(S/K)``, which is the ring all-reduce time 2(K-1)(L + S/K x 8/B);
-* ``all_reduce``: gloo's own all-reduce of the same tensor, against the same ring time (the figure issue #14
-  quotes).
+* ``reduce_scatter`` (a dense codec among 3 or more sites): ``all_to_all`` of S, then ``all_gather`` of S/K;
+* ``all_gather`` (2 sites, and sparse codecs): ``all_gather`` of S.
 
-Each point: ``--repeats`` collectives after a barrier, each timed from the last site's call to the last site's
-result (the namespaces share one monotonic clock), and the median over repeats.
-The gloo group meets on a store in the host namespace, over the lab's unshaped control links, as a run's sites
-meet on the coordinator. The emulated time is the formula: ``benchmarks/emulation_bench.py`` shows the emulator
-holds a collective for it to within a few milliseconds. Points whose emulated time times the repeats exceeds
-``--max-seconds`` are skipped. Root only.
+``--patterns auto`` (the default) takes the pattern a run among K sites with a dense codec takes. Before each
+sync every site idles ``--gap`` seconds, as a run computes its inner steps between syncs. Each sync is timed
+from the last site's call to the last site's result (the namespaces share one monotonic clock); the median
+over ``--repeats``. Emulated: what the emulator charges the same sync (``geotrain.comm.pattern.sync_cost``'s
+collectives from ``geotrain.topology``); it holds a collective for that to within a few milliseconds
+(``benchmarks/emulation_bench.py``). Also shown: the ring formula 2(K-1)(L + S/K x 8/B) the emulator charged
+before the lab calibrated it. Root only.
 
     .venv/bin/python benchmarks/netlab_bench.py [--sites 2,4] [--links 10mbit/50ms,100mbit/10ms]
-        [--payloads 16kb,256kb,2mb] [--repeats 3] [--queue 64kb]
+        [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--gap 1] [--queue 64kb] [--raw FILE]
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-OPS = ("transport", "all_reduce")
+PATTERNS = ("reduce_scatter", "all_gather")
 
 
 def _size(text: str) -> int:
@@ -46,13 +45,30 @@ def _size(text: str) -> int:
     return int(t)
 
 
-def emulated_seconds(k: int, nbytes: int, link: str) -> float:
-    """What the emulator charges one lossless sync of ``nbytes`` per site among ``k`` sites (both patterns)."""
-    from geotrain.topology import Topology, parse_link, ring_all_gather, ring_reduce_scatter
+def _pattern(name: str, k: int) -> str:
+    return ("reduce_scatter" if k >= 3 else "all_gather") if name == "auto" else name
 
-    ring = Topology(k, default=parse_link(link)).ring()
-    chunk = nbytes // k
-    return ring_reduce_scatter(chunk * k, ring).seconds + ring_all_gather(chunk, ring).seconds
+
+def emulated_seconds(k: int, nbytes: int, link: str, pattern: str) -> float:
+    """What the emulator charges one sync of ``nbytes`` per site among ``k`` sites in ``pattern``."""
+    from geotrain.topology import Topology, all_to_all, parse_link, ring_all_gather
+
+    topology = Topology(k, default=parse_link(link))
+    if pattern == "all_gather":
+        return ring_all_gather(nbytes, topology.ring()).seconds
+    return (all_to_all(nbytes, topology.pairs(), sites=k).seconds
+            + ring_all_gather(nbytes // k, topology.ring()).seconds)
+
+
+def ring_formula_seconds(k: int, nbytes: int, link: str, pattern: str) -> float:
+    """The textbook ring time the emulator charged before the lab: K-1 (all-gather) or 2(K-1) (all-to-all then
+    all-gather) steps of one latency plus one chunk's serialisation, no headers."""
+    from geotrain.topology import parse_link
+
+    lk = parse_link(link)
+    if pattern == "all_gather":
+        return (k - 1) * (lk.latency_s + 8 * nbytes / lk.bandwidth_bps)
+    return 2 * (k - 1) * (lk.latency_s + 8 * nbytes / k / lk.bandwidth_bps)
 
 
 def _span(rows: list[dict]) -> float:
@@ -62,8 +78,8 @@ def _span(rows: list[dict]) -> float:
     return max(r["end"] for r in rows) - max(r["start"] for r in rows)
 
 
-def worker(payloads: list[int], repeats: int, store_port: int) -> None:
-    """One site's process, inside its namespace: time each op on each payload, one JSON line per measurement."""
+def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str]) -> None:
+    """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync."""
     import datetime
 
     import torch
@@ -79,23 +95,26 @@ def worker(payloads: list[int], repeats: int, store_port: int) -> None:
     pg = dist.ProcessGroupGloo(store, k, n, timeout)
     transport = GlooTransport(pg, rank=k, size=n, deadline=lambda pattern, nbytes: 900.0)
     for nbytes in payloads:
-        chunk = nbytes // 4 // n
-        x = torch.randn(chunk * n)
-        for op in OPS:
+        for pattern in patterns:
+            chunk = nbytes // n
+            x = torch.zeros(chunk * n, dtype=torch.uint8)
             for r in range(repeats):
                 pg.barrier().wait()
-                t = time.monotonic()
-                if op == "transport":
+                time.sleep(gap)  # the inner steps between two syncs: the connections go idle, as in a run
+                t = mid = time.monotonic()
+                if pattern == "reduce_scatter":
                     recv, _ = transport.all_to_all(x)
+                    mid = time.monotonic()
                     transport.all_gather(recv[:chunk].clone())
                 else:
-                    pg.allreduce([x.clone()]).wait()
-                print(json.dumps({"site": k, "bytes": chunk * n * 4, "op": op, "repeat": r, "start": t,
-                                  "end": time.monotonic()}), flush=True)
+                    transport.all_gather(x)
+                print(json.dumps({"site": k, "bytes": chunk * n, "pattern": pattern, "repeat": r, "start": t,
+                                  "mid": mid, "end": time.monotonic()}), flush=True)
 
 
-def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None) -> list[dict]:
-    """Build a lab of ``k`` sites over ``link``, run the workers, return their measurements."""
+def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
+            patterns: list[str]) -> tuple[list[dict], dict]:
+    """Build a lab of ``k`` sites over ``link``, run the workers; their measurements and the router's counters."""
     import datetime
 
     import torch.distributed as dist
@@ -110,7 +129,8 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
                               timeout=datetime.timedelta(seconds=120))
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         args = [sys.executable, __file__, "--worker", "--payloads", ",".join(map(str, payloads)),
-                "--repeats", str(repeats), "--store-port", str(store.port)]
+                "--repeats", str(repeats), "--store-port", str(store.port), "--gap", str(gap),
+                "--patterns", ",".join(patterns)]
         procs = [lab.popen(j, args, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
         for p in procs:
             out, _ = p.communicate(timeout=3600)
@@ -118,93 +138,151 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
                 raise RuntimeError(f"a site's worker failed ({p.returncode})")
             rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         del store
-    print(f"   router: {json.dumps(lab.stats)}", file=sys.stderr)
-    return rows
+    return rows, lab.stats
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One entry per (sites, link, payload, pattern): the median sync time over repeats, and the model's."""
+    groups: dict[tuple, dict[int, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["sites"], r["link"], r["bytes"], r["pattern"]), {}).setdefault(r["repeat"], []).append(r)
+    table = []
+    for (k, link, nbytes, pattern), by_repeat in sorted(groups.items()):
+        spans = [_span(v) for _, v in sorted(by_repeat.items()) if len(v) == k]
+        real = statistics.median(spans)
+        table.append({"sites": k, "link": link, "bytes": nbytes, "pattern": pattern, "real": real,
+                      "lo": min(spans), "hi": max(spans), "emulated": emulated_seconds(k, nbytes, link, pattern),
+                      "formula": ring_formula_seconds(k, nbytes, link, pattern), "repeats": len(spans)})
+    return table
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", default="2,4")
-    p.add_argument("--links", default="10mbit/50ms,100mbit/10ms,2mbit/50ms")
-    p.add_argument("--payloads", default="16kb,256kb,2mb")
+    p.add_argument("--links", default="2mbit/10ms,2mbit/50ms,10mbit/10ms,10mbit/50ms,100mbit/10ms,100mbit/50ms")
+    p.add_argument("--payloads", default="16kb,64kb,256kb,1mb,4mb,16mb")
+    p.add_argument("--patterns", default="auto",
+                   help="comma-separated, of auto (the pattern of a run with a dense codec), "
+                        f"{', '.join(PATTERNS)} (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gap", type=float, default=1.0,
+                   help="idle seconds before each sync, as the inner steps between two syncs (default %(default)s)")
     p.add_argument("--queue", help="each link's queue in bytes (default: the lab's, one BDP, at least 64 KB)")
-    p.add_argument("--max-seconds", type=float, default=30.0,
+    p.add_argument("--max-seconds", type=float, default=1200.0,
                    help="skip a point whose emulated time x repeats exceeds this (default %(default)s)")
+    p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")
+    p.add_argument("--from-raw", type=Path, help="measure nothing: write the results from timings --raw kept")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     payloads = [_size(s) for s in args.payloads.split(",")]
     if args.worker:
-        worker(payloads, args.repeats, args.store_port)
+        worker(payloads, args.repeats, args.store_port, args.gap, args.patterns.split(","))
         return
     from _common import command_line, write_result
 
-    if os.geteuid() != 0:
-        sys.exit("the network lab needs root")
-    queue = None if args.queue is None else _size(args.queue)
-    table = []
-    for k in (int(s) for s in args.sites.split(",")):
-        for link in args.links.split(","):
-            fit = [s for s in payloads if emulated_seconds(k, s, link) * args.repeats <= args.max_seconds]
-            skipped = sorted(set(payloads) - set(fit))
-            if skipped:
-                print(f"-- {k} sites {link}: skipping {skipped} (over --max-seconds)", flush=True)
-            if not fit:
-                continue
-            print(f"-- {k} sites over {link}: {fit}", flush=True)
-            rows = measure(k, link, fit, repeats=args.repeats, queue=queue)
-            for nbytes in fit:
-                for op in OPS:
-                    mine = [r for r in rows if r["op"] == op and abs(r["bytes"] - nbytes) < 4 * k]
-                    per_repeat = [_span([r for r in mine if r["repeat"] == j]) for j in range(args.repeats)]
-                    real = statistics.median(per_repeat)
-                    emulated = emulated_seconds(k, mine[0]["bytes"], link)
-                    table.append((k, link, nbytes, op, real, emulated, min(per_repeat), max(per_repeat)))
-                    print(f"   {op:<10} {nbytes:>10,} B  real {real:.3f} s  emulated {emulated:.3f} s  "
-                          f"ratio {real / emulated:.2f}", flush=True)
+    drops: dict[tuple[int, str], int] = {}
+    if args.from_raw:
+        rows = [json.loads(line) for line in args.from_raw.read_text().splitlines() if line.startswith("{")]
+        drops = {(r["sites"], r["link"]): r["dropped"] for r in rows if "dropped" in r}
+        rows = [r for r in rows if "pattern" in r]
+    else:
+        if os.geteuid() != 0:
+            sys.exit("the network lab needs root")
+        queue = None if args.queue is None else _size(args.queue)
+        rows = []
+        for k in (int(s) for s in args.sites.split(",")):
+            patterns = list(dict.fromkeys(_pattern(name, k) for name in args.patterns.split(",")))
+            for link in args.links.split(","):
+                fit = [s for s in payloads
+                       if sum(emulated_seconds(k, s, link, q) for q in patterns) * args.repeats <= args.max_seconds]
+                if len(fit) < len(payloads):
+                    print(f"-- {k} sites {link}: skipping {sorted(set(payloads) - set(fit))} (over --max-seconds)")
+                if not fit:
+                    continue
+                print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
+                mine, stats = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
+                                      patterns=patterns)
+                mine = [{**r, "sites": k, "link": link} for r in mine]
+                drops[(k, link)] = sum(v["dropped"] for v in stats.values())
+                for row in summarise(mine):
+                    print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
+                          f"{row['emulated']:.3f} s  ratio {row['real'] / row['emulated']:.2f}", flush=True)
+                rows += mine
+                if args.raw:
+                    with args.raw.open("a") as f:
+                        for r in mine:
+                            f.write(json.dumps(r) + "\n")
+                        f.write(json.dumps({"sites": k, "link": link, "dropped": drops[(k, link)]}) + "\n")
+    table = summarise(rows)
+    write_table(table, drops, args, command_line(), write_result)
+
+
+def write_table(table: list[dict], drops: dict, args: argparse.Namespace, command: str, write_result) -> None:
+    def close(rows: list[dict], key: str) -> int:
+        return sum(abs(r["real"] / r[key] - 1) <= 0.10 for r in rows)
+
+    within = [r for r in table if abs(r["real"] / r["emulated"] - 1) <= 0.10]
+    links = list(dict.fromkeys(r["link"] for r in table))
+    by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
+    for link in links:
+        rows = [r for r in table if r["link"] == link]
+        by_link.append(f"| {link} | {len(rows)} | {close(rows, 'emulated')} | {close(rows, 'formula')} |")
     lines = [
-        "# Network lab: real against emulated collective time",
+        "# Network lab: real against emulated sync time",
         "",
-        f"Command: `{command_line()}`  ",
-        f"One namespace per site, the link between every pair applied per direction by the lab's router (MTU 1500, "
-        f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}). Median over {args.repeats} repeats of the "
-        "time from the last site's call to the last site's result. `transport`: all_to_all of S then all_gather of "
-        "S/K, what a lossless geotrain sync sends; `all_reduce`: gloo's all-reduce. Emulated: the ring all-reduce "
-        "time the emulator charges both.",
+        f"Command: `{command}`  ",
+        "One namespace per site, the link between every pair applied per direction by the lab's router (MTU 1500, "
+        f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the namespaces' TCP congestion control is "
+        f"the host's). Each sync follows {args.gap:g} s of idle, as a run's inner steps; median over the repeats "
+        "of the time from the last site's call to the last site's result. Emulated: what the WAN emulator (and "
+        "the planner) charge the same sync; ring formula: what the emulator charged before the lab calibrated it.",
         "",
-        "| sites | link | payload S | op | real median (s) | real min-max (s) | emulated (s) | real / emulated |",
-        "|---|---|---|---|---|---|---|---|",
+        f"**{len(within)} of {len(table)} points within 10% of the emulated time** ({close(table, 'formula')} of the "
+        "ring formula's).",
+        "",
+        *by_link,
+        "",
+        "| sites | link | payload S | pattern | real median (s) | real min-max (s) | emulated (s) | real / emulated "
+        "| real / ring formula | packets the lab dropped (all its syncs) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for k, link, nbytes, op, real, emulated, lo, hi in table:
-        lines.append(f"| {k} | {link} | {nbytes:,} B | {op} | {real:.3f} | {lo:.3f}-{hi:.3f} | {emulated:.3f} "
-                     f"| {real / emulated:.2f} |")
+    for r in table:
+        lines.append(f"| {r['sites']} | {r['link']} | {r['bytes']:,} B | {r['pattern']} | {r['real']:.3f} | "
+                     f"{r['lo']:.3f}-{r['hi']:.3f} | {r['emulated']:.3f} | {r['real'] / r['emulated']:.2f} | "
+                     f"{r['real'] / r['formula']:.2f} | {drops.get((r['sites'], r['link']), '')} |")
     path = write_result("netlab-real-vs-emulated", "\n".join(lines) + "\n")
     plot(table, path.with_suffix(".png"))
 
 
-def plot(table: list[tuple], path: Path) -> None:
-    """Real / emulated against the payload, one panel per number of sites, one line per link and op."""
+def plot(table: list[dict], path: Path) -> None:
+    """Real / emulated against the payload, one panel per number of sites, one line per link and pattern; the
+    ring formula's ratio faint beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sites = sorted({row[0] for row in table})
-    fig, axes = plt.subplots(1, len(sites), figsize=(6 * len(sites), 4.2), sharey=True, squeeze=False)
+    sites = sorted({row["sites"] for row in table})
+    fig, axes = plt.subplots(1, len(sites), figsize=(6.5 * len(sites), 4.5), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], sites):
-        for link in dict.fromkeys(row[1] for row in table):
-            for op, style in zip(OPS, ("-o", "--s")):
-                pts = [(row[2], row[4] / row[5]) for row in table if row[0] == k and row[1] == link and row[3] == op]
-                if pts:
-                    ax.plot(*zip(*pts), style, label=f"{link} {op}")
+        for i, link in enumerate(dict.fromkeys(row["link"] for row in table)):
+            for pattern, style in zip(PATTERNS, ("-o", "--s")):
+                pts = [r for r in table if r["sites"] == k and r["link"] == link and r["pattern"] == pattern]
+                if not pts:
+                    continue
+                x = [r["bytes"] for r in pts]
+                line, = ax.plot(x, [r["real"] / r["emulated"] for r in pts], style, color=f"C{i}",
+                                label=f"{link} {pattern}")
+                ax.plot(x, [r["real"] / r["formula"] for r in pts], style, color=f"C{i}", alpha=0.2)
+        ax.axhspan(0.9, 1.1, color="green", alpha=0.08)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("payload per site (bytes)")
-        ax.set_title(f"{k} sites")
+        ax.set_title(f"{k} sites (faint: the ring formula before calibration)")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("real / emulated time")
-    fig.suptitle("Network lab: one collective's real time against the emulator's")
+    axes[0][0].set_ylabel("real / emulated sync time")
+    fig.suptitle("Network lab: one sync's real time against the emulator's")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

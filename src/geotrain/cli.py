@@ -164,9 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{config.wan.link}; nothing was started", file=sys.stderr)
         return 0
     if args.network == "netlab":
-        from geotrain.netlab import Lab, lab_links
+        from geotrain.netlab import Lab, config_lab_links, router_warning
 
-        lab = Lab(sites=config.run.sites, links=lab_links(config.topology()))
+        links = config_lab_links(config)
+        if (warning := router_warning(links)) is not None:
+            print(f"warning: {warning}", file=sys.stderr)
+        lab = Lab(sites=config.run.sites, links=links)
         with _terminate_as_interrupt(), lab:
             print(f"network lab: {config.run.sites} sites in namespaces {lab.namespace(0)}.., links "
                   f"{config.wan.link}, coordinator on {lab.control_address}", file=sys.stderr, flush=True)
@@ -209,15 +212,6 @@ class _terminate_as_interrupt:
             signal.signal(sig, handler)
 
 
-def _parse_bytes(text: str, *, field: str) -> int:
-    """``65536``, ``64kb`` or ``1mb`` (powers of 1024) into bytes; ConfigError otherwise."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(b|kb|k|mb|m)?\s*", str(text).lower())
-    if not m:
-        raise ConfigError(f"cannot read {text!r} as a size; write bytes such as 65536, 64kb or 1mb", field=field)
-    scale = {None: 1, "b": 1, "k": 1024, "kb": 1024, "m": 1 << 20, "mb": 1 << 20}[m.group(2)]
-    return int(float(m.group(1)) * scale)
 
 
 def cmd_netlab(args: argparse.Namespace) -> int:
@@ -225,7 +219,8 @@ def cmd_netlab(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from geotrain.netlab import Lab, clean_stale, lab_links, require_root
+    from geotrain.config import parse_size
+    from geotrain.netlab import Lab, clean_stale, config_lab_links, require_root, router_warning
 
     if args.clean:
         require_root()
@@ -241,10 +236,12 @@ def cmd_netlab(args: argparse.Namespace) -> int:
                           "--sites 2 -- python my_script.py; to train, use geotrain run --network netlab",
                           field="COMMAND")
     config = _config_from_args(args)
-    links = lab_links(config.topology(), queue_bytes=None if args.queue is None else _parse_bytes(args.queue,
-                                                                                                   field="--queue"),
-                      loss=args.loss)
+    links = config_lab_links(config, queue_bytes=None if args.queue is None else parse_size(args.queue,
+                                                                                              field="--queue"),
+                             loss=args.loss)
     require_root()
+    if (warning := router_warning(links)) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     lab = Lab(sites=config.run.sites, links=links, mtu=args.mtu)
     codes: list[int | None] = []
     with _terminate_as_interrupt(), lab:

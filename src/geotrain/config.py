@@ -156,6 +156,17 @@ def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = Fals
         raise ConfigError(f"must lie in {low}, {hi:g}]{what}, got {value!r}", field=name)
 
 
+def parse_size(text: Any, *, field: str) -> int:
+    """``65536``, ``"64kb"`` or ``"1mb"`` (powers of 1024) into bytes; ConfigError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(b|kb|k|mb|m)?\s*", str(text).lower())
+    if not m:
+        raise ConfigError(f"cannot read {text!r} as a size; write bytes such as 65536, 64kb or 1mb", field=field)
+    scale = {None: 1, "b": 1, "k": 1024, "kb": 1024, "m": 1 << 20, "mb": 1 << 20}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
 def _integer(name: str, value: Any, lo: int, hi: int, *, what: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ConfigError(f"must be an integer from {lo:,} to {hi:,}{what}, got {value!r}", field=name)
@@ -510,10 +521,25 @@ class LinkOverride:
     """The two sites this link joins: indices, or names from [sites] names / [[site]] name."""
     link: str
     """BANDWIDTH/LATENCY, for example "100mbit/20ms", or a link preset."""
+    loss: float = 0.0
+    """The network lab only: probability that a packet is lost on this link, in each direction."""
+    queue: int | str | None = None
+    """The network lab only: each direction's queue, in bytes (65536, "64kb", "1mb"); unset: the lab's default
+    (one round trip's bandwidth-delay product, at least 64 KB)."""
 
     def __post_init__(self) -> None:
         if len(self.between) != 2:
             raise ConfigError(f"needs exactly two sites, got {self.between!r}", field="wan.links.between")
+        _number("wan.links.loss", self.loss, 0, 1)
+        if self.loss == 1:
+            raise ConfigError("a link that loses every packet is no link; give a probability below 1",
+                              field="wan.links.loss")
+        if self.queue is not None:
+            self.queue_bytes()
+
+    def queue_bytes(self) -> int | None:
+        """``queue`` in bytes (None when unset)."""
+        return None if self.queue is None else parse_size(self.queue, field="wan.links.queue")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -1062,6 +1088,17 @@ class Config:
         presets = self.wan.all_presets()
         names = self.site_names()
         overrides: dict[tuple[int, int], Link] = {}
+        for pair, o in self.link_pairs():
+            link = parse_link(o.link, presets=presets)
+            assert link is not None
+            overrides[pair] = link
+        default = parse_link(self.wan.link, presets=presets)
+        return Topology(self.run.sites, default=default, overrides=overrides, names=names)
+
+    def link_pairs(self) -> list[tuple[tuple[int, int], LinkOverride]]:
+        """Each [[wan.links]] entry with the indices of the two sites it joins."""
+        names = self.site_names()
+        pairs = []
         for i, o in enumerate(self.wan.links):
             where = f"wan.links[{i}].between"
             idx = []
@@ -1077,11 +1114,8 @@ class Config:
                     raise ConfigError(f"{b!r} is not a site; sites: {', '.join(names)}", field=where)
             if idx[0] == idx[1]:
                 raise ConfigError("a link joins two different sites", field=where)
-            link = parse_link(o.link, presets=presets)
-            assert link is not None
-            overrides[(idx[0], idx[1])] = link
-        default = parse_link(self.wan.link, presets=presets)
-        return Topology(self.run.sites, default=default, overrides=overrides, names=names)
+            pairs.append(((idx[0], idx[1]), o))
+        return pairs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from geotrain.cli import main
-from geotrain.netlab import PREFIX, Lab, clean_stale, lab_links
+from geotrain.config import load_config
+from geotrain.errors import ConfigError
+from geotrain.netlab import PREFIX, Lab, LabLink, clean_stale, config_lab_links, lab_links, router_warning
 from geotrain.netlab.router import Conditions, _Pipe
 from geotrain.topology import Link, Topology, parse_link
 
@@ -36,6 +38,34 @@ def test_links_both_directions_from_the_topology():
     assert links[(2, 0)].bandwidth_bps == 100e6 and links[(0, 2)].latency_s == 0.01
     assert links[(0, 2)].queue_bytes == int(2 * 0.01 * 100e6 / 8)  # 250 KB: one round trip in flight
     assert lab_links(topo, queue_bytes=10_000, loss=0.01)[(1, 2)].queue_bytes == 10_000
+
+
+def test_links_past_what_the_router_forwards_are_warned_of():
+    four = lab_links(Topology(4, default=parse_link("100mbit/10ms")))  # 12 directions of 100 Mbit/s
+    assert "1,200 Mbit/s" in router_warning(four)
+    assert router_warning(lab_links(Topology(4, default=parse_link("10mbit/10ms")))) is None  # 120 Mbit/s
+    assert router_warning(lab_links(Topology(2, default=None))) is None  # unshaped pairs are not counted
+
+
+def test_a_pair_sets_its_own_loss_and_queue_in_the_run_file():
+    config = load_config(values={"run.sites": 3, "wan.link": "2mbit/50ms", "wan.links": [
+        {"between": [2, 0], "link": "100mbit/10ms", "loss": 0.01, "queue": "32kb"},
+        {"between": [1, 2], "link": "10mbit/20ms"}]})
+    links = config_lab_links(config)
+    assert links[(0, 2)] == links[(2, 0)] == LabLink(100e6, 0.01, 0.01, 32 * 1024)
+    assert links[(1, 2)] == LabLink(10e6, 0.02, 0.0, 64 * 1024)  # neither set: the lab's own
+    assert links[(0, 1)] == LabLink(2e6, 0.05, 0.0, 64 * 1024)
+    # the command line's --loss and --queue hold wherever a pair sets nothing of its own
+    other = config_lab_links(config, queue_bytes=20_000, loss=0.02)
+    assert other[(0, 1)] == LabLink(2e6, 0.05, 0.02, 20_000) and other[(0, 2)] == links[(0, 2)]
+    for bad, match in ((1.0, "below 1"), (-0.1, "must lie in")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(values={"run.sites": 2, "wan.links": [{"between": [0, 1], "link": "2mbit/5ms", "loss": bad}]})
+    with pytest.raises(ConfigError, match="as a size"):
+        load_config(values={"run.sites": 2, "wan.links": [{"between": [0, 1], "link": "2mbit/5ms", "queue": "big"}]})
+    with pytest.raises(ConfigError, match="cannot hold one packet"):
+        config_lab_links(load_config(values={"run.sites": 2, "wan.links": [
+            {"between": [0, 1], "link": "2mbit/5ms", "queue": 100}]}))
 
 
 def test_pipe_serialises_delays_and_drops_tail():

@@ -51,8 +51,8 @@ from geotrain.errors import ConfigError
 from geotrain.netlab.ns import setns as _setns
 from geotrain.topology import MAX_BANDWIDTH, Topology
 
-__all__ = ["DEFAULT_MTU", "Lab", "LabLink", "PREFIX", "clean_stale", "enter_namespace", "lab_links", "require_root",
-           "stale_labs"]
+__all__ = ["DEFAULT_MTU", "Lab", "LabLink", "PREFIX", "ROUTER_MEASURED_BPS", "clean_stale", "config_lab_links",
+           "enter_namespace", "lab_links", "require_root", "router_warning", "stale_labs"]
 
 PREFIX = "gtl"
 """Start of every namespace and interface name a lab creates, followed by the owner's PID."""
@@ -85,28 +85,57 @@ class LabLink:
     """The link's queue; a packet that finds it full is dropped."""
 
 
-def lab_links(topology: Topology, *, queue_bytes: int | None = None,
-              loss: float = 0.0) -> dict[tuple[int, int], LabLink]:
+def lab_links(topology: Topology, *, queue_bytes: int | None = None, loss: float = 0.0,
+              pairs: dict[tuple[int, int], tuple[float, int | None]] | None = None) -> dict[tuple[int, int], LabLink]:
     """Both directions of every pair of the topology's sites. A pair with no link (``none``) is unshaped.
-    ``queue_bytes`` unset: one bandwidth-delay product of the round trip, at least 64 KB."""
-    if not 0.0 <= loss < 1.0:
-        raise ConfigError(f"loss must be a probability from 0 to below 1, got {loss!r}", field="--loss")
-    if queue_bytes is not None and queue_bytes < DEFAULT_MTU:
-        raise ConfigError(f"a queue of {queue_bytes} bytes cannot hold one packet; give at least {DEFAULT_MTU}",
-                          field="--queue")
+    ``queue_bytes`` unset: one bandwidth-delay product of the round trip, at least 64 KB. ``pairs``: a pair's own
+    loss and queue (None: the lab's), ahead of ``loss`` and ``queue_bytes`` (:func:`config_lab_links`)."""
+    pairs = {(min(a, b), max(a, b)): v for (a, b), v in (pairs or {}).items()}
+    for where, (p, q) in [("--loss/--queue", (loss, queue_bytes)), *((f"wan.links {k}", v) for k, v in pairs.items())]:
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"loss must be a probability from 0 to below 1, got {p!r}", field=f"{where} loss")
+        if q is not None and q < DEFAULT_MTU:
+            raise ConfigError(f"a queue of {q} bytes cannot hold one packet; give at least {DEFAULT_MTU}",
+                              field=f"{where} queue")
     links = {}
     for a in range(topology.sites):
         for b in range(topology.sites):
             if a == b:
                 continue
+            p, q = pairs.get((min(a, b), max(a, b)), (loss, queue_bytes))
+            q = queue_bytes if q is None else q
             link = topology.link(a, b)
             if link is None:
-                links[(a, b)] = LabLink(MAX_BANDWIDTH, 0.0, loss, queue_bytes or 1 << 30)
+                links[(a, b)] = LabLink(MAX_BANDWIDTH, 0.0, p, q or 1 << 30)
                 continue
             bdp = int(2 * link.latency_s * link.bandwidth_bps / 8)
-            links[(a, b)] = LabLink(link.bandwidth_bps, link.latency_s, loss,
-                                    queue_bytes or max(MIN_QUEUE_BYTES, bdp))
+            links[(a, b)] = LabLink(link.bandwidth_bps, link.latency_s, p, q or max(MIN_QUEUE_BYTES, bdp))
     return links
+
+
+def config_lab_links(config: Any, *, queue_bytes: int | None = None,
+                     loss: float = 0.0) -> dict[tuple[int, int], LabLink]:
+    """The lab's links for a run's configuration: its topology, with each ``[[wan.links]]`` entry's own ``loss``
+    and ``queue`` where it sets them, and ``loss`` and ``queue_bytes`` (``--loss``, ``--queue``) elsewhere."""
+    pairs = {pair: (o.loss or loss, o.queue_bytes()) for pair, o in config.link_pairs()
+             if o.loss or o.queue is not None}
+    return lab_links(config.topology(), queue_bytes=queue_bytes, loss=loss, pairs=pairs)
+
+
+ROUTER_MEASURED_BPS = 375e6
+"""What the router (one Python process) forwarded at most on a 2-core machine, for one TCP stream
+(``benchmarks/netlab_bench.py``, README): links whose rates add up to more may be limited by the router."""
+
+
+def router_warning(links: dict[tuple[int, int], LabLink]) -> str | None:
+    """A warning when the lab's links, all busy at once (an all-to-all uses every pair), carry more than the
+    router was measured to forward; None otherwise."""
+    total = sum(link.bandwidth_bps for link in links.values() if link.bandwidth_bps < MAX_BANDWIDTH)
+    if total <= ROUTER_MEASURED_BPS:
+        return None
+    return (f"the lab's links add up to {total / 1e6:,.0f} Mbit/s in all directions, more than the router (one Python "
+            f"process) was measured to forward ({ROUTER_MEASURED_BPS / 1e6:.0f} Mbit/s on a 2-core machine): when "
+            "many links are busy at once, the router, not the links, may set the pace")
 
 
 def require_root() -> None:
