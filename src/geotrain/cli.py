@@ -212,8 +212,6 @@ class _terminate_as_interrupt:
             signal.signal(sig, handler)
 
 
-
-
 def cmd_netlab(args: argparse.Namespace) -> int:
     """Build a network lab from the run's topology, run a command in every site's namespace, tear it down."""
     import os
