@@ -37,14 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 PATTERNS = ("reduce_scatter", "all_gather")
 
 
-def _size(text: str) -> int:
-    t = text.strip().lower()
-    for suffix, scale in (("kb", 1024), ("mb", 1 << 20), ("b", 1)):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * scale)
-    return int(t)
-
-
 def _pattern(name: str, k: int) -> str:
     return ("reduce_scatter" if k >= 3 else "all_gather") if name == "auto" else name
 
@@ -175,7 +167,9 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    payloads = [_size(s) for s in args.payloads.split(",")]
+    from geotrain.config import parse_size
+
+    payloads = [parse_size(s, field="--payloads") for s in args.payloads.split(",")]
     if args.worker:
         worker(payloads, args.repeats, args.store_port, args.gap, args.patterns.split(","))
         return
@@ -189,7 +183,7 @@ def main() -> None:
     else:
         if os.geteuid() != 0:
             sys.exit("the network lab needs root")
-        queue = None if args.queue is None else _size(args.queue)
+        queue = None if args.queue is None else parse_size(args.queue, field="--queue")
         rows = []
         for k in (int(s) for s in args.sites.split(",")):
             patterns = list(dict.fromkeys(_pattern(name, k) for name in args.patterns.split(",")))

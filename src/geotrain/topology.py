@@ -353,8 +353,8 @@ def ring_all_gather(nbytes: int, links: Sequence[Link | None], *, streams: int =
     if k < 2 or nbytes == 0:
         return CollectiveCost(0.0, 0, 0)
     steps = k - 1
-    seconds = max((_gloo_ring_all_gather_seconds(nbytes, k, link, streams) for link in links if link is not None),
-                  default=0.0)
+    distinct = {link for link in links if link is not None}  # the recurrence once per kind of link
+    seconds = max((_gloo_ring_all_gather_seconds(nbytes, k, link, streams) for link in distinct), default=0.0)
     return CollectiveCost(seconds, steps * nbytes, steps)
 
 
