@@ -105,8 +105,9 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 
 
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
-            patterns: list[str]) -> tuple[list[dict], dict]:
-    """Build a lab of ``k`` sites over ``link``, run the workers; their measurements and the router's counters."""
+            patterns: list[str], router: str = "auto") -> tuple[list[dict], dict, str]:
+    """Build a lab of ``k`` sites over ``link``, run the workers; their measurements, the router's counters and
+    its data plane (``c`` or ``python``)."""
     import datetime
 
     import torch.distributed as dist
@@ -115,7 +116,7 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
     from geotrain.topology import Topology, parse_link
 
     rows = []
-    lab = Lab(sites=k, links=lab_links(Topology(k, default=parse_link(link)), queue_bytes=queue))
+    lab = Lab(sites=k, links=lab_links(Topology(k, default=parse_link(link)), queue_bytes=queue), forwarder=router)
     with lab:
         store = dist.TCPStore(lab.control_address, 0, k + 1, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=120))
@@ -130,7 +131,7 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
                 raise RuntimeError(f"a site's worker failed ({p.returncode})")
             rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         del store
-    return rows, lab.stats
+    return rows, lab.stats, lab.forwarder_used
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -144,7 +145,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         real = statistics.median(spans)
         table.append({"sites": k, "link": link, "bytes": nbytes, "pattern": pattern, "real": real,
                       "lo": min(spans), "hi": max(spans), "emulated": emulated_seconds(k, nbytes, link, pattern),
-                      "formula": ring_formula_seconds(k, nbytes, link, pattern), "repeats": len(spans)})
+                      "formula": ring_formula_seconds(k, nbytes, link, pattern), "repeats": len(spans),
+                      "router": next(iter(by_repeat.values()))[0].get("router")})
     return table
 
 
@@ -162,6 +164,9 @@ def main() -> None:
     p.add_argument("--queue", help="each link's queue in bytes (default: the lab's, one BDP, at least 64 KB)")
     p.add_argument("--max-seconds", type=float, default=1200.0,
                    help="skip a point whose emulated time x repeats exceeds this (default %(default)s)")
+    p.add_argument("--router", choices=("auto", "c", "python"), default="auto",
+                   help="the lab router's data plane (geotrain netlab --router; default %(default)s)")
+    p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")
     p.add_argument("--from-raw", type=Path, help="measure nothing: write the results from timings --raw kept")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -195,9 +200,9 @@ def main() -> None:
                 if not fit:
                     continue
                 print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
-                mine, stats = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
-                                      patterns=patterns)
-                mine = [{**r, "sites": k, "link": link} for r in mine]
+                mine, stats, router = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
+                                              patterns=patterns, router=args.router)
+                mine = [{**r, "sites": k, "link": link, "router": router} for r in mine]
                 drops[(k, link)] = sum(v["dropped"] for v in stats.values())
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
@@ -217,6 +222,8 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         return sum(abs(r["real"] / r[key] - 1) <= 0.10 for r in rows)
 
     within = [r for r in table if abs(r["real"] / r["emulated"] - 1) <= 0.10]
+    # Rows kept before the router had a C data plane carry no "router": they were forwarded in Python.
+    router = ", ".join(sorted({r.get("router") or "python" for r in table})) + " data plane"
     links = list(dict.fromkeys(r["link"] for r in table))
     by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
     for link in links:
@@ -226,7 +233,7 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         "# Network lab: real against emulated sync time",
         "",
         f"Command: `{command}`  ",
-        "One namespace per site, the link between every pair applied per direction by the lab's router (MTU 1500, "
+        f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; MTU 1500, "
         f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the namespaces' TCP congestion control is "
         f"the host's). Each sync follows {args.gap:g} s of idle, as a run's inner steps; median over the repeats "
         "of the time from the last site's call to the last site's result. Emulated: what the WAN emulator (and "
@@ -245,7 +252,7 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         lines.append(f"| {r['sites']} | {r['link']} | {r['bytes']:,} B | {r['pattern']} | {r['real']:.3f} | "
                      f"{r['lo']:.3f}-{r['hi']:.3f} | {r['emulated']:.3f} | {r['real'] / r['emulated']:.2f} | "
                      f"{r['real'] / r['formula']:.2f} | {drops.get((r['sites'], r['link']), '')} |")
-    path = write_result("netlab-real-vs-emulated", "\n".join(lines) + "\n")
+    path = write_result("netlab-real-vs-emulated" + (f"-{args.name}" if args.name else ""), "\n".join(lines) + "\n")
     plot(table, path.with_suffix(".png"))
 
 

@@ -164,13 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{config.wan.link}; nothing was started", file=sys.stderr)
         return 0
     if args.network == "netlab":
-        from geotrain.netlab import Lab, config_lab_links, router_warning
+        from geotrain.netlab import Lab, config_lab_links
 
         links = config_lab_links(config)
-        if (warning := router_warning(links)) is not None:
-            print(f"warning: {warning}", file=sys.stderr)
-        lab = Lab(sites=config.run.sites, links=links)
+        lab = Lab(sites=config.run.sites, links=links, forwarder=args.router)
         with _terminate_as_interrupt(), lab:
+            _lab_warnings(lab)
             print(f"network lab: {config.run.sites} sites in namespaces {lab.namespace(0)}.., links "
                   f"{config.wan.link}, coordinator on {lab.control_address}", file=sys.stderr, flush=True)
             outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
@@ -192,6 +191,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {outcome.summary.get('error')}", file=sys.stderr)
         print(f"partial results in {out / 'summary.json'}", file=sys.stderr)
     return outcome.exit_code
+
+
+def _add_router_flag(p: argparse.ArgumentParser) -> None:
+    from geotrain.netlab.lab import FORWARDERS
+
+    p.add_argument("--router", choices=FORWARDERS, default="auto",
+                   help="with the network lab, the router's data plane: c (forward.c, built with the machine's C "
+                        "compiler), python (the reference loop, under half as fast), or auto: c where it builds "
+                        "(default %(default)s)")
+
+
+def _lab_warnings(lab: Any) -> None:
+    """Say when the lab forwards in Python for want of a compiler, and when its links may outrun its router."""
+    from geotrain.netlab import router_warning
+
+    for line in (lab.forwarder_note, router_warning(lab.links, lab.forwarder_used)):
+        if line is not None:
+            print(f"warning: {line}", file=sys.stderr)
 
 
 class _terminate_as_interrupt:
@@ -218,7 +235,7 @@ def cmd_netlab(args: argparse.Namespace) -> int:
     import subprocess
 
     from geotrain.config import parse_size
-    from geotrain.netlab import Lab, clean_stale, config_lab_links, require_root, router_warning
+    from geotrain.netlab import Lab, clean_stale, config_lab_links, require_root
 
     if args.clean:
         require_root()
@@ -238,11 +255,10 @@ def cmd_netlab(args: argparse.Namespace) -> int:
                                                                                               field="--queue"),
                              loss=args.loss)
     require_root()
-    if (warning := router_warning(links)) is not None:
-        print(f"warning: {warning}", file=sys.stderr)
-    lab = Lab(sites=config.run.sites, links=links, mtu=args.mtu)
+    lab = Lab(sites=config.run.sites, links=links, mtu=args.mtu, forwarder=args.router)
     codes: list[int | None] = []
     with _terminate_as_interrupt(), lab:
+        _lab_warnings(lab)
         print(f"network lab: {config.run.sites} sites over {config.wan.link}; site k is "
               f"{lab.wan_address(0).rsplit('.', 1)[0]}.(k+1) in namespace {lab.namespace(0)[:-1]}K; control "
               f"address {lab.control_address}", file=sys.stderr, flush=True)
@@ -553,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulated: the WAN emulator charges each collective its modelled time; netlab: every site in "
                         "a network namespace of its own, the links applied to real packets by a router (root only; "
                         "see 'geotrain netlab --help') (default %(default)s)")
+    _add_router_flag(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on the same budget and compare them",
@@ -636,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "64kb)")
     p.add_argument("--loss", type=float, default=0.0, help="probability that a packet is lost (default 0)")
     p.add_argument("--mtu", type=int, default=1500, help="MTU of the sites' WAN interfaces (default %(default)s)")
+    _add_router_flag(p)
     p.add_argument("--clean", action="store_true", help="only remove labs left by killed runs, then exit")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what every site runs")
     p.set_defaults(func=cmd_netlab)

@@ -42,9 +42,11 @@ def test_links_both_directions_from_the_topology():
 
 def test_links_past_what_the_router_forwards_are_warned_of():
     four = lab_links(Topology(4, default=parse_link("100mbit/10ms")))  # 12 directions of 100 Mbit/s
-    assert "1,200 Mbit/s" in router_warning(four)
-    assert router_warning(lab_links(Topology(4, default=parse_link("10mbit/10ms")))) is None  # 120 Mbit/s
-    assert router_warning(lab_links(Topology(2, default=None))) is None  # unshaped pairs are not counted
+    assert "1,200 Mbit/s" in router_warning(four, "python") and "one Python process" in router_warning(four, "python")
+    assert router_warning(four, "c") is None  # C forwards 1,458 Mbit/s
+    assert "forward.c" in router_warning(lab_links(Topology(4, default=parse_link("1gbit/10ms"))), "c")
+    assert router_warning(lab_links(Topology(4, default=parse_link("10mbit/10ms"))), "python") is None  # 120 Mbit/s
+    assert router_warning(lab_links(Topology(2, default=None)), "python") is None  # unshaped pairs are not counted
 
 
 def test_a_pair_sets_its_own_loss_and_queue_in_the_run_file():
@@ -82,19 +84,82 @@ def test_conditions_cut_and_slow_both_directions_of_a_sites_links():
     pipes = {(a, b): _Pipe(bandwidth_bps=1e6, latency_s=0.0, loss=0.0, queue_bytes=1 << 20, nominal_bps=1e6)
              for a in range(3) for b in range(3) if a != b}
     c = Conditions(cut=set(), slow={})
-    c.apply({"op": "partition", "site": 1}, pipes)
+    c.apply("partition 1", pipes)
     assert {k for k, p in pipes.items() if p.cut} == {(0, 1), (1, 0), (1, 2), (2, 1)}
     assert pipes[(1, 0)].admit(0.0, 100, random.Random(0)) is None
-    c.apply({"op": "slow", "site": 2, "factor": 4}, pipes)
-    c.apply({"op": "slow", "site": 0, "factor": 2}, pipes)
+    c.apply("slow 2 4", pipes)
+    c.apply("slow 0 2.0", pipes)
     assert pipes[(0, 2)].bandwidth_bps == pipes[(2, 1)].bandwidth_bps == 0.25e6  # the larger factor of the ends
     assert pipes[(0, 1)].bandwidth_bps == 0.5e6
-    c.apply({"op": "heal", "site": 1}, pipes)
-    c.apply({"op": "slow", "site": 2, "factor": 1}, pipes)
+    c.apply("heal 1", pipes)
+    c.apply("slow 2 1", pipes)
     assert not any(p.cut for p in pipes.values())
     assert pipes[(1, 2)].bandwidth_bps == 1e6 and pipes[(0, 2)].bandwidth_bps == 0.5e6
-    with pytest.raises(ValueError):
-        c.apply({"op": "slow", "site": 0, "factor": 0.5}, pipes)
+    for bad in ("slow 0 0.5", "slow 0", "cut 1", "partition", "heal one"):
+        with pytest.raises(ValueError):
+            c.apply(bad, pipes)
+
+
+@functools.cache
+def _forwarder() -> str | None:
+    """The compiled C data plane, or None where no C compiler builds it."""
+    from geotrain.netlab.cforward import ForwarderUnavailable, build
+
+    try:
+        return str(build())
+    except ForwarderUnavailable:
+        return None
+
+
+@pytest.mark.skipif("_forwarder() is None", reason="needs a C compiler")
+def test_the_c_forwarder_delivers_and_drops_exactly_as_the_python_router():
+    """forward.c's links against router.py's, the reference: 3000 packets offered at random times and sizes
+    to a 2 Mbit/s link with a 64 KB queue, with partitions, heals and slow factors (good and bad) among them.
+    Every delivery time must be the same double, every drop the same drop."""
+    rng = random.Random(7)
+    bw, latency, queue = 2e6, 0.05, 64 * 1024
+    lines, t = [], 100.0
+    for _ in range(3000):
+        t += rng.expovariate(1 / 0.005)
+        if rng.random() < 0.01:
+            lines.append(rng.choice(["partition 1", "heal 1", "slow 1 2.5", "slow 0 1", "slow 1 1", "slow 0 0.5",
+                                     "cut 1", "slow 7 2"]))
+        else:
+            lines.append(f"offer {t!r} {rng.randint(40, 1500)}")
+    done = subprocess.run([_forwarder(), "--replay", repr(bw), repr(latency), str(queue)], input="\n".join(lines),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = done.stdout.splitlines()
+    pipes = {(a, 1 - a): _Pipe(bw, latency, 0.0, queue, nominal_bps=bw) for a in range(2)}
+    conditions, expected = Conditions(cut=set(), slow={}), []
+    for line in lines:
+        if line.startswith("offer"):
+            _, now, size = line.split()
+            at = pipes[(0, 1)].admit(float(now), int(size), rng)
+            expected.append("drop" if at is None else at)
+        elif line == "slow 7 2":  # a site the lab does not have: the lab refuses it before the router sees it
+            expected.append("error")
+        else:
+            try:
+                conditions.apply(line, pipes)
+                expected.append("ok")
+            except ValueError:
+                expected.append("error")
+    got = [x if x in ("drop", "ok") else "error" if x.startswith("error:") else float(x) for x in got]
+    assert got == expected
+    assert 100 < expected.count("drop") < 2900  # the queue overflowed and drained: both paths were exercised
+
+
+def test_a_lab_that_must_forward_in_c_without_a_compiler_is_bad_input(monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    lab = Lab(sites=2, links=lab_links(Topology(2, default=parse_link("10mbit/10ms"))), forwarder="c")
+    with pytest.raises(ConfigError, match="no C compiler"):
+        lab._forwarder_binary()
+    lab = Lab(sites=2, links=lab.links)  # auto: falls back to Python, and says why
+    assert lab._forwarder_binary() is None and lab.forwarder_used == "python"
+    assert "no C compiler" in lab.forwarder_note
+    with pytest.raises(ConfigError, match="one of auto, c, python"):
+        Lab(sites=2, links=lab.links, forwarder="rust")
 
 
 @pytest.mark.parametrize("argv", [["netlab", "--sites", "2", "--", "true"],
@@ -181,11 +246,18 @@ dist.destroy_process_group()
 """
 
 
+def _forwarders():
+    """Both data planes where C builds; marks C's case skipped where it does not."""
+    return ["python", pytest.param("c", marks=pytest.mark.skipif("_forwarder() is None",
+                                                                 reason="needs a C compiler"))]
+
+
 @needs_lab
-def test_all_reduce_across_namespaces_pays_the_links_latency_and_leaves_nothing():
+@pytest.mark.parametrize("forwarder", _forwarders())
+def test_all_reduce_across_namespaces_pays_the_links_latency_and_leaves_nothing(forwarder):
     latency = 0.03
     topo = Topology(2, default=parse_link(f"20mbit/{latency * 1000:g}ms"))
-    lab = Lab(sites=2, links=lab_links(topo))
+    lab = Lab(sites=2, links=lab_links(topo), forwarder=forwarder)
     try:
         with lab:
             # the control address is reachable from a site, unshaped, as the coordinator is
@@ -214,6 +286,7 @@ def test_all_reduce_across_namespaces_pays_the_links_latency_and_leaves_nothing(
     assert forwarded > 2 * 64 * 1024  # the payloads crossed the router, headers and all
     assert _leftovers(lab.owner) == []
     assert not _alive(lab.router.pid)
+    assert lab.forwarder_used == forwarder
 
 
 _PROBE = r"""
@@ -229,9 +302,10 @@ for line in sys.stdin:  # "HOST PORT TIMEOUT": can this site open a connection t
 
 
 @needs_lab
-def test_partition_and_heal_act_on_the_real_links():
+@pytest.mark.parametrize("forwarder", _forwarders())
+def test_partition_and_heal_act_on_the_real_links(forwarder):
     topo = Topology(2, default=parse_link("100mbit/1ms"))
-    with Lab(sites=2, links=lab_links(topo)) as lab, socket.create_server((lab.control_address, 0)) as control:
+    with Lab(sites=2, links=lab_links(topo), forwarder=forwarder) as lab, socket.create_server((lab.control_address, 0)) as control:
         peer = lab.popen(1, [sys.executable, "-c", "import socket, sys; s = socket.create_server((sys.argv[1], 0)); "
                              "print(s.getsockname()[1], flush=True); [s.accept()[0].close() for _ in range(9)]",
                              lab.wan_address(1)], stdout=subprocess.PIPE, text=True)

@@ -122,19 +122,23 @@ def config_lab_links(config: Any, *, queue_bytes: int | None = None,
     return lab_links(config.topology(), queue_bytes=queue_bytes, loss=loss, pairs=pairs)
 
 
-ROUTER_MEASURED_BPS = 375e6
-"""What the router (one Python process) forwarded at most on a 2-core machine, for one TCP stream
-(``benchmarks/netlab_bench.py``, README): links whose rates add up to more may be limited by the router."""
+ROUTER_MEASURED_BPS = {"c": 1458e6, "python": 657e6}
+"""What the router forwarded in all, by data plane, with every link busy at once: 4 sites each sending to each
+other over unshaped links (12 TCP streams), median of 3 on a 2-core machine (``benchmarks/netlab_router_bench.py
+--sites 4``, 2026-12-02). Links whose rates add up to more may be limited by the router."""
+FORWARDERS = ("auto", "c", "python")
 
 
-def router_warning(links: dict[tuple[int, int], LabLink]) -> str | None:
+def router_warning(links: dict[tuple[int, int], LabLink], forwarder: str = "c") -> str | None:
     """A warning when the lab's links, all busy at once (an all-to-all uses every pair), carry more than the
-    router was measured to forward; None otherwise."""
+    router was measured to forward with ``forwarder`` (``c`` or ``python``); None otherwise."""
     total = sum(link.bandwidth_bps for link in links.values() if link.bandwidth_bps < MAX_BANDWIDTH)
-    if total <= ROUTER_MEASURED_BPS:
+    limit = ROUTER_MEASURED_BPS[forwarder]
+    if total <= limit:
         return None
-    return (f"the lab's links add up to {total / 1e6:,.0f} Mbit/s in all directions, more than the router (one Python "
-            f"process) was measured to forward ({ROUTER_MEASURED_BPS / 1e6:.0f} Mbit/s on a 2-core machine): when "
+    return (f"the lab's links add up to {total / 1e6:,.0f} Mbit/s in all directions, more than the router "
+            f"({'forward.c' if forwarder == 'c' else 'one Python process'}) was measured to forward "
+            f"({limit / 1e6:,.0f} Mbit/s on a 2-core machine): when "
             "many links are busy at once, the router, not the links, may set the pace")
 
 
@@ -296,11 +300,21 @@ class Lab:
     """Commands started in the lab (``popen``), stopped at close."""
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     """After close: per directed link ``"a->b"``, the packets and bytes the router forwarded and dropped."""
+    forwarder: str = "auto"
+    """The router's data plane: ``c`` (``forward.c``, built with the machine's compiler; an error if it cannot
+    be), ``python`` (the reference loop in ``router.py``), or ``auto`` (C where it builds, else Python)."""
+    forwarder_used: str | None = None
+    """After open: ``c`` or ``python``."""
+    forwarder_note: str | None = None
+    """After open with ``auto``: why the lab forwards in Python, when it does."""
     _closed: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.sites <= MAX_SITES:
             raise ConfigError(f"a lab needs 2 to {MAX_SITES} sites, got {self.sites}", field="run.sites")
+        if self.forwarder not in FORWARDERS:
+            raise ConfigError(f"the lab's forwarder is one of {', '.join(FORWARDERS)}, got {self.forwarder!r}",
+                              field="--router")
         if not 576 <= self.mtu <= 65535:
             raise ConfigError(f"the MTU must lie between 576 and 65535 bytes, got {self.mtu}", field="--mtu")
         missing = [(a, b) for a in range(self.sites) for b in range(self.sites) if a != b and (a, b) not in self.links]
@@ -344,13 +358,14 @@ class Lab:
         """Build the lab (cleaning stale labs first); on any failure remove what was built and raise."""
         require_root()
         clean_stale()
+        binary = self._forwarder_binary()
         try:
             with _locked():
                 self.subnet = _free_control_subnet()
                 self._write_state()
                 for k in range(self.sites):
                     self._add_site(k)
-            self._start_router()
+            self._start_router(binary)
             for k in range(self.sites):
                 ns = self.namespace(k)
                 _ip("-n", ns, "addr", "add", f"{self.wan_address(k)}/24", "dev", WAN_DEVICE)
@@ -379,15 +394,33 @@ class Lab:
             CONTROL_DEVICE)
         _ip("-n", ns, "link", "set", CONTROL_DEVICE, "up")
 
-    def _router_config(self) -> dict[str, Any]:
-        return {"owner": self.owner, "namespaces": [self.namespace(k) for k in range(self.sites)],
+    def _forwarder_binary(self) -> str | None:
+        """The compiled C data plane, or None to forward in Python."""
+        from geotrain.netlab.cforward import ForwarderUnavailable, build
+
+        self.forwarder_used = "python"
+        if self.forwarder == "python":
+            return None
+        try:
+            binary = str(build())
+        except ForwarderUnavailable as e:
+            if self.forwarder == "c":
+                raise ConfigError(f"the lab's C forwarder cannot be built: {e}", field="--router") from None
+            self.forwarder_note = (f"the lab forwards in Python, which carries about "
+                                   f"{ROUTER_MEASURED_BPS['python'] / 1e6:.0f} Mbit/s in all: {e}")
+            return None
+        self.forwarder_used = "c"
+        return binary
+
+    def _router_config(self, forwarder: str | None = None) -> dict[str, Any]:
+        return {"owner": self.owner, "forwarder": forwarder, "namespaces": [self.namespace(k) for k in range(self.sites)],
                 "device": WAN_DEVICE, "prefix": list(WAN_NET), "seed": self.seed,
                 "links": [[a, b, min(l.bandwidth_bps, MAX_BANDWIDTH), l.latency_s, l.loss, l.queue_bytes]
                           for (a, b), l in sorted(self.links.items())]}
 
-    def _start_router(self) -> None:
+    def _start_router(self, forwarder: str | None) -> None:
         config = STATE_DIR / f"{self.owner}.router.json"
-        config.write_text(json.dumps(self._router_config()))
+        config.write_text(json.dumps(self._router_config(forwarder)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                         os.environ.get("PYTHONPATH")]))}
         self.router = subprocess.Popen([sys.executable, "-m", "geotrain.netlab.router", str(config)],
@@ -408,14 +441,14 @@ class Lab:
         """Cut site ``k`` off: the router drops every packet to or from it, and its control link goes down (a
         real partition also parts a site from the coordinator). Nothing fails at once; peers find out as they
         would (timeouts, missed heartbeats)."""
-        self._command({"op": "partition", "site": k})
+        self._command(f"partition {k}", k)
         _ip("link", "set", self.host_device(k), "down")
 
     def heal(self, k: int) -> None:
         """Undo ``partition(k)``; returns once the control link carries again (the kernel reports a veth's
         carrier with a delay of up to about a second)."""
         _ip("link", "set", self.host_device(k), "up")
-        self._command({"op": "heal", "site": k})
+        self._command(f"heal {k}", k)
         deadline = time.monotonic() + LINK_UP_TIMEOUT_S
         while time.monotonic() < deadline:
             host = _ip("-o", "link", "show", self.host_device(k), check=False).stdout
@@ -431,13 +464,16 @@ class Lab:
     def slow(self, k: int, factor: float) -> None:
         """From now on, site ``k``'s links carry ``factor`` times fewer bits per second (a pair of slowed sites
         takes the larger factor; ``factor`` 1 restores them)."""
-        self._command({"op": "slow", "site": k, "factor": factor})
+        if not factor >= 1.0:
+            raise ValueError(f"a slow factor must be at least 1, got {factor!r}")
+        self._command(f"slow {k} {float(factor)!r}", k)
 
-    def _command(self, command: dict[str, Any]) -> None:
-        if not 0 <= int(command["site"]) < self.sites:
-            raise ValueError(f"site {command['site']} is not one of the lab's {self.sites} sites")
+    def _command(self, command: str, site: int) -> None:
+        """Send one line of ``router.Conditions.apply`` to the router and wait for its answer."""
+        if not 0 <= site < self.sites:
+            raise ValueError(f"site {site} is not one of the lab's {self.sites} sites")
         assert self.router is not None and self.router.stdin is not None, "the lab is not open"
-        self.router.stdin.write(json.dumps(command) + "\n")
+        self.router.stdin.write(command + "\n")
         self.router.stdin.flush()
         answer = _read_line(self.router, SETUP_TIMEOUT_S).strip()
         if answer != "ok":

@@ -13,11 +13,17 @@ delivery time. Sizes are IP packet sizes (headers included; the MTU bounds them)
 acknowledgements and TCP's slow start all cost what they cost on a real link.
 
 Faults act on the links here (``Conditions``): a partition drops every packet to or from a site, a slow site's
-links carry a fraction of their rate. The owner sends them as JSON lines on the router's stdin.
+links carry a fraction of their rate. The owner sends them as lines on the router's stdin (``partition K``,
+``heal K``, ``slow K FACTOR``).
+
+This loop is the reference and the fallback: where a C compiler is found, the router opens the devices and then
+replaces itself with ``forward.c`` (``geotrain.netlab.cforward``), which applies the same links with the same
+arithmetic at over twice the rate (``lab.ROUTER_MEASURED_BPS``).
 
 The router stops by itself when its owner process is gone (it polls at least every ``OWNER_POLL_S``, and the
 end of its stdin says so at once) and on SIGTERM. It is started by :class:`geotrain.netlab.lab.Lab`; run as
-``python -m geotrain.netlab.router CONFIG`` where CONFIG is a JSON file (see ``Lab._router_config``). It prints
+``python -m geotrain.netlab.router CONFIG`` where CONFIG is a JSON file (see ``Lab._router_config``; its
+``forwarder``, when set, is the compiled C data plane to hand over to). It prints
 ``ready`` once every device exists.
 """
 
@@ -85,19 +91,22 @@ class Conditions:
     cut: set[int]
     slow: dict[int, float]
 
-    def apply(self, command: dict, pipes: dict[tuple[int, int], _Pipe]) -> None:
-        """Take one command, ``{"op": "partition" | "heal" | "slow", "site": K, "factor": F}``, and set every
-        pipe: a pipe is cut when either end is, and carries its rate divided by the larger factor of its ends
-        (as ``Topology.slowed``). A packet already on the wire still arrives."""
-        op, site = command["op"], int(command["site"])
+    def apply(self, command: str, pipes: dict[tuple[int, int], _Pipe]) -> None:
+        """Take one command, ``partition K``, ``heal K`` or ``slow K FACTOR``, and set every pipe: a pipe is cut
+        when either end is, and carries its rate divided by the larger factor of its ends (as
+        ``Topology.slowed``). A packet already on the wire still arrives. ``forward.c`` takes the same commands."""
+        words = command.split()
+        if len(words) not in (2, 3) or not words[1].lstrip("-").isdigit():
+            raise ValueError(f"expected OP SITE [FACTOR], got {command!r}")
+        op, site = words[0], int(words[1])
         if op == "partition":
             self.cut.add(site)
         elif op == "heal":
             self.cut.discard(site)
         elif op == "slow":
-            factor = float(command["factor"])
+            factor = float(words[2]) if len(words) == 3 else float("nan")
             if not factor >= 1.0:
-                raise ValueError(f"a slow factor must be at least 1, got {factor!r}")
+                raise ValueError(f"a slow factor must be at least 1, got {command!r}")
             self.slow[site] = factor
         else:
             raise ValueError(f"unknown op {op!r}")
@@ -121,7 +130,7 @@ def forward(fds: list[int], pipes: dict[tuple[int, int], _Pipe], *, prefix: byte
     """Forward packets between the sites' devices until ``owner`` is gone or ``stop[0]`` is set.
 
     ``prefix``: the first three bytes of every site's address; site ``k`` is ``prefix + bytes([k + 1])``.
-    ``control``: a descriptor of JSON commands, one a line (``Conditions.apply``); each is answered on stdout with
+    ``control``: a descriptor of commands, one a line (``Conditions.apply``); each is answered on stdout with
     ``ok`` or ``error: ...``. Its end (the owner closed it) stops the router."""
     stop = [False] if stop is None else stop
     rng = random.Random(seed)
@@ -168,9 +177,9 @@ def forward(fds: list[int], pipes: dict[tuple[int, int], _Pipe], *, prefix: byte
                     *lines, pending = pending.split(b"\n")
                     for line in filter(None, lines):
                         try:
-                            conditions.apply(json.loads(line), pipes)
+                            conditions.apply(line.decode(errors="replace"), pipes)
                             print("ok", flush=True)
-                        except (ValueError, KeyError, TypeError) as e:
+                        except ValueError as e:
                             print(f"error: {e}", flush=True)
                     continue
                 src = site_of[fd]
@@ -222,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             os.close(nsfd)
             setns(home)
     os.close(home)
+    if cfg.get("forwarder"):  # the C data plane takes over this process, its descriptors and its stdin/stdout
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        args = [cfg["forwarder"], str(owner), str(int(cfg.get("seed", 0))), *map(str, cfg["prefix"]), str(len(fds)),
+                *map(str, fds), str(len(cfg["links"]))]
+        for a, b, bw, lat, loss, queue in cfg["links"]:
+            args += [str(int(a)), str(int(b)), repr(float(bw)), repr(float(lat)), repr(float(loss)), str(int(queue))]
+        os.execv(args[0], args)
     pipes = {}
     for a, b, bw, lat, loss, queue in cfg["links"]:
         pipes[(a, b)] = _Pipe(bandwidth_bps=float(bw), latency_s=float(lat), loss=float(loss), queue_bytes=int(queue),
