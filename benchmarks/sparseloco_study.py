@@ -9,6 +9,10 @@ read back when run again, so a study stopped midway resumes where it stopped.
     .venv/bin/python benchmarks/sparseloco_study.py                          # the whole grid: 8M tokens, 3 seeds
     .venv/bin/python benchmarks/sparseloco_study.py --grid pilot --tokens 2M --seeds 0
     .venv/bin/python benchmarks/sparseloco_study.py --grid diloco-fp32,sparseloco-d1-b2 --H 50
+    .venv/bin/python benchmarks/sparseloco_study.py --grid diloco-fp32,sparseloco-d1-b2 --H 50 --tokens 8M,16M,32M
+
+With several ``--tokens``, each budget is its own set of runs (compared with fp32 DiLoCo at the same budget and
+H): longer runs at one H have more outer rounds, which separates the effect of the number of rounds from H's.
 
 Writes ``benchmarks/results/DATE-sparseloco-study[-NAME].md`` and a ``.png`` beside it: eval loss against WAN
 bytes, every variant's median, the front of the variants no other beats on both, and the paper's claim
@@ -83,8 +87,9 @@ def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
     return front
 
 
-def plot(path: Path, points: dict[str, tuple[float, float]], front: list[str], claims: dict[int, tuple[float, float]],
+def plot(path: Path, points: dict[str, tuple[float, float]], front: list[str], claims: dict[str, tuple[float, float]],
          title: str) -> None:
+    """``claims``: per fp32 DiLoCo variant (its label), the point the paper's claim puts beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,11 +105,11 @@ def plot(path: Path, points: dict[str, tuple[float, float]], front: list[str], c
     if front:
         ax.plot([points[n][0] for n in front], [points[n][1] for n in front], color="grey", lw=1, ls="--",
                 label="Pareto front (no other variant has both fewer bytes and lower loss)")
-    for i, (h, (b, loss)) in enumerate(sorted(claims.items())):
+    for i, (ref, (b, loss)) in enumerate(sorted(claims.items())):
         # The paper's claim at this H: fp32 DiLoCo's loss or lower, at 1/97 of its bytes or fewer.
         ax.scatter([b], [loss], marker="*", s=160, color="gold", edgecolor="black", zorder=4,
                    label="paper's claim: <= fp32 DiLoCo's loss at >= 97x fewer bytes" if i == 0 else None)
-        ax.annotate(f"claim H={h}", (b, loss), fontsize=7, xytext=(-10, -12), textcoords="offset points")
+        ax.annotate(f"claim {ref.removeprefix('diloco-fp32-')}", (b, loss), fontsize=7, xytext=(-10, -12), textcoords="offset points")
         ax.fill_between([b / 1000, b], [loss, loss], [loss * 0.9, loss * 0.9], color="gold", alpha=0.12, lw=0)
     ax.set_xscale("log")
     ax.set_xlabel("WAN bytes, all sites (log)")
@@ -119,7 +124,8 @@ def plot(path: Path, points: dict[str, tuple[float, float]], front: list[str], c
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="8192000", help="training tokens per run, all sites (default 8,192,000)")
+    p.add_argument("--tokens", default="8192000",
+                   help="training tokens per run, all sites; comma-separated for several budgets (default 8,192,000)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--grid", default="full", help="full, pilot, or comma-separated variant names")
     p.add_argument("--H", default="25,50,100", help="comma-separated H values (default 25,50,100)")
@@ -131,64 +137,86 @@ def main() -> None:
 
     from geotrain.config import parse_count
 
-    tokens = parse_count(args.tokens, field_name="--tokens")
+    budgets = [parse_count(t, field_name="--tokens") for t in args.tokens.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     hs = [int(h) for h in args.H.split(",")]
     variants = select(grid(hs), args.grid)
     extra = dict(s.split("=", 1) for s in args.set)
-    common = {"run.sites": args.sites, "run.tokens": tokens, "wan.link": "none", **extra}
-    # Runs are kept per number of sites, token budget and extra settings, so that studies of other sizes never
-    # read each other's runs back.
     tail = "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
-    out = Path(args.out) / f"{args.sites}sites-{tokens}tokens{tail}".replace("/", "_")
+    several = len(budgets) > 1
     t0 = time.time()
+    # One entry per (token budget, variant); labelled with the budget when there are several.
     runs: dict[str, list[dict[str, Any]]] = {}
-    for name, values in variants.items():
-        runs[name] = [run_once(name, seed, out, {**common, **values}) for seed in seeds]
+    where: dict[str, tuple[int, str]] = {}
+    for tokens in budgets:
+        common = {"run.sites": args.sites, "run.tokens": tokens, "wan.link": "none", **extra}
+        # Runs are kept per number of sites, token budget and extra settings, so that studies of other sizes
+        # never read each other's runs back.
+        out = Path(args.out) / f"{args.sites}sites-{tokens}tokens{tail}".replace("/", "_")
+        for name, values in variants.items():
+            label = f"{name}@{tokens / 1e6:g}M" if several else name
+            where[label] = (tokens, name)
+            runs[label] = [run_once(name, seed, out, {**common, **values}) for seed in seeds]
+        (out / "study.json").write_text(json.dumps(
+            {n: [{k: s.get(k) for k in ("eval_loss", "wan_bytes", "tokens", "seed", "codec", "algorithm",
+                                         "payload_bytes_per_sync", "param_bytes", "outer_rounds", "wall_seconds")}
+                 for s in rs] for n, rs in ((where[lb][1], rs) for lb, rs in runs.items() if where[lb][0] == tokens)},
+            indent=2))
 
     med = {n: (statistics.median(s["wan_bytes"] for s in rs), statistics.median(s["eval_loss"] for s in rs))
            for n, rs in runs.items()}
-    (out / "study.json").write_text(json.dumps(
-        {n: [{k: s.get(k) for k in ("eval_loss", "wan_bytes", "tokens", "seed", "codec", "algorithm",
-                                     "payload_bytes_per_sync", "param_bytes", "outer_rounds", "wall_seconds")}
-             for s in rs] for n, rs in runs.items()}, indent=2))
 
-    ddp = med.get("ddp")
+    def same_budget(label: str, name: str) -> str | None:
+        """The label of variant ``name`` at ``label``'s token budget, if the study has it."""
+        want = f"{name}@{where[label][0] / 1e6:g}M" if several else name
+        return want if want in med else None
+
+    budget_text = ", ".join(f"{t:,}" for t in budgets)
     lines = [
-        f"# SparseLoCo study: {args.sites} sites, {tokens:,} tokens, seeds {args.seeds}",
+        f"# SparseLoCo study: {args.sites} sites, {budget_text} tokens, seeds {args.seeds}",
         "",
         f"Command: `{command_line()}`  ",
         f"Wall time of the runs, summed: {sum(s['wall_seconds'] for rs in runs.values() for s in rs):.0f} s "
         f"(this invocation: {time.time() - t0:.0f} s; runs kept from earlier ones are read back).",
-        "Medians over the seeds. `loss / ref` and `bytes ref / x` compare with fp32 DiLoCo at the same H;",
-        "`bits/param` is one site's payload per sync, header and scales included, over the parameters.",
+        "Medians over the seeds. `loss / ref` and `bytes ref / x` compare with fp32 DiLoCo at the same H and token",
+        "budget; `bits/param` is one site's payload per sync, header and scales included, over the parameters.",
         "",
-        "| variant | H | eval loss | loss / ref | WAN bytes | bytes ref / x | bytes ddp / x | bits/param | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | tokens | H | outer rounds | eval loss | loss / ref | WAN bytes | bytes ref / x | bytes ddp / x "
+        "| bits/param | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, rs in runs.items():
-        b, loss = med[name]
-        h = _h(variants[name])
-        ref = med.get(f"diloco-fp32-H{h}") if h else None
+    for label, rs in runs.items():
+        b, loss = med[label]
+        h = _h(variants[where[label][1]])
+        ref_label = same_budget(label, f"diloco-fp32-H{h}") if h else None
+        ref = med[ref_label] if ref_label else None
+        ddp_label = same_budget(label, "ddp")
+        ddp = med[ddp_label] if ddp_label else None
         s0 = rs[0]
         bits = 8 * s0["payload_bytes_per_sync"] / (s0["param_bytes"] / 4) if s0.get("param_bytes") else float("nan")
-        cells = [name, str(h or "—"), f"{loss:.4f}", f"{loss / ref[1]:.4f}" if ref else "—", f"{b:,.0f}",
+        cells = [label, f"{where[label][0]:,}", str(h or "—"), str(s0.get("outer_rounds", "—")), f"{loss:.4f}",
+                 f"{loss / ref[1]:.4f}" if ref else "—", f"{b:,.0f}",
                  f"{ref[0] / b:.1f}" if ref and b else "—", f"{ddp[0] / b:.1f}" if ddp and b else "—",
                  f"{bits:.3f}", ", ".join(f"{s['eval_loss']:.4f}" for s in rs)]
         lines.append("| " + " | ".join(cells) + " |")
     front = pareto(med)
-    claims = {h: (med[f"diloco-fp32-H{h}"][0] / PAPER_FACTOR, med[f"diloco-fp32-H{h}"][1])
-              for h in hs if f"diloco-fp32-H{h}" in med}
+    claims = {}
+    for label in med:
+        tokens, name = where[label]
+        if name.startswith("diloco-fp32-H"):
+            claims[label] = (med[label][0] / PAPER_FACTOR, med[label][1])
     lines += ["", f"Pareto front (fewest bytes first): {', '.join(front)}.", ""]
-    for h, (b, loss) in sorted(claims.items()):
-        met = [n for n in med if n.startswith("sparseloco") and _h(variants[n]) == h
-               and med[n][0] <= b and med[n][1] <= loss]
-        lines.append(f"- H={h}: the paper's claim is a loss <= {loss:.4f} with <= {b:,.0f} bytes; "
+    for ref_label, (b, loss) in claims.items():
+        h = _h(variants[where[ref_label][1]])
+        met = [n for n in med if where[n][1].startswith("sparseloco") and _h(variants[where[n][1]]) == h
+               and where[n][0] == where[ref_label][0] and med[n][0] <= b and med[n][1] <= loss]
+        at = f"H={h}" + (f", {where[ref_label][0]:,} tokens" if several else "")
+        lines.append(f"- {at}: the paper's claim is a loss <= {loss:.4f} with <= {b:,.0f} bytes; "
                      + (f"met by {', '.join(met)}." if met else "met by no sparseloco variant here."))
     suffix = f"-{args.name}" if args.name else ""
     path = write_result(f"sparseloco-study{suffix}", "\n".join(lines) + "\n")
     plot(path.with_suffix(".png"), med, front, claims,
-         f"eval loss against WAN bytes, {args.sites} sites, {tokens:,} tokens (medians of seeds {args.seeds})")
+         f"eval loss against WAN bytes, {args.sites} sites, {budget_text} tokens (medians of seeds {args.seeds})")
 
 
 if __name__ == "__main__":
