@@ -150,6 +150,22 @@ def test_the_c_forwarder_delivers_and_drops_exactly_as_the_python_router():
     assert 100 < expected.count("drop") < 2900  # the queue overflowed and drained: both paths were exercised
 
 
+@pytest.mark.skipif("_forwarder() is None", reason="needs a C compiler")
+def test_the_forwarder_is_kept_only_where_no_one_else_can_replace_it(tmp_path):
+    from geotrain.netlab.cforward import ForwarderUnavailable, build
+
+    kept = tmp_path / "kept"
+    binary = build(kept)
+    assert binary.parent == kept and kept.stat().st_mode & 0o777 == 0o700 and build(kept) == binary  # built once
+    binary.chmod(0o777)  # writable by anyone: built afresh, not run
+    assert build(kept) == binary and binary.stat().st_mode & 0o777 == 0o755
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ForwarderUnavailable, match="not this user's alone"):
+        build(shared)
+
+
 def test_a_lab_that_must_forward_in_c_without_a_compiler_is_bad_input(monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler")
     lab = Lab(sites=2, links=lab_links(Topology(2, default=parse_link("10mbit/10ms"))), forwarder="c")

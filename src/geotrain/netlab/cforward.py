@@ -1,6 +1,7 @@
 """The lab's data plane in C (``forward.c``), compiled with the machine's C compiler once per version of the
-source and kept in the user's cache. The Python router replaces itself with it once the sites' devices are
-open (``geotrain.netlab.router``); without a compiler the lab forwards in Python, at less than half the rate
+source and kept (as root, which the lab is, in the lab's own directory ``/run/geotrain-netlab``; otherwise in
+the user's cache). The Python router replaces itself with it once the sites' devices are open
+(``geotrain.netlab.router``); without a compiler the lab forwards in Python, at less than half the rate
 (``ROUTER_MEASURED_BPS``)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -25,7 +27,19 @@ class ForwarderUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
+    """Where the binary is kept. As root, the lab's directory, which is root's alone: under ``sudo`` the home
+    directory may still be the user's, and root must not run a binary that another user could replace."""
+    if os.geteuid() == 0:
+        from geotrain.netlab.lab import STATE_DIR
+
+        return STATE_DIR
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geotrain"
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else."""
+    st = path.stat()
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def build(cache: Path | None = None) -> Path:
@@ -38,10 +52,12 @@ def build(cache: Path | None = None) -> Path:
     tag = hashlib.sha256(source + " ".join(CFLAGS).encode() + compiler.encode()).hexdigest()[:16]
     cache = cache_dir() if cache is None else cache
     binary = cache / f"netlab-forward-{tag}"
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(cache):
+            raise ForwarderUnavailable(f"{cache} is not this user's alone: a binary kept there could be replaced")
+        if binary.is_file() and os.access(binary, os.X_OK) and _private(binary):
+            return binary
         fd, tmp = tempfile.mkstemp(prefix=".forward-", dir=cache)
         os.close(fd)
     except OSError as e:
