@@ -243,6 +243,7 @@ int main(int argc, char **argv) {
         }
         if (pfd[sites].revents) {
             ssize_t r = read(0, pending + npending, sizeof pending - 1 - npending);
+            if (r < 0 && errno == EINTR) continue;
             if (r <= 0) break; /* the owner closed its end: stop */
             npending += (size_t)r;
             pending[npending] = 0;
