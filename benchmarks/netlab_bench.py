@@ -233,7 +233,8 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         "# Network lab: real against emulated sync time",
         "",
         f"Command: `{command}`  ",
-        f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; MTU 1500, "
+        f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; "
+        "MTU 1500, "
         f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the namespaces' TCP congestion control is "
         f"the host's). Each sync follows {args.gap:g} s of idle, as a run's inner steps; median over the repeats "
         "of the time from the last site's call to the last site's result. Emulated: what the WAN emulator (and "

@@ -109,7 +109,8 @@ def plot(path: Path, points: dict[str, tuple[float, float]], front: list[str], c
         # The paper's claim at this H: fp32 DiLoCo's loss or lower, at 1/97 of its bytes or fewer.
         ax.scatter([b], [loss], marker="*", s=160, color="gold", edgecolor="black", zorder=4,
                    label="paper's claim: <= fp32 DiLoCo's loss at >= 97x fewer bytes" if i == 0 else None)
-        ax.annotate(f"claim {ref.removeprefix('diloco-fp32-')}", (b, loss), fontsize=7, xytext=(-10, -12), textcoords="offset points")
+        ax.annotate(f"claim {ref.removeprefix('diloco-fp32-')}", (b, loss), fontsize=7, xytext=(-10, -12),
+                    textcoords="offset points")
         ax.fill_between([b / 1000, b], [loss, loss], [loss * 0.9, loss * 0.9], color="gold", alpha=0.12, lw=0)
     ax.set_xscale("log")
     ax.set_xlabel("WAN bytes, all sites (log)")
@@ -153,15 +154,15 @@ def main() -> None:
         # Runs are kept per number of sites, token budget and extra settings, so that studies of other sizes
         # never read each other's runs back.
         out = Path(args.out) / f"{args.sites}sites-{tokens}tokens{tail}".replace("/", "_")
+        this_budget = {}
         for name, values in variants.items():
             label = f"{name}@{tokens / 1e6:g}M" if several else name
             where[label] = (tokens, name)
-            runs[label] = [run_once(name, seed, out, {**common, **values}) for seed in seeds]
+            runs[label] = this_budget[name] = [run_once(name, seed, out, {**common, **values}) for seed in seeds]
         (out / "study.json").write_text(json.dumps(
             {n: [{k: s.get(k) for k in ("eval_loss", "wan_bytes", "tokens", "seed", "codec", "algorithm",
                                          "payload_bytes_per_sync", "param_bytes", "outer_rounds", "wall_seconds")}
-                 for s in rs] for n, rs in ((where[lb][1], rs) for lb, rs in runs.items() if where[lb][0] == tokens)},
-            indent=2))
+                 for s in rs] for n, rs in this_budget.items()}, indent=2))
 
     med = {n: (statistics.median(s["wan_bytes"] for s in rs), statistics.median(s["eval_loss"] for s in rs))
            for n, rs in runs.items()}

@@ -321,7 +321,8 @@ for line in sys.stdin:  # "HOST PORT TIMEOUT": can this site open a connection t
 @pytest.mark.parametrize("forwarder", _forwarders())
 def test_partition_and_heal_act_on_the_real_links(forwarder):
     topo = Topology(2, default=parse_link("100mbit/1ms"))
-    with Lab(sites=2, links=lab_links(topo), forwarder=forwarder) as lab, socket.create_server((lab.control_address, 0)) as control:
+    lab = Lab(sites=2, links=lab_links(topo), forwarder=forwarder)
+    with lab, socket.create_server((lab.control_address, 0)) as control:
         peer = lab.popen(1, [sys.executable, "-c", "import socket, sys; s = socket.create_server((sys.argv[1], 0)); "
                              "print(s.getsockname()[1], flush=True); [s.accept()[0].close() for _ in range(9)]",
                              lab.wan_address(1)], stdout=subprocess.PIPE, text=True)

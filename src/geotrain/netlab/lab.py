@@ -413,8 +413,8 @@ class Lab:
         return binary
 
     def _router_config(self, forwarder: str | None = None) -> dict[str, Any]:
-        return {"owner": self.owner, "forwarder": forwarder, "namespaces": [self.namespace(k) for k in range(self.sites)],
-                "device": WAN_DEVICE, "prefix": list(WAN_NET), "seed": self.seed,
+        return {"owner": self.owner, "forwarder": forwarder,
+                "namespaces": [self.namespace(k) for k in range(self.sites)], "device": WAN_DEVICE, "prefix": list(WAN_NET), "seed": self.seed,
                 "links": [[a, b, min(l.bandwidth_bps, MAX_BANDWIDTH), l.latency_s, l.loss, l.queue_bytes]
                           for (a, b), l in sorted(self.links.items())]}
 
