@@ -151,6 +151,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def main() -> None:
+    from geotrain.netlab.lab import FORWARDERS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", default="2,4")
     p.add_argument("--links", default="2mbit/10ms,2mbit/50ms,10mbit/10ms,10mbit/50ms,100mbit/10ms,100mbit/50ms")
@@ -164,7 +166,7 @@ def main() -> None:
     p.add_argument("--queue", help="each link's queue in bytes (default: the lab's, one BDP, at least 64 KB)")
     p.add_argument("--max-seconds", type=float, default=1200.0,
                    help="skip a point whose emulated time x repeats exceeds this (default %(default)s)")
-    p.add_argument("--router", choices=("auto", "c", "python"), default="auto",
+    p.add_argument("--router", choices=FORWARDERS, default="auto",
                    help="the lab router's data plane (geotrain netlab --router; default %(default)s)")
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")
