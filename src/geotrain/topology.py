@@ -4,17 +4,17 @@ A *link* is a bandwidth (bits per second) and a one-way latency (seconds). Links
 network engineers write them for ``tc``: ``10mbit/50ms``, ``1gbit/30ms``, ``2.5gbit/0.08s``. The string
 ``none`` means "no emulated link": collectives run at the speed of the real transport.
 
-What a collective costs over those links (K sites, payload S bytes per site) is what gloo's TCP transport
-does with it, as the network lab measured it (``benchmarks/netlab_bench.py``; the README's "Rehearsing a
-deployment in the network lab"):
+What a collective costs over those links (K sites, payload S bytes per site) is what geotrain's collectives
+(``comm.transport.GlooTransport``: gloo's point-to-point messages over TCP) take, as the network lab measured
+it (``benchmarks/netlab_bench.py``; the README's "Rehearsing a deployment in the network lab"):
 
 * every message waits for its receiver to announce a buffer (one latency) before its bytes leave; they go on
   the wire with one set of TCP/IP headers per 1448-byte segment, and the last arrives a latency later;
 * all-to-all of S cut into one chunk per site (the first half of geotrain's reduce-scatter pattern): every
   pair exchanges its chunks over its own link at the same time, so it lasts one message of S/K over the
   slowest pair; each site sends (K-1)/K * S bytes;
-* ring all-gather of one payload per site: K-1 steps, each payload sent in two halves with two messages in
-  flight; each site sends (K-1) * S bytes. geotrain's compressed all-reduce is an all-to-all of the encoded
+* ring all-gather of one payload per site: K-1 steps, each payload sent in two halves, every receive
+  announced at the start, and a half passed on as soon as it has arrived; each site sends (K-1) * S bytes. geotrain's compressed all-reduce is an all-to-all of the encoded
   payload followed by an all-gather of one reduced chunk per site.
 
 ``streams`` is the number of parallel workers of one site that share that site's link (workers per site):
@@ -329,17 +329,16 @@ def message_seconds(nbytes: float, link: Link | None, *, streams: int = 1) -> fl
     return 2 * link.latency_s + serialise_seconds(nbytes, link, streams)
 
 
-def _gloo_ring_all_gather_seconds(nbytes: int, sites: int, link: Link, streams: int) -> float:
-    """gloo's ring all-gather: each payload travels in two halves, two messages in flight. Message ``i`` is
-    posted when message ``i - 2`` has arrived (it forwards what arrived); it leaves once the neighbour's
-    announcement is in (a latency after the neighbour posted, at the same moment by symmetry) and the message
-    before it has left the link; it arrives a latency after it left."""
+def _ring_all_gather_seconds(nbytes: int, sites: int, link: Link, streams: int) -> float:
+    """geotrain's ring all-gather (``GlooTransport.all_gather``): each payload travels in two halves, and every
+    receive is announced at the start, so a neighbour may send from one latency on. Half ``i`` leaves once it is
+    at the site (its own two at once; a forwarded one when it has arrived) and the half before it has left the
+    link; it arrives a latency after it left."""
     halves = (nbytes // 2, nbytes - nbytes // 2)
     arrived: list[float] = []
-    link_free = 0.0
+    link_free = link.latency_s  # the neighbour's announcements
     for i in range(2 * (sites - 1)):
-        posted = arrived[i - 2] if i >= 2 else 0.0
-        start = max(posted + link.latency_s, link_free)
+        start = max(arrived[i - 2] if i >= 2 else 0.0, link_free)
         link_free = start + serialise_seconds(halves[i & 1], link, streams)
         arrived.append(link_free + link.latency_s)
     return arrived[-1]
@@ -347,21 +346,22 @@ def _gloo_ring_all_gather_seconds(nbytes: int, sites: int, link: Link, streams: 
 
 def ring_all_gather(nbytes: int, links: Sequence[Link | None], *, streams: int = 1) -> CollectiveCost:
     """Ring all-gather where every site contributes a payload of ``nbytes``: K-1 steps, each site sending one
-    payload per step to its ring neighbour, as gloo runs it (:func:`_gloo_ring_all_gather_seconds`). A ring of
+    payload per step to its ring neighbour, as geotrain runs it (:func:`_ring_all_gather_seconds`). A ring of
     unequal links lasts as long as it would with its slowest link everywhere."""
     k = len(links)
     if k < 2 or nbytes == 0:
         return CollectiveCost(0.0, 0, 0)
     steps = k - 1
     distinct = {link for link in links if link is not None}  # the recurrence once per kind of link
-    seconds = max((_gloo_ring_all_gather_seconds(nbytes, k, link, streams) for link in distinct), default=0.0)
+    seconds = max((_ring_all_gather_seconds(nbytes, k, link, streams) for link in distinct), default=0.0)
     return CollectiveCost(seconds, steps * nbytes, steps)
 
 
 def all_to_all(nbytes: int, pairs: Sequence[Link | None], *, sites: int, streams: int = 1) -> CollectiveCost:
     """All-to-all of ``nbytes`` per site cut into one chunk per site (chunk j goes to site j): the first half of
-    geotrain's reduce-scatter pattern. gloo posts every send and receive at once, so each pair's chunks cross
-    the pair's own link together, and the collective lasts as long as the slowest pair takes for one chunk.
+    geotrain's reduce-scatter pattern. Every site announces all its receives, then sends every chunk, so each
+    pair's chunks cross the pair's own link together, and the collective lasts as long as the slowest pair
+    takes for one chunk.
     ``pairs``: the links between every two of the ``sites`` (``Topology.pairs``). Each site sends (K-1)/K x S."""
     if sites < 2 or nbytes == 0:
         return CollectiveCost(0.0, 0, 0)

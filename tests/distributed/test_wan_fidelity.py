@@ -22,10 +22,10 @@ def test_all_gather_lasts_the_analytic_time():
     k, nbytes = 3, 200_000
     topo = Topology(k, default=parse_link("20mbit/30ms"))
     expected = ring_all_gather(nbytes, topo.ring()).seconds
-    # halves of 100,000 bytes: 70 segments, 103,640 bytes on the wire, s = 41.456 ms at 20 Mbit/s. The third half
-    # leaves once the first has arrived (2L + s) and the neighbour's announcement is in (3L + s); the fourth
-    # follows it on the link and arrives a latency later: 4L + 3s.
-    assert expected == pytest.approx(4 * 0.03 + 3 * 103_640 * 8 / 20e6, rel=1e-12)
+    # halves of 100,000 bytes: 70 segments, 103,640 bytes on the wire, s = 41.456 ms at 20 Mbit/s. After the
+    # neighbour's announcement (L) the four halves go back to back: a forwarded half has arrived (its own
+    # serialisation and a latency after it left) before the link is free, since s > L. The last arrives at 2L + 4s.
+    assert expected == pytest.approx(2 * 0.03 + 4 * 103_640 * 8 / 20e6, rel=1e-12)
 
     def body(rank, pg):
         wan, clock = _wan(rank, pg, k, topo)

@@ -38,10 +38,10 @@ def message(nbytes: int, bps: float, latency: float, streams: int = 1) -> float:
 
 
 def gather(nbytes: int, bps: float, latency: float, sites: int, streams: int = 1) -> float:
-    """gloo's ring all-gather of one ``nbytes`` payload per site, each payload sent in two halves (nbytes // 2
-    and the rest), two messages in flight. Between 2 sites: the announcement, both halves back to back, the last
-    one's flight. Among more, on a bandwidth-bound link (a half takes at least two latencies to serialise) each
-    half is forwarded before the link is free again, so K - 1 payloads go back to back."""
+    """geotrain's ring all-gather of one ``nbytes`` payload per site, each payload sent in two halves (nbytes // 2
+    and the rest). Between 2 sites: the announcement, both halves back to back, the last one's flight. Among
+    more, on a bandwidth-bound link (a half takes at least two latencies to serialise) each half is forwarded
+    before the link is free again, so K - 1 payloads go back to back."""
     s0, s1 = ser(nbytes // 2, bps, streams), ser(nbytes - nbytes // 2, bps, streams)
     assert sites == 2 or min(s0, s1) >= 2 * latency, "latency-bound ring: this closed form does not hold"
     return 2 * latency + (sites - 1) * (s0 + s1)

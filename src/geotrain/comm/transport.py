@@ -6,6 +6,15 @@ from the tensors actually handed to gloo (the encoded payloads), using the patte
 so a compressed payload is charged at its compressed size. The WAN emulator wraps this class and adds the
 time the emulated links would take; the algorithm cannot tell the two apart.
 
+The collectives are built from gloo's point-to-point messages, with every receive posted before any send.
+gloo moves a message only once its receiver has announced the buffer, and the announcement travels on the same
+TCP connection as the data going the other way. gloo's own all-gather and all-to-all post a send before the
+matching receive, so a site that reaches the collective more than one link latency after its peer (whose
+announcement is already there) writes its payload first and its own announcement behind it: the peer's data then
+waits for up to a socket buffer of it to cross the link. Measured in the network lab (2 sites, 4 MB over
+10mbit/50ms), that made one sync in two 1.5x slower; posting receives first removes it
+(``benchmarks/results/2026-12-02-netlab-gloo-announcement-order.md``).
+
 Each operation runs under a deadline that follows its size and the links (``membership.deadlines``): a peer
 that died mid-transfer fails it at once (a closed connection), a peer that hangs or is cut off fails it at the
 deadline, and the caller votes the sync down and retries on a new generation.
@@ -14,13 +23,12 @@ deadline, and the caller votes the sync down and retries on a new generation.
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
-from torch._C._distributed_c10d import AllgatherOptions
 
 from geotrain.clock import REAL_CLOCK, Clock
 from geotrain.topology import all_to_all, ring_all_gather
@@ -66,6 +74,12 @@ def _no_deadline(pattern: str, nbytes: int) -> float:
     return 300.0
 
 
+_ALL_GATHER_TAG, _ALL_TO_ALL_TAG = 1, 2
+"""Point-to-point tags of the collectives; 0 is :meth:`GlooTransport.send`'s. Every rank of a generation issues
+the same collectives in the same order and gloo matches one tag's messages first in, first out; a failed
+collective is never retried on its group (the retry forms a new generation)."""
+
+
 class GlooTransport:
     """Cross-site collectives on a gloo process group (CPU tensors). ``members``: the site of each rank."""
 
@@ -81,17 +95,48 @@ class GlooTransport:
     def _timeout(self, pattern: str, nbytes: int) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.deadline(pattern, nbytes))
 
+    def _waiter(self, pattern: str, nbytes: int) -> Callable[[Any], None]:
+        """Wait for one of an operation's messages within what is left of the operation's deadline (real time,
+        as gloo's own)."""
+        seconds = self.deadline(pattern, nbytes)
+        end = time.monotonic() + seconds
+
+        def wait(work: Any) -> None:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{pattern} of {nbytes:,} bytes timed out after {seconds:g} s")
+            work.wait(datetime.timedelta(seconds=left))
+
+        return wait
+
     def all_gather(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], Traffic]:
+        """Every rank's payload, in rank order, by a ring: each rank passes what it has to its right-hand
+        neighbour, K-1 times, each payload in two halves so that a half is forwarded while the other arrives (the
+        time and traffic :func:`geotrain.topology.ring_all_gather` prices)."""
         t0 = self.clock.now()
         nbytes = payload.numel() * payload.element_size()
-        if self.size > 1:
-            out = [torch.empty_like(payload) for _ in range(self.size)]
-            opts = AllgatherOptions()
-            opts.timeout = self._timeout("all_gather", nbytes)
-            self.pg.allgather([out], [payload], opts).wait()
-        else:
-            out = [payload]
-        cost = ring_all_gather(nbytes, [None] * self.size)
+        k, me = self.size, self.rank
+        out = [torch.empty_like(payload, memory_format=torch.contiguous_format) for _ in range(k)]
+        out[me].copy_(payload)
+        if k > 1 and nbytes:
+            wait = self._waiter("all_gather", nbytes)
+            cut = payload.numel() // 2
+
+            def halves(j: int) -> tuple[torch.Tensor, ...]:
+                flat = out[j].view(-1)
+                return (flat[:cut], flat[cut:]) if cut else (flat,)
+
+            left, right = (me - 1) % k, (me + 1) % k
+            # Step s brings the halves of rank me-s from the left; all K-1 steps' receives are announced first.
+            recvs = [self.pg.recv([h], left, _ALL_GATHER_TAG) for s in range(1, k) for h in halves((me - s) % k)]
+            sends = [self.pg.send([h], right, _ALL_GATHER_TAG) for h in halves(me)]
+            onward = [h for s in range(1, k - 1) for h in halves((me - s) % k)]  # what arrives, to pass on
+            for i, h in enumerate(onward):
+                wait(recvs[i])  # a work is waited once: each wait takes one of its buffer's completions
+                sends.append(self.pg.send([h], right, _ALL_GATHER_TAG))
+            for work in (*recvs[len(onward):], *sends):
+                wait(work)
+        cost = ring_all_gather(nbytes, [None] * k)
         return out, Traffic("all_gather", nbytes, cost.bytes_sent, self.clock.now() - t0)
 
     def all_to_all(self, payload: torch.Tensor) -> tuple[torch.Tensor, Traffic]:
@@ -101,14 +146,20 @@ class GlooTransport:
             raise ValueError(f"all_to_all payload of {payload.numel()} elements does not split into {self.size} slices")
         t0 = self.clock.now()
         nbytes = payload.numel() * payload.element_size()
-        if self.size > 1:
-            out = torch.empty_like(payload)
-            opts = dist.AllToAllOptions()
-            opts.timeout = self._timeout("reduce_scatter", nbytes)
-            self.pg.alltoall_base(out, payload, [], [], opts).wait()
+        k, me = self.size, self.rank
+        if k > 1:
+            wait = self._waiter("reduce_scatter", nbytes)
+            mine = payload.contiguous().view(-1).chunk(k)
+            out = torch.empty_like(payload, memory_format=torch.contiguous_format)
+            theirs = out.view(-1).chunk(k)
+            theirs[me].copy_(mine[me])
+            recvs = [self.pg.recv([theirs[j]], j, _ALL_TO_ALL_TAG) for j in range(k) if j != me]
+            sends = [self.pg.send([mine[(me + i) % k]], (me + i) % k, _ALL_TO_ALL_TAG) for i in range(1, k)]
+            for work in (*recvs, *sends):
+                wait(work)
         else:
             out = payload
-        cost = all_to_all(nbytes, [], sites=self.size)
+        cost = all_to_all(nbytes, [], sites=k)
         return out, Traffic("reduce_scatter", nbytes, cost.bytes_sent, self.clock.now() - t0)
 
     def send(self, tensor: torch.Tensor, dst: int) -> Traffic:
