@@ -70,8 +70,16 @@ def _span(rows: list[dict]) -> float:
     return max(r["end"] for r in rows) - max(r["start"] for r in rows)
 
 
-def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str]) -> None:
-    """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync."""
+COLLECTIVES = ("geotrain", "gloo")
+"""Whose collectives a sync runs: geotrain's transport (``GlooTransport``: gloo's point-to-point messages, every
+receive announced before any send), or gloo's own all-gather and all-to-all, which post a send before the
+matching receive (what geotrain ran before the lab found the difference)."""
+
+
+def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str], *,
+           skew: float = 0.0, collectives: str = "geotrain") -> None:
+    """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync. The
+    last site idles ``skew`` seconds longer before each sync, as a site whose inner steps ran late."""
     import datetime
 
     import torch
@@ -86,28 +94,44 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
     timeout = datetime.timedelta(seconds=900)
     pg = dist.ProcessGroupGloo(store, k, n, timeout)
     transport = GlooTransport(pg, rank=k, size=n, deadline=lambda pattern, nbytes: 900.0)
+
+    def all_gather(x: torch.Tensor) -> None:
+        if collectives == "gloo":
+            pg.allgather([[torch.empty_like(x) for _ in range(n)]], [x]).wait()
+        else:
+            transport.all_gather(x)
+
+    def all_to_all(x: torch.Tensor) -> torch.Tensor:
+        if collectives == "gloo":
+            out = torch.empty_like(x)
+            pg.alltoall_base(out, x, [], []).wait()
+            return out
+        return transport.all_to_all(x)[0]
+
+    late = skew if k == n - 1 else 0.0
     for nbytes in payloads:
         for pattern in patterns:
             chunk = nbytes // n
             x = torch.zeros(chunk * n, dtype=torch.uint8)
             for r in range(repeats):
                 pg.barrier().wait()
-                time.sleep(gap)  # the inner steps between two syncs: the connections go idle, as in a run
+                time.sleep(gap + late)  # the inner steps between two syncs: the connections go idle, as in a run
                 t = mid = time.monotonic()
                 if pattern == "reduce_scatter":
-                    recv, _ = transport.all_to_all(x)
+                    recv = all_to_all(x)
                     mid = time.monotonic()
-                    transport.all_gather(recv[:chunk].clone())
+                    all_gather(recv[:chunk].clone())
                 else:
-                    transport.all_gather(x)
+                    all_gather(x)
                 print(json.dumps({"site": k, "bytes": chunk * n, "pattern": pattern, "repeat": r, "start": t,
                                   "mid": mid, "end": time.monotonic()}), flush=True)
 
 
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
-            patterns: list[str], router: str = "auto") -> tuple[list[dict], dict, str]:
-    """Build a lab of ``k`` sites over ``link``, run the workers; their measurements, the router's counters and
-    its data plane (``c`` or ``python``)."""
+            patterns: list[str], router: str = "auto", skew: float = 0.0,
+            collectives: str = "geotrain") -> tuple[list[dict], dict, str]:
+    """Build a lab of ``k`` sites over ``link``, run the workers (``worker``); their measurements, the router's
+    counters and its data plane (``c`` or ``python``)."""
     import datetime
 
     import torch.distributed as dist
@@ -123,7 +147,7 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         args = [sys.executable, __file__, "--worker", "--payloads", ",".join(map(str, payloads)),
                 "--repeats", str(repeats), "--store-port", str(store.port), "--gap", str(gap),
-                "--patterns", ",".join(patterns)]
+                "--patterns", ",".join(patterns), "--skew", str(skew), "--collectives", collectives]
         procs = [lab.popen(j, args, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
         for p in procs:
             out, _ = p.communicate(timeout=3600)
@@ -146,7 +170,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         table.append({"sites": k, "link": link, "bytes": nbytes, "pattern": pattern, "real": real,
                       "lo": min(spans), "hi": max(spans), "emulated": emulated_seconds(k, nbytes, link, pattern),
                       "formula": ring_formula_seconds(k, nbytes, link, pattern), "repeats": len(spans),
-                      "router": next(iter(by_repeat.values()))[0].get("router")})
+                      "router": next(iter(by_repeat.values()))[0].get("router"),
+                      "collectives": next(iter(by_repeat.values()))[0].get("collectives")})
     return table
 
 
@@ -171,6 +196,10 @@ def main() -> None:
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")
     p.add_argument("--from-raw", type=Path, help="measure nothing: write the results from timings --raw kept")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="the last site reaches each sync this many seconds after the others (default %(default)s)")
+    p.add_argument("--collectives", choices=COLLECTIVES, default="geotrain",
+                   help="geotrain's transport, or gloo's own all-gather and all-to-all (default %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -178,7 +207,8 @@ def main() -> None:
 
     payloads = [parse_size(s, field="--payloads") for s in args.payloads.split(",")]
     if args.worker:
-        worker(payloads, args.repeats, args.store_port, args.gap, args.patterns.split(","))
+        worker(payloads, args.repeats, args.store_port, args.gap, args.patterns.split(","), skew=args.skew,
+               collectives=args.collectives)
         return
     from _common import command_line, write_result
 
@@ -203,8 +233,10 @@ def main() -> None:
                     continue
                 print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
                 mine, stats, router = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
-                                              patterns=patterns, router=args.router)
-                mine = [{**r, "sites": k, "link": link, "router": router} for r in mine]
+                                              patterns=patterns, router=args.router, skew=args.skew,
+                                              collectives=args.collectives)
+                mine = [{**r, "sites": k, "link": link, "router": router, "collectives": args.collectives,
+                         "skew": args.skew} for r in mine]
                 drops[(k, link)] = sum(v["dropped"] for v in stats.values())
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
@@ -226,6 +258,8 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
     within = [r for r in table if abs(r["real"] / r["emulated"] - 1) <= 0.10]
     # Rows kept before the router had a C data plane carry no "router": they were forwarded in Python.
     router = ", ".join(sorted({r.get("router") or "python" for r in table})) + " data plane"
+    # Rows kept before geotrain ran its own collectives carry no "collectives": they ran gloo's.
+    collectives = ", ".join(sorted({r.get("collectives") or "gloo" for r in table}))
     links = list(dict.fromkeys(r["link"] for r in table))
     by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
     for link in links:
@@ -238,7 +272,9 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; "
         "MTU 1500, "
         f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the namespaces' TCP congestion control is "
-        f"the host's). Each sync follows {args.gap:g} s of idle, as a run's inner steps; median over the repeats "
+        f"the host's); {collectives}'s collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
+        + (f"steps, the last site {args.skew:g} s later than the others; " if args.skew else "steps; ") +
+        "median over the repeats "
         "of the time from the last site's call to the last site's result. Emulated: what the WAN emulator (and "
         "the planner) charge the same sync; ring formula: what the emulator charged before the lab calibrated it.",
         "",

@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of " + ", ".join(ALGORITHMS))
     p.add_argument("--out", type=Path, default=Path("runs/netlab-utilization"))
     p.add_argument("--resume", action="store_true", help="reuse the finished runs already in --out")
+    p.add_argument("--name", default="", help="suffix of the result files")
     args = p.parse_args()
     algorithms = args.algorithms.split(",")
     unknown = sorted(set(algorithms) - set(ALGORITHMS))
@@ -90,7 +91,8 @@ def main() -> None:
         pred = stat(name, "emulated", "predicted_utilization")
         lines.append(f"| {name} | {e[0]:.1f}% ({e[1]:.1f}-{e[2]:.1f}) | {lab[0]:.1f}% ({lab[1]:.1f}-{lab[2]:.1f}) | "
                      f"{lab[0] - e[0]:+.1f} | {pred[0]:.1f}% |")
-    path = write_result(f"netlab-utilization-{args.sites}sites", "\n".join(lines) + "\n")
+    path = write_result(f"netlab-utilization-{args.sites}sites" + (f"-{args.name}" if args.name else ""),
+                        "\n".join(lines) + "\n")
     plot(runs, algorithms, path.with_suffix(".png"), f"{args.sites} sites over {args.link}")
 
 

@@ -3,7 +3,7 @@
 ``get_codec(name, **options)`` returns a codec; ``codec_names()`` lists the registered names
 (``registry.py``, which the configuration and the planner read too). A codec encodes a float tensor into a
 1-D ``torch.uint8`` payload (header and checksums included; its size depends only on numel and the options,
-so all sites' payloads have the same size and go straight through gloo's all_gather) and decodes it back to
+so all sites' payloads have the same size and go straight through the transport's all_gather) and decodes it back to
 float32, raising CodecError on anything malformed. ``ErrorFeedback`` is the one stateful piece: the sender's
 residual for lossy codecs.
 

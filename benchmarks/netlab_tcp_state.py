@@ -1,0 +1,128 @@
+"""The kernel's TCP state behind a series of syncs in the network lab: what the congestion control thinks of the
+link before each sync.
+
+Runs ``--repeats`` syncs of one payload (``benchmarks/netlab_bench.py``'s worker, ``--gap`` s of idle before
+each) and, all along, reads ``ss -tin`` in every site's namespace every ``--interval`` s. For each sync the table
+gives its time, the emulated time, and the state of site 0's busiest connection just before the sync: the
+congestion control's bandwidth estimate, its pacing gain (BBR's start-up gain is 2.89), the pacing rate and the
+congestion window. Root only.
+
+    sudo .venv/bin/python benchmarks/netlab_tcp_state.py [--sites 2] [--link 100mbit/50ms] [--payload 64kb]
+        [--repeats 10] [--gap 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from netlab_bench import _pattern, _span, emulated_seconds  # noqa: E402
+
+FIELDS = {"bw": r"bbr:\(bw:(\S+?)[,)]", "pacing_gain": r"pacing_gain:([\d.]+)", "pacing_rate": r"pacing_rate (\S+)",
+          "cwnd": r"cwnd:(\d+)", "rtt_ms": r" rtt:([\d.]+)/", "bytes_sent": r"bytes_sent:(\d+)"}
+
+
+def connections(text: str, peers: set[str]) -> list[dict]:
+    """``ss -tinH`` output: one dict of FIELDS per connection to one of ``peers`` (addresses)."""
+    lines = text.splitlines()
+    out = []
+    for head, info in zip(lines[0::2], lines[1::2]):
+        if head.split()[3].rsplit(":", 1)[0] in peers:
+            out.append({k: (m.group(1) if (m := re.search(p, info)) else "") for k, p in FIELDS.items()})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sites", type=int, default=2)
+    p.add_argument("--link", default="100mbit/50ms")
+    p.add_argument("--payload", default="64kb")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--gap", type=float, default=1.0)
+    p.add_argument("--interval", type=float, default=0.02, help="seconds between two reads of ss")
+    p.add_argument("--name", default="", help="suffix of the result file")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("the network lab needs root")
+    import torch.distributed as dist
+    from _common import command_line, write_result
+
+    import netlab_bench
+    from geotrain.config import parse_size
+    from geotrain.netlab import Lab, lab_links
+    from geotrain.topology import Topology, parse_link
+
+    k, nbytes, pattern = args.sites, parse_size(args.payload, field="--payload"), _pattern("auto", args.sites)
+    lab = Lab(sites=k, links=lab_links(Topology(k, default=parse_link(args.link))))
+    samples: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():  # bounded: the main thread sets stop once the workers are done
+            t = time.monotonic()
+            r = subprocess.run(["ip", "netns", "exec", lab.namespace(0), "ss", "-tinH", "state", "established"],
+                               capture_output=True, text=True, timeout=10)
+            samples.append((t, r.stdout))
+            time.sleep(args.interval)
+
+    rows = []
+    with lab:
+        store = dist.TCPStore(lab.control_address, 0, k + 1, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=120))
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, netlab_bench.__file__, "--worker", "--payloads", str(nbytes), "--repeats",
+               str(args.repeats), "--store-port", str(store.port), "--gap", str(args.gap), "--patterns", pattern]
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            procs = [lab.popen(j, cmd, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
+            for proc in procs:
+                out, _ = proc.communicate(timeout=1800)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"a site's worker failed ({proc.returncode})")
+                rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        finally:
+            stop.set()
+            sampler.join(timeout=15)
+        del store
+    emulated = emulated_seconds(k, nbytes, args.link, pattern)
+    lines = [
+        f"# Network lab: TCP's state before each sync ({k} sites, {nbytes:,} B over {args.link})",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"{args.repeats} syncs ({pattern}), each after {args.gap:g} s of idle; `ss -tin` read in site 0's namespace every "
+        f"{args.interval * 1000:g} ms. State: site 0's connection that sent the most, at the last read before the "
+        f"sync (the connections over the links only). Emulated: {emulated:.3f} s.",
+        "",
+        "| sync | real (s) | real - emulated (ms) | bandwidth estimate | pacing gain | pacing rate | cwnd (segments) "
+        "| smoothed RTT (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_repeat: dict[int, list[dict]] = {}
+    for r in rows:
+        by_repeat.setdefault(r["repeat"], []).append(r)
+    for rep, v in sorted(by_repeat.items()):
+        start = max(r["start"] for r in v)
+        before = [text for t, text in samples if t < start]
+        conns = connections(before[-1], {Lab.wan_address(j) for j in range(1, k)}) if before else []
+        c = max(conns, key=lambda x: int(x["bytes_sent"] or 0), default={f: "" for f in FIELDS})
+        real = _span(v)
+        lines.append(f"| {rep + 1} | {real:.3f} | {(real - emulated) * 1000:+.0f} | {c['bw']} | {c['pacing_gain']} | "
+                     f"{c['pacing_rate']} | {c['cwnd']} | {c['rtt_ms']} |")
+    write_result(f"netlab-tcp-state-{k}sites" + (f"-{args.name}" if args.name else ""), "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
