@@ -28,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -128,10 +130,11 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 
 
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
-            patterns: list[str], router: str = "auto", skew: float = 0.0,
-            collectives: str = "geotrain") -> tuple[list[dict], dict, str]:
+            patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
+            watch: Callable[[Any], Callable[[], None]] | None = None) -> tuple[list[dict], dict, str]:
     """Build a lab of ``k`` sites over ``link``, run the workers (``worker``); their measurements, the router's
-    counters and its data plane (``c`` or ``python``)."""
+    counters and its data plane (``c`` or ``python``). ``watch(lab)``, if given, starts watching the lab once it
+    is up and returns what stops it, called when the workers are done (or failed)."""
     import datetime
 
     import torch.distributed as dist
@@ -148,12 +151,17 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
         args = [sys.executable, __file__, "--worker", "--payloads", ",".join(map(str, payloads)),
                 "--repeats", str(repeats), "--store-port", str(store.port), "--gap", str(gap),
                 "--patterns", ",".join(patterns), "--skew", str(skew), "--collectives", collectives]
-        procs = [lab.popen(j, args, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
-        for p in procs:
-            out, _ = p.communicate(timeout=3600)
-            if p.returncode != 0:
-                raise RuntimeError(f"a site's worker failed ({p.returncode})")
-            rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        stop = watch(lab) if watch else None
+        try:
+            procs = [lab.popen(j, args, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
+            for p in procs:
+                out, _ = p.communicate(timeout=3600)
+                if p.returncode != 0:
+                    raise RuntimeError(f"a site's worker failed ({p.returncode})")
+                rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        finally:
+            if stop:
+                stop()
         del store
     return rows, lab.stats, lab.forwarder_used
 

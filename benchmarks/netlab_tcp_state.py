@@ -14,21 +14,20 @@ congestion window. Root only.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netlab_bench import _pattern, _span, emulated_seconds  # noqa: E402
+from netlab_bench import _pattern, _span, emulated_seconds, measure  # noqa: E402
 
 FIELDS = {"bw": r"bbr:\(bw:(\S+?)[,)]", "pacing_gain": r"pacing_gain:([\d.]+)", "pacing_rate": r"pacing_rate (\S+)",
           "cwnd": r"cwnd:(\d+)", "rtt_ms": r" rtt:([\d.]+)/", "bytes_sent": r"bytes_sent:(\d+)"}
@@ -56,47 +55,37 @@ def main() -> None:
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("the network lab needs root")
-    import torch.distributed as dist
     from _common import command_line, write_result
 
-    import netlab_bench
     from geotrain.config import parse_size
-    from geotrain.netlab import Lab, lab_links
-    from geotrain.topology import Topology, parse_link
+    from geotrain.netlab import Lab
 
     k, nbytes, pattern = args.sites, parse_size(args.payload, field="--payload"), _pattern("auto", args.sites)
-    lab = Lab(sites=k, links=lab_links(Topology(k, default=parse_link(args.link))))
     samples: list[tuple[float, str]] = []
-    stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():  # bounded: the main thread sets stop once the workers are done
-            t = time.monotonic()
-            r = subprocess.run(["ip", "netns", "exec", lab.namespace(0), "ss", "-tinH", "state", "established"],
-                               capture_output=True, text=True, timeout=10)
-            samples.append((t, r.stdout))
-            time.sleep(args.interval)
+    def watch(lab: Lab) -> Callable[[], None]:
+        """Read ss in site 0's namespace every --interval s until stopped."""
+        stop = threading.Event()
 
-    rows = []
-    with lab:
-        store = dist.TCPStore(lab.control_address, 0, k + 1, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=120))
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, netlab_bench.__file__, "--worker", "--payloads", str(nbytes), "--repeats",
-               str(args.repeats), "--store-port", str(store.port), "--gap", str(args.gap), "--patterns", pattern]
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            procs = [lab.popen(j, cmd, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
-            for proc in procs:
-                out, _ = proc.communicate(timeout=1800)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"a site's worker failed ({proc.returncode})")
-                rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        finally:
+        def sample() -> None:
+            while not stop.is_set():  # bounded: measure stops it once the workers are done
+                t = time.monotonic()
+                r = subprocess.run(["ip", "netns", "exec", lab.namespace(0), "ss", "-tinH", "state", "established"],
+                                   capture_output=True, text=True, timeout=10)
+                samples.append((t, r.stdout))
+                time.sleep(args.interval)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+
+        def end() -> None:
             stop.set()
-            sampler.join(timeout=15)
-        del store
+            thread.join(timeout=15)
+
+        return end
+
+    rows, _, _ = measure(k, args.link, [nbytes], repeats=args.repeats, queue=None, gap=args.gap, patterns=[pattern],
+                         watch=watch)
     emulated = emulated_seconds(k, nbytes, args.link, pattern)
     lines = [
         f"# Network lab: TCP's state before each sync ({k} sites, {nbytes:,} B over {args.link})",
