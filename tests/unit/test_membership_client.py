@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from geotrain.errors import ConfigError
 from geotrain.membership.client import Evicted, MembershipClient, MembershipError, Refused
 from geotrain.membership.fingerprint import fingerprint
 from geotrain.membership.store import CoordinatorStore
-from geotrain.membership.wire import AuthError
+from geotrain.membership.wire import AuthError, WireError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -275,6 +276,39 @@ def test_closing_a_client_says_why_it_left_and_stops_its_heartbeat():
         assert _events(rc)[-1] == (1, "left")
         with pytest.raises(MembershipError):  # a closed client makes no more requests
             b.call("status", retry_s=0.0)
+
+
+def test_a_session_cleared_between_a_heartbeat_s_send_and_its_reply_does_not_kill_the_heartbeat(monkeypatch):
+    """close() clears the session without the heartbeat's lock (it closes the channel, which fails the pending
+    read). A heartbeat that had already sent must then see a failed read, not a missing session."""
+    with coordinator() as rc, closing_clients(rc.address, SECRET, settings=SETTINGS) as cs:
+        a, b = cs.new(0), cs.new(1)
+        a.join()
+        b.join()
+        _form(a, b)
+        crashed: list[BaseException] = []
+        monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
+
+        class ClearedAfterSend:
+            def __init__(self) -> None:
+                self.sent = threading.Event()
+
+            def send(self, message: dict) -> None:
+                b._session = None  # what close() does, at the worst moment
+                self.sent.set()
+
+            def recv(self) -> dict:
+                raise WireError("the connection was closed")
+
+            def close(self) -> None:
+                pass
+
+        fake = ClearedAfterSend()
+        with b._session_lock:
+            b._session = fake
+        assert fake.sent.wait(timeout=30.0)
+        wait_until(lambda: b._session is not None, what="the heartbeat to re-join its session")
+        assert crashed == [] and b._heartbeat.is_alive()
 
 
 def test_a_closed_client_opens_no_connection_for_a_thread_that_asks_afterwards():

@@ -194,12 +194,13 @@ class MembershipClient:
     def _rejoin_session(self) -> None:
         """After the session broke (a restarted coordinator): join again with the last view."""
         with self._session_lock:
-            if self._session is not None:
-                with contextlib.suppress(WireError):
-                    self._session.send({"op": "heartbeat"})
-                    self._session.recv()
+            session = self._session  # see _beat
+            if session is not None:
+                with contextlib.suppress(WireError, OSError):
+                    session.send({"op": "heartbeat"})
+                    session.recv()
                     return  # still fine: another thread rejoined first
-                self._session.close()
+                session.close()
                 self._session = None
             self.intent = "member" if self.view.gen >= 0 else self.intent
             self._join()
@@ -212,10 +213,11 @@ class MembershipClient:
                 continue
             try:
                 with self._session_lock:
-                    if self._session is None:
+                    session = self._session  # close() may clear it at any moment; it then closes the channel
+                    if session is None:
                         raise WireError("no session")
-                    self._session.send({"op": "heartbeat"})
-                    self._session.recv()
+                    session.send({"op": "heartbeat"})
+                    session.recv()
                 lost_since = None
             except (WireError, OSError):
                 lost_since = lost_since if lost_since is not None else self.now()
