@@ -17,6 +17,7 @@ before the lab calibrated it. Root only.
 
     .venv/bin/python benchmarks/netlab_bench.py [--sites 2,4] [--links 10mbit/50ms,100mbit/10ms]
         [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--gap 1] [--queue 64kb] [--raw FILE]
+        [--skew 0.1] [--collectives geotrain|gloo]
 """
 
 from __future__ import annotations

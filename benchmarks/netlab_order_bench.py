@@ -74,7 +74,8 @@ def write(table: list[dict], args: argparse.Namespace, command: str, write_resul
 
 
 def plot(table: list[dict], path: Path) -> None:
-    """Real / emulated per configuration: gloo's order and geotrain's side by side, every sync as a dot."""
+    """Real / emulated per configuration: gloo's order and geotrain's side by side, a bar at the median with
+    the min-max as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,11 +86,12 @@ def plot(table: list[dict], path: Path) -> None:
     width = 0.38
     for j, collectives in enumerate(COLLECTIVES):
         rows = {(r["sites"], r["bytes"], r["skew"]): r for r in table if r["collectives"] == collectives}
-        xs = [i + (j - 0.5) * width for i, c in enumerate(configs) if c in rows]
-        ys = [rows[c]["real"] / rows[c]["emulated"] for c in configs if c in rows]
-        lo = [y - rows[c]["lo"] / rows[c]["emulated"] for y, c in zip(ys, (c for c in configs if c in rows))]
-        hi = [rows[c]["hi"] / rows[c]["emulated"] - y for y, c in zip(ys, (c for c in configs if c in rows))]
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=f"C{j}", label=f"{collectives} (median, min-max)")
+        here = [(i, rows[c]) for i, c in enumerate(configs) if c in rows]
+        ys = [r["real"] / r["emulated"] for _, r in here]
+        lo = [y - r["lo"] / r["emulated"] for y, (_, r) in zip(ys, here)]
+        hi = [r["hi"] / r["emulated"] - y for y, (_, r) in zip(ys, here)]
+        ax.bar([i + (j - 0.5) * width for i, _ in here], ys, width, yerr=[lo, hi], capsize=3, color=f"C{j}",
+               label=f"{collectives} (median, min-max)")
     ax.axhspan(0.9, 1.1, color="green", alpha=0.08)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(configs)))

@@ -91,9 +91,9 @@ def main() -> None:
         f"# Network lab: TCP's state before each sync ({k} sites, {nbytes:,} B over {args.link})",
         "",
         f"Command: `{command_line()}`  ",
-        f"{args.repeats} syncs ({pattern}), each after {args.gap:g} s of idle; `ss -tin` read in site 0's namespace every "
-        f"{args.interval * 1000:g} ms. State: site 0's connection that sent the most, at the last read before the "
-        f"sync (the connections over the links only). Emulated: {emulated:.3f} s.",
+        f"{args.repeats} syncs ({pattern}), each after {args.gap:g} s of idle; `ss -tin` read in site 0's namespace "
+        f"every {args.interval * 1000:g} ms. State: site 0's connection that sent the most, at the last read "
+        f"before the sync (the connections over the links only). Emulated: {emulated:.3f} s.",
         "",
         "| sync | real (s) | real - emulated (ms) | bandwidth estimate | pacing gain | pacing rate | cwnd (segments) "
         "| smoothed RTT (ms) |",

@@ -14,8 +14,9 @@ it (``benchmarks/netlab_bench.py``; the README's "Rehearsing a deployment in the
   pair exchanges its chunks over its own link at the same time, so it lasts one message of S/K over the
   slowest pair; each site sends (K-1)/K * S bytes;
 * ring all-gather of one payload per site: K-1 steps, each payload sent in two halves, every receive
-  announced at the start, and a half passed on as soon as it has arrived; each site sends (K-1) * S bytes. geotrain's compressed all-reduce is an all-to-all of the encoded
-  payload followed by an all-gather of one reduced chunk per site.
+  announced at the start, and a half passed on as soon as it has arrived; each site sends (K-1) * S bytes.
+  geotrain's compressed all-reduce is an all-to-all of the encoded payload followed by an all-gather of one
+  reduced chunk per site.
 
 ``streams`` is the number of parallel workers of one site that share that site's link (workers per site):
 each stream gets ``bandwidth / streams``.

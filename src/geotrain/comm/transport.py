@@ -92,9 +92,6 @@ class GlooTransport:
         self.clock = clock
         self.deadline = deadline
 
-    def _timeout(self, pattern: str, nbytes: int) -> datetime.timedelta:
-        return datetime.timedelta(seconds=self.deadline(pattern, nbytes))
-
     def _waiter(self, pattern: str, nbytes: int) -> Callable[[Any], None]:
         """Wait for one of an operation's messages within what is left of the operation's deadline (real time,
         as gloo's own)."""
@@ -165,11 +162,11 @@ class GlooTransport:
     def send(self, tensor: torch.Tensor, dst: int) -> Traffic:
         t0 = self.clock.now()
         nbytes = tensor.numel() * tensor.element_size()
-        self.pg.send([tensor], dst, 0).wait(self._timeout("point_to_point", nbytes))
+        self._waiter("point_to_point", nbytes)(self.pg.send([tensor], dst, 0))
         return Traffic("point_to_point", nbytes, nbytes, self.clock.now() - t0)
 
     def recv(self, tensor: torch.Tensor, src: int) -> Traffic:
         t0 = self.clock.now()
         nbytes = tensor.numel() * tensor.element_size()
-        self.pg.recv([tensor], src, 0).wait(self._timeout("point_to_point", nbytes))
+        self._waiter("point_to_point", nbytes)(self.pg.recv([tensor], src, 0))
         return Traffic("point_to_point", nbytes, 0, self.clock.now() - t0)
