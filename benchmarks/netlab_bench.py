@@ -17,7 +17,7 @@ before the lab calibrated it. Root only.
 
     .venv/bin/python benchmarks/netlab_bench.py [--sites 2,4] [--links 10mbit/50ms,100mbit/10ms]
         [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--gap 1] [--queue 64kb] [--raw FILE]
-        [--skew 0.1] [--collectives geotrain|gloo]
+        [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart]
 """
 
 from __future__ import annotations
@@ -132,19 +132,21 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
             patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
-            watch: Callable[[Any], Callable[[], None]] | None = None) -> tuple[list[dict], dict, str]:
-    """Build a lab of ``k`` sites over ``link``, run the workers (``worker``); their measurements, the router's
-    counters and its data plane (``c`` or ``python``). ``watch(lab)``, if given, starts watching the lab once it
+            watch: Callable[[Any], Callable[[], None]] | None = None,
+            tcp: str = "host") -> tuple[list[dict], dict, str]:
+    """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
+    (``worker``); their measurements, the router's counters and its data plane (``c`` or ``python``). ``watch(lab)``, if given, starts watching the lab once it
     is up and returns what stops it, called when the workers are done (or failed)."""
     import datetime
 
     import torch.distributed as dist
 
-    from geotrain.netlab import Lab, lab_links
+    from geotrain.netlab import Lab, LabTcp, lab_links
     from geotrain.topology import Topology, parse_link
 
     rows = []
-    lab = Lab(sites=k, links=lab_links(Topology(k, default=parse_link(link)), queue_bytes=queue), forwarder=router)
+    lab = Lab(sites=k, links=lab_links(Topology(k, default=parse_link(link)), queue_bytes=queue), forwarder=router,
+              tcp=LabTcp.parse(tcp))
     with lab:
         store = dist.TCPStore(lab.control_address, 0, k + 1, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=120))
@@ -180,7 +182,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                       "lo": min(spans), "hi": max(spans), "emulated": emulated_seconds(k, nbytes, link, pattern),
                       "formula": ring_formula_seconds(k, nbytes, link, pattern), "repeats": len(spans),
                       "router": next(iter(by_repeat.values()))[0].get("router"),
-                      "collectives": next(iter(by_repeat.values()))[0].get("collectives")})
+                      "collectives": next(iter(by_repeat.values()))[0].get("collectives"),
+                      "tcp": next(iter(by_repeat.values()))[0].get("tcp")})
     return table
 
 
@@ -209,6 +212,8 @@ def main() -> None:
                    help="the last site reaches each sync this many seconds after the others (default %(default)s)")
     p.add_argument("--collectives", choices=COLLECTIVES, default="geotrain",
                    help="geotrain's transport, or gloo's own all-gather and all-to-all (default %(default)s)")
+    p.add_argument("--tcp", default="host",
+                   help="the sites' TCP (geotrain netlab --tcp), e.g. cubic,no-idle-restart (default %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -230,6 +235,9 @@ def main() -> None:
         if os.geteuid() != 0:
             sys.exit("the network lab needs root")
         queue = None if args.queue is None else parse_size(args.queue, field="--queue")
+        from geotrain.netlab import LabTcp
+
+        tcp_in_effect = LabTcp.parse(args.tcp).describe()
         rows = []
         for k in (int(s) for s in args.sites.split(",")):
             patterns = list(dict.fromkeys(_pattern(name, k) for name in args.patterns.split(",")))
@@ -243,9 +251,9 @@ def main() -> None:
                 print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
                 mine, stats, router = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
                                               patterns=patterns, router=args.router, skew=args.skew,
-                                              collectives=args.collectives)
+                                              collectives=args.collectives, tcp=args.tcp)
                 mine = [{**r, "sites": k, "link": link, "router": router, "collectives": args.collectives,
-                         "skew": args.skew} for r in mine]
+                         "skew": args.skew, "tcp": tcp_in_effect} for r in mine]
                 drops[(k, link)] = sum(v["dropped"] for v in stats.values())
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
@@ -269,6 +277,9 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
     router = ", ".join(sorted({r.get("router") or "python" for r in table})) + " data plane"
     # Rows kept before geotrain ran its own collectives carry no "collectives": they ran gloo's.
     collectives = ", ".join(sorted({r.get("collectives") or "gloo" for r in table}))
+    # Rows kept before the lab set TCP carry no "tcp": the host's defaults, BBR on the machine that ran them.
+    legacy = "bbr (the host's), slow start after idle on (the kernel's default)"
+    tcp = "; ".join(sorted({r.get("tcp") or legacy for r in table}))
     links = list(dict.fromkeys(r["link"] for r in table))
     by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
     for link in links:
@@ -280,8 +291,8 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         f"Command: `{command}`  ",
         f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; "
         "MTU 1500, "
-        f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the namespaces' TCP congestion control is "
-        f"the host's); {collectives}'s collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
+        f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the sites' TCP: {tcp}); {collectives}'s "
+        "collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
         + (f"steps, the last site {args.skew:g} s later than the others; " if args.skew else "steps; ") +
         "median over the repeats "
         "of the time from the last site's call to the last site's result. Emulated: what the WAN emulator (and "

@@ -157,6 +157,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _resume_config(args) if args.resume else _config_from_args(args)
     faults = [parse_fault(f) for f in args.fault or []]
+    if args.network != "netlab":
+        for flag, value, default in (("--router", args.router, "auto"), ("--tcp", args.tcp, "host")):
+            if value != default:
+                raise ConfigError("sets up the network lab; add --network netlab, or leave it out", field=flag)
+    tcp = _lab_tcp(args)
     if args.dry_run:
         check_launch(config)
         print(json.dumps(config.to_dict(), indent=2))
@@ -167,11 +172,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         from geotrain.netlab import Lab, config_lab_links
 
         links = config_lab_links(config)
-        lab = Lab(sites=config.run.sites, links=links, forwarder=args.router)
+        lab = Lab(sites=config.run.sites, links=links, forwarder=args.router, tcp=tcp)
         with _terminate_as_interrupt(), lab:
             _lab_warnings(lab)
             print(f"network lab: {config.run.sites} sites in namespaces {lab.namespace(0)}.., links "
-                  f"{config.wan.link}, coordinator on {lab.control_address}", file=sys.stderr, flush=True)
+                  f"{config.wan.link}, coordinator on {lab.control_address}, TCP {lab.tcp.describe()}",
+                  file=sys.stderr, flush=True)
             outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
                              overwrite=args.overwrite, lab=lab)
     else:
@@ -193,13 +199,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def _add_router_flag(p: argparse.ArgumentParser) -> None:
+def _add_lab_flags(p: argparse.ArgumentParser) -> None:
     from geotrain.netlab.lab import FORWARDERS
 
     p.add_argument("--router", choices=FORWARDERS, default="auto",
                    help="with the network lab, the router's data plane: c (forward.c, built with the machine's C "
                         "compiler), python (the reference loop, under half as fast), or auto: c where it builds "
                         "(default %(default)s)")
+    p.add_argument("--tcp", metavar="SETTINGS", default="host",
+                   help="with the network lab, the sites' TCP: a congestion control (cubic, bbr, reno, ...) and/or "
+                        "idle-restart or no-idle-restart (slow start after idle), comma-separated, e.g. "
+                        "cubic,no-idle-restart; host: this machine's defaults (default %(default)s)")
+
+
+def _lab_tcp(args: argparse.Namespace) -> Any:
+    from geotrain.netlab import LabTcp
+
+    return LabTcp.parse(args.tcp)
 
 
 def _lab_warnings(lab: Any) -> None:
@@ -254,14 +270,15 @@ def cmd_netlab(args: argparse.Namespace) -> int:
     links = config_lab_links(config, queue_bytes=None if args.queue is None else parse_size(args.queue,
                                                                                               field="--queue"),
                              loss=args.loss)
+    tcp = _lab_tcp(args)
     require_root()
-    lab = Lab(sites=config.run.sites, links=links, mtu=args.mtu, forwarder=args.router)
+    lab = Lab(sites=config.run.sites, links=links, mtu=args.mtu, forwarder=args.router, tcp=tcp)
     codes: list[int | None] = []
     with _terminate_as_interrupt(), lab:
         _lab_warnings(lab)
         print(f"network lab: {config.run.sites} sites over {config.wan.link}; site k is "
               f"{lab.wan_address(0).rsplit('.', 1)[0]}.(k+1) in namespace {lab.namespace(0)[:-1]}K; control "
-              f"address {lab.control_address}", file=sys.stderr, flush=True)
+              f"address {lab.control_address}; TCP {lab.tcp.describe()}", file=sys.stderr, flush=True)
         procs = [lab.popen(k, [a.replace("{site}", str(k)) for a in command], env=dict(os.environ))
                  for k in range(config.run.sites)]
         try:
@@ -569,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulated: the WAN emulator charges each collective its modelled time; netlab: every site in "
                         "a network namespace of its own, the links applied to real packets by a router (root only; "
                         "see 'geotrain netlab --help') (default %(default)s)")
-    _add_router_flag(p)
+    _add_lab_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on the same budget and compare them",
@@ -653,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "64kb)")
     p.add_argument("--loss", type=float, default=0.0, help="probability that a packet is lost (default 0)")
     p.add_argument("--mtu", type=int, default=1500, help="MTU of the sites' WAN interfaces (default %(default)s)")
-    _add_router_flag(p)
+    _add_lab_flags(p)
     p.add_argument("--clean", action="store_true", help="only remove labs left by killed runs, then exit")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what every site runs")
     p.set_defaults(func=cmd_netlab)

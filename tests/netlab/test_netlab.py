@@ -21,7 +21,7 @@ import pytest
 from geotrain.cli import main
 from geotrain.config import load_config
 from geotrain.errors import ConfigError
-from geotrain.netlab import PREFIX, Lab, LabLink, clean_stale, config_lab_links, lab_links, router_warning
+from geotrain.netlab import PREFIX, Lab, LabLink, LabTcp, clean_stale, config_lab_links, lab_links, router_warning
 from geotrain.netlab.router import Conditions, _Pipe
 from geotrain.topology import Link, Topology, parse_link
 
@@ -178,6 +178,33 @@ def test_a_lab_that_must_forward_in_c_without_a_compiler_is_bad_input(monkeypatc
         Lab(sites=2, links=lab.links, forwarder="rust")
 
 
+def test_tcp_settings_parse_and_bad_ones_are_bad_input(monkeypatch):
+    assert LabTcp.parse("host") == LabTcp()
+    assert LabTcp.parse("cubic,no-idle-restart") == LabTcp("cubic", False)
+    assert LabTcp.parse("idle-restart, bbr") == LabTcp("bbr", True)
+    assert LabTcp.parse("no-idle-restart") == LabTcp(None, False)
+    for bad, says in [("cubic,bbr", "'bbr'"), ("idle-restart,no-idle-restart", "once"), ("Cubic", "'Cubic'"),
+                      ("", "''")]:
+        with pytest.raises(ConfigError, match=says):
+            LabTcp.parse(bad)
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
+    if available.exists():
+        with pytest.raises(ConfigError, match="no 'nosuchcc' congestion control; it has"):
+            LabTcp("nosuchcc").check()
+        LabTcp(available.read_text().split()[0]).check()
+    assert LabTcp("cubic", False).describe() == "cubic, slow start after idle off"
+    assert LabTcp().describe().endswith("(the host's), slow start after idle on (the kernel's default)")
+
+
+@pytest.mark.parametrize("flag", [["--tcp", "cubic"], ["--router", "c"]])
+def test_lab_flags_without_the_lab_are_bad_input(flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--sites", "2", "--quiet", *flag]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]}: sets up the network lab; add --network netlab" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
 @pytest.mark.parametrize("argv", [["netlab", "--sites", "2", "--", "true"],
                                   ["run", "--network", "netlab", "--sites", "2", "--quiet"]])
 def test_not_root_is_bad_input(argv, monkeypatch, capsys, tmp_path):
@@ -303,6 +330,44 @@ def test_all_reduce_across_namespaces_pays_the_links_latency_and_leaves_nothing(
     assert _leftovers(lab.owner) == []
     assert not _alive(lab.router.pid)
     assert lab.forwarder_used == forwarder
+
+
+_CONNECTED_CC = r"""
+import socket, subprocess, sys
+peer, port = sys.argv[1], int(sys.argv[2])
+with socket.create_connection((peer, port), timeout=20) as c:
+    print(subprocess.run(["ss", "-tin", "dst", peer], capture_output=True, text=True, timeout=20).stdout, flush=True)
+"""
+
+
+@needs_lab
+def test_the_sites_tcp_settings_act_on_their_connections_and_leave_the_host_alone():
+    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+        available = f.read().split()
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        host = f.read().strip()
+    other = next((cc for cc in ("cubic", "reno", *available) if cc in available and cc != host), None)
+    if other is None:
+        pytest.skip("the kernel has only one congestion control")
+    with open("/proc/sys/net/ipv4/tcp_slow_start_after_idle") as f:
+        host_restart = f.read().strip()
+    lab = Lab(sites=2, links=lab_links(Topology(2, default=parse_link("100mbit/1ms"))), tcp=LabTcp(other, False))
+    with lab:
+        server = lab.popen(1, [sys.executable, "-c", "import socket, sys; s = socket.create_server((sys.argv[1], 0)); "
+                               "print(s.getsockname()[1], flush=True); c = s.accept()[0]; c.recv(1)",
+                               lab.wan_address(1)], stdout=subprocess.PIPE, text=True)
+        port = server.stdout.readline().strip()
+        client = lab.popen(0, [sys.executable, "-c", _CONNECTED_CC, lab.wan_address(1), port], stdout=subprocess.PIPE,
+                           text=True)
+        seen = client.communicate(timeout=30)[0]
+        restart = lab.popen(0, [sys.executable, "-c", "print(open('/proc/sys/net/ipv4/tcp_slow_start_after_idle')"
+                                ".read().strip())"], stdout=subprocess.PIPE, text=True).communicate(timeout=30)[0]
+    assert f" {other} " in seen and f" {host} " not in seen, seen  # the connection between sites runs it
+    assert restart.strip() == "0"
+    with open("/proc/sys/net/ipv4/tcp_slow_start_after_idle") as f:
+        assert f.read().strip() == host_restart  # the host's own setting is untouched
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        assert f.read().strip() == host
 
 
 _PROBE = r"""

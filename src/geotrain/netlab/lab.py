@@ -21,6 +21,10 @@ ours is cleaned)::
 * **Faults on the real links**: ``partition(k)`` makes the router drop every packet to or from site ``k`` and
   takes its control link down; ``heal(k)`` undoes it; ``slow(k, factor)`` divides the rate of ``k``'s links.
   ``geotrain run --network netlab --fault`` carries out its partition, heal and slow with them.
+* **TCP** (``LabTcp``, ``--tcp``): the sites' congestion control (on their WAN route) and whether a connection
+  idle past its retransmission timeout restarts from a small window (the namespace's
+  ``net.ipv4.tcp_slow_start_after_idle``). Unset, the kernel's defaults: the host's congestion control, restart
+  on. A small sync's time depends on them (the README's lab section has the figures).
 * **Teardown** (``Lab.close``, also from ``__exit__`` on Ctrl+C or an exception): the commands started in the
   lab, the router, every process left in a namespace, the namespaces (which takes their interfaces, and the
   host ends of the veths, with them), the state file. A lab whose owner was SIGKILLed loses its router (it
@@ -51,7 +55,7 @@ from geotrain.errors import ConfigError
 from geotrain.netlab.ns import setns as _setns
 from geotrain.topology import MAX_BANDWIDTH, Topology
 
-__all__ = ["DEFAULT_MTU", "Lab", "LabLink", "PREFIX", "ROUTER_MEASURED_BPS", "clean_stale", "config_lab_links",
+__all__ = ["DEFAULT_MTU", "Lab", "LabLink", "LabTcp", "PREFIX", "ROUTER_MEASURED_BPS", "clean_stale", "config_lab_links",
            "enter_namespace", "lab_links", "require_root", "router_warning", "stale_labs"]
 
 PREFIX = "gtl"
@@ -83,6 +87,62 @@ class LabLink:
     """Probability that a packet is lost."""
     queue_bytes: int = MIN_QUEUE_BYTES
     """The link's queue; a packet that finds it full is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class LabTcp:
+    """How the sites' TCP behaves in the lab; unset fields keep the kernel's defaults. Deployments choose these
+    (sysctl), so a rehearsal may too."""
+
+    congestion_control: str | None = None
+    """The algorithm of every connection between sites (``cubic``, ``bbr``, ``reno``, ... as the kernel has
+    them; set on the sites' WAN route, which namespaces may do for any algorithm the kernel has). None: the
+    host's default, which new namespaces inherit."""
+    idle_restart: bool | None = None
+    """Whether a connection idle for longer than its retransmission timeout restarts from a small congestion
+    window (``net.ipv4.tcp_slow_start_after_idle`` in each site's namespace; the kernel's default is on). It
+    does not act on BBR, which paces after idle by its own rule. None: the kernel's default."""
+
+    @classmethod
+    def parse(cls, text: str) -> LabTcp:
+        """``host``, or comma-separated: a congestion control and/or ``idle-restart`` / ``no-idle-restart``, e.g.
+        ``cubic,no-idle-restart``."""
+        cc, restart = None, None
+        for word in (w.strip() for w in text.split(",")):
+            if word == "host":
+                continue
+            if word in ("idle-restart", "no-idle-restart"):
+                if restart is not None:
+                    raise ConfigError(f"give idle-restart or no-idle-restart once, in {text!r}", field="--tcp")
+                restart = word == "idle-restart"
+            elif re.fullmatch(r"[a-z][a-z0-9_]*", word) and cc is None:
+                cc = word
+            else:
+                raise ConfigError(f"{word!r} in {text!r}: give host, or a congestion control (cubic, bbr, reno, ...) "
+                                  "and/or idle-restart or no-idle-restart, comma-separated", field="--tcp")
+        return cls(cc, restart)
+
+    def describe(self) -> str:
+        """What the sites run, in words: unset fields read from this machine."""
+        cc = self.congestion_control or f"{_proc_sys('net/ipv4/tcp_congestion_control') or 'unknown'} (the host's)"
+        restart = {True: "on", False: "off", None: "on (the kernel's default)"}[self.idle_restart]
+        return f"{cc}, slow start after idle {restart}"
+
+    def check(self) -> None:
+        """ConfigError unless the kernel has the congestion control asked for."""
+        if self.congestion_control is None:
+            return
+        have = (_proc_sys("net/ipv4/tcp_available_congestion_control") or "").split()
+        if self.congestion_control not in have:
+            raise ConfigError(f"the kernel has no {self.congestion_control!r} congestion control; it has "
+                              f"{', '.join(have) or 'none listed'} (a module may load it: modprobe "
+                              f"tcp_{self.congestion_control})", field="--tcp")
+
+
+def _proc_sys(key: str) -> str | None:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys", key).read_text().strip()
+    return None
 
 
 def lab_links(topology: Topology, *, queue_bytes: int | None = None, loss: float = 0.0,
@@ -307,6 +367,8 @@ class Lab:
     """After open: ``c`` or ``python``."""
     forwarder_note: str | None = None
     """After open with ``auto``: why the lab forwards in Python, when it does."""
+    tcp: LabTcp = field(default_factory=LabTcp)
+    """The sites' TCP settings (:class:`LabTcp`)."""
     _closed: bool = False
 
     def __post_init__(self) -> None:
@@ -357,6 +419,7 @@ class Lab:
     def open(self) -> None:
         """Build the lab (cleaning stale labs first); on any failure remove what was built and raise."""
         require_root()
+        self.tcp.check()
         clean_stale()
         binary = self._forwarder_binary()
         try:
@@ -370,6 +433,7 @@ class Lab:
                 ns = self.namespace(k)
                 _ip("-n", ns, "addr", "add", f"{self.wan_address(k)}/24", "dev", WAN_DEVICE)
                 _ip("-n", ns, "link", "set", WAN_DEVICE, "mtu", str(self.mtu), "up")
+                self._set_tcp(k)
         except BaseException:
             self.close()
             raise
@@ -393,6 +457,29 @@ class Lab:
         _ip("-n", ns, "addr", "add", self._site_control_address(k), "peer", f"{self.control_address}/32", "dev",
             CONTROL_DEVICE)
         _ip("-n", ns, "link", "set", CONTROL_DEVICE, "up")
+
+    def _set_tcp(self, k: int) -> None:
+        ns = self.namespace(k)
+        if self.tcp.congestion_control is not None:
+            _ip("-n", ns, "route", "replace", "{}.{}.{}.0/24".format(*WAN_NET), "dev", WAN_DEVICE, "proto", "kernel",
+                "scope", "link", "src", self.wan_address(k), "congctl", self.tcp.congestion_control)
+        if self.tcp.idle_restart is not None:
+            # /proc/sys/net is the namespace of whoever opens it: write it from a child inside the namespace.
+            key = Path("/proc/sys/net/ipv4/tcp_slow_start_after_idle")
+            subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(key),
+                            "1" if self.tcp.idle_restart else "0"], preexec_fn=self._enter(k), check=True,
+                           timeout=30, capture_output=True)
+
+    def _enter(self, k: int) -> Any:
+        """What a child runs before exec to live in site ``k``'s namespace."""
+        ns_path = f"/run/netns/{self.namespace(k)}"
+
+        def enter() -> None:
+            fd = os.open(ns_path, os.O_RDONLY)
+            _setns(fd)
+            os.close(fd)
+
+        return enter
 
     def _forwarder_binary(self) -> str | None:
         """The compiled C data plane, or None to forward in Python."""
@@ -482,13 +569,11 @@ class Lab:
     def popen(self, k: int, args: Sequence[str], *, env: dict[str, str] | None = None,
               **kwargs: Any) -> subprocess.Popen:
         """Start ``args`` inside site ``k``'s namespace, in a session of its own, dying with this process."""
-        ns_path = f"/run/netns/{self.namespace(k)}"
+        enter_ns = self._enter(k)
 
         def enter() -> None:
             _die_with_parent()
-            fd = os.open(ns_path, os.O_RDONLY)
-            _setns(fd)
-            os.close(fd)
+            enter_ns()
 
         full_env = {**(os.environ if env is None else env), **self.site_env(k)}
         p = subprocess.Popen(list(args), env=full_env, preexec_fn=enter, start_new_session=True, **kwargs)
