@@ -135,8 +135,9 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
             watch: Callable[[Any], Callable[[], None]] | None = None,
             tcp: str = "host") -> tuple[list[dict], dict, str]:
     """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
-    (``worker``); their measurements, the router's counters and its data plane (``c`` or ``python``). ``watch(lab)``, if given, starts watching the lab once it
-    is up and returns what stops it, called when the workers are done (or failed)."""
+    (``worker``); their measurements, the router's counters and its data plane (``c`` or ``python``).
+    ``watch(lab)``, if given, starts watching the lab once it is up and returns what stops it, called when the
+    workers are done (or failed)."""
     import datetime
 
     import torch.distributed as dist

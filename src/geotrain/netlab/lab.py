@@ -55,8 +55,8 @@ from geotrain.errors import ConfigError
 from geotrain.netlab.ns import setns as _setns
 from geotrain.topology import MAX_BANDWIDTH, Topology
 
-__all__ = ["DEFAULT_MTU", "Lab", "LabLink", "LabTcp", "PREFIX", "ROUTER_MEASURED_BPS", "clean_stale", "config_lab_links",
-           "enter_namespace", "lab_links", "require_root", "router_warning", "stale_labs"]
+__all__ = ["DEFAULT_MTU", "Lab", "LabLink", "LabTcp", "PREFIX", "ROUTER_MEASURED_BPS", "clean_stale",
+           "config_lab_links", "enter_namespace", "lab_links", "require_root", "router_warning", "stale_labs"]
 
 PREFIX = "gtl"
 """Start of every namespace and interface name a lab creates, followed by the owner's PID."""
@@ -501,7 +501,8 @@ class Lab:
 
     def _router_config(self, forwarder: str | None = None) -> dict[str, Any]:
         return {"owner": self.owner, "forwarder": forwarder,
-                "namespaces": [self.namespace(k) for k in range(self.sites)], "device": WAN_DEVICE, "prefix": list(WAN_NET), "seed": self.seed,
+                "namespaces": [self.namespace(k) for k in range(self.sites)], "device": WAN_DEVICE,
+                "prefix": list(WAN_NET), "seed": self.seed,
                 "links": [[a, b, min(l.bandwidth_bps, MAX_BANDWIDTH), l.latency_s, l.loss, l.queue_bytes]
                           for (a, b), l in sorted(self.links.items())]}
 
