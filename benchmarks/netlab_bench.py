@@ -293,7 +293,7 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; "
         "MTU 1500, "
         f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the sites' TCP: {tcp}); {collectives}'s "
-        "collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
+        f"collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
         + (f"steps, the last site {args.skew:g} s later than the others; " if args.skew else "steps; ") +
         "median over the repeats "
         "of the time from the last site's call to the last site's result. Emulated: what the WAN emulator (and "

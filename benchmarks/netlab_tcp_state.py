@@ -4,11 +4,12 @@ link before each sync.
 Runs ``--repeats`` syncs of one payload (``benchmarks/netlab_bench.py``'s worker, ``--gap`` s of idle before
 each) and, all along, reads ``ss -tin`` in every site's namespace every ``--interval`` s. For each sync the table
 gives its time, the emulated time, and the state of site 0's busiest connection just before the sync: the
-congestion control's bandwidth estimate, its pacing gain (BBR's start-up gain is 2.89), the pacing rate and the
-congestion window. Root only.
+congestion control's bandwidth estimate, its pacing gain (BBR's start-up gain is 2.89), the pacing rate, the
+congestion window and slow start's threshold, and the largest congestion window read during the sync. ``--tcp``
+sets the sites' TCP (``geotrain netlab --tcp``). Root only.
 
     sudo .venv/bin/python benchmarks/netlab_tcp_state.py [--sites 2] [--link 100mbit/50ms] [--payload 64kb]
-        [--repeats 10] [--gap 1]
+        [--repeats 10] [--gap 1] [--tcp cubic,no-idle-restart]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netlab_bench import _pattern, _span, emulated_seconds, measure  # noqa: E402
 
 FIELDS = {"bw": r"bbr:\(bw:(\S+?)[,)]", "pacing_gain": r"pacing_gain:([\d.]+)", "pacing_rate": r"pacing_rate (\S+)",
-          "cwnd": r"cwnd:(\d+)", "rtt_ms": r" rtt:([\d.]+)/", "bytes_sent": r"bytes_sent:(\d+)"}
+          "cwnd": r"cwnd:(\d+)", "ssthresh": r"ssthresh:(\d+)", "rtt_ms": r" rtt:([\d.]+)/", "bytes_sent": r"bytes_sent:(\d+)"}
 
 
 def connections(text: str, peers: set[str]) -> list[dict]:
@@ -51,6 +52,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--gap", type=float, default=1.0)
     p.add_argument("--interval", type=float, default=0.02, help="seconds between two reads of ss")
+    p.add_argument("--tcp", default="host", help="the sites' TCP (geotrain netlab --tcp; default %(default)s)")
     p.add_argument("--name", default="", help="suffix of the result file")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -58,7 +60,7 @@ def main() -> None:
     from _common import command_line, write_result
 
     from geotrain.config import parse_size
-    from geotrain.netlab import Lab
+    from geotrain.netlab import Lab, LabTcp
 
     k, nbytes, pattern = args.sites, parse_size(args.payload, field="--payload"), _pattern("auto", args.sites)
     samples: list[tuple[float, str]] = []
@@ -85,7 +87,7 @@ def main() -> None:
         return end
 
     rows, _, _ = measure(k, args.link, [nbytes], repeats=args.repeats, queue=None, gap=args.gap, patterns=[pattern],
-                         watch=watch)
+                         watch=watch, tcp=args.tcp)
     emulated = emulated_seconds(k, nbytes, args.link, pattern)
     lines = [
         f"# Network lab: TCP's state before each sync ({k} sites, {nbytes:,} B over {args.link})",
@@ -93,11 +95,12 @@ def main() -> None:
         f"Command: `{command_line()}`  ",
         f"{args.repeats} syncs ({pattern}), each after {args.gap:g} s of idle; `ss -tin` read in site 0's namespace "
         f"every {args.interval * 1000:g} ms. State: site 0's connection that sent the most, at the last read "
-        f"before the sync (the connections over the links only). Emulated: {emulated:.3f} s.",
+        f"before the sync (the connections over the links only). Emulated: {emulated:.3f} s. The sites' TCP: "
+        f"{LabTcp.parse(args.tcp).describe()}.",
         "",
         "| sync | real (s) | real - emulated (ms) | bandwidth estimate | pacing gain | pacing rate | cwnd (segments) "
-        "| smoothed RTT (ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ssthresh | smoothed RTT (ms) | largest cwnd during the sync |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_repeat: dict[int, list[dict]] = {}
     for r in rows:
@@ -107,9 +110,13 @@ def main() -> None:
         before = [text for t, text in samples if t < start]
         conns = connections(before[-1], {Lab.wan_address(j) for j in range(1, k)}) if before else []
         c = max(conns, key=lambda x: int(x["bytes_sent"] or 0), default={f: "" for f in FIELDS})
+        end = max(r["end"] for r in v)
+        during = [int(x["cwnd"]) for t, text in samples if start <= t <= end
+                  for x in connections(text, {Lab.wan_address(j) for j in range(1, k)}) if x["cwnd"]]
         real = _span(v)
         lines.append(f"| {rep + 1} | {real:.3f} | {(real - emulated) * 1000:+.0f} | {c['bw']} | {c['pacing_gain']} | "
-                     f"{c['pacing_rate']} | {c['cwnd']} | {c['rtt_ms']} |")
+                     f"{c['pacing_rate']} | {c['cwnd']} | {c['ssthresh']} | {c['rtt_ms']} | "
+                     f"{max(during, default='')} |")
     write_result(f"netlab-tcp-state-{k}sites" + (f"-{args.name}" if args.name else ""), "\n".join(lines) + "\n")
 
 
