@@ -18,6 +18,11 @@ before the lab calibrated it. Root only.
     .venv/bin/python benchmarks/netlab_bench.py [--sites 2,4] [--links 10mbit/50ms,100mbit/10ms]
         [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--gap 1] [--queue 64kb] [--raw FILE]
         [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart]
+    .venv/bin/python benchmarks/netlab_bench.py --compare RAW,RAW,... --name NAME
+
+``--compare`` measures nothing: it sets the raw timings of several runs (``--raw``) side by side, one line per
+run's TCP setting (and queue, where a file's name says ``queue-``), and writes how many points of each link
+came within 10% of the emulated time, with a plot.
 """
 
 from __future__ import annotations
@@ -209,6 +214,7 @@ def main() -> None:
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")
     p.add_argument("--from-raw", type=Path, help="measure nothing: write the results from timings --raw kept")
+    p.add_argument("--compare", help="measure nothing: set several runs' --raw timings side by side (comma-separated)")
     p.add_argument("--skew", type=float, default=0.0,
                    help="the last site reaches each sync this many seconds after the others (default %(default)s)")
     p.add_argument("--collectives", choices=COLLECTIVES, default="geotrain",
@@ -227,6 +233,9 @@ def main() -> None:
         return
     from _common import command_line, write_result
 
+    if args.compare:
+        compare([Path(f) for f in args.compare.split(",")], args.name or "compare", command_line(), write_result)
+        return
     drops: dict[tuple[int, str], int] = {}
     if args.from_raw:
         rows = [json.loads(line) for line in args.from_raw.read_text().splitlines() if line.startswith("{")]
@@ -314,6 +323,81 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
                      f"{r['real'] / r['formula']:.2f} | {drops.get((r['sites'], r['link']), '')} |")
     path = write_result("netlab-real-vs-emulated" + (f"-{args.name}" if args.name else ""), "\n".join(lines) + "\n")
     plot(table, path.with_suffix(".png"))
+
+
+def _raw_table(path: Path) -> list[dict]:
+    return summarise([r for line in path.read_text().splitlines() if line.startswith("{")
+                      for r in [json.loads(line)] if "pattern" in r])
+
+
+def compare(paths: list[Path], name: str, command: str, write_result) -> None:
+    """Several runs' timings side by side: per link, how many points each run brought within 10% of the emulated
+    time, and a plot of real / emulated against the payload, one panel per number of sites and link."""
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        table = _raw_table(path)
+        label = table[0].get("tcp") or "bbr (the host's), slow start after idle on (the kernel's default)"
+        if "queue-" in path.stem:
+            label += f"; queue {path.stem.split('queue-')[1]}"
+        runs.setdefault(label, []).extend(table)
+    links = list(dict.fromkeys(r["link"] for t in runs.values() for r in t))
+    lines = ["# Network lab: real against emulated sync time, by the sites' TCP settings", "",
+             f"Command: `{command}`  ",
+             "Each run's points within 10% of the emulated time, per link (of the points it measured; each point "
+             "the median of its repeats). Runs: " + ", ".join(f"`{p.name}`" for p in paths) + ".", "",
+             "| the sites' TCP | " + " | ".join(links) + " | all |", "|---|" + "---|" * (len(links) + 1)]
+    for label, table in runs.items():
+        cells = []
+        for link in links:
+            pts = [r for r in table if r["link"] == link]
+            ok = sum(abs(r["real"] / r["emulated"] - 1) <= 0.10 for r in pts)
+            cells.append(f"{ok} of {len(pts)}" if pts else "")
+        ok = sum(abs(r["real"] / r["emulated"] - 1) <= 0.10 for r in table)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ok} of {len(table)} |")
+    path = write_result(f"netlab-real-vs-emulated-{name}", "\n".join(lines) + "\n")
+    compare_plot(runs, path.with_suffix(".png"))
+
+
+def compare_plot(runs: dict[str, list[dict]], path: Path) -> None:
+    """real / emulated against the payload: a panel per (sites, link), a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["sites"], r["link"]) for t in runs.values() for r in t},
+                    key=lambda p: (p[0], float(p[1].split("mbit")[0]) if "mbit" in p[1] else 0, p[1]))
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True, squeeze=False)
+    for ax, (k, link) in zip(axes.flat, panels):
+        for i, (label, table) in enumerate(runs.items()):
+            pts = sorted((r for r in table if r["sites"] == k and r["link"] == link), key=lambda r: r["bytes"])
+            if pts:
+                ax.plot([r["bytes"] for r in pts], [r["real"] / r["emulated"] for r in pts], "-o", color=f"C{i}",
+                        label=label, markersize=4)
+        ax.axhspan(0.9, 1.1, color="green", alpha=0.08)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"{k} sites, {link}", fontsize=9)
+        ax.set_xlabel("payload per site (bytes)", fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("real / emulated (log)")
+    legend: dict[str, Any] = {}  # a run may miss some panels: its line from any panel
+    for ax in axes.flat[:len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = list(legend)
+    fig.legend(list(legend.values()), labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
+    fig.suptitle("Network lab: one sync's real time against the emulator's, by the sites' TCP settings "
+                 "(green: within 10%)")
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def plot(table: list[dict], path: Path) -> None:
