@@ -193,6 +193,7 @@ def test_tcp_settings_parse_and_bad_ones_are_bad_input(monkeypatch):
             LabTcp("nosuchcc").check()
         LabTcp(available.read_text().split()[0]).check()
     assert LabTcp("cubic", False).describe() == "cubic, slow start after idle off"
+    assert LabTcp("bbr", False).describe() == "bbr, slow start after idle off, which BBR does not use"
     assert LabTcp().describe().endswith("(the host's), slow start after idle on (the kernel's default)")
 
 

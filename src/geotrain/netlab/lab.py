@@ -46,7 +46,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,9 +124,11 @@ class LabTcp:
 
     def describe(self) -> str:
         """What the sites run, in words: unset fields read from this machine."""
-        cc = self.congestion_control or f"{_proc_sys('net/ipv4/tcp_congestion_control') or 'unknown'} (the host's)"
+        name = self.congestion_control or _proc_sys("net/ipv4/tcp_congestion_control") or "unknown"
+        cc = name if self.congestion_control else f"{name} (the host's)"
         restart = {True: "on", False: "off", None: "on (the kernel's default)"}[self.idle_restart]
-        return f"{cc}, slow start after idle {restart}"
+        unused = ", which BBR does not use" if name == "bbr" and self.idle_restart is not None else ""
+        return f"{cc}, slow start after idle {restart}{unused}"
 
     def check(self) -> None:
         """ConfigError unless the kernel has the congestion control asked for."""
@@ -470,7 +472,7 @@ class Lab:
                             "1" if self.tcp.idle_restart else "0"], preexec_fn=self._enter(k), check=True,
                            timeout=30, capture_output=True)
 
-    def _enter(self, k: int) -> Any:
+    def _enter(self, k: int) -> Callable[[], None]:
         """What a child runs before exec to live in site ``k``'s namespace."""
         ns_path = f"/run/netns/{self.namespace(k)}"
 
