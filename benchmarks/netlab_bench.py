@@ -71,6 +71,15 @@ def ring_formula_seconds(k: int, nbytes: int, link: str, pattern: str) -> float:
     return 2 * (k - 1) * (lk.latency_s + 8 * nbytes / k / lk.bandwidth_bps)
 
 
+LEGACY_TCP = "bbr (the host's), slow start after idle on (the kernel's default)"
+"""The sites' TCP of rows kept before the lab set it: the host's defaults, BBR on the machine that ran them."""
+
+
+def _within(row: dict, key: str = "emulated") -> bool:
+    """Whether a point's real time is within 10% of its ``key`` time."""
+    return abs(row["real"] / row[key] - 1) <= 0.10
+
+
 def _span(rows: list[dict]) -> float:
     """A collective's time on the network: from the moment the last site called it to the moment the last site
     had its result. The sites leave a barrier up to one latency apart (its last message crosses a link), so a
@@ -280,16 +289,14 @@ def main() -> None:
 
 def write_table(table: list[dict], drops: dict, args: argparse.Namespace, command: str, write_result) -> None:
     def close(rows: list[dict], key: str) -> int:
-        return sum(abs(r["real"] / r[key] - 1) <= 0.10 for r in rows)
+        return sum(_within(r, key) for r in rows)
 
-    within = [r for r in table if abs(r["real"] / r["emulated"] - 1) <= 0.10]
+    within = [r for r in table if _within(r)]
     # Rows kept before the router had a C data plane carry no "router": they were forwarded in Python.
     router = ", ".join(sorted({r.get("router") or "python" for r in table})) + " data plane"
     # Rows kept before geotrain ran its own collectives carry no "collectives": they ran gloo's.
     collectives = ", ".join(sorted({r.get("collectives") or "gloo" for r in table}))
-    # Rows kept before the lab set TCP carry no "tcp": the host's defaults, BBR on the machine that ran them.
-    legacy = "bbr (the host's), slow start after idle on (the kernel's default)"
-    tcp = "; ".join(sorted({r.get("tcp") or legacy for r in table}))
+    tcp = "; ".join(sorted({r.get("tcp") or LEGACY_TCP for r in table}))
     links = list(dict.fromkeys(r["link"] for r in table))
     by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
     for link in links:
@@ -336,7 +343,7 @@ def compare(paths: list[Path], name: str, command: str, write_result) -> None:
     runs: dict[str, list[dict]] = {}
     for path in paths:
         table = _raw_table(path)
-        label = table[0].get("tcp") or "bbr (the host's), slow start after idle on (the kernel's default)"
+        label = table[0].get("tcp") or LEGACY_TCP
         if "queue-" in path.stem:
             label += f"; queue {path.stem.split('queue-')[1]}"
         runs.setdefault(label, []).extend(table)
@@ -350,10 +357,8 @@ def compare(paths: list[Path], name: str, command: str, write_result) -> None:
         cells = []
         for link in links:
             pts = [r for r in table if r["link"] == link]
-            ok = sum(abs(r["real"] / r["emulated"] - 1) <= 0.10 for r in pts)
-            cells.append(f"{ok} of {len(pts)}" if pts else "")
-        ok = sum(abs(r["real"] / r["emulated"] - 1) <= 0.10 for r in table)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ok} of {len(table)} |")
+            cells.append(f"{sum(map(_within, pts))} of {len(pts)}" if pts else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(map(_within, table))} of {len(table)} |")
     path = write_result(f"netlab-real-vs-emulated-{name}", "\n".join(lines) + "\n")
     compare_plot(runs, path.with_suffix(".png"))
 
@@ -365,8 +370,10 @@ def compare_plot(runs: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from geotrain.topology import parse_link
+
     panels = sorted({(r["sites"], r["link"]) for t in runs.values() for r in t},
-                    key=lambda p: (p[0], float(p[1].split("mbit")[0]) if "mbit" in p[1] else 0, p[1]))
+                    key=lambda p: (p[0], parse_link(p[1]).bandwidth_bps, parse_link(p[1]).latency_s))
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True, squeeze=False)
