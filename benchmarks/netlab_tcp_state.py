@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netlab_bench import _pattern, _span, emulated_seconds, measure  # noqa: E402
 
 FIELDS = {"bw": r"bbr:\(bw:(\S+?)[,)]", "pacing_gain": r"pacing_gain:([\d.]+)", "pacing_rate": r"pacing_rate (\S+)",
-          "cwnd": r"cwnd:(\d+)", "ssthresh": r"ssthresh:(\d+)", "rtt_ms": r" rtt:([\d.]+)/", "bytes_sent": r"bytes_sent:(\d+)"}
+          "cwnd": r"cwnd:(\d+)", "ssthresh": r"ssthresh:(\d+)", "rtt_ms": r" rtt:([\d.]+)/",
+          "bytes_sent": r"bytes_sent:(\d+)"}
 
 
 def connections(text: str, peers: set[str]) -> list[dict]:
@@ -102,17 +103,18 @@ def main() -> None:
         "| ssthresh | smoothed RTT (ms) | largest cwnd during the sync |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    peers = {Lab.wan_address(j) for j in range(1, k)}
     by_repeat: dict[int, list[dict]] = {}
     for r in rows:
         by_repeat.setdefault(r["repeat"], []).append(r)
     for rep, v in sorted(by_repeat.items()):
         start = max(r["start"] for r in v)
         before = [text for t, text in samples if t < start]
-        conns = connections(before[-1], {Lab.wan_address(j) for j in range(1, k)}) if before else []
+        conns = connections(before[-1], peers) if before else []
         c = max(conns, key=lambda x: int(x["bytes_sent"] or 0), default={f: "" for f in FIELDS})
         end = max(r["end"] for r in v)
         during = [int(x["cwnd"]) for t, text in samples if start <= t <= end
-                  for x in connections(text, {Lab.wan_address(j) for j in range(1, k)}) if x["cwnd"]]
+                  for x in connections(text, peers) if x["cwnd"]]
         real = _span(v)
         lines.append(f"| {rep + 1} | {real:.3f} | {(real - emulated) * 1000:+.0f} | {c['bw']} | {c['pacing_gain']} | "
                      f"{c['pacing_rate']} | {c['cwnd']} | {c['ssthresh']} | {c['rtt_ms']} | "
