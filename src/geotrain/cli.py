@@ -180,6 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
                              overwrite=args.overwrite, lab=lab)
+        if not args.quiet and (line := lab.traffic()):
+            print(line, file=sys.stderr)
     else:
         outcome = launch(config, progress=not args.quiet, faults=faults, resume=bool(args.resume),
                          overwrite=args.overwrite)
@@ -288,6 +290,8 @@ def cmd_netlab(args: argparse.Namespace) -> int:
             return 1
         except OSError as e:
             raise ConfigError(f"cannot start {command[0]!r} ({e.strerror or e})", field="COMMAND") from None
+    if line := lab.traffic():
+        print(line, file=sys.stderr)
     bad = [(k, c) for k, c in enumerate(codes) if c != 0]
     for k, c in bad:
         print(f"site {k}: {command[0]} exited with {c}", file=sys.stderr)

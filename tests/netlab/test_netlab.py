@@ -371,6 +371,62 @@ def test_the_sites_tcp_settings_act_on_their_connections_and_leave_the_host_alon
         assert f.read().strip() == host
 
 
+_BLAST = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+sent = 0
+for _ in range(int(sys.argv[2])):
+    try:
+        s.sendto(b"x" * 64, (sys.argv[1], 9))
+        sent += 1
+    except BlockingIOError:
+        pass
+print(sent, flush=True)
+"""
+
+
+@needs_lab
+def test_a_sites_own_device_queues_a_burst_the_kernels_default_would_drop_and_counts_what_it_drops():
+    """The link's queue at the router is the lab's only bottleneck queue: a site's WAN device holds
+    DEVICE_QUEUE_PACKETS (not the kernel's 500) and what it drops beyond them is counted. The router is
+    stopped while the site sends, so the burst waits in the device."""
+    from geotrain.netlab.lab import DEVICE_QUEUE_PACKETS
+
+    lab = Lab(sites=2, links=lab_links(Topology(2, default=parse_link("100mbit/1ms"))))
+    burst = DEVICE_QUEUE_PACKETS + 5000
+    with lab:
+        queues = [json.loads(subprocess.run(["ip", "-n", lab.namespace(k), "-j", "link", "show", "wan0"],
+                                            capture_output=True, text=True, timeout=10).stdout)[0]["txqlen"]
+                  for k in range(2)]
+        os.kill(lab.router.pid, signal.SIGSTOP)
+        try:
+            blast = lab.popen(0, [sys.executable, "-c", _BLAST, lab.wan_address(1), str(burst)],
+                              stdout=subprocess.PIPE, text=True)
+            sent = int(blast.communicate(timeout=60)[0])
+        finally:
+            os.kill(lab.router.pid, signal.SIGCONT)
+    assert queues == [DEVICE_QUEUE_PACKETS] * 2
+    assert sent == burst
+    # The device held a full queue (less a few slots, which may hold the kernel's own packets), 40 times the
+    # kernel's default; what did not fit was counted, and only at site 0.
+    assert DEVICE_QUEUE_PACKETS - 8 <= burst - lab.device_drops[0] <= DEVICE_QUEUE_PACKETS
+    assert lab.device_drops[1] == 0
+
+
+@needs_lab
+def test_geotrain_netlab_says_what_the_links_carried_and_dropped(capsys):
+    send = ("import os, socket; k = int(os.environ['NETLAB_SITE']); peer = os.environ['NETLAB_ADDRESSES'].split(',')"
+            "[1 - k]; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(b'x' * 1000, (peer, 9)) "
+            "for _ in range(5)]")
+    assert main(["netlab", "--sites", "2", "--link", "10mbit/5ms", "--", sys.executable, "-c", send]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("the lab's links carried"))
+    carried = int(line.split()[4].replace(",", ""))
+    assert carried >= 10  # both sites' five datagrams crossed the router (with whatever else the kernels sent)
+    assert line.endswith("dropped 0 at their queues; the sites' own devices dropped 0")
+
+
 _PROBE = r"""
 import socket, sys
 for line in sys.stdin:  # "HOST PORT TIMEOUT": can this site open a connection there within TIMEOUT seconds?
