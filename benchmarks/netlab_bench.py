@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from geotrain.netlab.lab import DEVICE_QUEUE_PACKETS  # noqa: E402
+
 PATTERNS = ("reduce_scatter", "all_gather")
 
 
@@ -147,9 +149,9 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
             patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
             watch: Callable[[Any], Callable[[], None]] | None = None,
-            tcp: str = "host") -> tuple[list[dict], dict, str]:
+            tcp: str = "host") -> tuple[list[dict], Any]:
     """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
-    (``worker``); their measurements, the router's counters and its data plane (``c`` or ``python``).
+    (``worker``); their measurements and the closed lab (its router's and devices' counters, its data plane).
     ``watch(lab)``, if given, starts watching the lab once it is up and returns what stops it, called when the
     workers are done (or failed)."""
     import datetime
@@ -181,7 +183,7 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
             if stop:
                 stop()
         del store
-    return rows, lab.stats, lab.forwarder_used
+    return rows, lab
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -245,10 +247,12 @@ def main() -> None:
     if args.compare:
         compare([Path(f) for f in args.compare.split(",")], args.name or "compare", command_line(), write_result)
         return
-    drops: dict[tuple[int, str], int] = {}
+    # Per (sites, link): packets the router's links dropped, and those the sites' own devices dropped (None in
+    # timings kept before the lab counted them).
+    drops: dict[tuple[int, str], tuple[int, int | None]] = {}
     if args.from_raw:
         rows = [json.loads(line) for line in args.from_raw.read_text().splitlines() if line.startswith("{")]
-        drops = {(r["sites"], r["link"]): r["dropped"] for r in rows if "dropped" in r}
+        drops = {(r["sites"], r["link"]): (r["dropped"], r.get("device_dropped")) for r in rows if "dropped" in r}
         rows = [r for r in rows if "pattern" in r]
     else:
         if os.geteuid() != 0:
@@ -268,12 +272,12 @@ def main() -> None:
                 if not fit:
                     continue
                 print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
-                mine, stats, router = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
-                                              patterns=patterns, router=args.router, skew=args.skew,
-                                              collectives=args.collectives, tcp=args.tcp)
-                mine = [{**r, "sites": k, "link": link, "router": router, "collectives": args.collectives,
+                mine, lab = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
+                                    patterns=patterns, router=args.router, skew=args.skew,
+                                    collectives=args.collectives, tcp=args.tcp)
+                mine = [{**r, "sites": k, "link": link, "router": lab.forwarder_used, "collectives": args.collectives,
                          "skew": args.skew, "tcp": tcp_in_effect} for r in mine]
-                drops[(k, link)] = sum(v["dropped"] for v in stats.values())
+                drops[(k, link)] = (sum(v["dropped"] for v in lab.stats.values()), sum(lab.device_drops.values()))
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
                           f"{row['emulated']:.3f} s  ratio {row['real'] / row['emulated']:.2f}", flush=True)
@@ -282,9 +286,17 @@ def main() -> None:
                     with args.raw.open("a") as f:
                         for r in mine:
                             f.write(json.dumps(r) + "\n")
-                        f.write(json.dumps({"sites": k, "link": link, "dropped": drops[(k, link)]}) + "\n")
+                        f.write(json.dumps({"sites": k, "link": link, "dropped": drops[(k, link)][0],
+                                            "device_dropped": drops[(k, link)][1]}) + "\n")
     table = summarise(rows)
     write_table(table, drops, args, command_line(), write_result)
+
+
+def _drops(counts: tuple[int, int | None] | None) -> str:
+    if counts is None:
+        return ""
+    link, device = counts
+    return f"{link:,}" + ("" if device is None else f" ({device:,})")
 
 
 def write_table(table: list[dict], drops: dict, args: argparse.Namespace, command: str, write_result) -> None:
@@ -297,6 +309,8 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
     # Rows kept before geotrain ran its own collectives carry no "collectives": they ran gloo's.
     collectives = ", ".join(sorted({r.get("collectives") or "gloo" for r in table}))
     tcp = "; ".join(sorted({r.get("tcp") or LEGACY_TCP for r in table}))
+    counted = any(device is not None for _, device in drops.values())
+    device_queue = DEVICE_QUEUE_PACKETS if counted or not drops else LEGACY_DEVICE_QUEUE
     links = list(dict.fromkeys(r["link"] for r in table))
     by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
     for link in links:
@@ -308,7 +322,8 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         f"Command: `{command}`  ",
         f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; "
         "MTU 1500, "
-        f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; the sites' TCP: {tcp}); {collectives}'s "
+        f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; each site's own WAN device queues "
+        f"{device_queue:,} packets; the sites' TCP: {tcp}); {collectives}'s "
         f"collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
         + (f"steps, the last site {args.skew:g} s later than the others; " if args.skew else "steps; ") +
         "median over the repeats "
@@ -321,20 +336,27 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         *by_link,
         "",
         "| sites | link | payload S | pattern | real median (s) | real min-max (s) | emulated (s) | real / emulated "
-        "| real / ring formula | packets the lab dropped (all its syncs) |",
+        "| real / ring formula | packets dropped, all its syncs: at the links (at the sites' devices) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         lines.append(f"| {r['sites']} | {r['link']} | {r['bytes']:,} B | {r['pattern']} | {r['real']:.3f} | "
                      f"{r['lo']:.3f}-{r['hi']:.3f} | {r['emulated']:.3f} | {r['real'] / r['emulated']:.2f} | "
-                     f"{r['real'] / r['formula']:.2f} | {drops.get((r['sites'], r['link']), '')} |")
+                     f"{r['real'] / r['formula']:.2f} | {_drops(drops.get((r['sites'], r['link'])))} |")
     path = write_result("netlab-real-vs-emulated" + (f"-{args.name}" if args.name else ""), "\n".join(lines) + "\n")
     plot(table, path.with_suffix(".png"))
 
 
-def _raw_table(path: Path) -> list[dict]:
-    return summarise([r for line in path.read_text().splitlines() if line.startswith("{")
-                      for r in [json.loads(line)] if "pattern" in r])
+LEGACY_DEVICE_QUEUE = 500
+"""The sites' WAN device queue (packets) of timings kept before the lab set it: the kernel's default for a TUN
+device. Such timings carry no count of the devices' drops."""
+
+
+def _raw_table(path: Path) -> tuple[list[dict], int]:
+    """A run's --raw timings summarised, and the sites' device queue they were measured with."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    device_queue = DEVICE_QUEUE_PACKETS if any("device_dropped" in r for r in rows) else LEGACY_DEVICE_QUEUE
+    return summarise([r for r in rows if "pattern" in r]), device_queue
 
 
 def compare(paths: list[Path], name: str, command: str, write_result) -> None:
@@ -342,10 +364,12 @@ def compare(paths: list[Path], name: str, command: str, write_result) -> None:
     time, and a plot of real / emulated against the payload, one panel per number of sites and link."""
     runs: dict[str, list[dict]] = {}
     for path in paths:
-        table = _raw_table(path)
+        table, device_queue = _raw_table(path)
         label = table[0].get("tcp") or LEGACY_TCP
         if "queue-" in path.stem:
             label += f"; queue {path.stem.split('queue-')[1]}"
+        if device_queue != DEVICE_QUEUE_PACKETS:
+            label += f"; the sites' devices queued {device_queue} packets"
         runs.setdefault(label, []).extend(table)
     links = list(dict.fromkeys(r["link"] for t in runs.values() for r in t))
     lines = ["# Network lab: real against emulated sync time, by the sites' TCP settings", "",

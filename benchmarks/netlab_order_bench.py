@@ -137,7 +137,7 @@ def main() -> None:
                     for collectives in COLLECTIVES if rnd % 2 == 0 else COLLECTIVES[::-1]:
                         print(f"-- round {rnd + 1}/{args.rounds}: {k} sites, last {skew * 1000:g} ms late, "
                               f"{collectives}", flush=True)
-                        mine, _, _ = measure(k, args.link, payloads, repeats=args.repeats, queue=None, gap=args.gap,
+                        mine, _ = measure(k, args.link, payloads, repeats=args.repeats, queue=None, gap=args.gap,
                                              patterns=[pattern], skew=skew, collectives=collectives)
                         mine = [{**r, "sites": k, "link": args.link, "skew": skew, "collectives": collectives,
                                  "round": rnd} for r in mine]
