@@ -5,7 +5,9 @@ link between every pair (``geotrain.netlab``), and one process per site times, i
 a run sends it (``geotrain.comm.pattern``) with gloo:
 
 * ``reduce_scatter`` (a dense codec among 3 or more sites): ``all_to_all`` of S, then ``all_gather`` of S/K;
-* ``all_gather`` (2 sites, and sparse codecs): ``all_gather`` of S.
+* ``all_gather`` (2 sites, and sparse codecs): ``all_gather`` of S;
+* ``point_to_point`` (as a joiner is healed): site 0 sends S to site 1 and nothing else crosses a link, so
+  each link carries data one way only.
 
 ``--patterns auto`` (the default) takes the pattern a run among K sites with a dense codec takes. Before each
 sync every site idles ``--gap`` seconds, as a run computes its inner steps between syncs. Each sync is timed
@@ -21,8 +23,9 @@ before the lab calibrated it. Root only.
     .venv/bin/python benchmarks/netlab_bench.py --compare RAW,RAW,... --name NAME
 
 ``--compare`` measures nothing: it sets the raw timings of several runs (``--raw``) side by side, one line per
-run's TCP setting (and queue, where a file's name says ``queue-``), and writes how many points of each link
-came within 10% of the emulated time, with a plot.
+run's TCP setting (and queue, where a file's name says ``queue-``; and the sites' device queue, for timings
+kept before the lab raised it), and writes how many points of each link came within 10% of the emulated time,
+with a plot.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from geotrain.netlab.lab import DEVICE_QUEUE_PACKETS  # noqa: E402
 
-PATTERNS = ("reduce_scatter", "all_gather")
+PATTERNS = ("reduce_scatter", "all_gather", "point_to_point")
 
 
 def _pattern(name: str, k: int) -> str:
@@ -53,11 +56,13 @@ def _pattern(name: str, k: int) -> str:
 
 def emulated_seconds(k: int, nbytes: int, link: str, pattern: str) -> float:
     """What the emulator charges one sync of ``nbytes`` per site among ``k`` sites in ``pattern``."""
-    from geotrain.topology import Topology, all_to_all, parse_link, ring_all_gather
+    from geotrain.topology import Topology, all_to_all, parse_link, point_to_point, ring_all_gather
 
     topology = Topology(k, default=parse_link(link))
     if pattern == "all_gather":
         return ring_all_gather(nbytes, topology.ring()).seconds
+    if pattern == "point_to_point":
+        return point_to_point(nbytes, topology.link(0, 1)).seconds
     return (all_to_all(nbytes, topology.pairs(), sites=k).seconds
             + ring_all_gather(nbytes // k, topology.ring()).seconds)
 
@@ -70,6 +75,8 @@ def ring_formula_seconds(k: int, nbytes: int, link: str, pattern: str) -> float:
     lk = parse_link(link)
     if pattern == "all_gather":
         return (k - 1) * (lk.latency_s + 8 * nbytes / lk.bandwidth_bps)
+    if pattern == "point_to_point":
+        return lk.latency_s + 8 * nbytes / lk.bandwidth_bps
     return 2 * (k - 1) * (lk.latency_s + 8 * nbytes / k / lk.bandwidth_bps)
 
 
@@ -127,6 +134,17 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
             return out
         return transport.all_to_all(x)[0]
 
+    def point_to_point(x: torch.Tensor) -> None:
+        """Site 0 sends ``x`` to site 1; the others have nothing to do."""
+        if k == 0 and collectives == "gloo":
+            pg.send([x], 1, 0).wait()
+        elif k == 0:
+            transport.send(x, 1)
+        elif k == 1 and collectives == "gloo":
+            pg.recv([x], 0, 0).wait()
+        elif k == 1:
+            transport.recv(x, 0)
+
     late = skew if k == n - 1 else 0.0
     for nbytes in payloads:
         for pattern in patterns:
@@ -140,6 +158,8 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
                     recv = all_to_all(x)
                     mid = time.monotonic()
                     all_gather(recv[:chunk].clone())
+                elif pattern == "point_to_point":
+                    point_to_point(x)
                 else:
                     all_gather(x)
                 print(json.dumps({"site": k, "bytes": chunk * n, "pattern": pattern, "repeat": r, "start": t,
@@ -443,7 +463,7 @@ def plot(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sites), figsize=(6.5 * len(sites), 4.5), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], sites):
         for i, link in enumerate(dict.fromkeys(row["link"] for row in table)):
-            for pattern, style in zip(PATTERNS, ("-o", "--s")):
+            for pattern, style in zip(PATTERNS, ("-o", "--s", ":^")):
                 pts = [r for r in table if r["sites"] == k and r["link"] == link and r["pattern"] == pattern]
                 if not pts:
                     continue
