@@ -21,6 +21,13 @@ it (``benchmarks/netlab_bench.py``; the README's "Rehearsing a deployment in the
 ``streams`` is the number of parallel workers of one site that share that site's link (workers per site):
 each stream gets ``bandwidth / streams``.
 
+What the model leaves out (the README's lab section has the figures): TCP's window. It assumes every message
+leaves at the link's rate from its first byte, which holds for small syncs whose connection kept its window
+over the idle before them; one-way transfers come close (16 MB: 1.00-1.20x). Bulk transfers that load both
+directions of a link at once (an all-gather between 2 sites, every all-to-all) took up to 2.1x as long over
+100 Mbit/s and 1.5x over 10 Mbit/s in the lab, with one round trip's queue; and a burst larger than the
+bottleneck's queue costs a retransmission timeout.
+
 This module is pure Python so that the planner, the WAN emulation, the transport's byte accounting and the
 configuration share one parser, one notion of a link and one cost model without importing torch: emulation
 and prediction cannot drift apart.
