@@ -82,6 +82,9 @@ def ring_formula_seconds(k: int, nbytes: int, link: str, pattern: str) -> float:
 
 LEGACY_TCP = "bbr (the host's), slow start after idle on (the kernel's default)"
 """The sites' TCP of rows kept before the lab set it: the host's defaults, BBR on the machine that ran them."""
+LEGACY_DEVICE_QUEUE = 500
+"""The sites' WAN device queue (packets) of timings kept before the lab set it: the kernel's default for a TUN
+device. Such timings carry no count of the devices' drops."""
 
 
 def _within(row: dict, key: str = "emulated") -> bool:
@@ -271,9 +274,7 @@ def main() -> None:
     # timings kept before the lab counted them).
     drops: dict[tuple[int, str], tuple[int, int | None]] = {}
     if args.from_raw:
-        rows = [json.loads(line) for line in args.from_raw.read_text().splitlines() if line.startswith("{")]
-        drops = {(r["sites"], r["link"]): (r["dropped"], r.get("device_dropped")) for r in rows if "dropped" in r}
-        rows = [r for r in rows if "pattern" in r]
+        rows, drops = _read_raw(args.from_raw)
     else:
         if os.geteuid() != 0:
             sys.exit("the network lab needs root")
@@ -295,8 +296,8 @@ def main() -> None:
                 mine, lab = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
                                     patterns=patterns, router=args.router, skew=args.skew,
                                     collectives=args.collectives, tcp=args.tcp)
-                mine = [{**r, "sites": k, "link": link, "router": lab.forwarder_used, "collectives": args.collectives,
-                         "skew": args.skew, "tcp": tcp_in_effect} for r in mine]
+                mine = [{**r, "sites": k, "link": link, "router": lab.forwarder_used,
+                         "collectives": args.collectives, "skew": args.skew, "tcp": tcp_in_effect} for r in mine]
                 drops[(k, link)] = (sum(v["dropped"] for v in lab.stats.values()), sum(lab.device_drops.values()))
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
@@ -329,8 +330,6 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
     # Rows kept before geotrain ran its own collectives carry no "collectives": they ran gloo's.
     collectives = ", ".join(sorted({r.get("collectives") or "gloo" for r in table}))
     tcp = "; ".join(sorted({r.get("tcp") or LEGACY_TCP for r in table}))
-    counted = any(device is not None for _, device in drops.values())
-    device_queue = DEVICE_QUEUE_PACKETS if counted or not drops else LEGACY_DEVICE_QUEUE
     links = list(dict.fromkeys(r["link"] for r in table))
     by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
     for link in links:
@@ -343,7 +342,7 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         f"One namespace per site, the link between every pair applied per direction by the lab's router ({router}; "
         "MTU 1500, "
         f"queue {args.queue or 'one round-trip BDP, at least 64 KB'}; each site's own WAN device queues "
-        f"{device_queue:,} packets; the sites' TCP: {tcp}); {collectives}'s "
+        f"{_device_queue(drops):,} packets; the sites' TCP: {tcp}); {collectives}'s "
         f"collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
         + (f"steps, the last site {args.skew:g} s later than the others; " if args.skew else "steps; ") +
         "median over the repeats "
@@ -367,16 +366,17 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
     plot(table, path.with_suffix(".png"))
 
 
-LEGACY_DEVICE_QUEUE = 500
-"""The sites' WAN device queue (packets) of timings kept before the lab set it: the kernel's default for a TUN
-device. Such timings carry no count of the devices' drops."""
+def _read_raw(path: Path) -> tuple[list[dict], dict[tuple[int, str], tuple[int, int | None]]]:
+    """A run's --raw timings: its sync rows, and per (sites, link) the packets the router's links and the sites'
+    devices dropped (None for the devices in timings kept before the lab counted them)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    drops = {(r["sites"], r["link"]): (r["dropped"], r.get("device_dropped")) for r in lines if "dropped" in r}
+    return [r for r in lines if "pattern" in r], drops
 
 
-def _raw_table(path: Path) -> tuple[list[dict], int]:
-    """A run's --raw timings summarised, and the sites' device queue they were measured with."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-    device_queue = DEVICE_QUEUE_PACKETS if any("device_dropped" in r for r in rows) else LEGACY_DEVICE_QUEUE
-    return summarise([r for r in rows if "pattern" in r]), device_queue
+def _device_queue(drops: dict[tuple[int, str], tuple[int, int | None]]) -> int:
+    """The sites' device queue a run's timings were measured with: the lab's, once it counted the devices' drops."""
+    return DEVICE_QUEUE_PACKETS if any(device is not None for _, device in drops.values()) else LEGACY_DEVICE_QUEUE
 
 
 def compare(paths: list[Path], name: str, command: str, write_result) -> None:
@@ -384,7 +384,8 @@ def compare(paths: list[Path], name: str, command: str, write_result) -> None:
     time, and a plot of real / emulated against the payload, one panel per number of sites and link."""
     runs: dict[str, list[dict]] = {}
     for path in paths:
-        table, device_queue = _raw_table(path)
+        rows, drops = _read_raw(path)
+        table, device_queue = summarise(rows), _device_queue(drops)
         label = table[0].get("tcp") or LEGACY_TCP
         if "queue-" in path.stem:
             label += f"; queue {path.stem.split('queue-')[1]}"

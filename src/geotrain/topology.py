@@ -23,8 +23,8 @@ each stream gets ``bandwidth / streams``.
 
 What the model leaves out (the README's lab section has the figures): TCP's window. It assumes every message
 leaves at the link's rate from its first byte, which holds for small syncs whose connection kept its window
-over the idle before them; one-way transfers come close (16 MB: 1.00-1.20x). Bulk transfers that load both
-directions of a link at once (an all-gather between 2 sites, every all-to-all) took up to 2.1x as long over
+over the idle before them; one-way transfers come close (16 MB: 1.00-1.20x). Syncs of 1 MB and more that load
+both directions of a link at once (an all-gather between 2 sites, every all-to-all) took up to 2.1x as long over
 100 Mbit/s and 1.5x over 10 Mbit/s in the lab, with one round trip's queue; and a burst larger than the
 bottleneck's queue costs a retransmission timeout.
 

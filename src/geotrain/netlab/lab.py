@@ -72,9 +72,10 @@ MIN_QUEUE_BYTES = 64 * 1024
 DEVICE_QUEUE_PACKETS = 20000
 """Each site's WAN device's transmit queue (packets). The link's queue at the router is the only queue the lab
 means to have; the kernel's default for a TUN device (500 packets, 0.7 MB) would drop the start of a burst
-before the router reads it whenever a window over 500 packets leaves at once (cubic does not pace: 16 MB over
-100mbit/50ms lost some 1,500 packets a site over five syncs there). 20,000 holds every window the sites' send buffers allow
-(4 MB, some 2,900 packets) on each of six connections; what it drops anyway is counted (``Lab.device_drops``)."""
+before the router reads it whenever a window over 500 packets leaves at once (cubic does not pace: five 16 MB
+syncs over 100mbit/50ms lost some 1,500 packets a site there). 20,000 holds every window the sites' send buffers
+allow (4 MB, some 2,900 packets) on each of six connections; what it drops anyway is counted
+(``Lab.device_drops``)."""
 MAX_SITES = 64
 SETUP_TIMEOUT_S = 20.0
 GRACE_S = 3.0
@@ -637,9 +638,9 @@ class Lab:
 
 
 def _device_drops(namespace: str) -> int | None:
-    """Packets the site's WAN device dropped on transmit, or None if it cannot be read."""
-    result = _ip("-n", namespace, "-j", "-s", "link", "show", WAN_DEVICE, check=False)
-    with contextlib.suppress(ValueError, LookupError, TypeError):
+    """Packets the site's WAN device dropped on transmit, or None if it cannot be read (teardown goes on)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError, LookupError, TypeError):
+        result = _ip("-n", namespace, "-j", "-s", "link", "show", WAN_DEVICE, check=False)
         return int(json.loads(result.stdout)[0]["stats64"]["tx"]["dropped"])
     return None
 
