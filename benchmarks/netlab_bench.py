@@ -19,7 +19,7 @@ before the lab calibrated it. Root only.
 
     .venv/bin/python benchmarks/netlab_bench.py [--sites 2,4] [--links 10mbit/50ms,100mbit/10ms]
         [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--gap 1] [--queue 64kb] [--raw FILE]
-        [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart]
+        [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart] [--pacing on|off]
     .venv/bin/python benchmarks/netlab_bench.py --compare RAW,RAW,... --name NAME
 
 ``--compare`` measures nothing: it sets the raw timings of several runs (``--raw``) side by side, one line per
@@ -87,6 +87,12 @@ LEGACY_DEVICE_QUEUE = 500
 device. Such timings carry no count of the devices' drops."""
 
 
+def _tcp(row: dict) -> str:
+    """A raw row's TCP in words: the sites' settings, and whether geotrain paced its connections (rows kept
+    before it did carry no "pacing")."""
+    return f"{row.get('tcp') or LEGACY_TCP}; {'paced' if row.get('pacing') else 'not paced'}"
+
+
 def _within(row: dict, key: str = "emulated") -> bool:
     """Whether a point's real time is within 10% of its ``key`` time."""
     return abs(row["real"] / row[key] - 1) <= 0.10
@@ -106,14 +112,16 @@ matching receive (what geotrain ran before the lab found the difference)."""
 
 
 def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str], *,
-           skew: float = 0.0, collectives: str = "geotrain") -> None:
+           skew: float = 0.0, collectives: str = "geotrain", pacing: bool = True) -> None:
     """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync. The
-    last site idles ``skew`` seconds longer before each sync, as a site whose inner steps ran late."""
+    last site idles ``skew`` seconds longer before each sync, as a site whose inner steps ran late. ``pacing``:
+    the kernel paces the group's connections, as a run's (``geotrain.comm.pacing``)."""
     import datetime
 
     import torch
     import torch.distributed as dist
 
+    from geotrain.comm.pacing import paced
     from geotrain.comm.transport import GlooTransport
 
     torch.set_num_threads(1)
@@ -121,7 +129,7 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
     store = dist.TCPStore(os.environ["NETLAB_CONTROL_ADDRESS"], store_port, n, is_master=False,
                           timeout=datetime.timedelta(seconds=120))
     timeout = datetime.timedelta(seconds=900)
-    pg = dist.ProcessGroupGloo(store, k, n, timeout)
+    pg = paced(lambda: dist.ProcessGroupGloo(store, k, n, timeout), enabled=pacing)
     transport = GlooTransport(pg, rank=k, size=n, deadline=lambda pattern, nbytes: 900.0)
 
     def all_gather(x: torch.Tensor) -> None:
@@ -172,7 +180,7 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
             patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
             watch: Callable[[Any], Callable[[], None]] | None = None,
-            tcp: str = "host") -> tuple[list[dict], Any]:
+            tcp: str = "host", pacing: bool = True) -> tuple[list[dict], Any]:
     """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
     (``worker``); their measurements and the closed lab (its router's and devices' counters, its data plane).
     ``watch(lab)``, if given, starts watching the lab once it is up and returns what stops it, called when the
@@ -193,7 +201,8 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         args = [sys.executable, __file__, "--worker", "--payloads", ",".join(map(str, payloads)),
                 "--repeats", str(repeats), "--store-port", str(store.port), "--gap", str(gap),
-                "--patterns", ",".join(patterns), "--skew", str(skew), "--collectives", collectives]
+                "--patterns", ",".join(patterns), "--skew", str(skew), "--collectives", collectives,
+                "--pacing", "on" if pacing else "off"]
         stop = watch(lab) if watch else None
         try:
             procs = [lab.popen(j, args, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
@@ -223,7 +232,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                       "formula": ring_formula_seconds(k, nbytes, link, pattern), "repeats": len(spans),
                       "router": next(iter(by_repeat.values()))[0].get("router"),
                       "collectives": next(iter(by_repeat.values()))[0].get("collectives"),
-                      "tcp": next(iter(by_repeat.values()))[0].get("tcp")})
+                      "tcp": _tcp(next(iter(by_repeat.values()))[0])})
     return table
 
 
@@ -255,6 +264,9 @@ def main() -> None:
                    help="geotrain's transport, or gloo's own all-gather and all-to-all (default %(default)s)")
     p.add_argument("--tcp", default="host",
                    help="the sites' TCP (geotrain netlab --tcp), e.g. cubic,no-idle-restart (default %(default)s)")
+    p.add_argument("--pacing", choices=("on", "off"), default="on",
+                   help="whether the kernel paces the sites' connections, as a run's comm.tcp_pacing "
+                        "(default %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -263,7 +275,7 @@ def main() -> None:
     payloads = [parse_size(s, field="--payloads") for s in args.payloads.split(",")]
     if args.worker:
         worker(payloads, args.repeats, args.store_port, args.gap, args.patterns.split(","), skew=args.skew,
-               collectives=args.collectives)
+               collectives=args.collectives, pacing=args.pacing == "on")
         return
     from _common import command_line, write_result
 
@@ -295,9 +307,10 @@ def main() -> None:
                 print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
                 mine, lab = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
                                     patterns=patterns, router=args.router, skew=args.skew,
-                                    collectives=args.collectives, tcp=args.tcp)
+                                    collectives=args.collectives, tcp=args.tcp, pacing=args.pacing == "on")
                 mine = [{**r, "sites": k, "link": link, "router": lab.forwarder_used,
-                         "collectives": args.collectives, "skew": args.skew, "tcp": tcp_in_effect} for r in mine]
+                         "collectives": args.collectives, "skew": args.skew, "tcp": tcp_in_effect,
+                         "pacing": args.pacing == "on"} for r in mine]
                 drops[(k, link)] = (sum(v["dropped"] for v in lab.stats.values()), sum(lab.device_drops.values()))
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
@@ -329,7 +342,7 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
     router = ", ".join(sorted({r.get("router") or "python" for r in table})) + " data plane"
     # Rows kept before geotrain ran its own collectives carry no "collectives": they ran gloo's.
     collectives = ", ".join(sorted({r.get("collectives") or "gloo" for r in table}))
-    tcp = "; ".join(sorted({r.get("tcp") or LEGACY_TCP for r in table}))
+    tcp = " / ".join(sorted({r["tcp"] for r in table}))
     links = list(dict.fromkeys(r["link"] for r in table))
     by_link = ["| link | points | within 10% of the emulated time | within 10% of the ring formula |", "|---|---|---|---|"]
     for link in links:
@@ -386,7 +399,7 @@ def compare(paths: list[Path], name: str, command: str, write_result) -> None:
     for path in paths:
         rows, drops = _read_raw(path)
         table, device_queue = summarise(rows), _device_queue(drops)
-        label = table[0].get("tcp") or LEGACY_TCP
+        label = table[0]["tcp"]
         if "queue-" in path.stem:
             label += f"; queue {path.stem.split('queue-')[1]}"
         if device_queue != DEVICE_QUEUE_PACKETS:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from geotrain.comm.pacing import paced
 from geotrain.comm.site_parallel import site_backend
 from geotrain.errors import ConfigError
 
@@ -89,9 +90,10 @@ def init_site_group(*, device: str, timeout_s: float) -> Any:
     return dist.group.WORLD
 
 
-def cross_site_group(store: Any, env: SiteEnv, *, generation: int, members: list[int], timeout_s: float) -> Any:
+def cross_site_group(store: Any, env: SiteEnv, *, generation: int, members: list[int], timeout_s: float,
+                     tcp_pacing: bool = True) -> Any:
     """The gloo group of worker ``env.local_rank`` of each member site at ``generation``, on a fresh prefix of
-    the coordinator's store."""
+    the coordinator's store; with ``tcp_pacing``, the kernel paces its connections (``geotrain.comm.pacing``)."""
     prefix = dist.PrefixStore(f"cross/{env.local_rank}/gen{generation}/", store)
-    return dist.ProcessGroupGloo(prefix, members.index(env.site_rank), len(members),
-                                 datetime.timedelta(seconds=timeout_s))
+    return paced(lambda: dist.ProcessGroupGloo(prefix, members.index(env.site_rank), len(members),
+                                               datetime.timedelta(seconds=timeout_s)), enabled=tcp_pacing)
