@@ -19,7 +19,7 @@ before the lab calibrated it. Root only.
 
     .venv/bin/python benchmarks/netlab_bench.py [--sites 2,4] [--links 10mbit/50ms,100mbit/10ms]
         [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--gap 1] [--queue 64kb] [--raw FILE]
-        [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart] [--pacing auto|on|off]
+        [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart] [--pacing on|off]
     .venv/bin/python benchmarks/netlab_bench.py --compare RAW,RAW,... --name NAME
 
 ``--compare`` measures nothing: it sets the raw timings of several runs (``--raw``) side by side, one line per
@@ -45,7 +45,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from geotrain.comm.pacing import PACING  # noqa: E402
 from geotrain.netlab.lab import DEVICE_QUEUE_PACKETS  # noqa: E402
 
 PATTERNS = ("reduce_scatter", "all_gather", "point_to_point")
@@ -88,15 +87,10 @@ LEGACY_DEVICE_QUEUE = 500
 device. Such timings carry no count of the devices' drops."""
 
 
-PACED = {"on": "paced", "off": "not paced", "auto": "paced from one BDP written to a connection at once"}
-"""Each ``--pacing`` in words."""
-
-
 def _tcp(row: dict) -> str:
     """A raw row's TCP in words: the sites' settings, and whether geotrain paced its connections (rows kept
     before it did carry no "pacing")."""
-    pacing = {True: "on", False: "off", None: "off"}.get(row.get("pacing"), row.get("pacing"))
-    return f"{row.get('tcp') or LEGACY_TCP}; {PACED[pacing]}"
+    return f"{row.get('tcp') or LEGACY_TCP}; {'paced' if row.get('pacing') else 'not paced'}"
 
 
 def _within(row: dict, key: str = "emulated") -> bool:
@@ -118,30 +112,25 @@ matching receive (what geotrain ran before the lab found the difference)."""
 
 
 def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str], *,
-           skew: float = 0.0, collectives: str = "geotrain", pacing: str = "auto", link: str = "none") -> None:
+           skew: float = 0.0, collectives: str = "geotrain", pacing: bool = True) -> None:
     """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync. The
     last site idles ``skew`` seconds longer before each sync, as a site whose inner steps ran late. ``pacing``:
-    which transfers the kernel paces, as a run's ``comm.tcp_pacing`` over ``link`` (``geotrain.comm.pacing``)."""
+    the kernel paces the group's connections, as a run's (``geotrain.comm.pacing``)."""
     import datetime
 
     import torch
     import torch.distributed as dist
 
-    from geotrain.comm.pacing import groups, pace_from, paced
+    from geotrain.comm.pacing import paced
     from geotrain.comm.transport import GlooTransport
-    from geotrain.topology import Topology, parse_link
 
     torch.set_num_threads(1)
     k, n = int(os.environ["NETLAB_SITE"]), int(os.environ["NETLAB_SITES"])
     store = dist.TCPStore(os.environ["NETLAB_CONTROL_ADDRESS"], store_port, n, is_master=False,
                           timeout=datetime.timedelta(seconds=120))
     timeout = datetime.timedelta(seconds=900)
-    threshold = pace_from(pacing, Topology(n, default=parse_link(link)).pairs())
-    pg, paced_pg = groups(threshold, lambda tcp_paced: paced(
-        lambda: dist.ProcessGroupGloo(dist.PrefixStore("paced/" if tcp_paced else "", store), k, n, timeout),
-        enabled=tcp_paced))
-    transport = GlooTransport(pg, rank=k, size=n, deadline=lambda pattern, nbytes: 900.0, paced=paced_pg,
-                              pace_from=threshold)
+    pg = paced(lambda: dist.ProcessGroupGloo(store, k, n, timeout), enabled=pacing)
+    transport = GlooTransport(pg, rank=k, size=n, deadline=lambda pattern, nbytes: 900.0)
 
     def all_gather(x: torch.Tensor) -> None:
         if collectives == "gloo":
@@ -191,7 +180,7 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
             patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
             watch: Callable[[Any], Callable[[], None]] | None = None,
-            tcp: str = "host", pacing: str = "auto") -> tuple[list[dict], Any]:
+            tcp: str = "host", pacing: bool = True) -> tuple[list[dict], Any]:
     """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
     (``worker``); their measurements and the closed lab (its router's and devices' counters, its data plane).
     ``watch(lab)``, if given, starts watching the lab once it is up and returns what stops it, called when the
@@ -213,7 +202,7 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
         args = [sys.executable, __file__, "--worker", "--payloads", ",".join(map(str, payloads)),
                 "--repeats", str(repeats), "--store-port", str(store.port), "--gap", str(gap),
                 "--patterns", ",".join(patterns), "--skew", str(skew), "--collectives", collectives,
-                "--pacing", pacing, "--link", link]
+                "--pacing", "on" if pacing else "off"]
         stop = watch(lab) if watch else None
         try:
             procs = [lab.popen(j, args, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
@@ -275,9 +264,9 @@ def main() -> None:
                    help="geotrain's transport, or gloo's own all-gather and all-to-all (default %(default)s)")
     p.add_argument("--tcp", default="host",
                    help="the sites' TCP (geotrain netlab --tcp), e.g. cubic,no-idle-restart (default %(default)s)")
-    p.add_argument("--pacing", choices=PACING, default="auto",
-                   help="which transfers the kernel paces, as a run's comm.tcp_pacing (default %(default)s)")
-    p.add_argument("--link", default="none", help=argparse.SUPPRESS)  # a worker's link
+    p.add_argument("--pacing", choices=("on", "off"), default="on",
+                   help="whether the kernel paces the sites' connections, as a run's comm.tcp_pacing "
+                        "(default %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -286,7 +275,7 @@ def main() -> None:
     payloads = [parse_size(s, field="--payloads") for s in args.payloads.split(",")]
     if args.worker:
         worker(payloads, args.repeats, args.store_port, args.gap, args.patterns.split(","), skew=args.skew,
-               collectives=args.collectives, pacing=args.pacing, link=args.link)
+               collectives=args.collectives, pacing=args.pacing == "on")
         return
     from _common import command_line, write_result
 
@@ -318,10 +307,10 @@ def main() -> None:
                 print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
                 mine, lab = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
                                     patterns=patterns, router=args.router, skew=args.skew,
-                                    collectives=args.collectives, tcp=args.tcp, pacing=args.pacing)
+                                    collectives=args.collectives, tcp=args.tcp, pacing=args.pacing == "on")
                 mine = [{**r, "sites": k, "link": link, "router": lab.forwarder_used,
                          "collectives": args.collectives, "skew": args.skew, "tcp": tcp_in_effect,
-                         "pacing": args.pacing} for r in mine]
+                         "pacing": args.pacing == "on"} for r in mine]
                 drops[(k, link)] = (sum(v["dropped"] for v in lab.stats.values()), sum(lab.device_drops.values()))
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "

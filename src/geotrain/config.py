@@ -594,20 +594,17 @@ class CommConfig:
     re-encoded means: a ring all-reduce's bytes), "all_gather" (every site's whole payload to every site: one
     quantization, (K-1)x the bytes), or "auto" (reduce_scatter for dense codecs among 3+ sites, else
     all_gather). See docs/codecs.md."""
-    tcp_pacing: str = "auto"
-    """Whether the kernel paces the TCP connections between sites (``geotrain.comm.pacing``), so that a sync
-    which loads both directions of a link at once sends no bursts the routers' queues cannot hold (in the network
-    lab such syncs went from 1.4-1.6x to 1.01-1.07x of their time at the link's rate): "auto" paces the transfers
-    that write one round trip's bandwidth-delay product or more to a connection (smaller ones leave as one burst,
-    which pacing would spread over up to half a round trip), "on" all, "off" none. Linux only; BBR paces
-    anyway."""
+    tcp_pacing: bool = True
+    """Have the kernel pace the TCP connections between sites (``geotrain.comm.pacing``): the bursts of a sync
+    that loads both directions of a link at once then fit the routers' queues. In the network lab it took such
+    syncs from 1.4-1.6x to 1.01-1.08x of their time at the link's rate. Linux only; BBR paces anyway."""
 
     def __post_init__(self) -> None:
         from geotrain.comm.codecs.registry import codec_choice
-        from geotrain.comm.pacing import PACING
         from geotrain.comm.pattern import PATTERNS
 
-        _choice("comm.tcp_pacing", self.tcp_pacing, PACING)
+        if not isinstance(self.tcp_pacing, bool):
+            raise ConfigError(f"must be true or false, got {self.tcp_pacing!r}", field="comm.tcp_pacing")
 
         _choice("comm.pattern", self.pattern, PATTERNS)
         _integer("comm.block_size", self.block_size, 0, 1 << 24, what=" (0: the codec's default)")

@@ -91,10 +91,9 @@ def init_site_group(*, device: str, timeout_s: float) -> Any:
 
 
 def cross_site_group(store: Any, env: SiteEnv, *, generation: int, members: list[int], timeout_s: float,
-                     tcp_paced: bool = False) -> Any:
+                     tcp_pacing: bool = True) -> Any:
     """The gloo group of worker ``env.local_rank`` of each member site at ``generation``, on a fresh prefix of
-    the coordinator's store; with ``tcp_paced``, the kernel paces its connections (``geotrain.comm.pacing``),
-    and the group has a prefix of its own (a generation may have both)."""
-    prefix = dist.PrefixStore(f"cross/{env.local_rank}/gen{generation}/{'paced/' if tcp_paced else ''}", store)
+    the coordinator's store; with ``tcp_pacing``, the kernel paces its connections (``geotrain.comm.pacing``)."""
+    prefix = dist.PrefixStore(f"cross/{env.local_rank}/gen{generation}/", store)
     return paced(lambda: dist.ProcessGroupGloo(prefix, members.index(env.site_rank), len(members),
-                                               datetime.timedelta(seconds=timeout_s)), enabled=tcp_paced)
+                                               datetime.timedelta(seconds=timeout_s)), enabled=tcp_pacing)

@@ -14,14 +14,6 @@ Linux paces a TCP connection itself (since 4.13) once the socket asks for pacing
 function opens (gloo's, which Python cannot reach otherwise): the kernel then sends at 1.2x the window per
 round trip (2x in slow start), so pacing smooths the bursts without limiting the rate. BBR paces anyway;
 there it changes nothing. Elsewhere (another system, no ``/proc``) it does nothing.
-
-Pacing has a price for a sync smaller than the link's bandwidth-delay product: unpaced, it leaves as one
-burst the bottleneck's queue holds (routers' queues are sized to about one such product), while paced, it is
-spread over up to half a round trip (16-256 KB between 2 sites over 100mbit/50ms: 1.11-1.25x paced against
-1.01x unpaced, ``...-paced.md``). Pacing is a property of a connection, so with ``comm.tcp_pacing = "auto"``
-(the default) each cross-site group keeps two sets of connections, and a transfer takes the paced ones when
-what it writes to one connection at once reaches one round trip's bandwidth-delay product of the slowest
-link (:func:`pace_from`).
 """
 
 from __future__ import annotations
@@ -31,17 +23,12 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from geotrain.topology import Link
-
-__all__ = ["PACING", "SO_MAX_PACING_RATE", "UNCAPPED", "groups", "pace", "pace_from", "paced", "tcp_connections"]
+__all__ = ["SO_MAX_PACING_RATE", "UNCAPPED", "pace", "paced", "tcp_connections"]
 
 T = TypeVar("T")
-
-PACING = ("auto", "on", "off")
-"""What ``comm.tcp_pacing`` may say: pace the transfers of one bandwidth-delay product and more, all, none."""
 
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 """The socket option (Linux's asm-generic value; Python's socket module does not name it)."""
@@ -113,25 +100,3 @@ def paced(open_connections: Callable[[], T], *, enabled: bool = True) -> T:
     result = open_connections()
     pace(_fds() - before)
     return result
-
-
-def pace_from(setting: str, links: Sequence[Link | None], *, streams: int = 1) -> int | None:
-    """The bytes written to one connection at once from which a transfer is paced: 0 for every transfer
-    (``on``), None for none (``off``). ``auto``: one round trip's bandwidth-delay product of the slowest of
-    ``links`` (the group's pairs), each of the site's ``streams`` workers getting its share of the bandwidth;
-    0 when no link is known (a real network the run does not describe: pacing costs a small transfer at most
-    half a round trip, a burst its routers cannot hold costs a retransmission timeout)."""
-    if setting not in PACING:
-        raise ValueError(f"unknown pacing {setting!r}; choose one of {', '.join(PACING)}")
-    if setting != "auto":
-        return 0 if setting == "on" else None
-    known = [link for link in links if link is not None]
-    if not known:
-        return 0
-    return min(int(2 * link.latency_s * link.bandwidth_bps / streams / 8) for link in known)
-
-
-def groups(threshold: int | None, make: Callable[[bool], T]) -> tuple[T, T | None]:
-    """The groups a transport pacing from ``threshold`` bytes (:func:`pace_from`) needs, ``make(tcp_paced)``
-    building one: its main group (paced when every transfer is) and, when it paces by size, the paced one."""
-    return make(threshold == 0), (make(True) if threshold else None)

@@ -15,11 +15,6 @@ waits for up to a socket buffer of it to cross the link. In the network lab (2 s
 one site 100 ms late) such a sync took 5.51 s with gloo's collectives and 3.96 s with these
 (``benchmarks/results/2026-12-02-netlab-gloo-announcement-order.md``).
 
-A group may come with a second, paced set of connections (``geotrain.comm.pacing``): an operation takes it
-when what it writes to one connection at once reaches ``pace_from`` bytes (its whole payload in an all-gather,
-a chunk in an all-to-all, the tensor of a send). Every rank computes the same, so both ends of a message meet
-on the same connection.
-
 Each operation runs under a deadline that follows its size and the links (``membership.deadlines``): a peer
 that died mid-transfer fails it at once (a closed connection), a peer that hangs or is cut off fails it at the
 deadline, and the caller votes the sync down and retries on a new generation.
@@ -89,23 +84,13 @@ class GlooTransport:
     """Cross-site collectives on a gloo process group (CPU tensors). ``members``: the site of each rank."""
 
     def __init__(self, pg: Any, *, rank: int, size: int, members: list[int] | None = None, clock: Clock = REAL_CLOCK,
-                 deadline: Deadline = _no_deadline, paced: Any = None, pace_from: int | None = None) -> None:
+                 deadline: Deadline = _no_deadline) -> None:
         self.pg = pg
-        self.paced = paced
-        """The same ranks' group over paced connections, or None."""
-        self.pace_from = pace_from
-        """Bytes written to one connection at once from which an operation takes ``paced``."""
         self.rank = rank
         self.size = size
         self.members = list(range(size)) if members is None else list(members)
         self.clock = clock
         self.deadline = deadline
-
-    def group(self, burst: int) -> Any:
-        """The group of an operation that writes ``burst`` bytes to one connection at once."""
-        if self.paced is not None and self.pace_from is not None and burst >= self.pace_from:
-            return self.paced
-        return self.pg
 
     def _waiter(self, pattern: str, nbytes: int) -> Callable[[Any], None]:
         """Wait for one of an operation's messages within what is left of the operation's deadline (real time,
@@ -132,7 +117,6 @@ class GlooTransport:
         out[me].copy_(payload)
         if k > 1 and nbytes:
             wait = self._waiter("all_gather", nbytes)
-            pg = self.group(nbytes)  # both halves of this site's payload leave at once
             cut = payload.numel() // 2
 
             def halves(j: int) -> tuple[torch.Tensor, ...]:
@@ -141,12 +125,12 @@ class GlooTransport:
 
             left, right = (me - 1) % k, (me + 1) % k
             # Step s brings the halves of rank me-s from the left; all K-1 steps' receives are announced first.
-            recvs = [pg.recv([h], left, _ALL_GATHER_TAG) for s in range(1, k) for h in halves((me - s) % k)]
-            sends = [pg.send([h], right, _ALL_GATHER_TAG) for h in halves(me)]
+            recvs = [self.pg.recv([h], left, _ALL_GATHER_TAG) for s in range(1, k) for h in halves((me - s) % k)]
+            sends = [self.pg.send([h], right, _ALL_GATHER_TAG) for h in halves(me)]
             onward = [h for s in range(1, k - 1) for h in halves((me - s) % k)]  # what arrives, to pass on
             for i, h in enumerate(onward):
                 wait(recvs[i])  # a work is waited once: each wait takes one of its buffer's completions
-                sends.append(pg.send([h], right, _ALL_GATHER_TAG))
+                sends.append(self.pg.send([h], right, _ALL_GATHER_TAG))
             for work in (*recvs[len(onward):], *sends):
                 wait(work)
         cost = ring_all_gather(nbytes, [None] * k)
@@ -166,9 +150,8 @@ class GlooTransport:
             out = torch.empty_like(payload, memory_format=torch.contiguous_format)
             theirs = out.view(-1).chunk(k)
             theirs[me].copy_(mine[me])
-            pg = self.group(mine[0].numel() * mine[0].element_size())
-            recvs = [pg.recv([theirs[j]], j, _ALL_TO_ALL_TAG) for j in range(k) if j != me]
-            sends = [pg.send([mine[(me + i) % k]], (me + i) % k, _ALL_TO_ALL_TAG) for i in range(1, k)]
+            recvs = [self.pg.recv([theirs[j]], j, _ALL_TO_ALL_TAG) for j in range(k) if j != me]
+            sends = [self.pg.send([mine[(me + i) % k]], (me + i) % k, _ALL_TO_ALL_TAG) for i in range(1, k)]
             for work in (*recvs, *sends):
                 wait(work)
         else:
@@ -179,11 +162,11 @@ class GlooTransport:
     def send(self, tensor: torch.Tensor, dst: int) -> Traffic:
         t0 = self.clock.now()
         nbytes = tensor.numel() * tensor.element_size()
-        self._waiter("point_to_point", nbytes)(self.group(nbytes).send([tensor], dst, 0))
+        self._waiter("point_to_point", nbytes)(self.pg.send([tensor], dst, 0))
         return Traffic("point_to_point", nbytes, nbytes, self.clock.now() - t0)
 
     def recv(self, tensor: torch.Tensor, src: int) -> Traffic:
         t0 = self.clock.now()
         nbytes = tensor.numel() * tensor.element_size()
-        self._waiter("point_to_point", nbytes)(self.group(nbytes).recv([tensor], src, 0))
+        self._waiter("point_to_point", nbytes)(self.pg.recv([tensor], src, 0))
         return Traffic("point_to_point", nbytes, 0, self.clock.now() - t0)

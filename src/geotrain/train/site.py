@@ -146,7 +146,6 @@ def connect(config: Any, env: Any, site_pg: Any, client: Any, *, generation: int
     from geotrain.clock import REAL_CLOCK
     from geotrain.comm.collectives import CrossSiteComm
     from geotrain.comm.groups import cross_site_group
-    from geotrain.comm.pacing import groups, pace_from
     from geotrain.comm.transport import GlooTransport
     from geotrain.faults import LinkConditions
     from geotrain.membership.deadlines import transfer_deadline
@@ -159,17 +158,11 @@ def connect(config: Any, env: Any, site_pg: Any, client: Any, *, generation: int
     topology = config.topology()
 
     def make_transport(gen: int, group_members: list[int]) -> Any:
-        threshold = pace_from(config.comm.tcp_pacing, topology.pairs(group_members), streams=env.workers)
-
-        def group(tcp_paced: bool) -> Any:
-            return cross_site_group(store, env, generation=gen, members=group_members,
-                                    timeout_s=config.membership.transfer_floor_s, tcp_paced=tcp_paced)
-
-        pg, paced = groups(threshold, group)
+        pg = cross_site_group(store, env, generation=gen, members=group_members,
+                              timeout_s=config.membership.transfer_floor_s, tcp_pacing=config.comm.tcp_pacing)
         deadline = transfer_deadline(config, group_members, streams=env.workers)
         transport: Any = GlooTransport(pg, rank=group_members.index(env.site_rank), size=len(group_members),
-                                       members=group_members, clock=clock, deadline=deadline, paced=paced,
-                                       pace_from=threshold)
+                                       members=group_members, clock=clock, deadline=deadline)
         if topology.emulated and not env.real_network:
             transport = EmulatedWan(transport, topology=lambda: topology.slowed(conditions.slow),
                                     streams=env.workers, clock=clock, deadline=deadline)
