@@ -90,7 +90,10 @@ device. Such timings carry no count of the devices' drops."""
 def _tcp(row: dict) -> str:
     """A raw row's TCP in words: the sites' settings, and whether geotrain paced its connections (rows kept
     before it did carry no "pacing")."""
-    return f"{row.get('tcp') or LEGACY_TCP}; {'paced' if row.get('pacing') else 'not paced'}"
+    pacing = row.get("pacing")
+    if pacing == "auto":  # a variant measured once: syncs of one BDP or more over a paced group of their own
+        return f"{row.get('tcp') or LEGACY_TCP}; paced from one BDP written to a connection at once"
+    return f"{row.get('tcp') or LEGACY_TCP}; {'paced' if pacing else 'not paced'}"
 
 
 def _within(row: dict, key: str = "emulated") -> bool:

@@ -597,7 +597,8 @@ class CommConfig:
     tcp_pacing: bool = True
     """Have the kernel pace the TCP connections between sites (``geotrain.comm.pacing``): the bursts of a sync
     that loads both directions of a link at once then fit the routers' queues. In the network lab it took such
-    syncs from 1.4-1.6x to 1.01-1.08x of their time at the link's rate. Linux only; BBR paces anyway."""
+    syncs from 1.4-1.6x to 1.01-1.08x of their time at the link's rate; a sync smaller than one round trip's
+    bandwidth-delay product may take up to half a round trip longer. Linux only; BBR paces anyway."""
 
     def __post_init__(self) -> None:
         from geotrain.comm.codecs.registry import codec_choice
