@@ -92,8 +92,8 @@ def _tcp(row: dict) -> str:
     before it did carry no "pacing")."""
     pacing = row.get("pacing")
     if pacing == "auto":  # a variant measured once: syncs of one BDP or more over a paced group of their own
-        return f"{row.get('tcp') or LEGACY_TCP}; paced from one BDP written to a connection at once"
-    return f"{row.get('tcp') or LEGACY_TCP}; {'paced' if pacing else 'not paced'}"
+        return f"{row.get('tcp') or LEGACY_TCP}; geotrain pacing transfers of one BDP or more"
+    return f"{row.get('tcp') or LEGACY_TCP}; geotrain " + ("pacing its connections" if pacing else "not pacing")
 
 
 def _within(row: dict, key: str = "emulated") -> bool:
