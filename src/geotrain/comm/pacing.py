@@ -3,11 +3,12 @@
 Without pacing, a TCP sender writes what its congestion window allows in bursts at the speed of its own
 interface, and the bottleneck's queue absorbs them. When a sync loads both directions of a link at once (every
 all-gather between 2 sites, every all-to-all), each side's acknowledgements wait behind the other side's data,
-arrive in clumps, and release bursts that overflow the queue: in the network lab (2 sites, cubic, a queue of
-one round trip's bandwidth-delay product) such syncs of 256 KB to 16 MB took 1.4-1.6x as long as their bytes
-need at the link's rate, and a 256 KB one over 100mbit/10ms up to 3.3x (a retransmission timeout). With the
-kernel pacing each connection (spreading its window over the round trip), the same syncs took 1.01-1.08x
-(``benchmarks/results/2026-12-02-netlab-real-vs-emulated-paced.md``).
+arrive in clumps, and release bursts that overflow the queue. In the network lab (2 sites, cubic, a queue of one
+round trip's bandwidth-delay product) such syncs of 256 KB to 16 MB took up to 1.50x as long as their bytes need
+at the link's rate over 10 Mbit/s and 1.58x over 100 Mbit/s, and a burst that overflowed the queue cost a
+retransmission timeout (64 KB over 2mbit/50ms: 3.64x). With the kernel pacing each connection (spreading its
+window over the round trip), the same syncs over 2 and 10 Mbit/s took 1.01-1.07x, and the grid's worst point
+was 1.34x (``benchmarks/results/2026-12-02-netlab-real-vs-emulated-paced.md``).
 
 Linux paces a TCP connection itself (since 4.13) once the socket asks for pacing, which setting
 ``SO_MAX_PACING_RATE`` does. :func:`paced` sets it, with no cap on the rate, on the TCP connections a
