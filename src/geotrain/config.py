@@ -598,8 +598,8 @@ class CommConfig:
     """Have the kernel pace the TCP connections between sites (``geotrain.comm.pacing``): the bursts of a sync
     that loads both directions of a link at once then fit the routers' queues. In the network lab it took such
     syncs over 2 and 10 Mbit/s from up to 1.50x to 1.01-1.07x of their time at the link's rate; a sync smaller
-    than one round trip's bandwidth-delay product may take up to half a round trip longer. Linux only; BBR paces
-    anyway."""
+    than one round trip's bandwidth-delay product leaves over a quarter of a round trip instead of at once (the
+    cost model assumes pacing). Linux only; BBR paces anyway."""
 
     def __post_init__(self) -> None:
         from geotrain.comm.codecs.registry import codec_choice

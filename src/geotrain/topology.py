@@ -16,18 +16,20 @@ it (``benchmarks/netlab_bench.py``; the README's "Rehearsing a deployment in the
 * ring all-gather of one payload per site: K-1 steps, each payload sent in two halves, every receive
   announced at the start, and a half passed on as soon as it has arrived; each site sends (K-1) * S bytes.
   geotrain's compressed all-reduce is an all-to-all of the encoded payload followed by an all-gather of one
-  reduced chunk per site.
+  reduced chunk per site;
+* geotrain's connections are paced (``geotrain.comm.pacing``), so what a site writes at once leaves over a
+  quarter of a round trip at least (:data:`PACED_BURST_RTTS`, :func:`burst_seconds`).
 
 ``streams`` is the number of parallel workers of one site that share that site's link (workers per site):
 each stream gets ``bandwidth / streams``.
 
-What the model leaves out (the README's lab section has the figures): TCP's window. It assumes every message
-leaves at the link's rate from its first byte. That holds for small syncs whose connection kept its window over
-the idle before them, and, since geotrain has the kernel pace its connections (``geotrain.comm.pacing``), for
-syncs that load both directions of a link at once: in the lab, with one round trip's queue, 61 of 72 syncs came
-within 10% paced (every one over 2 Mbit/s), where unpaced bursts overflowed the queue (46 of 72; up to 2.1x at
-100 Mbit/s, 1.5x at 10 Mbit/s, 3.6x after a retransmission timeout). Pacing in turn spreads a sync smaller than
-the link's bandwidth-delay product over up to half a round trip (16-256 KB at 100 Mbit/s: up to 1.26x).
+What the model leaves out (the README's lab section has the figures): the rest of TCP's window. It assumes the
+window lets every burst leave at the link's rate (or its paced quarter round trip), which holds for a
+connection that kept its window over the idle before a sync and is paced: in the lab, with one round trip's
+queue, 69 of 72 syncs of 16 KB-16 MB came within 10% (0.90-1.34x). Unpaced, a small burst leaves at once
+(down to 0.82x) and a large one overflows the queue when both directions of a link carry a sync (up to 2.1x
+at 100 Mbit/s, 1.5x at 10 Mbit/s, 3.6x after a retransmission timeout); a window that restarts after idle
+(cubic's default) adds round trips of slow start.
 
 This module is pure Python so that the planner, the WAN emulation, the transport's byte accounting and the
 configuration share one parser, one notion of a link and one cost model without importing torch: emulation
@@ -47,9 +49,11 @@ __all__ = [
     "HEADER_BYTES",
     "LINK_PRESETS",
     "MSS_BYTES",
+    "PACED_BURST_RTTS",
     "Link",
     "Topology",
     "all_to_all",
+    "burst_seconds",
     "format_bandwidth",
     "format_latency",
     "message_seconds",
@@ -317,6 +321,13 @@ MSS_BYTES = 1448
 timestamp option (12) headers, Linux's default."""
 HEADER_BYTES = 52
 """Headers each packet carries on the wire (IPv4, TCP, timestamps)."""
+PACED_BURST_RTTS = 0.25
+"""Round trips over which a paced connection spreads a burst, at least (geotrain paces its connections:
+``geotrain.comm.pacing``). Linux paces a connection in slow start at twice its window per smoothed round trip,
+and a connection that only ever sends bursts keeps a window of about twice the burst (it grows the window while
+at least half of it is in use), so a burst leaves over a quarter of a round trip however small it is. In the
+network lab (cubic, paced) this took the grid from 61 to 69 of 72 points within 10%; unpaced connections
+send a small burst at once."""
 
 
 def wire_bytes(nbytes: float) -> float:
@@ -329,26 +340,35 @@ def serialise_seconds(nbytes: float, link: Link, streams: int = 1) -> float:
     return 8.0 * wire_bytes(nbytes) * streams / link.bandwidth_bps
 
 
+def burst_seconds(nbytes: float, link: Link, streams: int = 1) -> float:
+    """Time a paced connection takes to put ``nbytes`` written at once on the wire: their serialisation, and at
+    least ``PACED_BURST_RTTS`` of the link's round trip."""
+    return max(serialise_seconds(nbytes, link, streams), PACED_BURST_RTTS * 2 * link.latency_s)
+
+
 def message_seconds(nbytes: float, link: Link | None, *, streams: int = 1) -> float:
     """One gloo message of ``nbytes`` when sender and receiver post it at the same moment: gloo's TCP transport
     sends nothing until the receiver has announced its buffer, so the announcement crosses the link first (one
-    latency), then the bytes are serialised and the last one arrives a latency later."""
+    latency), then the bytes leave as one paced burst (:func:`burst_seconds`) and the last one arrives a latency
+    later."""
     if link is None or nbytes == 0:
         return 0.0
-    return 2 * link.latency_s + serialise_seconds(nbytes, link, streams)
+    return 2 * link.latency_s + burst_seconds(nbytes, link, streams)
 
 
 def _ring_all_gather_seconds(nbytes: int, sites: int, link: Link, streams: int) -> float:
     """geotrain's ring all-gather (``GlooTransport.all_gather``): each payload travels in two halves, and every
     receive is announced at the start, so a neighbour may send from one latency on. Half ``i`` leaves once it is
-    at the site (its own two at once; a forwarded one when it has arrived) and the half before it has left the
-    link; it arrives a latency after it left."""
+    at the site (its own two at once, one paced burst: :func:`burst_seconds`; a forwarded one when it has
+    arrived) and the half before it has left the link; it arrives a latency after it left."""
     halves = (nbytes // 2, nbytes - nbytes // 2)
     arrived: list[float] = []
     link_free = link.latency_s  # the neighbour's announcements
     for i in range(2 * (sites - 1)):
         start = max(arrived[i - 2] if i >= 2 else 0.0, link_free)
         link_free = start + serialise_seconds(halves[i & 1], link, streams)
+        if i == 1:  # this site's own payload has left: no sooner than its burst allows
+            link_free = max(link_free, link.latency_s + burst_seconds(nbytes, link, streams))
         arrived.append(link_free + link.latency_s)
     return arrived[-1]
 

@@ -24,8 +24,9 @@ LINK = "10mbit/25ms"
 # The test model has 2 x (8 x 8 + 8) = 144 parameters. In the reduce_scatter pattern between two sites each
 # sends the other its encoded half (48-byte header + 72 fp32 values = 336 bytes, 388 on the wire with one
 # segment's headers), then each all-gathers its encoded mean half in two halves of 168 bytes (220 on the wire).
-# Each of the two collectives waits a latency for the receiver's announcement and a latency for its last byte.
-T = 4 * 0.025 + (388 + 2 * 220) * 8 / 10e6
+# Each of the two collectives waits a latency for the receiver's announcement and a latency for its last byte,
+# and its burst (0.31 ms and 0.35 ms of serialisation) leaves over a quarter of the 50 ms round trip, paced.
+T = 4 * 0.025 + 2 * max(388 * 8 / 10e6, 0.0125, 2 * 220 * 8 / 10e6)
 
 
 def _config(**values):
@@ -44,7 +45,7 @@ def test_the_transfer_time_is_the_hand_computed_one():
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_overlapped_rounds_hide_the_transfer(overlap):
-    """6 rounds of 10 steps of 0.02 s (0.2 s of compute against T = 0.1 s of transfer): a blocking round costs
+    """6 rounds of 10 steps of 0.02 s (0.2 s of compute against T = 0.125 s of transfer): a blocking round costs
     compute + T; overlapped, each transfer hides behind the next round and only the last one is exposed
     (the run ends on a synchronised model)."""
     runs = run_sites(_config(**{"comm.overlap": overlap}), step_seconds=0.02)
@@ -57,7 +58,7 @@ def test_overlapped_rounds_hide_the_transfer(overlap):
 
 
 def test_a_transfer_longer_than_a_round_costs_max_of_the_two():
-    """Overlapped DiLoCo with T = 0.1 s > 0.05 s of compute per round: the link is the bottleneck, so rounds
+    """Overlapped DiLoCo with T = 0.125 s > 0.05 s of compute per round: the link is the bottleneck, so rounds
     settle at T each. Round 1's transfer runs 0.05-0.15 s, round 2's 0.15-0.25 s after waiting for the link,
     ...; round 6 ends its compute at 0.55 s, waits for round 5's transfer (0.55 s) and then its own (0.65 s)."""
     runs = run_sites(_config(**{"comm.overlap": True}), step_seconds=0.005)
@@ -104,7 +105,7 @@ def test_the_timing_model_predicts_the_run_exactly(values, step):
 
 
 def test_a_saturated_link_with_a_fragment_merged_early_is_predicted_within_a_step():
-    """Where the model is not exact: fragments queue on a link too slow for them (a fragment's 0.1 s sync every
+    """Where the model is not exact: fragments queue on a link too slow for them (a fragment's 0.125 s sync every
     7 steps of 0.005 s) and one started 4 steps before the end is merged there, before its tau of 5. Merges
     then hold compute back while transfers queue, which the per-period arithmetic does not follow; the
     prediction stays within one step of compute (0.005 s) of the run."""
@@ -136,23 +137,23 @@ def test_a_wall_time_budget_stops_every_site_and_worker_at_the_same_step():
 def test_a_run_chooses_tau_so_a_fragment_hides_and_says_why():
     """Streaming with tau unset: every site measures 0.02 s per step (its virtual compute), so tau is the fewest
     steps covering 2 x T of one fragment's sync. (H=20: a fragment every 10 steps, 0.2 s, so the link is not
-    saturated by one fragment's 0.1 s sync.)"""
+    saturated by one fragment's 0.125 s sync.)"""
     config = _config(**{"run.algorithm": "streaming", "streaming.fragments": 2, "outer.sync_every": 20})
     runs = run_sites(config, step_seconds=0.02)
     t_fragment = sync_seconds(config, 72)  # each fragment is one 8x8 layer and its bias
     expected = math.ceil(HIDE_MARGIN * t_fragment / 0.02)
-    assert expected == 11  # 2 x (4 x 25 ms + a few hundred bytes at 10 Mbit/s), just over 0.2 s, over 0.02 s steps
+    assert expected == 13  # 2 x (4 x 25 ms + two paced bursts of 12.5 ms) = 0.25 s, over 0.02 s steps
     for r in runs:
         assert r.config.streaming.overlap_steps == expected
         (choice,) = r.chosen
         assert choice.key == "streaming.overlap_steps" and choice.value == expected
-        assert "0.02 s" in choice.reason and "tau=11" in choice.reason
+        assert "0.02 s" in choice.reason and "tau=13" in choice.reason
     # and the chosen tau hides every fragment: only the final sync of both fragments at once is exposed
     assert runs[0].figures["comm_seconds"] == pytest.approx(sync_seconds(config, 144), rel=1e-9)
 
 
 def test_a_run_turns_overlap_on_only_when_the_transfer_matters():
-    slow = run_sites(_config(), step_seconds=0.02)  # T = 0.1 s against 0.2 s per round: 50%
+    slow = run_sites(_config(), step_seconds=0.02)  # T = 0.125 s against 0.2 s per round: 62.5%
     fast = run_sites(_config(**{"wan.link": "10gbit/0.1ms"}), step_seconds=0.02)  # 0.2 ms: 0.1%
     assert all(r.config.comm.overlap is True for r in slow)
     assert all(r.config.comm.overlap is False for r in fast)

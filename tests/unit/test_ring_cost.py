@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from geotrain.topology import (HEADER_BYTES, MSS_BYTES, Link, Topology, all_to_all, message_seconds, parse_bandwidth,
-                               parse_latency, parse_link, point_to_point, ring_all_gather, wire_bytes)
+from geotrain.topology import (HEADER_BYTES, MSS_BYTES, PACED_BURST_RTTS, Link, Topology, all_to_all, burst_seconds,
+                               message_seconds, parse_bandwidth, parse_latency, parse_link, point_to_point,
+                               ring_all_gather, wire_bytes)
 
 SEG = 14_480  # ten full segments: 15,000 bytes on the wire
-LINK = Link(bandwidth_bps=10e6, latency_s=0.05)  # ten segments take 12 ms to serialise
+LINK = Link(bandwidth_bps=10e6, latency_s=0.02)  # ten segments take 12 ms to serialise; a quarter round trip 10
 
 
 def test_headers_are_charged_per_segment():
@@ -19,29 +20,41 @@ def test_headers_are_charged_per_segment():
 
 
 def test_a_message_waits_one_latency_for_the_receivers_announcement():
-    assert message_seconds(SEG, LINK) == pytest.approx(0.05 + 0.012 + 0.05)
-    assert message_seconds(SEG, LINK, streams=2) == pytest.approx(0.05 + 0.024 + 0.05)  # two workers share it
+    assert message_seconds(SEG, LINK) == pytest.approx(0.02 + 0.012 + 0.02)
+    assert message_seconds(SEG, LINK, streams=2) == pytest.approx(0.02 + 0.024 + 0.02)  # two workers share it
     assert point_to_point(SEG, LINK).seconds == message_seconds(SEG, LINK)
     assert message_seconds(SEG, None) == 0 and message_seconds(0, LINK) == 0
 
 
 def test_all_to_all_pairs_go_at_once_and_the_slowest_pair_gates():
     cost = all_to_all(4 * SEG, [LINK] * 6, sites=4)
-    assert cost.seconds == pytest.approx(0.112)  # one chunk's message, not three after one another
+    assert cost.seconds == pytest.approx(0.052)  # one chunk's message, not three after one another
     assert cost.bytes_sent == 3 * SEG and cost.steps == 1
     slow = Link(bandwidth_bps=1e6, latency_s=0.05)
     topo = Topology(3, default=LINK, overrides={(0, 2): slow})
     assert topo.pairs() == [LINK, slow, LINK]
-    assert all_to_all(3 * SEG, topo.pairs(), sites=3).seconds == pytest.approx(0.1 + 0.12)
+    assert all_to_all(3 * SEG, topo.pairs(), sites=3).seconds == pytest.approx(0.1 + 0.12)  # 120 ms > 25 ms
 
 
 def test_ring_all_gather_by_hand():
     # two halves of 10 segments each (12 ms apiece), after the neighbour's announcement
-    assert ring_all_gather(2 * SEG, [LINK] * 2).seconds == pytest.approx(0.1 + 0.024)
+    assert ring_all_gather(2 * SEG, [LINK] * 2).seconds == pytest.approx(0.04 + 0.024)
     # 3 sites: every receive is announced at the start, so the third half is passed on as soon as the first has
-    # arrived (0.112), and the fourth as soon as the second has (0.124): 0.124 + 0.012 + 0.05
+    # arrived (0.052), and the fourth as soon as the second has (0.064): 0.064 + 0.012 + 0.02
     cost = ring_all_gather(2 * SEG, [LINK] * 3)
-    assert cost.seconds == pytest.approx(0.186) and cost.bytes_sent == 4 * SEG and cost.steps == 2
+    assert cost.seconds == pytest.approx(0.096) and cost.bytes_sent == 4 * SEG and cost.steps == 2
+
+
+def test_a_paced_burst_takes_a_quarter_round_trip_at_least():
+    long_link = Link(bandwidth_bps=10e6, latency_s=0.05)  # a quarter of its 100 ms round trip: 25 ms > 12 ms
+    assert PACED_BURST_RTTS == 0.25
+    assert burst_seconds(SEG, long_link) == pytest.approx(0.025)
+    assert burst_seconds(30 * SEG, long_link) == pytest.approx(0.36)  # longer than the floor: serialisation
+    assert message_seconds(SEG, long_link) == pytest.approx(0.05 + 0.025 + 0.05)
+    assert all_to_all(2 * SEG, [long_link], sites=2).seconds == pytest.approx(0.125)  # a 7,240-byte chunk
+    # between 2 sites this site's payload (both halves) is one burst: 0.05 + max(0.024, 0.025) + 0.05
+    assert ring_all_gather(2 * SEG, [long_link] * 2).seconds == pytest.approx(0.125)
+    assert ring_all_gather(20 * SEG, [long_link] * 2).seconds == pytest.approx(0.1 + 0.24)  # unchanged
 
 
 def test_a_bandwidth_bound_ring_all_gather_keeps_the_link_busy():

@@ -17,10 +17,11 @@ round trip (2x in slow start), so pacing smooths the bursts without limiting the
 there it changes nothing. Elsewhere (another system, no ``/proc``) it does nothing.
 
 Pacing has a price for a sync smaller than the link's bandwidth-delay product: unpaced, it leaves as one burst
-that the bottleneck's queue holds, paced it is spread over up to half a round trip (16-256 KB between 2 sites
-over 100mbit/50ms: 1.11-1.25x the time at the link's rate, against 1.01x unpaced). Pacing only the transfers of
-one such product or more, over a second, paced group, measured no better over the lab's grid (60 of 72 points
-within 10%, against 61 with every connection paced: each size's connections then start cold; docs/LOG.md).
+that the bottleneck's queue holds; paced, it is spread over a quarter of a round trip (16-256 KB between 2 sites
+over 100mbit/50ms: 1.11-1.25x the time at the link's rate, against 1.01x unpaced), which the cost model
+charges (``geotrain.topology.PACED_BURST_RTTS``). Pacing only the transfers of one such product or more, over a
+second, paced group, measured no better over the lab's grid (60 of 72 points within 10%, against 61 with every
+connection paced, before the model had the burst: each size's connections then start cold; docs/LOG.md).
 """
 
 from __future__ import annotations
