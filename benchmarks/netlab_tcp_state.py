@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netlab_bench import _pattern, _span, emulated_seconds, measure  # noqa: E402
+from netlab_bench import _pattern, _span, _tcp, emulated_seconds, measure  # noqa: E402
 
 FIELDS = {"bw": r"bbr:\(bw:(\S+?)[,)]", "pacing_gain": r"pacing_gain:([\d.]+)", "pacing_rate": r"pacing_rate (\S+)",
           "cwnd": r"cwnd:(\d+)", "ssthresh": r"ssthresh:(\d+)", "rtt_ms": r" rtt:([\d.]+)/",
@@ -111,7 +111,7 @@ def main() -> None:
         "read before the sync (the connections over the links only). During the sync: site 0's connection to site "
         f"1. Emulated: {emulated:.3f} s. The link's queue: {queue_bytes:,} B ({queue_bytes / DEFAULT_MTU:.0f} "
         f"packets); its bandwidth-delay product over the round trip: {bdp_segments:.0f} segments. The sites' TCP: "
-        f"{LabTcp.parse(args.tcp).describe()}; {'paced' if args.pacing == 'on' else 'not paced'}.",
+        f"{_tcp({'tcp': LabTcp.parse(args.tcp).describe(), 'pacing': args.pacing == 'on'})}.",
         "",
         "| sync | real (s) | real - emulated (ms) | bandwidth estimate | pacing gain | pacing rate | cwnd (segments) "
         "| ssthresh | smoothed RTT (ms) | cwnd during: largest | median | RTT during, median (ms) "

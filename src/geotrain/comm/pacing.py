@@ -4,11 +4,11 @@ Without pacing, a TCP sender writes what its congestion window allows in bursts 
 interface, and the bottleneck's queue absorbs them. When a sync loads both directions of a link at once (every
 all-gather between 2 sites, every all-to-all), each side's acknowledgements wait behind the other side's data,
 arrive in clumps, and release bursts that overflow the queue. In the network lab (2 sites, cubic, a queue of one
-round trip's bandwidth-delay product) such syncs of 256 KB to 16 MB took up to 1.50x as long as their bytes need
-at the link's rate over 10 Mbit/s and 1.58x over 100 Mbit/s, and a burst that overflowed the queue cost a
-retransmission timeout (64 KB over 2mbit/50ms: 3.64x). With the kernel pacing each connection (spreading its
-window over the round trip), the same syncs over 2 and 10 Mbit/s took 1.01-1.07x, and the grid's worst point
-was 1.34x (``benchmarks/results/2026-12-02-netlab-real-vs-emulated-paced.md``).
+round trip's bandwidth-delay product) such syncs of 1-16 MB took up to 1.47x as long as their bytes need at the
+link's rate over 10 Mbit/s and 1.58x over 100 Mbit/s, and a burst that overflowed the queue cost a
+retransmission timeout (256 KB over 100mbit/10ms: 3.13x; 64 KB over 2mbit/50ms: 3.64x). With the kernel pacing
+each connection (spreading its window over the round trip), the same syncs over 2 and 10 Mbit/s took
+1.01-1.05x, and the grid's worst point was 1.34x (``benchmarks/results/2026-12-02-netlab-real-vs-emulated-paced.md``).
 
 Linux paces a TCP connection itself (since 4.13) once the socket asks for pacing, which setting
 ``SO_MAX_PACING_RATE`` does. :func:`paced` sets it, with no cap on the rate, on the TCP connections a

@@ -72,7 +72,7 @@ MIN_QUEUE_BYTES = 64 * 1024
 DEVICE_QUEUE_PACKETS = 20000
 """Each site's WAN device's transmit queue (packets). The link's queue at the router is the only queue the lab
 means to have; the kernel's default for a TUN device (500 packets, 0.7 MB) would drop the start of a burst
-before the router reads it whenever a window over 500 packets leaves at once (cubic does not pace: five 16 MB
+before the router reads it whenever a window over 500 packets leaves at once (unpaced cubic: five 16 MB
 syncs over 100mbit/50ms lost some 1,500 packets a site there). 20,000 holds every window the sites' send buffers
 allow (4 MB, some 2,900 packets) on each of six connections; what it drops anyway is counted
 (``Lab.device_drops``)."""
