@@ -18,8 +18,8 @@ collectives from ``geotrain.topology``); it holds a collective for that to withi
 before the lab calibrated it. Root only.
 
     .venv/bin/python benchmarks/netlab_bench.py [--sites 2,4] [--links 10mbit/50ms,100mbit/10ms]
-        [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--gap 1] [--queue 64kb] [--raw FILE]
-        [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart] [--pacing on|off]
+        [--payloads 16kb,256kb,2mb] [--patterns auto] [--repeats 3] [--warmup 1] [--gap 1] [--queue 64kb] [--raw FILE]
+        [--skew 0.1] [--collectives geotrain|gloo] [--tcp cubic,no-idle-restart] [--pacing link|uncapped|off]
     .venv/bin/python benchmarks/netlab_bench.py --compare RAW,RAW,... --name NAME
 
 ``--compare`` measures nothing: it sets the raw timings of several runs (``--raw``) side by side, one line per
@@ -91,9 +91,11 @@ def _tcp(row: dict) -> str:
     """A raw row's TCP in words: the sites' settings, and whether geotrain paced its connections (rows kept
     before it did carry no "pacing")."""
     pacing = row.get("pacing")
-    if pacing == "auto":  # a variant measured once: syncs of one BDP or more over a paced group of their own
-        return f"{row.get('tcp') or LEGACY_TCP}; geotrain pacing transfers of one BDP or more"
-    return f"{row.get('tcp') or LEGACY_TCP}; geotrain " + ("pacing its connections" if pacing else "not pacing")
+    uncapped = "pacing its connections uncapped"
+    words = {"auto": "pacing transfers of one BDP or more",  # a variant measured once, over a second group
+             "link": "pacing its connections at 95% of the link's rate", "uncapped": uncapped,
+             "off": "not pacing", True: uncapped, False: "not pacing", None: "not pacing"}  # rows kept before
+    return f"{row.get('tcp') or LEGACY_TCP}; geotrain {words[pacing]}"
 
 
 def _within(row: dict, key: str = "emulated") -> bool:
@@ -115,10 +117,12 @@ matching receive (what geotrain ran before the lab found the difference)."""
 
 
 def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str], *,
-           skew: float = 0.0, collectives: str = "geotrain", pacing: bool = True) -> None:
+           skew: float = 0.0, collectives: str = "geotrain", pacing: str = "uncapped", link: str = "",
+           warmup: int = 0) -> None:
     """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync. The
     last site idles ``skew`` seconds longer before each sync, as a site whose inner steps ran late. ``pacing``:
-    the kernel paces the group's connections, as a run's (``geotrain.comm.pacing``)."""
+    how the kernel paces the group's connections over ``link``, as a run's (``geotrain.comm.pacing``). Each
+    payload's first ``warmup`` syncs are run and not timed."""
     import datetime
 
     import torch
@@ -132,7 +136,11 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
     store = dist.TCPStore(os.environ["NETLAB_CONTROL_ADDRESS"], store_port, n, is_master=False,
                           timeout=datetime.timedelta(seconds=120))
     timeout = datetime.timedelta(seconds=900)
-    pg = paced(lambda: dist.ProcessGroupGloo(store, k, n, timeout), enabled=pacing)
+    from geotrain.topology import parse_link, pacing_rate
+
+    lab_link = parse_link(link)
+    pg = paced(lambda: dist.ProcessGroupGloo(store, k, n, timeout), mode=pacing, store=store, me=k, size=n,
+               rate_to=None if lab_link is None else lambda j: pacing_rate(lab_link))
     transport = GlooTransport(pg, rank=k, size=n, deadline=lambda pattern, nbytes: 900.0)
 
     def all_gather(x: torch.Tensor) -> None:
@@ -164,7 +172,7 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
         for pattern in patterns:
             chunk = nbytes // n
             x = torch.zeros(chunk * n, dtype=torch.uint8)
-            for r in range(repeats):
+            for r in range(-warmup, repeats):
                 pg.barrier().wait()
                 time.sleep(gap + late)  # the inner steps between two syncs: the connections go idle, as in a run
                 t = mid = time.monotonic()
@@ -176,14 +184,15 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
                     point_to_point(x)
                 else:
                     all_gather(x)
-                print(json.dumps({"site": k, "bytes": chunk * n, "pattern": pattern, "repeat": r, "start": t,
-                                  "mid": mid, "end": time.monotonic()}), flush=True)
+                if r >= 0:
+                    print(json.dumps({"site": k, "bytes": chunk * n, "pattern": pattern, "repeat": r, "start": t,
+                                      "mid": mid, "end": time.monotonic()}), flush=True)
 
 
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
             patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
             watch: Callable[[Any], Callable[[], None]] | None = None,
-            tcp: str = "host", pacing: bool = True) -> tuple[list[dict], Any]:
+            tcp: str = "host", pacing: str = "uncapped", warmup: int = 0) -> tuple[list[dict], Any]:
     """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
     (``worker``); their measurements and the closed lab (its router's and devices' counters, its data plane).
     ``watch(lab)``, if given, starts watching the lab once it is up and returns what stops it, called when the
@@ -205,7 +214,7 @@ def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int 
         args = [sys.executable, __file__, "--worker", "--payloads", ",".join(map(str, payloads)),
                 "--repeats", str(repeats), "--store-port", str(store.port), "--gap", str(gap),
                 "--patterns", ",".join(patterns), "--skew", str(skew), "--collectives", collectives,
-                "--pacing", "on" if pacing else "off"]
+                "--pacing", pacing, "--links", link, "--warmup", str(warmup)]
         stop = watch(lab) if watch else None
         try:
             procs = [lab.popen(j, args, env=env, stdout=subprocess.PIPE, text=True) for j in range(k)]
@@ -235,11 +244,13 @@ def summarise(rows: list[dict]) -> list[dict]:
                       "formula": ring_formula_seconds(k, nbytes, link, pattern), "repeats": len(spans),
                       "router": next(iter(by_repeat.values()))[0].get("router"),
                       "collectives": next(iter(by_repeat.values()))[0].get("collectives"),
-                      "tcp": _tcp(next(iter(by_repeat.values()))[0])})
+                      "tcp": _tcp(next(iter(by_repeat.values()))[0]),
+                      "warmup": next(iter(by_repeat.values()))[0].get("warmup", 0)})
     return table
 
 
 def main() -> None:
+    from geotrain.comm.pacing import MODES
     from geotrain.netlab.lab import FORWARDERS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,6 +261,9 @@ def main() -> None:
                    help="comma-separated, of auto (the pattern of a run with a dense codec), "
                         f"{', '.join(PATTERNS)} (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="syncs of each payload run before the timed ones and not timed: a run's syncs are all one "
+                        "size, while the grid's first sync of a size follows syncs 4x smaller (default %(default)s)")
     p.add_argument("--gap", type=float, default=1.0,
                    help="idle seconds before each sync, as the inner steps between two syncs (default %(default)s)")
     p.add_argument("--queue", help="each link's queue in bytes (default: the lab's, one BDP, at least 64 KB)")
@@ -267,9 +281,9 @@ def main() -> None:
                    help="geotrain's transport, or gloo's own all-gather and all-to-all (default %(default)s)")
     p.add_argument("--tcp", default="host",
                    help="the sites' TCP (geotrain netlab --tcp), e.g. cubic,no-idle-restart (default %(default)s)")
-    p.add_argument("--pacing", choices=("on", "off"), default="on",
-                   help="whether the kernel paces the sites' connections, as a run's comm.tcp_pacing "
-                        "(default %(default)s)")
+    p.add_argument("--pacing", choices=MODES, default="uncapped",
+                   help="how the kernel paces the sites' connections, as a run's comm.tcp_pacing: at 95%% of "
+                        "the link's rate, uncapped, or not at all (default %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -278,7 +292,7 @@ def main() -> None:
     payloads = [parse_size(s, field="--payloads") for s in args.payloads.split(",")]
     if args.worker:
         worker(payloads, args.repeats, args.store_port, args.gap, args.patterns.split(","), skew=args.skew,
-               collectives=args.collectives, pacing=args.pacing == "on")
+               collectives=args.collectives, pacing=args.pacing, link=args.links, warmup=args.warmup)
         return
     from _common import command_line, write_result
 
@@ -310,10 +324,11 @@ def main() -> None:
                 print(f"-- {k} sites over {link}: {', '.join(patterns)} of {fit}", flush=True)
                 mine, lab = measure(k, link, fit, repeats=args.repeats, queue=queue, gap=args.gap,
                                     patterns=patterns, router=args.router, skew=args.skew,
-                                    collectives=args.collectives, tcp=args.tcp, pacing=args.pacing == "on")
+                                    collectives=args.collectives, tcp=args.tcp, pacing=args.pacing,
+                                    warmup=args.warmup)
                 mine = [{**r, "sites": k, "link": link, "router": lab.forwarder_used,
                          "collectives": args.collectives, "skew": args.skew, "tcp": tcp_in_effect,
-                         "pacing": args.pacing == "on"} for r in mine]
+                         "pacing": args.pacing, "warmup": args.warmup} for r in mine]
                 drops[(k, link)] = (sum(v["dropped"] for v in lab.stats.values()), sum(lab.device_drops.values()))
                 for row in summarise(mine):
                     print(f"   {row['pattern']:<15} {row['bytes']:>10,} B  real {row['real']:.3f} s  emulated "
@@ -334,6 +349,14 @@ def _drops(counts: tuple[int, int | None] | None) -> str:
         return ""
     link, device = counts
     return f"{link:,}" + ("" if device is None else f" ({device:,})")
+
+
+def _warmup_words(table: list[dict]) -> str:
+    """What the rows say about untimed syncs before each payload's timed ones (rows kept before carry none)."""
+    counts = sorted({r.get("warmup", 0) for r in table})
+    if counts == [0]:
+        return ""
+    return f"each payload's first {'/'.join(map(str, counts))} sync(s) run untimed (warm-up); "
 
 
 def write_table(table: list[dict], drops: dict, args: argparse.Namespace, command: str, write_result) -> None:
@@ -361,7 +384,7 @@ def write_table(table: list[dict], drops: dict, args: argparse.Namespace, comman
         f"{_device_queue(drops):,} packets; the sites' TCP: {tcp}); {collectives}'s "
         f"collectives. Each sync follows {args.gap:g} s of idle, as a run's inner "
         + (f"steps, the last site {args.skew:g} s later than the others; " if args.skew else "steps; ") +
-        "median over the repeats "
+        _warmup_words(table) + "median over the repeats "
         "of the time from the last site's call to the last site's result. Emulated: what the WAN emulator (and "
         "the planner) charge the same sync; ring formula: what the emulator charged before the lab calibrated it.",
         "",

@@ -7,13 +7,13 @@ sync more than one link latency after its peer, the peer's announcement is alrea
 the late site writes its payload before its own announcement, which then waits behind up to a socket buffer of
 data. This script measures both orders side by side, with every site on time and with the last site
 ``--skew`` seconds late, alternating between them round after round (``--rounds``), each lab keeping its
-connections for ``--repeats`` syncs (``benchmarks/netlab_bench.py``'s worker). ``--pacing``: whether the
+connections for ``--repeats`` syncs (``benchmarks/netlab_bench.py``'s worker). ``--pacing``: how the
 kernel paces the connections, as a run's ``comm.tcp_pacing`` (the timings kept before geotrain paced were
 taken without). Root only.
 
     sudo .venv/bin/python benchmarks/netlab_order_bench.py [--sites 2,4] [--link 10mbit/50ms]
         [--payloads 256kb,4mb] [--skews 0,0.1] [--rounds 2] [--repeats 3] [--gap 1] [--raw FILE]
-        [--pacing on|off]
+        [--pacing link|uncapped|off]
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="syncs per lab (per round, order and skew)")
     p.add_argument("--gap", type=float, default=1.0)
-    p.add_argument("--pacing", choices=("on", "off"), default="on",
-                   help="whether the kernel paces the connections (default %(default)s)")
+    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="uncapped",
+                   help="how the kernel paces the connections, as a run's comm.tcp_pacing (default %(default)s)")
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")
     p.add_argument("--from-raw", type=Path, help="measure nothing: write the results from timings --raw kept")
@@ -144,7 +144,7 @@ def main() -> None:
                               f"{collectives}", flush=True)
                         mine, _ = measure(k, args.link, payloads, repeats=args.repeats, queue=None, gap=args.gap,
                                              patterns=[pattern], skew=skew, collectives=collectives,
-                                             pacing=args.pacing == "on")
+                                             pacing=args.pacing)
                         mine = [{**r, "sites": k, "link": args.link, "skew": skew, "collectives": collectives,
                                  "round": rnd} for r in mine]
                         rows += mine

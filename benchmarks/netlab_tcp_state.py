@@ -8,11 +8,11 @@ congestion control's bandwidth estimate, its pacing gain (BBR's start-up gain is
 congestion window and slow start's threshold; and during the sync: the largest and the median congestion window,
 the median smoothed round trip, and the segments retransmitted. A plot draws the window over every sync against
 the link's queue and bandwidth-delay product. ``--tcp`` sets the sites' TCP (``geotrain netlab --tcp``),
-``--queue`` the links' queue, ``--pacing`` whether the kernel paces the connections (as a run's
+``--queue`` the links' queue, ``--pacing`` how the kernel paces the connections (as a run's
 ``comm.tcp_pacing``; the traces kept before geotrain paced were taken without). Root only.
 
     sudo .venv/bin/python benchmarks/netlab_tcp_state.py [--sites 2] [--link 100mbit/50ms] [--payload 64kb]
-        [--repeats 10] [--gap 1] [--tcp cubic,no-idle-restart] [--queue 4mb] [--pacing on|off]
+        [--repeats 10] [--gap 1] [--tcp cubic,no-idle-restart] [--queue 4mb] [--pacing link|uncapped|off]
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.02, help="seconds between two reads of ss")
     p.add_argument("--tcp", default="host", help="the sites' TCP (geotrain netlab --tcp; default %(default)s)")
     p.add_argument("--queue", help="each link's queue in bytes (default: the lab's, one BDP, at least 64 KB)")
-    p.add_argument("--pacing", choices=("on", "off"), default="on",
-                   help="whether the kernel paces the connections (default %(default)s)")
+    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="uncapped",
+                   help="how the kernel paces the connections, as a run's comm.tcp_pacing (default %(default)s)")
     p.add_argument("--name", default="", help="suffix of the result file")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -97,7 +97,7 @@ def main() -> None:
 
     queue = None if args.queue is None else parse_size(args.queue, field="--queue")
     rows, _ = measure(k, args.link, [nbytes], repeats=args.repeats, queue=queue, gap=args.gap, patterns=[pattern],
-                      watch=watch, tcp=args.tcp, pacing=args.pacing == "on")
+                      watch=watch, tcp=args.tcp, pacing=args.pacing)
     emulated = emulated_seconds(k, nbytes, args.link, pattern)
     link = parse_link(args.link)
     queue_bytes = lab_links(Topology(k, default=link), queue_bytes=queue)[(0, 1)].queue_bytes
@@ -111,7 +111,7 @@ def main() -> None:
         "read before the sync (the connections over the links only). During the sync: site 0's connection to site "
         f"1. Emulated: {emulated:.3f} s. The link's queue: {queue_bytes:,} B ({queue_bytes / DEFAULT_MTU:.0f} "
         f"packets); its bandwidth-delay product over the round trip: {bdp_segments:.0f} segments. The sites' TCP: "
-        f"{_tcp({'tcp': LabTcp.parse(args.tcp).describe(), 'pacing': args.pacing == 'on'})}.",
+        f"{_tcp({'tcp': LabTcp.parse(args.tcp).describe(), 'pacing': args.pacing})}.",
         "",
         "| sync | real (s) | real - emulated (ms) | bandwidth estimate | pacing gain | pacing rate | cwnd (segments) "
         "| ssthresh | smoothed RTT (ms) | cwnd during: largest | median | RTT during, median (ms) "

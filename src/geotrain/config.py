@@ -594,19 +594,22 @@ class CommConfig:
     re-encoded means: a ring all-reduce's bytes), "all_gather" (every site's whole payload to every site: one
     quantization, (K-1)x the bytes), or "auto" (reduce_scatter for dense codecs among 3+ sites, else
     all_gather). See docs/codecs.md."""
-    tcp_pacing: bool = True
-    """Have the kernel pace the TCP connections between sites (``geotrain.comm.pacing``): the bursts of a sync
-    that loads both directions of a link at once then fit the routers' queues. In the network lab it took such
-    syncs over 2 and 10 Mbit/s from up to 1.50x to 1.01-1.07x of their time at the link's rate; a sync smaller
-    than one round trip's bandwidth-delay product leaves over a quarter of a round trip instead of at once (the
-    cost model assumes pacing). Linux only; BBR paces anyway."""
+    tcp_pacing: str = "uncapped"
+    """How the kernel paces the TCP connections between sites (``geotrain.comm.pacing``): "uncapped" (pacing
+    smooths bursts without a cap; the cost model assumes it: a sync smaller than one round trip's
+    bandwidth-delay product leaves over a quarter of a round trip instead of at once), "link" (each connection
+    at 95% of its link's configured rate where the links are real, as in the network lab; uncapped elsewhere)
+    or "off". A sender that never outruns the link never overflows the bottleneck's queue: over the network
+    lab's grid (cubic, a one-round-trip queue) "link" dropped no packet where "uncapped" dropped hundreds per
+    link and took up to 1.34x; the model does not charge its 5% yet (``geotrain.topology.PACED_LINK_SHARE``).
+    Linux only; BBR paces anyway."""
 
     def __post_init__(self) -> None:
         from geotrain.comm.codecs.registry import codec_choice
+        from geotrain.comm.pacing import MODES
         from geotrain.comm.pattern import PATTERNS
 
-        if not isinstance(self.tcp_pacing, bool):
-            raise ConfigError(f"must be true or false, got {self.tcp_pacing!r}", field="comm.tcp_pacing")
+        _choice("comm.tcp_pacing", self.tcp_pacing, MODES)
         _choice("comm.pattern", self.pattern, PATTERNS)
         _integer("comm.block_size", self.block_size, 0, 1 << 24, what=" (0: the codec's default)")
         _number("comm.topk_fraction", self.topk_fraction, 0, 1, lo_open=True)

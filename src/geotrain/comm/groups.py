@@ -29,6 +29,7 @@ import torch.distributed as dist
 from geotrain.comm.pacing import paced
 from geotrain.comm.site_parallel import site_backend
 from geotrain.errors import ConfigError
+from geotrain.topology import Topology, pacing_rate
 
 __all__ = ["SiteEnv", "cross_site_group", "init_site_group"]
 
@@ -91,9 +92,19 @@ def init_site_group(*, device: str, timeout_s: float) -> Any:
 
 
 def cross_site_group(store: Any, env: SiteEnv, *, generation: int, members: list[int], timeout_s: float,
-                     tcp_pacing: bool = True) -> Any:
+                     tcp_pacing: str = "uncapped", topology: Topology | None = None) -> Any:
     """The gloo group of worker ``env.local_rank`` of each member site at ``generation``, on a fresh prefix of
-    the coordinator's store; with ``tcp_pacing``, the kernel paces its connections (``geotrain.comm.pacing``)."""
+    the coordinator's store. The kernel paces its connections as ``tcp_pacing`` says (``geotrain.comm.pacing``):
+    with "link", where the links are real (``env.real_network``), the connection to each member site at
+    ``geotrain.topology.pacing_rate`` of ``topology``'s link to it, shared by the site's workers."""
     prefix = dist.PrefixStore(f"cross/{env.local_rank}/gen{generation}/", store)
-    return paced(lambda: dist.ProcessGroupGloo(prefix, members.index(env.site_rank), len(members),
-                                               datetime.timedelta(seconds=timeout_s)), enabled=tcp_pacing)
+    me = members.index(env.site_rank)
+
+    def rate_to(j: int) -> int | None:
+        link = topology.link(env.site_rank, members[j]) if topology is not None else None
+        return None if link is None else pacing_rate(link, streams=env.workers)
+
+    capped = tcp_pacing == "link" and env.real_network and topology is not None and topology.emulated
+    return paced(lambda: dist.ProcessGroupGloo(prefix, me, len(members), datetime.timedelta(seconds=timeout_s)),
+                 mode=tcp_pacing if capped or tcp_pacing == "off" else "uncapped",
+                 rate_to=rate_to, store=prefix, key="pacing", me=me, size=len(members))

@@ -159,7 +159,8 @@ def connect(config: Any, env: Any, site_pg: Any, client: Any, *, generation: int
 
     def make_transport(gen: int, group_members: list[int]) -> Any:
         pg = cross_site_group(store, env, generation=gen, members=group_members,
-                              timeout_s=config.membership.transfer_floor_s, tcp_pacing=config.comm.tcp_pacing)
+                              timeout_s=config.membership.transfer_floor_s, tcp_pacing=config.comm.tcp_pacing,
+                              topology=topology)
         deadline = transfer_deadline(config, group_members, streams=env.workers)
         transport: Any = GlooTransport(pg, rank=group_members.index(env.site_rank), size=len(group_members),
                                        members=group_members, clock=clock, deadline=deadline)
