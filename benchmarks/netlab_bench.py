@@ -117,7 +117,7 @@ matching receive (what geotrain ran before the lab found the difference)."""
 
 
 def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str], *,
-           skew: float = 0.0, collectives: str = "geotrain", pacing: str = "uncapped", link: str = "",
+           skew: float = 0.0, collectives: str = "geotrain", pacing: str = "link", link: str = "",
            warmup: int = 0) -> None:
     """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync. The
     last site idles ``skew`` seconds longer before each sync, as a site whose inner steps ran late. ``pacing``:
@@ -192,7 +192,7 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
             patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
             watch: Callable[[Any], Callable[[], None]] | None = None,
-            tcp: str = "host", pacing: str = "uncapped", warmup: int = 0) -> tuple[list[dict], Any]:
+            tcp: str = "host", pacing: str = "link", warmup: int = 0) -> tuple[list[dict], Any]:
     """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
     (``worker``); their measurements and the closed lab (its router's and devices' counters, its data plane).
     ``watch(lab)``, if given, starts watching the lab once it is up and returns what stops it, called when the
@@ -261,7 +261,7 @@ def main() -> None:
                    help="comma-separated, of auto (the pattern of a run with a dense codec), "
                         f"{', '.join(PATTERNS)} (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=0,
+    p.add_argument("--warmup", type=int, default=1,
                    help="syncs of each payload run before the timed ones and not timed: a run's syncs are all one "
                         "size, while the grid's first sync of a size follows syncs 4x smaller (default %(default)s)")
     p.add_argument("--gap", type=float, default=1.0,
@@ -281,7 +281,7 @@ def main() -> None:
                    help="geotrain's transport, or gloo's own all-gather and all-to-all (default %(default)s)")
     p.add_argument("--tcp", default="host",
                    help="the sites' TCP (geotrain netlab --tcp), e.g. cubic,no-idle-restart (default %(default)s)")
-    p.add_argument("--pacing", choices=MODES, default="uncapped",
+    p.add_argument("--pacing", choices=MODES, default="link",
                    help="how the kernel paces the sites' connections, as a run's comm.tcp_pacing: at 95%% of "
                         "the link's rate, uncapped, or not at all (default %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -430,6 +430,9 @@ def compare(paths: list[Path], name: str, command: str, write_result) -> None:
             label += f"; queue {path.stem.split('queue-')[1]}"
         if device_queue != DEVICE_QUEUE_PACKETS:
             label += f"; the sites' devices queued {device_queue} packets"
+        warmup = max(r.get("warmup", 0) for r in table)
+        if warmup:
+            label += f"; {warmup} untimed sync(s) of each size first"
         runs.setdefault(label, []).extend(table)
     links = list(dict.fromkeys(r["link"] for t in runs.values() for r in t))
     lines = ["# Network lab: real against emulated sync time, by the sites' TCP settings", "",

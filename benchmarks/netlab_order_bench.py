@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="syncs per lab (per round, order and skew)")
     p.add_argument("--gap", type=float, default=1.0)
-    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="uncapped",
+    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="link",
                    help="how the kernel paces the connections, as a run's comm.tcp_pacing (default %(default)s)")
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")

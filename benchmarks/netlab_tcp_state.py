@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.02, help="seconds between two reads of ss")
     p.add_argument("--tcp", default="host", help="the sites' TCP (geotrain netlab --tcp; default %(default)s)")
     p.add_argument("--queue", help="each link's queue in bytes (default: the lab's, one BDP, at least 64 KB)")
-    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="uncapped",
+    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="link",
                    help="how the kernel paces the connections, as a run's comm.tcp_pacing (default %(default)s)")
     p.add_argument("--name", default="", help="suffix of the result file")
     args = p.parse_args()

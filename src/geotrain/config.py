@@ -594,15 +594,15 @@ class CommConfig:
     re-encoded means: a ring all-reduce's bytes), "all_gather" (every site's whole payload to every site: one
     quantization, (K-1)x the bytes), or "auto" (reduce_scatter for dense codecs among 3+ sites, else
     all_gather). See docs/codecs.md."""
-    tcp_pacing: str = "uncapped"
-    """How the kernel paces the TCP connections between sites (``geotrain.comm.pacing``): "uncapped" (pacing
-    smooths bursts without a cap; the cost model assumes it: a sync smaller than one round trip's
-    bandwidth-delay product leaves over a quarter of a round trip instead of at once), "link" (each connection
-    at 95% of its link's configured rate where the links are real, as in the network lab; uncapped elsewhere)
-    or "off". A sender that never outruns the link never overflows the bottleneck's queue: over the network
-    lab's grid (cubic, a one-round-trip queue) "link" dropped no packet where "uncapped" dropped hundreds per
-    link and took up to 1.34x; the model does not charge its 5% yet (``geotrain.topology.PACED_LINK_SHARE``).
-    Linux only; BBR paces anyway."""
+    tcp_pacing: str = "link"
+    """How the kernel paces the TCP connections between sites (``geotrain.comm.pacing``): "link" (each connection
+    at 95% of its link's configured rate where the links are real, as in the network lab; uncapped where they are
+    emulated), "uncapped" (pacing smooths bursts without a cap) or "off". A sender that never outruns the link
+    never overflows the bottleneck's queue: over the network lab's grid (cubic, a one-round-trip queue) "link"
+    dropped no packet where "uncapped" dropped hundreds per link. The cost model assumes "link": a link carries
+    data at 95% of its rate (``geotrain.topology.PACED_LINK_SHARE``), and a sync smaller than one round trip's
+    bandwidth-delay product leaves over a quarter of a round trip instead of at once. Linux only; BBR paces
+    anyway."""
 
     def __post_init__(self) -> None:
         from geotrain.comm.codecs.registry import codec_choice

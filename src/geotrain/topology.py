@@ -337,8 +337,9 @@ carry the acknowledgements of the other direction's data (one 52-byte packet per
 the timers' jitter. In the network lab (cubic, a one-round-trip queue) pacing at the full rate dropped no
 packet either, yet the acknowledgements queued behind the data, cubic's hybrid slow start read the growing
 round trip as congestion and left slow start early, and syncs of 16 KB-1 MB between 2 sites over 100mbit/10ms
-took 1.31-2.15x; at 95% they took 0.99-1.06x (docs/LOG.md). The cost model does not charge the 5% yet
-(:func:`serialise_seconds` is at the link's rate): the default pacing is uncapped."""
+took 1.31-2.15x; at 95% they took 0.99-1.06x (docs/LOG.md). The cost model charges the cap: a link carries
+data at this share of its rate (:func:`serialise_seconds`), in emulated runs and plans too, as a deployment with
+the default pacing would."""
 
 
 def pacing_rate(link: Link, streams: int = 1) -> int:
@@ -353,8 +354,9 @@ def wire_bytes(nbytes: float) -> float:
 
 
 def serialise_seconds(nbytes: float, link: Link, streams: int = 1) -> float:
-    """Time the link needs to put ``nbytes`` of payload (headers included) on the wire, ``streams`` sharing it."""
-    return 8.0 * wire_bytes(nbytes) * streams / link.bandwidth_bps
+    """Time a connection over ``link`` takes to put ``nbytes`` of payload (headers included) on the wire,
+    ``streams`` sharing it, each paced at its share of ``PACED_LINK_SHARE`` of the link's rate."""
+    return 8.0 * wire_bytes(nbytes) * streams / (PACED_LINK_SHARE * link.bandwidth_bps)
 
 
 def burst_seconds(nbytes: float, link: Link, streams: int = 1) -> float:

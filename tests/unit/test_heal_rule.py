@@ -25,9 +25,10 @@ def test_the_state_and_its_transfer():
     # DiLoCo with AdamW and outer momentum: the model, two moments, global parameters, round start, momentum
     assert heal_state_bytes(config, 1000) == 4 * 1000 * 6
     # two workers each send half (12,000 bytes: 9 segments, 12,468 on the wire) over the one link, so each gets
-    # half its rate (20 ms); the joiner's announcement and the last byte each take a latency
+    # half the 95% of its rate a connection is paced at (21 ms); the joiner's announcement and the last byte each
+    # take a latency
     assert heal_transfer_seconds(config, parse_link("10mbit/5ms"), 24_000) == pytest.approx(
-        2 * 0.005 + 8 * 2 * 12_468 / 10e6)
+        2 * 0.005 + 8 * 2 * 12_468 / (0.95 * 10e6))
     # over a longer link the send is one paced burst, spread over a quarter of the 100 ms round trip at least
     assert heal_transfer_seconds(config, parse_link("10mbit/50ms"), 24_000) == pytest.approx(2 * 0.05 + 0.025)
     assert heal_transfer_seconds(config, None, 24_000) == 0.0

@@ -170,10 +170,12 @@ def test_with_time_based_rounds_a_site_is_healed_during_its_outage_and_trains_wh
 
 
 def test_a_heal_of_at_most_half_a_round_goes_in_the_background(monkeypatch):
-    # The run above: site1 is healed at 3 + t while its power is out. Over 1gbit/10ms the heal takes under half
-    # a round (1 s), so site0 trains on meanwhile and the run ends exactly one heal sooner than when every site
-    # waits for it; site1's figures do not change (its round is site0's, and it waits for its power anyway).
-    # Over 100mbit/10ms the heal takes 0.84 s, more than half a round: it stays blocking.
+    # The run above: site1 is healed at 3 + t while its power is out. Over 10gbit/10ms the heal takes 29 ms,
+    # under half a round (1 s), so site0 trains on meanwhile and the run ends exactly one heal sooner than when
+    # every site waits for it; site1's figures do not change (its round is site0's, and it waits for its power
+    # anyway; a heal long enough to move the end of site1's round past half a step would change whether its
+    # first step after the outage fits, TimedRounds.skip_step). Over 100mbit/10ms the heal takes 0.93 s, more
+    # than half a round: it stays blocking.
     import geotrain.planner.power as power
 
     def both(link: str) -> tuple[Any, Any, float]:
@@ -184,7 +186,7 @@ def test_a_heal_of_at_most_half_a_round_goes_in_the_background(monkeypatch):
             blocking = predict_power_run(cfg, step_seconds=[0.25, 0.25])
         return out, blocking, heal_seconds(plan_spec(cfg), healer=0, joiner=1)
 
-    out, blocking, heal = both("1gbit/10ms")
+    out, blocking, heal = both("10gbit/10ms")
     assert 0 < heal <= 0.5
     assert out.heal_seconds == 0 and blocking.heal_seconds == heal
     assert out.wall_seconds == pytest.approx(blocking.wall_seconds - heal, rel=1e-12)

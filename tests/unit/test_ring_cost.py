@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from geotrain.topology import (HEADER_BYTES, MSS_BYTES, PACED_BURST_RTTS, Link, Topology, all_to_all, burst_seconds,
-                               message_seconds, parse_bandwidth, parse_latency, parse_link, point_to_point,
-                               ring_all_gather, wire_bytes)
+from geotrain.topology import (HEADER_BYTES, MSS_BYTES, PACED_BURST_RTTS, PACED_LINK_SHARE, Link, Topology, all_to_all,
+                               burst_seconds, message_seconds, parse_bandwidth, parse_latency, parse_link,
+                               point_to_point, ring_all_gather, wire_bytes)
 
 SEG = 14_480  # ten full segments: 15,000 bytes on the wire
-LINK = Link(bandwidth_bps=10e6, latency_s=0.02)  # ten segments take 12 ms to serialise; a quarter round trip 10
+LINK = Link(bandwidth_bps=10e6, latency_s=0.02)  # a quarter of its round trip: 10 ms
+S = 0.012 / 0.95
+"""Ten segments over ``LINK``: 120,000 bits take 12 ms at its rate, 12.63 ms at the 95% of it a connection is
+paced at (``PACED_LINK_SHARE``)."""
+
+
+def test_connections_carry_data_at_the_paced_share_of_the_link():
+    assert PACED_LINK_SHARE == 0.95
+    assert point_to_point(SEG, Link(bandwidth_bps=10e6, latency_s=0.0)).seconds == pytest.approx(S)
 
 
 def test_headers_are_charged_per_segment():
@@ -20,48 +28,49 @@ def test_headers_are_charged_per_segment():
 
 
 def test_a_message_waits_one_latency_for_the_receivers_announcement():
-    assert message_seconds(SEG, LINK) == pytest.approx(0.02 + 0.012 + 0.02)
-    assert message_seconds(SEG, LINK, streams=2) == pytest.approx(0.02 + 0.024 + 0.02)  # two workers share it
+    assert message_seconds(SEG, LINK) == pytest.approx(0.02 + S + 0.02)
+    assert message_seconds(SEG, LINK, streams=2) == pytest.approx(0.02 + 2 * S + 0.02)  # two workers share it
     assert point_to_point(SEG, LINK).seconds == message_seconds(SEG, LINK)
     assert message_seconds(SEG, None) == 0 and message_seconds(0, LINK) == 0
 
 
 def test_all_to_all_pairs_go_at_once_and_the_slowest_pair_gates():
     cost = all_to_all(4 * SEG, [LINK] * 6, sites=4)
-    assert cost.seconds == pytest.approx(0.052)  # one chunk's message, not three after one another
+    assert cost.seconds == pytest.approx(0.04 + S)  # one chunk's message, not three after one another
     assert cost.bytes_sent == 3 * SEG and cost.steps == 1
     slow = Link(bandwidth_bps=1e6, latency_s=0.05)
     topo = Topology(3, default=LINK, overrides={(0, 2): slow})
     assert topo.pairs() == [LINK, slow, LINK]
-    assert all_to_all(3 * SEG, topo.pairs(), sites=3).seconds == pytest.approx(0.1 + 0.12)  # 120 ms > 25 ms
+    # the slow pair's chunk (0.1 + 10 S) gates; the others take 0.04 + S
+    assert all_to_all(3 * SEG, topo.pairs(), sites=3).seconds == pytest.approx(0.1 + 10 * S)
 
 
 def test_ring_all_gather_by_hand():
-    # two halves of 10 segments each (12 ms apiece), after the neighbour's announcement
-    assert ring_all_gather(2 * SEG, [LINK] * 2).seconds == pytest.approx(0.04 + 0.024)
+    # two halves of 10 segments each (S apiece), after the neighbour's announcement
+    assert ring_all_gather(2 * SEG, [LINK] * 2).seconds == pytest.approx(0.04 + 2 * S)
     # 3 sites: every receive is announced at the start, so the third half is passed on as soon as the first has
-    # arrived (0.052), and the fourth as soon as the second has (0.064): 0.064 + 0.012 + 0.02
+    # arrived (0.04 + S), and the fourth as soon as the second has (0.04 + 2 S): then S on the link, 0.02 in flight
     cost = ring_all_gather(2 * SEG, [LINK] * 3)
-    assert cost.seconds == pytest.approx(0.096) and cost.bytes_sent == 4 * SEG and cost.steps == 2
+    assert cost.seconds == pytest.approx(0.06 + 3 * S) and cost.bytes_sent == 4 * SEG and cost.steps == 2
 
 
 def test_a_paced_burst_takes_a_quarter_round_trip_at_least():
-    long_link = Link(bandwidth_bps=10e6, latency_s=0.05)  # a quarter of its 100 ms round trip: 25 ms > 12 ms
+    long_link = Link(bandwidth_bps=10e6, latency_s=0.06)  # a quarter of its 120 ms round trip: 30 ms > 2 S
     assert PACED_BURST_RTTS == 0.25
-    assert burst_seconds(SEG, long_link) == pytest.approx(0.025)
-    assert burst_seconds(30 * SEG, long_link) == pytest.approx(0.36)  # longer than the floor: serialisation
-    assert message_seconds(SEG, long_link) == pytest.approx(0.05 + 0.025 + 0.05)
-    assert all_to_all(2 * SEG, [long_link], sites=2).seconds == pytest.approx(0.125)  # a 7,240-byte chunk
-    # between 2 sites this site's payload (both halves) is one burst: 0.05 + max(0.024, 0.025) + 0.05
-    assert ring_all_gather(2 * SEG, [long_link] * 2).seconds == pytest.approx(0.125)
-    assert ring_all_gather(20 * SEG, [long_link] * 2).seconds == pytest.approx(0.1 + 0.24)  # unchanged
+    assert burst_seconds(SEG, long_link) == pytest.approx(0.03)
+    assert burst_seconds(30 * SEG, long_link) == pytest.approx(30 * S)  # longer than the floor: serialisation
+    assert message_seconds(SEG, long_link) == pytest.approx(0.06 + 0.03 + 0.06)
+    assert all_to_all(2 * SEG, [long_link], sites=2).seconds == pytest.approx(0.15)  # a 7,240-byte chunk
+    # between 2 sites this site's payload (both halves) is one burst: 0.06 + max(2 S, 0.03) + 0.06
+    assert ring_all_gather(2 * SEG, [long_link] * 2).seconds == pytest.approx(0.15)
+    assert ring_all_gather(20 * SEG, [long_link] * 2).seconds == pytest.approx(0.12 + 20 * S)  # unchanged
 
 
 def test_a_bandwidth_bound_ring_all_gather_keeps_the_link_busy():
     links = [Link(bandwidth_bps=8e6, latency_s=0.0)] * 4
     payload = 100 * MSS_BYTES
     cost = ring_all_gather(payload, links)
-    assert cost.seconds == pytest.approx(3 * 8 * wire_bytes(payload) / 8e6)  # K-1 payloads back to back
+    assert cost.seconds == pytest.approx(3 * 8 * wire_bytes(payload) / (0.95 * 8e6))  # K-1 payloads back to back
     assert ring_all_gather(payload // 2, links, streams=2).seconds == pytest.approx(cost.seconds, rel=1e-3)
 
 

@@ -168,8 +168,8 @@ def test_pacing_rate_is_the_share_of_the_links_payload_rate_split_among_streams(
 
 
 def test_config_takes_tcp_pacing_as_one_of_its_modes():
-    assert Config().comm.tcp_pacing == "uncapped"
-    assert load_config(None, overrides=['comm.tcp_pacing="link"']).comm.tcp_pacing == "link"
+    assert Config().comm.tcp_pacing == "link"  # the cost model charges a link's bytes at its paced share
+    assert load_config(None, overrides=['comm.tcp_pacing="uncapped"']).comm.tcp_pacing == "uncapped"
     assert load_config(None, overrides=['comm.tcp_pacing="off"']).comm.tcp_pacing == "off"
     for bad in ("true", "1", '"fast"'):
         with pytest.raises(ConfigError, match="comm.tcp_pacing"):

@@ -15,10 +15,11 @@ Linux paces a TCP connection itself (since 4.13) once the socket asks for pacing
 Python cannot reach otherwise). Uncapped, the kernel sends at 1.2x the window per round trip (2x in slow
 start), which smooths the bursts without limiting the rate, but a window larger than the link's round trip and
 queue still overflows the queue: the lab's grid lost hundreds of packets per link and setting. Capped at the
-link's rate less a share for the other direction's acknowledgements (``comm.tcp_pacing = "link"``, on real
-links: ``geotrain.topology.pacing_rate``), a connection never outruns its link and the lab lost none. The cap needs to know which member is at the other end of each connection: the members publish
-their connections' endpoints in the group's store. BBR paces anyway; there the cap still applies. Elsewhere
-(another system, no ``/proc``) it does nothing.
+link's rate less a share for the other direction's acknowledgements (``comm.tcp_pacing = "link"``, the default,
+on real links: ``geotrain.topology.pacing_rate``), a connection never outruns its link and the lab lost none;
+the cost model charges a link's bytes at that share of its rate. The cap needs to know which member is at the
+other end of each connection: the members publish their connections' endpoints in the group's store. BBR
+paces anyway; there the cap still applies. Elsewhere (another system, no ``/proc``) it does nothing.
 
 Pacing has a price for a sync smaller than the link's bandwidth-delay product: unpaced, it leaves as one burst
 that the bottleneck's queue holds; paced, it is spread over a quarter of a round trip (16-256 KB between 2 sites
