@@ -117,7 +117,7 @@ matching receive (what geotrain ran before the lab found the difference)."""
 
 
 def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patterns: list[str], *,
-           skew: float = 0.0, collectives: str = "geotrain", pacing: str = "link", link: str = "",
+           pacing: str, skew: float = 0.0, collectives: str = "geotrain", link: str = "",
            warmup: int = 0) -> None:
     """One site's process, inside its namespace: time each pattern on each payload, one JSON line per sync. The
     last site idles ``skew`` seconds longer before each sync, as a site whose inner steps ran late. ``pacing``:
@@ -192,7 +192,7 @@ def worker(payloads: list[int], repeats: int, store_port: int, gap: float, patte
 def measure(k: int, link: str, payloads: list[int], *, repeats: int, queue: int | None, gap: float,
             patterns: list[str], router: str = "auto", skew: float = 0.0, collectives: str = "geotrain",
             watch: Callable[[Any], Callable[[], None]] | None = None,
-            tcp: str = "host", pacing: str = "link", warmup: int = 0) -> tuple[list[dict], Any]:
+            pacing: str, tcp: str = "host", warmup: int = 0) -> tuple[list[dict], Any]:
     """Build a lab of ``k`` sites over ``link`` with the sites' TCP ``tcp`` (``LabTcp.parse``), run the workers
     (``worker``); their measurements and the closed lab (its router's and devices' counters, its data plane).
     ``watch(lab)``, if given, starts watching the lab once it is up and returns what stops it, called when the
@@ -249,8 +249,17 @@ def summarise(rows: list[dict]) -> list[dict]:
     return table
 
 
-def main() -> None:
+def add_pacing_argument(p: argparse.ArgumentParser) -> None:
+    """``--pacing``: how the kernel paces the sites' connections, a run's ``comm.tcp_pacing`` and its default."""
     from geotrain.comm.pacing import MODES
+    from geotrain.config import CommConfig
+
+    p.add_argument("--pacing", choices=MODES, default=CommConfig().tcp_pacing,
+                   help="how the kernel paces the sites' connections, as a run's comm.tcp_pacing: at 95%% of "
+                        "the link's rate, uncapped, or not at all (default %(default)s)")
+
+
+def main() -> None:
     from geotrain.netlab.lab import FORWARDERS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,9 +290,7 @@ def main() -> None:
                    help="geotrain's transport, or gloo's own all-gather and all-to-all (default %(default)s)")
     p.add_argument("--tcp", default="host",
                    help="the sites' TCP (geotrain netlab --tcp), e.g. cubic,no-idle-restart (default %(default)s)")
-    p.add_argument("--pacing", choices=MODES, default="link",
-                   help="how the kernel paces the sites' connections, as a run's comm.tcp_pacing: at 95%% of "
-                        "the link's rate, uncapped, or not at all (default %(default)s)")
+    add_pacing_argument(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()

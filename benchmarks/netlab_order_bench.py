@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netlab_bench import COLLECTIVES, _pattern, _span, emulated_seconds, measure  # noqa: E402
+from netlab_bench import COLLECTIVES, _pattern, _span, add_pacing_argument, emulated_seconds, measure  # noqa: E402
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -117,8 +117,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="syncs per lab (per round, order and skew)")
     p.add_argument("--gap", type=float, default=1.0)
-    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="link",
-                   help="how the kernel paces the connections, as a run's comm.tcp_pacing (default %(default)s)")
+    add_pacing_argument(p)
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--raw", type=Path, help="append every site's timings here (JSON lines)")
     p.add_argument("--from-raw", type=Path, help="measure nothing: write the results from timings --raw kept")

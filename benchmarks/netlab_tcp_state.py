@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netlab_bench import _pattern, _span, _tcp, emulated_seconds, measure  # noqa: E402
+from netlab_bench import _pattern, _span, _tcp, add_pacing_argument, emulated_seconds, measure  # noqa: E402
 
 FIELDS = {"bw": r"bbr:\(bw:(\S+?)[,)]", "pacing_gain": r"pacing_gain:([\d.]+)", "pacing_rate": r"pacing_rate (\S+)",
           "cwnd": r"cwnd:(\d+)", "ssthresh": r"ssthresh:(\d+)", "rtt_ms": r" rtt:([\d.]+)/",
@@ -59,8 +59,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.02, help="seconds between two reads of ss")
     p.add_argument("--tcp", default="host", help="the sites' TCP (geotrain netlab --tcp; default %(default)s)")
     p.add_argument("--queue", help="each link's queue in bytes (default: the lab's, one BDP, at least 64 KB)")
-    p.add_argument("--pacing", choices=("link", "uncapped", "off"), default="link",
-                   help="how the kernel paces the connections, as a run's comm.tcp_pacing (default %(default)s)")
+    add_pacing_argument(p)
     p.add_argument("--name", default="", help="suffix of the result file")
     args = p.parse_args()
     if os.geteuid() != 0:

@@ -92,7 +92,7 @@ def init_site_group(*, device: str, timeout_s: float) -> Any:
 
 
 def cross_site_group(store: Any, env: SiteEnv, *, generation: int, members: list[int], timeout_s: float,
-                     tcp_pacing: str = "link", topology: Topology | None = None) -> Any:
+                     tcp_pacing: str, topology: Topology | None = None) -> Any:
     """The gloo group of worker ``env.local_rank`` of each member site at ``generation``, on a fresh prefix of
     the coordinator's store. The kernel paces its connections as ``tcp_pacing`` says (``geotrain.comm.pacing``):
     with "link", where the links are real (``env.real_network``), the connection to each member site at
